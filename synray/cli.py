@@ -1,0 +1,133 @@
+"""The `synray` command: parses arguments and dispatches to the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from synray.config import ConfigError, builtin_configs, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    if optional:
+        p.add_argument("config", nargs="?", default="local", help="built-in config name or YAML file (default: local)")
+    else:
+        p.add_argument("config", help="built-in config name or YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.steps=3")
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def cmd_config_list(args: argparse.Namespace) -> int:
+    for name, desc in builtin_configs():
+        print(f"{name}\t{desc}")
+    return 0
+
+
+def cmd_models_tiny(args: argparse.Namespace) -> int:
+    from synray.models.tiny import build_all
+
+    paths = build_all(args.dir, seed=args.seed)
+    for kind, path in paths.items():
+        print(f"{kind}\t{path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from synray.data.generate import generate_command
+
+    cfg = load_config(args.config, args.overrides)
+    return generate_command(cfg, args.out)
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from synray.viz import sample_grid_from_store
+
+    path = sample_grid_from_store(args.dir, args.out, rows=args.rows)
+    print(path)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from synray.pipeline import run_command
+
+    cfg = load_config(args.config, args.overrides)
+    return run_command(cfg)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from synray.pipeline import train_command
+
+    cfg = load_config(args.config, args.overrides)
+    return train_command(cfg, args.data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synray",
+        description="Train visual representations on synthetic data: LLM captions -> diffusion images -> "
+                    "distributed contrastive training, on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cfg = sub.add_parser("config", help="show or list run configs").add_subparsers(dest="action", required=True)
+    show = cfg.add_parser("show", help="print a resolved config as YAML")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+    cfg.add_parser("list", help="list the built-in configs").set_defaults(func=cmd_config_list)
+
+    models = sub.add_parser("models", help="model utilities").add_subparsers(dest="action", required=True)
+    tiny = models.add_parser("tiny", help="build the tiny offline models (LLM, SD, text tower) into DIR")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_models_tiny)
+
+    gen = sub.add_parser("generate", help="concepts -> captions -> images -> Parquet store (resumable)")
+    _add_config_args(gen)
+    gen.add_argument("--out", required=True, help="store directory")
+    gen.set_defaults(func=cmd_generate)
+
+    samples = sub.add_parser("samples", help="draw a grid of stored images with their captions")
+    samples.add_argument("dir", help="store directory written by `synray generate`")
+    samples.add_argument("--out", required=True, help="PNG file to write")
+    samples.add_argument("--rows", type=int, default=8, help="captions to show")
+    samples.set_defaults(func=cmd_samples)
+
+    run = sub.add_parser("run", help="the main job: generate -> train -> evaluate, into a run directory")
+    _add_config_args(run, optional=True)
+    run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train from a stored dataset written by `synray generate`")
+    _add_config_args(train)
+    train.add_argument("--data", required=True, help="store directory")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as e:
+        print(f"synray: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, ValueError) as e:
+        if type(e).__module__.startswith("synray") or isinstance(e, FileNotFoundError):
+            print(f"synray: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

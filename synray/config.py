@@ -1,0 +1,413 @@
+"""The run configuration: typed sections, YAML loading, built-in configs and `--set` overrides."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the key and what is allowed."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- ray
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray address; default: $RAY_ADDRESS, else a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (default: cores, at least 4)")
+    include_dashboard: bool = False
+    dashboard_host: str = Field("127.0.0.1", description="never 0.0.0.0 unless behind a firewall")
+    dashboard_port: int = Field(8265, ge=1024, le=65535)
+    object_store_memory_mb: int | None = Field(None, ge=64)
+
+
+# ------------------------------------------------------------------------------------ concepts
+class TemplateWeights(Section):
+    """SynCLR's template proportions for object concepts (normalised when sampled)."""
+
+    c: float = Field(0.44, ge=0)
+    c_bg: float = Field(0.45, ge=0)
+    c_rel: float = Field(0.11, ge=0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "TemplateWeights":
+        if self.c + self.c_bg + self.c_rel <= 0:
+            raise ValueError("at least one template weight must be > 0")
+        return self
+
+
+RELATIONS = ("in", "on", "next to", "behind", "in front of", "over", "under", "above", "below", "beside")
+
+
+class ConceptsConfig(Section):
+    bank: str = Field("builtin:everyday", description="builtin:NAME or a .txt/.csv/.json/.parquet file")
+    kinds: list[Literal["object", "place", "texture", "shape"]] | None = Field(
+        None, description="keep only these kinds (default: all)")
+    max_concepts: int | None = Field(None, ge=1, description="use only the first N concepts of the bank")
+    template_weights: TemplateWeights = TemplateWeights()
+    relations: list[str] = Field(default_factory=lambda: list(RELATIONS), min_length=1)
+
+
+# ------------------------------------------------------------------------------------ captions
+class SamplingConfig(Section):
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_tokens: int = Field(100, ge=1, le=4096)
+
+
+class EngineConfig(Section):
+    """vLLM engine pool: fixed size; each engine gets its own placement-group bundle."""
+
+    pool_size: int = Field(1, ge=1, description="number of vLLM engine replicas")
+    batch_size: int = Field(32, ge=1, description="prompts per Ray Data batch sent to an engine")
+    max_model_len: int = Field(1024, ge=64)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0,
+                                          description="CPU backend: fraction of CPU memory for the KV cache")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    enable_prefix_caching: bool = True
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per engine bundle")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per engine (0 on CPU machines)")
+    max_concurrent_batches: int = Field(4, ge=1)
+    extra: dict[str, Any] = Field(default_factory=dict, description="further vLLM engine kwargs")
+
+
+class CleanupConfig(Section):
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(60, ge=1)
+    min_chars: int = Field(8, ge=1)
+    max_chars: int = Field(400, ge=8)
+    max_repeat_fraction: float = Field(0.5, gt=0, le=1,
+                                       description="reject when one word is more than this share of the words")
+    dedupe: bool = True
+
+
+class RewriteConfig(Section):
+    """LaCLIP: k rewrites per caption of an existing image-text dataset."""
+
+    enabled: bool = False
+    source: str | None = Field(None, description="Parquet dir/file or WebDataset tar(s) with image+caption")
+    num_rewrites: int = Field(4, ge=1, le=16)
+    sampling: SamplingConfig = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=77)
+
+
+class CaptionsConfig(Section):
+    backend: Literal["vllm", "template"] = "vllm"
+    model: str = Field("tiny:llm", description="tiny:llm, a HF model name or a local directory")
+    style: Literal["synclr", "classname", "clip_templates", "concept_background", "shapes"] = Field(
+        "synclr", description="synclr needs the vllm backend; the others are model-free templates")
+    num_examples: int = Field(3, ge=0, le=16, description="in-context examples per prompt")
+    sampling: SamplingConfig = SamplingConfig()
+    engine: EngineConfig = EngineConfig()
+    cleanup: CleanupConfig = CleanupConfig()
+    rewrite: RewriteConfig = RewriteConfig()
+    trust_remote_code: bool = False
+    oversample: float = Field(1.25, ge=1.0, le=10.0,
+                              description="prompts per wanted caption, to make up for rejected captions")
+
+    @model_validator(mode="after")
+    def _style_needs_backend(self) -> "CaptionsConfig":
+        if self.style == "synclr" and self.backend != "vllm":
+            raise ValueError("style 'synclr' needs backend 'vllm'; template styles: classname, "
+                             "clip_templates, concept_background, shapes")
+        return self
+
+
+# -------------------------------------------------------------------------------------- images
+class ImagesConfig(Section):
+    backend: Literal["diffusers", "procedural"] = "diffusers"
+    model: str = Field("tiny:sd", description="tiny:sd, a HF model name or a local diffusers directory")
+    per_caption: int = Field(4, ge=1, le=64, description="m: images rendered per caption")
+    guidance_scale: float = Field(2.5, ge=0.0, le=30.0)
+    steps: int = Field(50, ge=1, le=1000)
+    scheduler: Literal["ddim", "pndm", "euler", "dpm", "default"] = "ddim"
+    resolution: int = Field(512, ge=8, le=2048, description="generation size in pixels (multiple of 8)")
+    output_size: int = Field(256, ge=8, le=2048, description="saved size in pixels")
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    compile: bool = Field(False, description="torch.compile the UNet (GPU only)")
+    pool_size: int = Field(1, ge=1, description="fixed number of diffusion actors")
+    batch_size: int = Field(4, ge=1, description="captions per actor call")
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    negative_prompt: str | None = None
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be divisible by 8 (the VAE downsamples by 8); got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_settings(self) -> "ImagesConfig":
+        if self.device == "cpu" and self.dtype != "float32":
+            raise ValueError(f"dtype {self.dtype!r} needs device 'cuda'; use float32 on the CPU")
+        if self.device == "cpu" and self.compile:
+            raise ValueError("compile=true needs device 'cuda'")
+        if self.output_size > self.resolution:
+            raise ValueError(f"output_size {self.output_size} is larger than resolution {self.resolution}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- data
+class DataConfig(Section):
+    num_captions: int = Field(128, ge=1, description="captions (rows) to generate")
+    mode: Literal["stream", "stored", "stream+store"] = "stream"
+    store_dir: str | None = Field(None, description="Parquet store (stored / stream+store modes)")
+    rows_per_shard: int = Field(64, ge=1)
+    shuffle_buffer_rows: int = Field(0, ge=0, description="local shuffle buffer for stored mode")
+
+
+# --------------------------------------------------------------------------------------- train
+class BackboneConfig(Section):
+    arch: Literal["vit", "dinov2"] = "vit"
+    size: Literal["tiny", "small", "base", "large"] = "tiny"
+    image_size: int = Field(32, ge=16, le=1024)
+    patch_size: int = Field(8, ge=2, le=32)
+
+    @model_validator(mode="after")
+    def _patches(self) -> "BackboneConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+        return self
+
+
+class HeadConfig(Section):
+    hidden_dim: int = Field(4096, ge=1)
+    out_dim: int = Field(256, ge=1)
+    num_layers: int = Field(3, ge=1, le=8)
+
+
+class AugmentConfig(Section):
+    preset: Literal["strong", "crop", "none"] = "strong"
+    crop_scale_min: float | None = Field(
+        None, gt=0, le=1, description="smallest random-resized-crop area; default: 0.08 (strong), 0.5 (crop, LaCLIP)")
+
+
+class TrainConfig(Section):
+    steps: int = Field(200, ge=1, description="optimizer step budget")
+    loss: Literal["stablerep", "simclr", "clip", "supervised"] = "stablerep"
+    temperature: float = Field(0.1, gt=0, le=10)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    captions_per_worker: int = Field(8, ge=1, description="n: rows (captions) per worker micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    lr: float | None = Field(None, gt=0, description="default: base_lr x images per step / 256")
+    base_lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    zero_stage: int = Field(1, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    backbone: BackboneConfig = BackboneConfig()
+    head: HeadConfig = HeadConfig()
+    augment: AugmentConfig = AugmentConfig()
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    max_failures: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "TrainConfig":
+        if self.precision != "fp32" and not self.use_gpu:
+            raise ValueError(f"precision {self.precision!r} needs use_gpu=true; use fp32 on the CPU")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- eval
+class EvalConfig(Section):
+    enabled: bool = True
+    protocols: list[Literal["knn", "linear", "zeroshot", "segmentation"]] = Field(default_factory=lambda: ["knn"])
+    heldout_captions: int = Field(64, ge=1, description="rows of the held-out set (rendered with other seeds)")
+    seed_offset: int = Field(1_000_003, ge=1, description="added to the run seed for the held-out set")
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    linear_epochs: int = Field(90, ge=1)
+    dataset: str | None = Field(None, description="evaluate on this dataset instead of a held-out set")
+
+
+# ---------------------------------------------------------------------------------------- tune
+class TuneConfig(Section):
+    search_space: dict[str, Any] = Field(default_factory=dict,
+                                         description="config path -> {grid: [...]} / {choice: [...]} / {uniform: [a,b]}")
+    num_samples: int = Field(1, ge=1)
+    metric: str = "knn_accuracy"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int = Field(1, ge=1)
+
+
+# ----------------------------------------------------------------------------------------- run
+class RunConfig(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    output_root: str = Field("runs", description="run directories go under this folder")
+    model_cache: str | None = Field(None, description="where tiny:* models are built (default ~/.cache/synray)")
+    ray: RayConfig = RayConfig()
+    concepts: ConceptsConfig = ConceptsConfig()
+    captions: CaptionsConfig = CaptionsConfig()
+    images: ImagesConfig = ImagesConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tune: TuneConfig = TuneConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def generation_fingerprint(self) -> str:
+        """Hash of everything that decides which rows a generation run writes (not their count)."""
+        d = self.to_dict()
+        keep = {"seed": d["seed"], "concepts": d["concepts"], "images": d["images"],
+                "captions": {k: v for k, v in d["captions"].items() if k not in ("engine", "oversample")}}
+        for k in ("pool_size", "batch_size", "num_cpus", "num_gpus", "compile"):
+            keep["images"].pop(k, None)
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------- loading
+def builtin_names() -> list[str]:
+    root = resources.files("synray") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def builtin_configs() -> list[tuple[str, str]]:
+    """(name, one-line description) of every built-in config."""
+    out = []
+    for name in builtin_names():
+        raw = _read_yaml(resources.files("synray") / "configs" / f"{name}.yaml", name)
+        out.append((name, str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""))
+    return out
+
+
+def _read_yaml(path: Any, label: str) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {label}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {label}: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed YAML in {label}: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {label} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_raw(name_or_path: str | None) -> dict[str, Any]:
+    """The YAML mapping of a built-in config name or a file path (no validation yet)."""
+    if name_or_path is None:
+        name_or_path = "local"
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in name_or_path:
+        return _read_yaml(p, str(p))
+    if name_or_path in builtin_names():
+        return _read_yaml(resources.files("synray") / "configs" / f"{name_or_path}.yaml", name_or_path)
+    raise ConfigError(f"unknown config {name_or_path!r}: not a file, and not a built-in config "
+                      f"(built-in: {', '.join(builtin_names())})")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], typed value); the value is read as YAML (1, 0.5, true, [1,2])."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, _, text = item.partition("=")
+    path = [k for k in key.strip().split(".")]
+    if not key.strip() or any(not k for k in path):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = out
+        for i, k in enumerate(path[:-1]):
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:i + 1])} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            parent = _section_at(e["loc"][:-1])
+            allowed = ", ".join(parent.model_fields) if parent else ""
+            lines.append(f"  {loc}: unknown key" + (f" (allowed here: {allowed})" if allowed else ""))
+            continue
+        value = e.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        msg = e["msg"].removeprefix("Value error, ")
+        if kind == "literal_error":
+            msg = "must be one of " + msg.removeprefix("Input should be ")
+        lines.append(f"  {loc}: {shown} is not allowed: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, raw)) from None
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a built-in config or YAML file, apply `key.path=value` overrides, and validate it."""
+    return validate(apply_overrides(load_raw(name_or_path), overrides))
+
+
+def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A copy of cfg with {"a.b": value} applied and validated (used by Tune trials)."""
+    raw = cfg.to_dict()
+    items = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    return validate(apply_overrides(raw, items))

@@ -1,0 +1,84 @@
+"""Run directories: `runs/<name>-<UTC timestamp>/` with the resolved config, logs, metrics and summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from synray.config import RunConfig
+
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@dataclass
+class RunDir:
+    """One run's output folder."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, cfg: RunConfig, root: str | None = None, now: datetime | None = None) -> "RunDir":
+        stamp = (now or datetime.now(timezone.utc)).strftime(TIMESTAMP_FORMAT)
+        base = Path(root or cfg.output_root)
+        path = base / f"{cfg.name}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = base / f"{cfg.name}-{stamp}-{n}"
+        path.mkdir(parents=True)
+        rd = cls(path)
+        atomic_write_text(rd.config_path, cfg.to_yaml())
+        return rd
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "run.log"
+
+    def sub(self, name: str) -> Path:
+        p = self.path / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.summary_path, summary)
+
+    def attach_log(self, level: int = logging.INFO) -> logging.Handler:
+        """Also send the `synray` loggers to run.log."""
+        handler = logging.FileHandler(self.log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(level)
+        logging.getLogger("synray").addHandler(handler)
+        return handler

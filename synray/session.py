@@ -1,0 +1,82 @@
+"""The one place that talks to the Ray runtime: connect (RAY_ADDRESS or a local Ray) and shut down."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from synray.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+#: a local Ray gets at least this many logical CPUs, so that stage actors and training workers
+#: can all be placed on a 2-core laptop (they time-share the cores).
+MIN_LOCAL_CPUS = 4
+
+
+def ray_address(cfg: RayConfig) -> str | None:
+    """The cluster to join: the config's address, else $RAY_ADDRESS, else None (start a local Ray)."""
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def local_init_kwargs(cfg: RayConfig) -> dict[str, Any]:
+    """Arguments for ray.init() when synray starts its own local Ray."""
+    kwargs: dict[str, Any] = {
+        "num_cpus": cfg.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS),
+        "include_dashboard": cfg.include_dashboard,
+    }
+    if cfg.include_dashboard:
+        kwargs["dashboard_host"] = cfg.dashboard_host
+        kwargs["dashboard_port"] = cfg.dashboard_port
+    if cfg.object_store_memory_mb:
+        kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
+    return kwargs
+
+
+def runtime_env() -> dict[str, Any]:
+    """Environment every Ray worker needs (quiet tokenizers, no telemetry, synray's model cache)."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    for key in ("SYNRAY_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return {"env_vars": env}
+
+
+def init(cfg: RayConfig) -> bool:
+    """Connect to Ray; returns True when this call started it (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = ray_address(cfg)
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env=runtime_env())
+    else:
+        kwargs = local_init_kwargs(cfg)
+        log.info("starting a local Ray with %s logical CPUs", kwargs["num_cpus"])
+        ray.init(runtime_env=runtime_env(), **kwargs)
+    return True
+
+
+@contextlib.contextmanager
+def session(cfg: RayConfig) -> Iterator[None]:
+    """`with session(cfg.ray):` connects to Ray and always shuts down what it started."""
+    import ray
+
+    started = init(cfg)
+    try:
+        yield
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the connected cluster."""
+    import ray
+
+    return dict(ray.cluster_resources())

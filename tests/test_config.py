@@ -1,0 +1,126 @@
+"""Config loading, overrides and validation errors (fast, no Ray)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synray.config import ConfigError, RunConfig, builtin_configs, builtin_names, load_config, with_overrides
+
+
+def test_builtin_configs_validate():
+    names = builtin_names()
+    assert "local" in names
+    for name, desc in builtin_configs():
+        cfg = load_config(name)
+        assert cfg.name == name
+        assert desc, f"built-in config {name} needs a description"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("local", ["train.steps=3", "train.temperature=0.2", "images.per_caption=6",
+                                "eval.protocols=[knn, linear]", "train.use_gpu=false", "train.lr=1e-3"])
+    assert cfg.train.steps == 3 and isinstance(cfg.train.steps, int)
+    assert cfg.train.temperature == pytest.approx(0.2)
+    assert cfg.images.per_caption == 6
+    assert cfg.eval.protocols == ["knn", "linear"]
+    assert cfg.train.lr == pytest.approx(1e-3)
+
+
+def test_yaml_file_roundtrip(tmp_path: Path):
+    cfg = load_config("local", ["train.steps=7"])
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(str(path))
+    assert again == cfg
+
+
+def test_with_overrides_for_tune_trials():
+    cfg = load_config("local")
+    out = with_overrides(cfg, {"train.temperature": 0.05, "data.num_captions": 10})
+    assert out.train.temperature == 0.05 and out.data.num_captions == 10
+    assert cfg.train.temperature == 0.1
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.steps=-1", "train.steps: -1 is not allowed"),
+    ("no.such.key=1", "no: unknown key"),
+    ("train.nope=1", "train.nope: unknown key"),
+    ("train.steps=many", "train.steps: \"many\" is not allowed"),
+    ("captions.backend=gpt", "captions.backend: \"gpt\" is not allowed: must be one of 'vllm' or 'template'"),
+    ("images.resolution=100", "must be divisible by 8"),
+    ("images.per_caption=0", "images.per_caption: 0 is not allowed"),
+    ("train.precision=bf16", "needs use_gpu=true"),
+    ("images.dtype=float16", "needs device 'cuda'"),
+    ("train.steps", "must look like key.path=value"),
+    ("train.steps.x=1", "train.steps is a value, not a section"),
+])
+def test_invalid_overrides_name_the_key(override: str, needle: str):
+    with pytest.raises(ConfigError) as e:
+        load_config("local", [override])
+    assert needle in str(e.value)
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path: Path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"train": {"stepz": 3}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    msg = str(e.value)
+    assert "train.stepz: unknown key" in msg and "steps" in msg
+
+
+def test_missing_and_malformed_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: [1, 2\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(str(bad))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(str(scalar))
+    with pytest.raises(ConfigError, match="unknown config 'nosuchconfig'"):
+        load_config("nosuchconfig")
+
+
+def test_generation_fingerprint_ignores_pool_sizes():
+    a = load_config("local")
+    b = load_config("local", ["images.pool_size=3", "captions.engine.pool_size=2", "data.num_captions=5"])
+    c = load_config("local", ["images.guidance_scale=4.0"])
+    assert a.generation_fingerprint() == b.generation_fingerprint()
+    assert a.generation_fingerprint() != c.generation_fingerprint()
+
+
+def _synray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "synray.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_help_and_config_show():
+    r = _synray("--help")
+    assert r.returncode == 0 and "generate" in r.stdout and "run" in r.stdout
+    r = _synray("config", "show", "local", "--set", "train.steps=3")
+    assert r.returncode == 0, r.stderr
+    shown = yaml.safe_load(r.stdout)
+    assert shown["train"]["steps"] == 3
+    RunConfig.model_validate(shown)
+
+
+def test_cli_config_list():
+    r = _synray("config", "list")
+    assert r.returncode == 0
+    names = [line.split("\t")[0] for line in r.stdout.splitlines()]
+    assert "local" in names
+    assert all("\t" in line and line.split("\t")[1] for line in r.stdout.splitlines())
+
+
+@pytest.mark.parametrize("override, needle", [("train.steps=-1", "train.steps"), ("no.such.key=1", "no: unknown key")])
+def test_cli_bad_override_exits_nonzero(override: str, needle: str):
+    r = _synray("config", "show", "local", "--set", override)
+    assert r.returncode != 0
+    assert needle in r.stderr
