@@ -214,14 +214,15 @@ class TrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
-    zero_stage: int = Field(1, ge=0, le=3)
+    zero_stage: int = Field(1, ge=0, le=2, description="DeepSpeed ZeRO stage (0-2: weights stay whole on every rank)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     backbone: BackboneConfig = BackboneConfig()
     head: HeadConfig = HeadConfig()
     augment: AugmentConfig = AugmentConfig()
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    resume_from: str | None = Field(None, description="a checkpoint directory of an earlier run to start from")
 
     @model_validator(mode="after")
     def _checks(self) -> "TrainConfig":
