@@ -1,0 +1,58 @@
+"""The vLLM caption engine pool through `ray.data.llm` (fixed pool size; CPU and GPU installs)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from synray.config import CaptionsConfig
+
+#: CPU helper stages around the engine (pre/post-processing) take this much of a CPU each
+CPU_STAGE_CPUS = 0.25
+
+
+def engine_kwargs(cfg: CaptionsConfig) -> dict[str, Any]:
+    """vLLM engine arguments from the config; the CPU backend needs the multiprocessing executor."""
+    e = cfg.engine
+    kwargs: dict[str, Any] = {
+        "max_model_len": e.max_model_len,
+        "enable_prefix_caching": e.enable_prefix_caching,  # the prompts share their header
+        "gpu_memory_utilization": e.gpu_memory_utilization,
+        "dtype": e.dtype,
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if e.num_gpus == 0:
+        kwargs["distributed_executor_backend"] = "mp"
+    kwargs.update(e.extra)
+    return kwargs
+
+
+def placement_bundles(cfg: CaptionsConfig) -> list[dict[str, float]]:
+    """One bundle per tensor-parallel rank of an engine."""
+    e = cfg.engine
+    bundle: dict[str, float] = {"CPU": e.num_cpus}
+    if e.num_gpus:
+        bundle["GPU"] = e.num_gpus
+    return [dict(bundle) for _ in range(e.tensor_parallel_size)]
+
+
+def build_llm_processor(cfg: CaptionsConfig, model_path: str, preprocess: Callable, postprocess: Callable):
+    """A ray.data.llm Processor: Dataset -> Dataset with the engine's completion in each row."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    e = cfg.engine
+    proc_cfg = vLLMEngineProcessorConfig(
+        model_source=model_path,
+        engine_kwargs=engine_kwargs(cfg),
+        batch_size=e.batch_size,
+        concurrency=e.pool_size,
+        max_concurrent_batches=e.max_concurrent_batches,
+        chat_template_stage=False,   # raw completion prompts (SynCLR / LaCLIP few-shot)
+        tokenize_stage=False,
+        detokenize_stage=False,
+        log_engine_metrics=False,    # metrics export needs ray.serve
+        placement_group_config={"bundles": placement_bundles(cfg)},
+    )
+    cpu_stage = {"num_cpus": CPU_STAGE_CPUS}
+    return build_processor(proc_cfg, preprocess=preprocess, postprocess=postprocess,
+                           preprocess_map_kwargs=cpu_stage, postprocess_map_kwargs=cpu_stage)

@@ -1,0 +1,136 @@
+"""The caption stage as Ray Data operators: plan rows, write captions (vLLM or templates), clean them up."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from synray.captions.cleanup import CaptionDeduper, clean_caption
+from synray.captions.prompts import synclr_prompt
+from synray.captions.templates import template_caption
+from synray.concepts import load_bank, plan_row
+from synray.config import CaptionsConfig, ConceptsConfig, RunConfig
+from synray.data.schema import caption_id, prompt_seed
+from synray.data.stats import StatsClient
+
+#: a vLLM completion ends at the first newline (SynCLR keeps the completion's first line)
+STOP_STRINGS = ["\n"]
+
+
+def llm_sampling(cfg: CaptionsConfig) -> dict[str, Any]:
+    s = cfg.sampling
+    return {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "stop": STOP_STRINGS}
+
+
+class PlanRows:
+    """Row ids -> concept, template, prompt, prompt seed and the stable caption id of each row."""
+
+    def __init__(self, cfg: RunConfig, skip_ids: set[str] | None = None, stats_actor: Any | None = None) -> None:
+        self.cfg = cfg
+        self.concepts = load_bank(cfg.concepts.bank, cfg.concepts.kinds, cfg.concepts.max_concepts)
+        self.skip = skip_ids or set()
+        self.stats = StatsClient(stats_actor)
+        cap = cfg.captions
+        self.llm_model = cap.model if cap.backend == "vllm" else f"template:{cap.style}"
+        self.sampling_json = json.dumps(llm_sampling(cap) if cap.backend == "vllm" else {}, sort_keys=True)
+
+    def plan(self, row_id: int) -> dict[str, Any]:
+        cfg, seed = self.cfg, self.cfg.seed
+        plan = plan_row(self.concepts, cfg.concepts, seed, row_id)
+        if cfg.captions.backend == "vllm":
+            prompt = synclr_prompt(plan, seed, row_id, cfg.captions.num_examples)
+        else:
+            prompt = template_caption(plan, cfg.captions.style, seed, row_id)
+        return {
+            "row_id": row_id, "caption_id": caption_id(seed, row_id, prompt), "label": plan.label,
+            "concept": plan.concept.name, "kind": plan.concept.kind, "template": plan.template,
+            "prompt": prompt, "prompt_seed": prompt_seed(seed, row_id), "run_seed": seed,
+            "llm_model": self.llm_model, "llm_sampling": self.sampling_json,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.time()
+        rows = [self.plan(int(i)) for i in batch["id"]]
+        rows = [r for r in rows if r["caption_id"] not in self.skip]
+        self.stats.record("plan", len(rows), start)
+        return _columns(rows, PLAN_COLUMNS)
+
+
+PLAN_COLUMNS = ("row_id", "caption_id", "label", "concept", "kind", "template", "prompt", "prompt_seed",
+                "run_seed", "llm_model", "llm_sampling")
+
+
+def _columns(rows: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    out = {}
+    for n in names:
+        vals = [r[n] for r in rows]
+        out[n] = np.asarray(vals, dtype=np.int64 if n in ("row_id", "label", "prompt_seed", "run_seed") else object)
+    return out
+
+
+def template_captions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Template backend: the prompt already is the caption."""
+    batch["raw_caption"] = batch["prompt"]
+    return batch
+
+
+def vllm_preprocess(cfg: CaptionsConfig):
+    """A row -> vLLM request (prompt + per-request seeded sampling params), other columns carried along."""
+    sampling = llm_sampling(cfg)
+
+    def pre(row: dict[str, Any]) -> dict[str, Any]:
+        out = dict(row)
+        out["sampling_params"] = {**sampling, "seed": int(row["prompt_seed"])}
+        out["t_llm_in"] = time.time()
+        return out
+
+    return pre
+
+
+def vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
+    out = {k: row[k] for k in PLAN_COLUMNS if k in row}
+    out["raw_caption"] = row.get("generated_text") or ""
+    out["t_llm_in"] = row.get("t_llm_in", time.time())
+    return out
+
+
+class CleanCaptions:
+    """Keeps valid, new captions; counts rejections by reason. Run as ONE actor so dedupe is global."""
+
+    def __init__(self, cfg: CaptionsConfig, existing: list[str] | None = None, stats_actor: Any | None = None,
+                 stage: str = "captions") -> None:
+        self.cfg = cfg.cleanup
+        self.dedupe = CaptionDeduper()
+        for cap in existing or []:
+            self.dedupe.seen(cap)
+        self.stats = StatsClient(stats_actor)
+        self.stage = stage
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        now = time.time()
+        reasons: Counter[str] = Counter()
+        keep, captions = [], []
+        for i, raw in enumerate(batch["raw_caption"]):
+            cap, why = clean_caption(str(raw), self.cfg)
+            if cap is not None and self.cfg.dedupe and self.dedupe.seen(cap):
+                cap, why = None, "duplicate"
+            if cap is None:
+                reasons[why or "rejected"] += 1
+                continue
+            keep.append(i)
+            captions.append(cap)
+        start = float(np.min(batch["t_llm_in"])) if "t_llm_in" in batch and len(batch["t_llm_in"]) else now
+        out = {k: np.asarray(v)[keep] for k, v in batch.items() if k not in ("raw_caption", "t_llm_in")}
+        out["caption"] = np.asarray(captions, dtype=object)
+        self.stats.reject(self.stage, dict(reasons))
+        self.stats.record(self.stage, len(keep), start)
+        return out
+
+
+def check_concepts(cfg: ConceptsConfig) -> int:
+    """Load the bank once on the driver so a bad concept file fails before any resource is requested."""
+    return len(load_bank(cfg.bank, cfg.kinds, cfg.max_concepts))

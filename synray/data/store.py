@@ -1,0 +1,200 @@
+"""The Parquet store: atomic shards, resume by caption id, read back as a Ray Dataset, WebDataset export."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from synray.data.schema import ROW_SCHEMA, TRAIN_COLUMNS
+from synray.data.stats import StatsClient
+
+META_FILE = "_store.json"
+SUMMARY_FILE = "_summary.json"
+SHARD_PREFIX = "shard-"
+TMP_PREFIX = ".tmp-"
+
+
+class StoreError(ValueError):
+    """A store directory that cannot be used as asked."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ParquetStore:
+    """A directory of `shard-*.parquet` files, each written whole under a temporary name and renamed."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    # ---------------------------------------------------------------- metadata
+    @property
+    def meta_path(self) -> Path:
+        return self.root / META_FILE
+
+    def meta(self) -> dict[str, Any] | None:
+        if not self.meta_path.exists():
+            return None
+        return json.loads(self.meta_path.read_text())
+
+    def open_for_writing(self, fingerprint: str, info: dict[str, Any]) -> None:
+        """Create the store, or check that it holds this config's data; then drop stale temp files."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"output path {self.root} exists and is not a directory")
+        meta = self.meta()
+        if meta is None:
+            if self.root.exists() and any(self.root.glob(f"{SHARD_PREFIX}*.parquet")):
+                raise StoreError(f"output directory {self.root} holds shards but no {META_FILE}; "
+                                 "refusing to mix data of unknown origin")
+            self.root.mkdir(parents=True, exist_ok=True)
+            from synray.rundir import write_json
+            write_json(self.meta_path, {"fingerprint": fingerprint, "created": time.time(), **info})
+        elif meta.get("fingerprint") != fingerprint:
+            raise StoreError(
+                f"output directory {self.root} holds data of another config (fingerprint "
+                f"{meta.get('fingerprint')} from config {meta.get('config_name')!r}; this config's is "
+                f"{fingerprint}); choose another --out, or rerun with the config that wrote it")
+        for tmp in self.root.glob(f"{TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- reading
+    def shards(self) -> list[Path]:
+        return sorted(self.root.glob(f"{SHARD_PREFIX}*.parquet"))
+
+    def existing_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for shard in self.shards():
+            ids.update(pq.read_table(shard, columns=["caption_id"]).column(0).to_pylist())
+        return ids
+
+    def existing_captions(self) -> list[str]:
+        out: list[str] = []
+        for shard in self.shards():
+            out.extend(pq.read_table(shard, columns=["caption"]).column(0).to_pylist())
+        return out
+
+    def num_rows(self) -> int:
+        return sum(pq.ParquetFile(s).metadata.num_rows for s in self.shards())
+
+    def check_readable(self, required: tuple[str, ...] = TRAIN_COLUMNS) -> list[Path]:
+        """The shard list, after checking the store exists and has the columns training needs."""
+        if not self.root.is_dir():
+            raise StoreError(f"dataset directory {self.root} does not exist")
+        shards = self.shards()
+        if not shards:
+            raise StoreError(f"dataset directory {self.root} holds no {SHARD_PREFIX}*.parquet shards")
+        names = set(pq.read_schema(shards[0]).names)
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise StoreError(f"dataset {self.root} lacks the columns {missing} (it has {sorted(names)})")
+        return shards
+
+    def read_dataset(self, columns: list[str] | None = None):
+        """The store as a Ray Dataset (only committed shards are read)."""
+        import ray.data
+
+        shards = self.check_readable()
+        return ray.data.read_parquet([str(s) for s in shards], columns=columns)
+
+    # ---------------------------------------------------------------- writing
+    def write_shard(self, table: pa.Table) -> Path:
+        """Write one shard atomically; its name is derived from the caption ids it holds."""
+        ids = table.column("caption_id").to_pylist()
+        name = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:20]
+        final = self.root / f"{SHARD_PREFIX}{name}.parquet"
+        tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}.parquet"
+        try:
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.root)
+        return final
+
+
+def to_row_table(batch: pa.Table | dict[str, Any]) -> pa.Table:
+    """A batch (pyarrow or dict of columns) as a table with exactly the row schema."""
+    if isinstance(batch, dict):
+        batch = pa.table({k: list(v) if not isinstance(v, (pa.Array, pa.ChunkedArray)) else v
+                          for k, v in batch.items() if k in ROW_SCHEMA.names})
+    cols = [batch.column(n).cast(ROW_SCHEMA.field(n).type) if n in batch.column_names
+            else pa.nulls(batch.num_rows, ROW_SCHEMA.field(n).type) for n in ROW_SCHEMA.names]
+    return pa.Table.from_arrays(cols, schema=ROW_SCHEMA)
+
+
+class ShardWriter:
+    """Ray Data UDF: writes each batch as one shard; passes rows on (tee) or returns shard metadata."""
+
+    def __init__(self, root: str, passthrough: bool = False, stats_actor: Any | None = None) -> None:
+        self.store = ParquetStore(root)
+        self.passthrough = passthrough
+        self.stats = StatsClient(stats_actor)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.time()
+        table = to_row_table(batch)
+        path = self.store.write_shard(table) if table.num_rows else None
+        self.stats.record("store", table.num_rows, start)
+        if self.passthrough:
+            return batch
+        return pa.table({"shard": [str(path)], "rows": [table.num_rows]})
+
+
+def export_webdataset(store: ParquetStore, out_dir: str | os.PathLike, samples_per_tar: int = 1000) -> list[Path]:
+    """Write open_clip-style tar shards: one sample per image (`{id}_{i}.{ext}`, `.txt`, `.json`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    buf: list[tuple[str, bytes, str, dict[str, Any]]] = []
+
+    def flush() -> None:
+        if not buf:
+            return
+        final = out / f"{len(written):06d}.tar"
+        tmp = out / f"{TMP_PREFIX}{uuid.uuid4().hex}.tar"
+        with tarfile.open(tmp, "w") as tar:
+            for key, img, ext, meta in buf:
+                for suffix, data in ((ext, img), ("txt", meta["caption"].encode()),
+                                     ("json", json.dumps(meta, sort_keys=True).encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(data)
+                    info.mtime = 0
+                    tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, final)
+        written.append(final)
+        buf.clear()
+
+    cols = ["caption_id", "label", "concept", "caption", "images", "seeds", "image_format"]
+    for shard in store.shards():
+        for row in pq.read_table(shard, columns=cols).to_pylist():
+            ext = {"jpeg": "jpg"}.get(row["image_format"] or "png", row["image_format"] or "png")
+            for i, (img, seed) in enumerate(zip(row["images"], row["seeds"])):
+                meta = {"caption": row["caption"], "caption_id": row["caption_id"], "label": row["label"],
+                        "concept": row["concept"], "seed": seed, "image_index": i}
+                buf.append((f"{row['caption_id']}_{i}", img, ext, meta))
+                if len(buf) >= samples_per_tar:
+                    flush()
+    flush()
+    return written

@@ -1,0 +1,185 @@
+"""Frozen-encoder feature extraction: from caption rows (encoded images) to one embedding per image."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from synray.models.backbone import Encoder
+
+__all__ = ["extract_features", "rows_to_images", "decode_row_images", "features_of_arrays", "FeatureExtractor"]
+
+
+def _as_nchw_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """np [N, H, W, 3] or torch [N, 3, H, W] (uint8 or float in [0, 1]) -> torch [N, 3, H, W]."""
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"numpy images must be [N, H, W, 3], got shape {images.shape}")
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor or np.ndarray, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"tensor images must be [N, 3, H, W], got shape {tuple(images.shape)}")
+    return images
+
+
+def _encoder_device(encoder: torch.nn.Module) -> torch.device:
+    for p in encoder.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def extract_features(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, image_size: int,
+                     batch_size: int = 256) -> torch.Tensor:
+    """CLS embeddings [N, D] (float32, on the CPU) of images resized to ``image_size`` and normalised.
+
+    ``images_uint8``: torch [N, 3, H, W] or numpy [N, H, W, 3]. The encoder runs in eval mode
+    under ``torch.inference_mode``; its previous train/eval mode is restored afterwards.
+    """
+    from synray.train.augment import build_eval_transform
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = _as_nchw_uint8(images_uint8)
+    device = _encoder_device(encoder)
+    transform = build_eval_transform(image_size).to(device)
+    was_training = encoder.training
+    encoder.eval()
+    out: list[torch.Tensor] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], batch_size):
+                chunk = images[start:start + batch_size].to(device, non_blocking=True)
+                out.append(encoder(transform(chunk)).float().cpu())
+    finally:
+        encoder.train(was_training)
+    if not out:
+        return torch.empty(0, int(getattr(encoder, "embed_dim", 0)), dtype=torch.float32)
+    return torch.cat(out)
+
+
+def features_of_arrays(encoder: Encoder, arrays: Sequence[np.ndarray], image_size: int,
+                       batch_size: int = 256) -> torch.Tensor:
+    """Like :func:`extract_features` for a list of [H, W, 3] images whose sizes may differ (kept in order)."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_shape.setdefault(tuple(a.shape), []).append(i)
+    feats: torch.Tensor | None = None
+    for idx in by_shape.values():
+        f = extract_features(encoder, np.stack([arrays[i] for i in idx]), image_size, batch_size)
+        if feats is None:
+            feats = torch.empty(len(arrays), f.shape[1], dtype=torch.float32)
+        feats[torch.as_tensor(idx)] = f
+    if feats is None:
+        return torch.empty(0, int(getattr(encoder, "embed_dim", 0)), dtype=torch.float32)
+    return feats
+
+
+def _decode(data: bytes, image_size: int | None) -> np.ndarray:
+    from synray.train.batches import decode_image
+
+    arr = decode_image(bytes(data))
+    if image_size is not None and arr.shape[:2] != (image_size, image_size):
+        from PIL import Image
+
+        arr = np.asarray(Image.fromarray(arr).resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return arr
+
+
+def decode_row_images(row_images: Any, image_size: int | None = None) -> list[np.ndarray]:
+    """The encoded images of one row (list / array of bytes) -> uint8 [H, W, 3] arrays (optionally resized)."""
+    if row_images is None:
+        return []
+    return [_decode(data, image_size) for data in list(row_images)]
+
+
+def _column_view(rows: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
+    if isinstance(rows, Mapping):
+        for col in ("images", "label"):
+            if col not in rows:
+                raise ValueError(f"rows lack the column {col!r} (they have {sorted(rows)})")
+        images, labels = list(rows["images"]), list(rows["label"])
+        if len(images) != len(labels):
+            raise ValueError(f"columns differ in length: images {len(images)}, label {len(labels)}")
+        return images, labels
+    images, labels = [], []
+    for i, row in enumerate(rows):
+        if "images" not in row or "label" not in row:
+            raise ValueError(f"row {i} lacks 'images' or 'label' (it has {sorted(row)})")
+        images.append(row["images"])
+        labels.append(row["label"])
+    return images, labels
+
+
+def rows_to_images(rows: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+                   image_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flatten caption rows to (images uint8 [N, H, W, 3], labels int64 [N], group ids int64 [N]).
+
+    ``rows`` is a list of row dicts or a dict of columns (a Ray Data / pyarrow batch); each needs
+    ``images`` (encoded bytes) and ``label``. Every image of a row gets the row's label, and the
+    row index as its group id. Images of different sizes raise ValueError unless ``image_size`` is
+    given, in which case each image is resized to ``image_size`` x ``image_size`` on decoding.
+    """
+    row_images, row_labels = _column_view(rows)
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    groups: list[int] = []
+    for g, (imgs, label) in enumerate(zip(row_images, row_labels)):
+        decoded = decode_row_images(imgs, image_size)
+        arrays.extend(decoded)
+        labels.extend([int(label)] * len(decoded))
+        groups.extend([g] * len(decoded))
+    if not arrays:
+        size = image_size or 0
+        return (np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) != 1:
+        raise ValueError(f"images differ in size {shapes}; pass image_size= to resize them on decoding")
+    return np.stack(arrays), np.asarray(labels, np.int64), np.asarray(groups, np.int64)
+
+
+class FeatureExtractor:
+    """Callable for ``Dataset.map_batches`` (actor pool): adds a ``features`` column to caption rows.
+
+    The backbone is loaded once per instance from ``model_dir`` (a :func:`save_backbone`
+    directory). For a batch (dict of columns with ``images``), ``features`` holds, per row, a
+    float32 array [m, D] with one embedding per image: a [B, m, D] array when every row has the
+    same number of images, else an object array of [m_i, D] arrays. With ``drop_images`` the
+    encoded images are removed from the output batch.
+    """
+
+    def __init__(self, model_dir: str | Path, image_size: int, batch_size: int = 256,
+                 device: str | torch.device = "cpu", drop_images: bool = False) -> None:
+        from synray.models.backbone import load_backbone
+
+        self.model_dir = str(model_dir)
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.drop_images = drop_images
+        self.encoder = load_backbone(self.model_dir, device=device).eval()
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.encoder.embed_dim)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if "images" not in batch:
+            raise ValueError(f"batch lacks the 'images' column (it has {sorted(batch)})")
+        per_row = [decode_row_images(imgs) for imgs in batch["images"]]
+        counts = [len(r) for r in per_row]
+        flat = [a for r in per_row for a in r]
+        feats = features_of_arrays(self.encoder, flat, self.image_size, self.batch_size).numpy()
+        splits = np.split(feats, np.cumsum(counts)[:-1]) if counts else []
+        if counts and len(set(counts)) == 1:
+            column: np.ndarray = np.stack(splits).astype(np.float32, copy=False)
+        else:
+            column = np.empty(len(splits), dtype=object)
+            for i, s in enumerate(splits):
+                column[i] = s.reshape(-1, self.embed_dim).astype(np.float32, copy=False)
+        out = {k: v for k, v in batch.items() if not (self.drop_images and k == "images")}
+        out["features"] = column
+        return out

@@ -1,0 +1,149 @@
+"""Plots written as PNG files (matplotlib's Agg canvas, no pyplot): training curves and caption/image sample grids."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["loss_curve", "sample_grid", "sample_grid_from_store"]
+
+#: secondary panels of loss_curve, drawn when the metrics hold them: key -> axis label
+EXTRA_SERIES = {"lr": "learning rate", "data_wait_fraction": "data-wait fraction"}
+
+
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A pyplot-free figure (no global state, no GUI): saved through the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _series(metrics: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows holding a finite number under ``key``; rows without a step use their index."""
+    xs, ys = [], []
+    for i, m in enumerate(metrics):
+        v = m.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            continue
+        step = m.get("step", i)
+        xs.append(float(step if isinstance(step, (int, float)) else i))
+        ys.append(float(v))
+    return xs, ys
+
+
+def _save(fig: Any, path: str | Path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def loss_curve(metrics: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None,
+               dpi: int = 100) -> Path:
+    """Loss against step, with learning rate and data-wait fraction in panels below when present.
+
+    ``metrics`` are report rows (e.g. the lines of ``metrics.jsonl``); rows without a numeric
+    ``loss`` (events) are skipped for the loss panel. ValueError when no row has a loss.
+    """
+    steps, losses = _series(metrics, "loss")
+    if not losses:
+        raise ValueError("no metrics row holds a numeric 'loss'; nothing to plot")
+    extras = [(key, label, *_series(metrics, key)) for key, label in EXTRA_SERIES.items()]
+    extras = [e for e in extras if e[3]]
+    n = 1 + len(extras)
+    fig = _figure((7, 3 + 1.6 * (n - 1)))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": [2.5] + [1] * (n - 1)})
+    ax = axes[0, 0]
+    ax.plot(steps, losses, marker="." if len(losses) < 50 else None, color="tab:blue")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"training loss ({len(losses)} reports, last {losses[-1]:.4g})")
+    colors = ["tab:orange", "tab:green"]
+    for i, (key, label, xs, ys) in enumerate(extras, start=1):
+        a = axes[i, 0]
+        a.plot(xs, ys, color=colors[(i - 1) % len(colors)])
+        a.set_ylabel(label)
+        a.grid(alpha=0.3)
+        if key == "data_wait_fraction":
+            a.set_ylim(0.0, 1.0)
+        elif key == "lr":
+            a.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def _decode(data: Any) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
+        return data
+    with Image.open(io.BytesIO(bytes(data))) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def sample_grid(rows: Sequence[Mapping[str, Any]], path: str | Path, max_rows: int = 8,
+                max_images: int | None = None, wrap: int = 60, cell: float = 1.6, dpi: int = 100) -> Path:
+    """One line per caption: its images side by side under the wrapped caption text.
+
+    ``rows`` hold ``images`` (encoded PNG/JPEG bytes, or uint8 [H, W, 3] arrays) and ``caption``.
+    At most ``max_rows`` rows and ``max_images`` images per row are drawn.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    chosen = list(rows)[:max_rows]
+    if not chosen:
+        raise ValueError("no rows to draw")
+    decoded = [[_decode(d) for d in list(r.get("images") or [])[:max_images]] for r in chosen]
+    ncols = max(1, max(len(d) for d in decoded))
+    captions = [textwrap.fill(str(r.get("caption", "")), width=max(20, wrap)) for r in chosen]
+    heights = [cell + 0.18 * (c.count("\n") + 1) for c in captions]
+    width = max(cell * ncols, 4.0)
+    fig = _figure((width, sum(heights)))
+    subfigs = np.atleast_1d(fig.subfigures(len(chosen), 1, height_ratios=heights))
+    for sub, imgs, caption in zip(subfigs, decoded, captions):
+        sub.suptitle(caption, fontsize=8, y=0.99, va="top")
+        axes = np.atleast_1d(sub.subplots(1, ncols))
+        for j, ax in enumerate(axes):
+            ax.set_axis_off()
+            if j < len(imgs):
+                ax.imshow(imgs[j])
+        sub.subplots_adjust(left=0.01, right=0.99, bottom=0.02, wspace=0.04,
+                            top=max(0.5, 1.0 - 0.18 * (caption.count("\n") + 1.4) / (cell + 0.5)))
+    return _save(fig, path, dpi)
+
+
+def sample_grid_from_store(store_dir: str | Path, out_path: str | Path, rows: int = 8,
+                           max_images: int | None = None) -> Path:
+    """A :func:`sample_grid` of the first ``rows`` rows of a Parquet store's ``shard-*.parquet`` files."""
+    import pyarrow.parquet as pq
+
+    store = Path(store_dir)
+    if not store.is_dir():
+        raise ValueError(f"store directory {store} does not exist")
+    shards = sorted(store.glob("shard-*.parquet"))
+    if not shards:
+        raise ValueError(f"store directory {store} holds no shard-*.parquet files")
+    picked: list[dict[str, Any]] = []
+    for shard in shards:
+        pf = pq.ParquetFile(shard)
+        missing = [c for c in ("caption", "images") if c not in pf.schema_arrow.names]
+        if missing:
+            raise ValueError(f"shard {shard} lacks the columns {missing}")
+        for batch in pf.iter_batches(batch_size=max(1, rows), columns=["caption", "images"]):
+            picked.extend(batch.to_pylist()[:rows - len(picked)])
+            if len(picked) >= rows:
+                break
+        if len(picked) >= rows:
+            break
+    if not picked:
+        raise ValueError(f"the shards of {store} hold no rows")
+    return sample_grid(picked, out_path, max_rows=rows, max_images=max_images)

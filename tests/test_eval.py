@@ -1,0 +1,201 @@
+"""Tests for feature extraction, the weighted kNN classifier, group-wise splits and the linear probe."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from synray.config import BackboneConfig, EvalConfig
+from synray.eval import evaluate_backbone
+from synray.eval.features import FeatureExtractor, extract_features, rows_to_images
+from synray.eval.knn import knn_accuracy, knn_predict, split_reference_query
+from synray.eval.linear import linear_probe
+from synray.models.backbone import build_backbone, save_backbone
+
+EMBED_DIM = 64  # the tiny backbone's hidden size
+
+
+def _clusters(n_per_class: int, num_classes: int, dim: int = 16, spread: float = 0.05,
+              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g) * 3
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    feats = centres[labels] + spread * torch.randn(labels.numel(), dim, generator=g)
+    return feats, labels
+
+
+def _png(color: tuple[int, int, int], size: int = 24) -> bytes:
+    buf = io.BytesIO()
+    arr = np.zeros((size, size, 3), np.uint8)
+    arr[...] = color
+    arr[: size // 2, : size // 2] = 255 - np.asarray(color, np.uint8)
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rows(n: int, per_row: int = 2, num_classes: int = 3, size: int = 24) -> list[dict]:
+    rows = []
+    for i in range(n):
+        label = i % num_classes
+        images = [_png(((40 * label + 7 * j) % 256, (90 * i) % 256, 30 * j), size) for j in range(per_row)]
+        rows.append({"caption": f"caption {i}", "caption_id": f"{i:016x}", "label": label, "images": images})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    torch.manual_seed(0)
+    return build_backbone(BackboneConfig(size="tiny", image_size=32, patch_size=8))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny_encoder, tmp_path_factory) -> Path:
+    return save_backbone(tiny_encoder, tmp_path_factory.mktemp("backbone"))
+
+
+# ------------------------------------------------------------------------------------------ kNN
+def test_knn_on_separable_clusters_is_perfect() -> None:
+    train, ytr = _clusters(20, 5, seed=0)
+    test, yte = _clusters(10, 5, seed=0)  # same centres, fresh noise
+    test = test + 0.01 * torch.randn(test.shape, generator=torch.Generator().manual_seed(1))
+    assert knn_accuracy(train, ytr, test, yte, k=20, temperature=0.07) == 1.0
+    assert knn_accuracy(train.numpy(), ytr.numpy(), test.numpy(), yte.numpy(), k=5, chunk_size=7) == 1.0
+
+
+def test_knn_on_random_features_is_near_chance() -> None:
+    g = torch.Generator().manual_seed(0)
+    num_classes = 4
+    train, test = torch.randn(2000, 32, generator=g), torch.randn(2000, 32, generator=g)
+    ytr = torch.randint(0, num_classes, (2000,), generator=g)
+    yte = torch.randint(0, num_classes, (2000,), generator=g)
+    acc = knn_accuracy(train, ytr, test, yte, k=20, num_classes=num_classes)
+    assert abs(acc - 1 / num_classes) < 0.05
+
+
+def test_knn_weights_and_k_larger_than_reference() -> None:
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    # k is clipped to the 3 references; the two class-0 neighbours outvote the single class-1 one.
+    assert knn_predict(train, labels, torch.tensor([[0.6, 0.4]]), k=50).tolist() == [0]
+    # Near class 1 the exp(sim / T) weight of the closest neighbour dominates the vote.
+    assert knn_predict(train, labels, torch.tensor([[0.1, 1.0]]), k=3, temperature=0.05).tolist() == [1]
+    with pytest.raises(ValueError):
+        knn_accuracy(train, labels, torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------- split
+@pytest.mark.parametrize("groups_per_label", [[1, 1, 1, 1, 1], [2, 3, 5, 1, 8], [4, 4, 4]])
+def test_split_keeps_groups_whole_and_stratifies(groups_per_label: list[int]) -> None:
+    labels, groups = [], []
+    g = 0
+    for label, n_groups in enumerate(groups_per_label):
+        for _ in range(n_groups):
+            labels += [label] * 3
+            groups += [g] * 3
+            g += 1
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    ref, query = split_reference_query(labels, groups, query_fraction=0.5, seed=3)
+    assert ref.size and query.size
+    assert np.intersect1d(ref, query).size == 0 and np.union1d(ref, query).size == labels.size
+    assert not set(groups[ref]) & set(groups[query])
+    for label, n_groups in enumerate(groups_per_label):
+        if n_groups >= 2:  # stratified: each such label is on both sides
+            assert label in labels[ref] and label in labels[query]
+    again = split_reference_query(labels, groups, query_fraction=0.5, seed=3)
+    assert np.array_equal(again[0], ref) and np.array_equal(again[1], query)
+
+
+def test_split_rejects_a_single_group() -> None:
+    with pytest.raises(ValueError, match="two groups"):
+        split_reference_query(np.zeros(4), np.zeros(4))
+
+
+# --------------------------------------------------------------------------------------- linear
+def test_linear_probe_on_separable_features_is_perfect_and_deterministic() -> None:
+    train, ytr = _clusters(30, 4, dim=24, spread=0.2, seed=0)
+    test, yte = _clusters(10, 4, dim=24, spread=0.2, seed=0)
+    out = linear_probe(train, ytr, test, yte, epochs=20, batch_size=32, seed=1)
+    assert out["accuracy"] == 1.0 and out["train_accuracy"] == 1.0
+    assert out["num_classes"] == 4 and out["steps"] == 20 * 4
+    again = linear_probe(train, ytr, test, yte, epochs=20, batch_size=32, seed=1)
+    assert again == out
+    full = linear_probe(train.numpy(), ytr.numpy(), test.numpy(), yte.numpy(), epochs=30, batch_size=None,
+                        use_bn=False, lr=0.5)
+    assert full["accuracy"] == 1.0 and full["steps"] == 30
+
+
+def test_linear_probe_drops_a_trailing_batch_of_one_with_bn() -> None:
+    train, ytr = _clusters(11, 3, dim=8, seed=2)  # 33 rows, batches of 16 -> 16, 16 (the 1 is dropped)
+    out = linear_probe(train, ytr, train, ytr, epochs=2, batch_size=16)
+    assert out["steps"] == 4
+
+
+# ------------------------------------------------------------------------------------- features
+def test_rows_to_images_flattens_rows_and_columns() -> None:
+    rows = _rows(4, per_row=3)
+    images, labels, groups = rows_to_images(rows)
+    assert images.shape == (12, 24, 24, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0]
+    assert groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    columns = {"images": np.array([r["images"] for r in rows], dtype=object),
+               "label": np.array([r["label"] for r in rows])}
+    images2, labels2, groups2 = rows_to_images(columns)
+    assert np.array_equal(images, images2) and np.array_equal(labels, labels2) and np.array_equal(groups, groups2)
+    mixed = _rows(1, size=24) + _rows(1, size=16)
+    with pytest.raises(ValueError, match="image_size"):
+        rows_to_images(mixed)
+    assert rows_to_images(mixed, image_size=32)[0].shape == (4, 32, 32, 3)
+
+
+def test_extract_features_shapes_and_layouts(tiny_encoder) -> None:
+    images, _, _ = rows_to_images(_rows(3, per_row=2))
+    tiny_encoder.train()
+    feats = extract_features(tiny_encoder, images, image_size=32, batch_size=4)
+    assert feats.shape == (6, EMBED_DIM) and feats.dtype == torch.float32
+    assert tiny_encoder.training  # the caller's mode is restored
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    torch.testing.assert_close(extract_features(tiny_encoder, nchw, image_size=32, batch_size=256), feats)
+    assert extract_features(tiny_encoder, images[:0], image_size=32).shape == (0, EMBED_DIM)
+    with pytest.raises(ValueError):
+        extract_features(tiny_encoder, images.transpose(0, 3, 1, 2), image_size=32)
+
+
+def test_feature_extractor_adds_a_features_column(tiny_encoder, tiny_model_dir: Path) -> None:
+    rows = _rows(3, per_row=2)
+    batch = {"caption": np.array([r["caption"] for r in rows], dtype=object),
+             "label": np.array([r["label"] for r in rows]),
+             "images": np.array([r["images"] for r in rows], dtype=object)}
+    fx = FeatureExtractor(tiny_model_dir, image_size=32, batch_size=4)
+    out = fx(batch)
+    assert set(out) == {"caption", "label", "images", "features"}
+    assert out["features"].shape == (3, 2, EMBED_DIM) and out["features"].dtype == np.float32
+    expected = extract_features(tiny_encoder, rows_to_images(rows)[0], image_size=32).numpy()
+    np.testing.assert_allclose(out["features"].reshape(6, EMBED_DIM), expected, rtol=1e-4, atol=1e-5)
+    # Rows with different numbers of images get one [m_i, D] array each.
+    ragged = {"images": np.array([rows[0]["images"], rows[1]["images"][:1], []], dtype=object)}
+    out = FeatureExtractor(tiny_model_dir, image_size=32, drop_images=True)(ragged)
+    assert "images" not in out
+    assert [f.shape for f in out["features"]] == [(2, EMBED_DIM), (1, EMBED_DIM), (0, EMBED_DIM)]
+
+
+# ------------------------------------------------------------------------------------- evaluate
+def test_evaluate_backbone_runs_both_protocols(tiny_encoder) -> None:
+    rows = _rows(12, per_row=2, num_classes=3)
+    cfg = EvalConfig(protocols=["knn", "linear"], knn_k=5, linear_epochs=5)
+    out = evaluate_backbone(tiny_encoder, rows, None, cfg, image_size=32)
+    assert set(out) >= {"knn_accuracy", "linear_accuracy", "num_reference", "num_query", "num_classes", "chance"}
+    assert out["num_reference"] + out["num_query"] == 24 and out["num_query"] % 2 == 0
+    assert out["num_classes"] == 3 and out["chance"] == pytest.approx(1 / 3)
+    assert 0.0 <= out["knn_accuracy"] <= 1.0 and 0.0 <= out["linear_accuracy"] <= 1.0
+    only_knn = evaluate_backbone(tiny_encoder, rows, ["knn"], cfg, image_size=32)
+    assert "linear_accuracy" not in only_knn and only_knn["knn_accuracy"] == out["knn_accuracy"]
+
+
+def test_evaluate_backbone_rejects_unknown_protocols(tiny_encoder) -> None:
+    with pytest.raises(ValueError, match="knn, linear"):
+        evaluate_backbone(tiny_encoder, _rows(4), ["zeroshot"], EvalConfig(), image_size=32)
