@@ -78,6 +78,9 @@ class EngineConfig(Section):
                                           description="CPU backend: fraction of CPU memory for the KV cache")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     enable_prefix_caching: bool = True
+    kv_cache_memory_mb: int | None = Field(None, ge=16, description="fixed KV-cache size (CPU backend: "
+                                           "skips the memory probe that gpu_memory_utilization needs)")
+    enforce_eager: bool = Field(False, description="skip graph compilation (faster start, slower decode)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per engine bundle")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per engine (0 on CPU machines)")
     max_concurrent_batches: int = Field(4, ge=1)

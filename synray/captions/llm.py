@@ -6,6 +6,11 @@ from typing import Any, Callable
 
 from synray.config import CaptionsConfig
 
+#: The CPU backend: the multiprocessing executor, and no chunked prefill. With chunked prefill a
+#: seeded request that is mid-prefill has its sampled token discarded and vLLM rewinds its torch
+#: generator, which CPU generators cannot do ("CPU Generator does not use offset").
+CPU_ENGINE_KWARGS = {"distributed_executor_backend": "mp", "enable_chunked_prefill": False}
+
 #: CPU helper stages around the engine (pre/post-processing) take this much of a CPU each
 CPU_STAGE_CPUS = 0.25
 
@@ -16,13 +21,17 @@ def engine_kwargs(cfg: CaptionsConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "max_model_len": e.max_model_len,
         "enable_prefix_caching": e.enable_prefix_caching,  # the prompts share their header
+        "enforce_eager": e.enforce_eager,
         "gpu_memory_utilization": e.gpu_memory_utilization,
         "dtype": e.dtype,
         "tensor_parallel_size": e.tensor_parallel_size,
         "trust_remote_code": cfg.trust_remote_code,
     }
     if e.num_gpus == 0:
-        kwargs["distributed_executor_backend"] = "mp"
+        kwargs.update(CPU_ENGINE_KWARGS)
+        kwargs["max_num_batched_tokens"] = max(e.max_model_len, e.batch_size * e.max_model_len // 4)
+    if e.kv_cache_memory_mb:
+        kwargs["kv_cache_memory_bytes"] = e.kv_cache_memory_mb * 2**20
     kwargs.update(e.extra)
     return kwargs
 

@@ -1,8 +1,8 @@
 """Model-free caption styles of the scaling-laws study: classname, CLIP-style templates, concept+background.
 
-Styles are functions `(plan, rng) -> caption` in a registry. A new style (for example the
-procedural `shapes` world) plugs in with `register_style("shapes", fn)`; until it is registered,
-asking for it raises NotImplementedError.
+Styles are functions `(plan, rng) -> caption` in a registry; a new style plugs in with
+`register_style(name, fn)`. The procedural `shapes` style lives in synray.images.procedural_lang
+and is registered there on first use (see _LAZY_STYLES).
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ _STYLES: dict[str, StyleFn] = {
     CONCEPT_BACKGROUND: _concept_background,
 }
 # Styles the config accepts whose implementation lives elsewhere and registers itself.
-_PENDING_STYLES = {SHAPES: "the procedural shapes world registers it with register_style('shapes', fn)"}
+_PENDING_STYLES: dict[str, str] = {}
+# Styles implemented elsewhere, registered on first use: name -> (module, function).
+_LAZY_STYLES = {SHAPES: ("synray.images.procedural_lang", "shapes_caption")}
 
 
 def register_style(name: str, fn: StyleFn, replace: bool = False) -> None:
@@ -130,13 +132,24 @@ def register_style(name: str, fn: StyleFn, replace: bool = False) -> None:
 
 
 def template_styles() -> list[str]:
-    """Names of the styles that can be used now."""
-    return sorted(_STYLES)
+    """Names of the styles that can be used now (including those registered on first use)."""
+    return sorted(set(_STYLES) | set(_LAZY_STYLES))
+
+
+def _lazy_style(name: str) -> StyleFn | None:
+    """Import and register a style that lives in another module (no import cycle at load time)."""
+    if name not in _LAZY_STYLES:
+        return None
+    import importlib
+
+    module, attr = _LAZY_STYLES[name]
+    register_style(name, getattr(importlib.import_module(module), attr), replace=True)
+    return _STYLES[name]
 
 
 def template_caption(plan: RowPlan, style: str, seed: int, row_id: int) -> str:
     """The caption of a row for a model-free style; it depends only on (plan, style, seed, row_id)."""
-    fn = _STYLES.get(style)
+    fn = _STYLES.get(style) or _lazy_style(style)
     if fn is None:
         if style in _PENDING_STYLES:
             raise NotImplementedError(f"template style {style!r} is not available yet: {_PENDING_STYLES[style]}")

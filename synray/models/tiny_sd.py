@@ -1,0 +1,93 @@
+"""Tiny random-weight Stable Diffusion pipeline and CLIP-style text tower, saved in the libraries' formats."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from synray.models.tiny_llm import BOS, EOS, PAD, default_corpus, deterministic_torch, document_captions, \
+    tokenizer_texts, train_bpe, wrap_tokenizer
+
+CLIP_MAX_LENGTH = 77
+TEXT_VOCAB_SIZE = 1000
+UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32,
+)
+# Four blocks: diffusers' vae_scale_factor = 2 ** (len(block_out_channels) - 1) = 8, as in SD.
+VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+)
+# Stable Diffusion 1.5's training noise schedule, sampled with DDIM.
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+SD_TEXT_ARCH: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2)
+TEXT_TOWER_ARCH: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, projection_dim=64)
+# Gain on the random VAE decoder's output conv so decoded images span the pixel range.
+DECODER_OUT_GAIN = 1.5
+
+
+def caption_tokenizer(seed: int = 0, corpus: Sequence[str] | None = None) -> Any:
+    """A CLIP-style fast tokenizer (BOS ... EOS, padded to 77) trained on the corpus captions."""
+    docs = default_corpus(seed) if corpus is None else list(corpus)
+    texts = tokenizer_texts(document_captions(docs), builtin=corpus is None)
+    tok = train_bpe(texts, TEXT_VOCAB_SIZE, add_eos=True)
+    return wrap_tokenizer(tok, model_max_length=CLIP_MAX_LENGTH)
+
+
+def _clip_text_config(tokenizer: Any, arch: dict[str, Any]) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=CLIP_MAX_LENGTH,
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS), eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD), **arch)
+
+
+def build_sd_pipeline(seed: int = 0, corpus: Sequence[str] | None = None) -> Any:
+    """The tiny StableDiffusionPipeline in memory (random weights drawn from seed)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = caption_tokenizer(seed, corpus)
+    with deterministic_torch(seed):
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        vae = AutoencoderKL(**VAE_CONFIG)
+        with torch.no_grad():
+            vae.decoder.conv_out.weight.mul_(DECODER_OUT_GAIN)
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, SD_TEXT_ARCH))
+    return StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def build_tiny_sd(out_dir: str | Path, seed: int = 0, corpus: Sequence[str] | None = None) -> Path:
+    """Build and save the tiny SD pipeline (safetensors) into out_dir; returns out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_sd_pipeline(seed, corpus).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_tiny_text(out_dir: str | Path, seed: int = 0, corpus: Sequence[str] | None = None) -> Path:
+    """Build and save a tiny CLIPTextModelWithProjection and its tokenizer into out_dir; returns out_dir."""
+    from transformers import CLIPTextModelWithProjection
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = caption_tokenizer(seed, corpus)
+    with deterministic_torch(seed):
+        model = CLIPTextModelWithProjection(_clip_text_config(tokenizer, TEXT_TOWER_ARCH)).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,200 @@
+"""The main job: generate -> train -> evaluate -> write the run directory (`synray run`, `synray train`)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from synray.config import RunConfig
+from synray.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+#: rows of the held-out set drawn in the sample grid
+GRID_ROWS = 8
+
+
+def check_run(cfg: RunConfig, data_dir: str | None = None) -> int:
+    """Every check that needs no cluster; returns the number of images per caption training will use."""
+    from synray.data.generate import validate_generation
+    from synray.data.store import ParquetStore, StoreError
+    from synray.train.trainer import check_train_setup
+
+    per_caption = cfg.images.per_caption
+    if data_dir is not None or cfg.data.mode == "stored":
+        store = ParquetStore(data_dir or cfg.data.store_dir or "")
+        if not (data_dir or cfg.data.store_dir):
+            raise StoreError("data.mode=stored needs data.store_dir (or `synray train CONFIG --data DIR`)")
+        shards = store.check_readable()
+        per_caption = _stored_per_caption(shards[0])
+    else:
+        validate_generation(cfg)
+        if cfg.data.mode == "stream+store" and not cfg.data.store_dir:
+            raise StoreError("data.mode=stream+store needs data.store_dir")
+    if cfg.eval.enabled and cfg.eval.dataset is None:
+        validate_generation(heldout_config(cfg))
+    check_train_setup(cfg, per_caption)
+    return per_caption
+
+
+def _stored_per_caption(shard: Path) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    lengths = pc.list_value_length(pq.read_table(shard, columns=["images"]).column("images"))
+    return int(pc.min(lengths).as_py() or 0)
+
+
+def heldout_config(cfg: RunConfig) -> RunConfig:
+    """The held-out evaluation set: the same generator with another seed, rendered with eval.heldout_captions rows."""
+    from synray.config import with_overrides
+
+    seed = (cfg.seed + cfg.eval.seed_offset) % (2**31 - 1)
+    return with_overrides(cfg, {"seed": seed, "data.num_captions": cfg.eval.heldout_captions,
+                                "data.mode": "stream"})
+
+
+def num_classes(cfg: RunConfig) -> int:
+    from synray.captions.stage import check_concepts
+
+    return check_concepts(cfg.concepts)
+
+
+def training_dataset(cfg: RunConfig, stats_actor: Any, data_dir: str | None):
+    """The Ray Dataset training reads, by data mode, and whether to loop over it in epochs."""
+    from synray.data.generate import add_store_stage, build_pipeline, prepare, store_info
+    from synray.data.schema import TRAIN_COLUMNS
+    from synray.data.store import ParquetStore
+
+    if data_dir is not None or cfg.data.mode == "stored":
+        store = ParquetStore(data_dir or cfg.data.store_dir)
+        ds = store.read_dataset(columns=list(TRAIN_COLUMNS)).randomize_block_order(seed=cfg.seed)
+        return ds, True
+    plan = prepare(cfg)
+    ds = build_pipeline(plan, stats_actor)
+    if cfg.data.mode == "stream+store":
+        store = ParquetStore(cfg.data.store_dir)
+        store.open_for_writing(cfg.generation_fingerprint(), store_info(cfg))
+        ds = add_store_stage(ds, cfg.data.store_dir, True, cfg.data.rows_per_shard, stats_actor)
+    return ds.select_columns(list(TRAIN_COLUMNS)), False
+
+
+def heldout_rows(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Generate (or read) the labelled evaluation rows."""
+    from synray.data.generate import build_pipeline, prepare
+    from synray.data.store import ParquetStore
+
+    if cfg.eval.dataset:
+        return ParquetStore(cfg.eval.dataset).read_dataset(columns=["caption", "label", "images"]).take_all()
+    ds = build_pipeline(prepare(heldout_config(cfg)))
+    return ds.select_columns(["caption_id", "caption", "label", "images"]).take_all()
+
+
+def evaluate(cfg: RunConfig, backbone_dir: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The configured protocols on the trained backbone and on the same network at initialisation."""
+    import torch
+
+    from synray.eval import evaluate_backbone
+    from synray.models.backbone import build_backbone, load_backbone
+
+    trained = evaluate_backbone(load_backbone(backbone_dir), rows, cfg.eval.protocols, cfg.eval,
+                                cfg.train.backbone.image_size)
+    torch.manual_seed(cfg.seed)  # the same initial weights the workers started from
+    init = evaluate_backbone(build_backbone(cfg.train.backbone), rows, cfg.eval.protocols, cfg.eval,
+                             cfg.train.backbone.image_size)
+    return {"trained": trained, "init": init}
+
+
+def write_metrics(rd: RunDir, metrics: list[dict[str, Any]]) -> Path:
+    path = rd.path / "metrics.csv"
+    keys = sorted({k for m in metrics for k in m})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(metrics)
+    return path
+
+
+def run(cfg: RunConfig, data_dir: str | None = None) -> tuple[RunDir, dict[str, Any]]:
+    """Generate (or read) -> train -> evaluate; everything lands in a new run directory."""
+    import ray
+
+    from synray.data.stats import StageStats
+    from synray.session import session
+    from synray.train.trainer import fit
+    from synray.viz import loss_curve, sample_grid
+
+    per_caption = check_run(cfg, data_dir)
+    classes = num_classes(cfg)
+    rd = RunDir.create(cfg)
+    handler = rd.attach_log()
+    start = time.time()
+    summary: dict[str, Any] = {"name": cfg.name, "run_dir": str(rd.path.resolve()), "mode":
+                               "stored" if data_dir else cfg.data.mode, "per_caption": per_caption}
+    try:
+        with session(cfg.ray):
+            stats = ray.remote(num_cpus=0)(StageStats).remote()
+            ds, epochs = training_dataset(cfg, stats, data_dir)
+            result = fit(cfg, ds, rd.path / "train", per_caption, classes, epochs, cfg.train.resume_from)
+            summary.update(ray.get(stats.summary.remote()))
+            summary["train"] = _train_summary(result)
+            if cfg.eval.enabled and result.backbone_dir:
+                rows = heldout_rows(cfg)
+                summary["eval"] = evaluate(cfg, result.backbone_dir, rows)
+                summary["eval"]["heldout_rows"] = len(rows)
+                sample_grid(rows[:GRID_ROWS], rd.path / "samples.png")
+        if result.metrics:
+            write_metrics(rd, result.metrics)
+            loss_curve(result.metrics, rd.path / "loss_curve.png")
+        summary["backbone_dir"] = result.backbone_dir
+        summary["elapsed_s"] = round(time.time() - start, 2)
+        rd.write_summary(summary)
+    finally:
+        import logging as _logging
+        _logging.getLogger("synray").removeHandler(handler)
+    return rd, summary
+
+
+def _train_summary(result) -> dict[str, Any]:
+    last = result.metrics[-1] if result.metrics else {}
+    waits = [m["data_wait_fraction"] for m in result.metrics if "data_wait_fraction" in m]
+    return {
+        "steps": last.get("step", 0), "final_loss": last.get("loss"),
+        "first_loss": result.metrics[0]["loss"] if result.metrics else None,
+        "images_per_s": last.get("images_per_s"),
+        "data_wait_fraction": sum(waits) / len(waits) if waits else None,
+        "ended_early": bool(result.final.get("ended_early", False)),
+        "worker_failures": result.failures, "elapsed_s": round(result.elapsed_s, 2),
+        "checkpoint": result.checkpoint_dir,
+    }
+
+
+def print_summary(rd: RunDir, summary: dict[str, Any]) -> None:
+    t = summary.get("train", {})
+    print(f"run directory: {rd.path}")
+    print(f"  trained {t.get('steps')} steps: loss {t.get('first_loss')} -> {t.get('final_loss')}, "
+          f"data-wait fraction {t.get('data_wait_fraction')}")
+    for stage, s in summary.get("stages", {}).items():
+        print(f"  {stage:>9}: {s['rows']} rows at {s['rows_per_s']} rows/s")
+    ev = summary.get("eval")
+    if ev:
+        for key in ev["trained"]:
+            if key.endswith("accuracy"):
+                print(f"  {key}: trained {ev['trained'][key]:.3f} vs init {ev['init'][key]:.3f} "
+                      f"(chance {ev['trained'].get('chance', float('nan')):.3f})")
+    print(f"  summary: {rd.summary_path}")
+
+
+def run_command(cfg: RunConfig) -> int:
+    rd, summary = run(cfg)
+    print_summary(rd, summary)
+    return 0
+
+
+def train_command(cfg: RunConfig, data_dir: str) -> int:
+    rd, summary = run(cfg, data_dir=data_dir)
+    print_summary(rd, summary)
+    return 0

@@ -1,0 +1,105 @@
+"""DeepSpeed set-up from the train config: engine config, AdamW, warmup + cosine schedule, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from synray.config import TrainConfig
+
+CHECKPOINT_TAG = "state"
+META_FILE = "synray_checkpoint.json"
+
+
+def images_per_step(cfg: TrainConfig, per_caption: int, world_size: int) -> int:
+    views = 2 if cfg.loss == "simclr" else 1
+    return cfg.captions_per_worker * per_caption * views * world_size * cfg.grad_accum
+
+
+def learning_rate(cfg: TrainConfig, per_caption: int, world_size: int) -> float:
+    """The configured lr, or StableRep's rule base_lr x (images per step) / 256."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return cfg.base_lr * images_per_step(cfg, per_caption, world_size) / 256
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict (micro batch = images per worker per forward pass)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": micro_batch * cfg.grad_accum * world_size,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        "gradient_clipping": cfg.grad_clip or 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """lr multiplier: linear warmup from 0, then cosine to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int, lr: float):
+    """deepspeed.initialize with a torch AdamW (no bias/norm decay) and a warmup+cosine LambdaLR."""
+    import deepspeed
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, cfg.warmup_steps))
+    engine, opt, _, sched = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, micro_batch, world_size))
+    return engine, opt, sched
+
+
+def train_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the model and the loss."""
+    return {"backbone": cfg.backbone.model_dump(), "head": cfg.head.model_dump(), "loss": cfg.loss}
+
+
+def save(engine, directory: Path, step: int, cfg: TrainConfig, rank: int) -> None:
+    engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": step})
+    if rank == 0:
+        (directory / META_FILE).write_text(json.dumps({"step": step, **train_fingerprint(cfg)}, sort_keys=True))
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    if not path.exists():
+        raise ValueError(f"{directory} is not a synray training checkpoint (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def check_compatible(directory: str | Path, cfg: TrainConfig) -> int:
+    """The step of a checkpoint, after checking it was written for this model and loss."""
+    meta = read_meta(directory)
+    want = train_fingerprint(cfg)
+    diff = [k for k in want if json.dumps(meta.get(k), sort_keys=True) != json.dumps(want[k], sort_keys=True)]
+    if diff:
+        raise ValueError(f"checkpoint {directory} was written by another config: it differs in "
+                         f"{', '.join('train.' + d for d in diff)} ({ {d: meta.get(d) for d in diff} })")
+    return int(meta["step"])
+
+
+def load(engine, directory: Path) -> int:
+    _, client = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    if client is None:
+        raise ValueError(f"could not load the DeepSpeed checkpoint in {directory}")
+    return int(client["step"])
