@@ -27,7 +27,8 @@ class Section(BaseModel):
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray address; default: $RAY_ADDRESS, else a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (default: cores, at least 4)")
-    include_dashboard: bool = False
+    include_dashboard: bool | None = Field(None, description="local Ray: None = Ray's default (on, "
+                                           "bound to dashboard_host); the state API needs it")
     dashboard_host: str = Field("127.0.0.1", description="never 0.0.0.0 unless behind a firewall")
     dashboard_port: int = Field(8265, ge=1024, le=65535)
     object_store_memory_mb: int | None = Field(None, ge=64)
@@ -226,6 +227,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(100, ge=1)
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
     resume_from: str | None = Field(None, description="a checkpoint directory of an earlier run to start from")
+    fail_at_step: int | None = Field(None, ge=1, description="fault drill: the last worker dies at this step "
+                                     "unless it was restarted from a checkpoint")
 
     @model_validator(mode="after")
     def _checks(self) -> "TrainConfig":

@@ -178,7 +178,8 @@ def print_summary(rd: RunDir, summary: dict[str, Any]) -> None:
     print(f"  trained {t.get('steps')} steps: loss {t.get('first_loss')} -> {t.get('final_loss')}, "
           f"data-wait fraction {t.get('data_wait_fraction')}")
     for stage, s in summary.get("stages", {}).items():
-        print(f"  {stage:>9}: {s['rows']} rows at {s['rows_per_s']} rows/s")
+        print(f"  {stage:>9}: {s['rows']} rows, {s['rows_per_s']} rows/s overall, "
+              f"{s['steady_rows_per_s']} rows/s after start-up")
     ev = summary.get("eval")
     if ev:
         for key in ev["trained"]:

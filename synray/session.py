@@ -26,10 +26,11 @@ def local_init_kwargs(cfg: RayConfig) -> dict[str, Any]:
     """Arguments for ray.init() when synray starts its own local Ray."""
     kwargs: dict[str, Any] = {
         "num_cpus": cfg.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS),
-        "include_dashboard": cfg.include_dashboard,
+        "dashboard_host": cfg.dashboard_host,
     }
+    if cfg.include_dashboard is not None:
+        kwargs["include_dashboard"] = cfg.include_dashboard
     if cfg.include_dashboard:
-        kwargs["dashboard_host"] = cfg.dashboard_host
         kwargs["dashboard_port"] = cfg.dashboard_port
     if cfg.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024

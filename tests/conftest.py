@@ -31,3 +31,42 @@ def tiny_models(synray_cache: str) -> dict[str, str]:
     from synray.models.tiny import TINY_NAMES, resolve_model
 
     return {name.split(":", 1)[1]: resolve_model(name, cache_dir=synray_cache) for name in TINY_NAMES}
+
+
+#: logical CPUs of the suite's one local Ray (stage actors and training workers time-share 2 cores)
+RAY_TEST_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tiny_models: dict[str, str]) -> Iterator[str]:
+    """One local Ray for the whole suite; yields its address (subprocesses join it via RAY_ADDRESS)."""
+    import ray
+
+    from synray.config import RayConfig
+    from synray.session import init
+
+    init(RayConfig(num_cpus=RAY_TEST_CPUS))
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    ray.shutdown()
+
+
+def small_config(*overrides: str):
+    """The built-in `local` config shrunk for tests (more overrides may follow)."""
+    from synray.config import load_config
+
+    base = ["data.num_captions=16", "images.per_caption=2", "images.steps=2", "train.steps=4",
+            "train.captions_per_worker=2", "train.log_every=1", "train.checkpoint_every=2",
+            "eval.heldout_captions=12"]
+    return load_config("local", base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def generated_store(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One small dataset generated for real (tiny vLLM -> tiny diffusers -> Parquet), shared by the suite."""
+    from synray.data.generate import generate_to_store
+
+    out = tmp_path_factory.mktemp("store") / "local"
+    cfg = small_config("data.num_captions=16", "images.per_caption=3")
+    summary = generate_to_store(cfg, str(out))
+    return {"dir": str(out), "cfg": cfg, "summary": summary}

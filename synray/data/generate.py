@@ -163,7 +163,8 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"{summary['rows_wanted']} wanted, {summary['rows_before']} were there before)",
              f"elapsed: {summary['elapsed_s']} s"]
     for stage, s in summary.get("stages", {}).items():
-        lines.append(f"  {stage:>9}: {s['rows']} rows, {s['rows_per_s']} rows/s over {s['active_s']} s")
+        lines.append(f"  {stage:>9}: {s['rows']} rows, {s['rows_per_s']} rows/s over {s['active_s']} s "
+                     f"({s['steady_rows_per_s']} rows/s after start-up)")
     for stage, reasons in summary.get("rejected", {}).items():
         lines.append(f"  rejected in {stage}: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
     if summary["rows_total"] < summary["rows_wanted"]:

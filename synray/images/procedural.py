@@ -54,6 +54,8 @@ BG_VALUE_LIMITS = (0.22, 0.78)       # the second tone stays away from black and
 LIGHTING_MAX = 0.12                  # lighting ramp amplitude: brightness 1 +- this across the image
 PIXEL_NOISE_STD = (0.0, 5.0)         # Gaussian pixel noise, 0..255 units
 NOISY_TEXTURE_STD = 12.0             # extra fine noise of the "noisy" texture, 0..255 units
+OUTLINE_WIDTH = float(__import__("os").environ.get("OUTLINE", "0.035"))
+OUTLINE_RGB = np.asarray((15, 15, 15), dtype=np.float32)
 SUPERSAMPLED_SIDE = 128              # shapes are drawn at about this side, then box-filtered (antialiasing)
 
 
@@ -240,30 +242,37 @@ def background(texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _coverage(obj: Placed, size: int, ss: int) -> np.ndarray:
-    """float32 [size, size] fraction of each pixel covered by the object (drawn ss x supersampled)."""
+def _coverage(obj: Placed, size: int, ss: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [size, size] fractions of each pixel covered by the object's fill and by its outline
+    (drawn ss x supersampled, then box-filtered)."""
     big = size * ss
     r_px = obj.r * big
-    x0 = max(int(np.floor((obj.cx - obj.r * 1.1) * size)), 0)
-    y0 = max(int(np.floor((obj.cy - obj.r * 1.1) * size)), 0)
-    x1 = min(int(np.ceil((obj.cx + obj.r * 1.1) * size)), size)
-    y1 = min(int(np.ceil((obj.cy + obj.r * 1.1) * size)), size)
-    cov = np.zeros((size, size), dtype=np.float32)
+    line_px = max(1, int(round(OUTLINE_WIDTH * big)))
+    margin = obj.r * 1.1 + OUTLINE_WIDTH
+    x0, y0 = max(int(np.floor((obj.cx - margin) * size)), 0), max(int(np.floor((obj.cy - margin) * size)), 0)
+    x1, y1 = min(int(np.ceil((obj.cx + margin) * size)), size), min(int(np.ceil((obj.cy + margin) * size)), size)
+    fill_cov = np.zeros((size, size), dtype=np.float32)
+    line_cov = np.zeros((size, size), dtype=np.float32)
     if x1 <= x0 or y1 <= y0:
-        return cov
-    canvas = Image.new("L", ((x1 - x0) * ss, (y1 - y0) * ss), 0)
-    draw = ImageDraw.Draw(canvas)
+        return fill_cov, line_cov
+    fill = Image.new("L", ((x1 - x0) * ss, (y1 - y0) * ss), 0)
+    line = Image.new("L", fill.size, 0)
+    draw_fill, draw_line = ImageDraw.Draw(fill), ImageDraw.Draw(line)
     ca, sa = np.cos(obj.angle), np.sin(obj.angle)
     rot = np.array([[ca, -sa], [sa, ca]])
     ox, oy = obj.cx * big - x0 * ss, obj.cy * big - y0 * ss
     filled, holes = GEOMETRY[obj.shape]
-    for polys, fill in ((filled, 255), (holes, 0)):
+    for polys, value in ((filled, 255), (holes, 0)):
         for poly in polys:
             p = poly @ rot.T * r_px
-            draw.polygon([(ox + x, oy - y) for x, y in p], fill=fill)  # y up -> image y down
-    block = np.asarray(canvas, dtype=np.float32).reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3)) / 255.0
-    cov[y0:y1, x0:x1] = block
-    return cov
+            xy = [(ox + x, oy - y) for x, y in p]  # y up -> image y down
+            draw_fill.polygon(xy, fill=value)
+            if OUTLINE_WIDTH > 0:
+                draw_line.polygon(xy, outline=255, width=line_px)
+    shape = (y1 - y0, ss, x1 - x0, ss)
+    fill_cov[y0:y1, x0:x1] = np.asarray(fill, dtype=np.float32).reshape(shape).mean(axis=(1, 3)) / 255.0
+    line_cov[y0:y1, x0:x1] = np.asarray(line, dtype=np.float32).reshape(shape).mean(axis=(1, 3)) / 255.0
+    return fill_cov, line_cov
 
 
 def _lighting(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -286,9 +295,10 @@ def render(scene: ShapeScene, seed: int, size: int) -> tuple[np.ndarray, np.ndar
     mask = np.zeros((size, size), dtype=np.uint8)
     ss = max(1, min(4, SUPERSAMPLED_SIDE // size))
     for obj in layout(scene, rng):
-        a = _coverage(obj, size, ss)
-        img = img * (1.0 - a[..., None]) + obj.rgb * a[..., None]
-        mask[a >= 0.5] = 1 + SHAPE_CLASSES.index(obj.shape)
+        fill_cov, line_cov = _coverage(obj, size, ss)
+        img = img * (1.0 - fill_cov[..., None]) + obj.rgb * fill_cov[..., None]
+        img = img * (1.0 - line_cov[..., None]) + OUTLINE_RGB * line_cov[..., None]
+        mask[np.maximum(fill_cov, line_cov) >= 0.5] = 1 + SHAPE_CLASSES.index(obj.shape)
     img = img * _lighting(size, rng)
     img = img + rng.normal(0, rng.uniform(*PIXEL_NOISE_STD), img.shape).astype(np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask

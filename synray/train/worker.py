@@ -172,6 +172,7 @@ def train_worker(config: dict[str, Any]) -> None:
     micro = t.captions_per_worker * per_caption * views
     lr = ds_engine.learning_rate(t, per_caption, world)
     engine, _, sched = ds_engine.build_engine(model, t, micro, world, lr)
+    restarted = ray.train.get_checkpoint() is not None
     step = restore(engine, t, config.get("resume_from"))
     torch.manual_seed(cfg.seed * 7919 + rank * 104729 + step)  # augmentation stream per rank and restart
     augment = build_augment(t.augment, t.backbone.image_size).to(device)
@@ -193,6 +194,9 @@ def train_worker(config: dict[str, Any]) -> None:
         if not engine.is_gradient_accumulation_boundary():
             continue
         step += 1
+        if t.fail_at_step == step and not restarted and rank == world - 1:
+            log.warning("fault drill: worker %d exits at step %d", rank, step)
+            os._exit(1)
         if step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.steps:
             last = meter.report(step, float(sched.get_last_lr()[0]), world)
             meter = Meter()
