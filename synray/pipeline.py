@@ -37,6 +37,10 @@ def check_run(cfg: RunConfig, data_dir: str | None = None) -> int:
     if cfg.eval.enabled and cfg.eval.dataset is None:
         validate_generation(heldout_config(cfg))
     check_train_setup(cfg, per_caption)
+    if cfg.train.resume_from:
+        from synray.train.engine import check_compatible
+
+        check_compatible(cfg.train.resume_from, cfg.train)
     return per_caption
 
 

@@ -195,6 +195,7 @@ def train_worker(config: dict[str, Any]) -> None:
             continue
         step += 1
         if t.fail_at_step == step and not restarted and rank == world - 1:
+            ray.train.get_all_reported_checkpoints()  # blocks until earlier checkpoints are registered
             log.warning("fault drill: worker %d exits at step %d", rank, step)
             os._exit(1)
         if step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.steps:

@@ -1,0 +1,92 @@
+"""Training end to end: Ray Train + DeepSpeed workers on a generated store, a killed worker, the main job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import small_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stored_run(generated_store: dict, tmp_path_factory: pytest.TempPathFactory):
+    from synray.pipeline import run
+
+    cfg = small_config(f"output_root={tmp_path_factory.mktemp('runs')}", "images.per_caption=3",
+                       "train.steps=5", "train.checkpoint_every=2", "train.fail_at_step=3",
+                       "eval.dataset=" + generated_store["dir"])
+    return run(cfg, data_dir=generated_store["dir"])
+
+
+def test_train_from_store_writes_the_run_directory(stored_run):
+    rd, summary = stored_run
+    assert summary["mode"] == "stored" and summary["per_caption"] == 3
+    assert summary["train"]["steps"] == 5
+    for name in ("config.yaml", "summary.json", "metrics.csv", "loss_curve.png", "samples.png", "backbone"):
+        assert (rd.path / name).exists(), name
+    saved = json.loads(rd.summary_path.read_text())
+    assert 0.0 <= saved["train"]["data_wait_fraction"] <= 1.0
+    assert saved["eval"]["trained"]["knn_accuracy"] >= 0.0 and "init" in saved["eval"]
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(saved["backbone_dir"]).config.model_type == "vit"
+
+
+def test_killed_worker_restarts_from_checkpoint(stored_run):
+    rd, summary = stored_run
+    assert summary["train"]["worker_failures"] >= 1
+    assert summary["train"]["steps"] == 5  # finished the budget after the restart
+
+
+def test_checkpoint_of_another_config_is_refused(stored_run, generated_store: dict):
+    from synray.pipeline import check_run
+
+    ckpt = stored_run[1]["train"]["checkpoint"]
+    cfg = small_config("train.backbone.size=small", f"train.resume_from={ckpt}")
+    with pytest.raises(ValueError, match="another config: it differs in train.backbone"):
+        check_run(cfg, data_dir=generated_store["dir"])
+    ok = small_config(f"train.resume_from={ckpt}")
+    assert check_run(ok, data_dir=generated_store["dir"]) == 3
+
+
+def test_bad_training_input_fails_before_training(tmp_path: Path):
+    from synray.data.store import StoreError
+    from synray.pipeline import check_run
+    from synray.train.trainer import TrainSetupError
+
+    with pytest.raises(TrainSetupError, match="at least 2 images per caption"):
+        check_run(small_config("images.per_caption=1"))
+    with pytest.raises(TrainSetupError, match="cannot fill one global batch"):
+        check_run(small_config("data.num_captions=3", "train.captions_per_worker=2"))
+    (tmp_path / "bad").mkdir()
+    pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "bad" / "shard-0.parquet")
+    with pytest.raises(StoreError, match="lacks the columns"):
+        check_run(small_config(), data_dir=str(tmp_path / "bad"))
+
+
+def test_run_local_end_to_end(ray_cluster: str, tmp_path: Path):
+    """`synray run local` (shrunk) through the CLI: stream from vLLM + diffusers into DeepSpeed workers."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    args = ["data.num_captions=24", "train.steps=3", "train.captions_per_worker=2", "train.log_every=1",
+            "train.checkpoint_every=3", "eval.heldout_captions=12", f"output_root={tmp_path}"]
+    r = subprocess.run([sys.executable, "-m", "synray.cli", "run", "local"] + [a for x in args for a in ("--set", x)],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    (run_dir,) = list(tmp_path.glob("local-*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mode"] == "stream" and summary["train"]["steps"] == 3
+    assert summary["stages"]["captions"]["rows"] > 0 and summary["stages"]["images"]["rows"] >= 12
+    assert summary["train"]["final_loss"] is not None
+    ev = summary["eval"]
+    assert ev["heldout_rows"] == 12 and 0 <= ev["trained"]["knn_accuracy"] <= 1
+    assert (run_dir / "backbone" / "config.json").exists()
+    assert "run directory:" in r.stdout
