@@ -48,6 +48,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return generate_command(cfg, args.out)
 
 
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from synray.captions.rewrite import rewrite_to_store
+
+    cfg = load_config(args.config, args.overrides)
+    source = args.source or cfg.captions.rewrite.source
+    if not source:
+        raise ConfigError("rewrite needs --source or captions.rewrite.source")
+    summary = rewrite_to_store(cfg, source, args.out)
+    print(f"rows: {summary['rows']} with {summary['rewrites_per_caption']} rewrites each; "
+          f"rejected rewrites: {summary['rejected']}")
+    return 0
+
+
 def cmd_samples(args: argparse.Namespace) -> int:
     from synray.viz import sample_grid_from_store
 
@@ -94,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(gen)
     gen.add_argument("--out", required=True, help="store directory")
     gen.set_defaults(func=cmd_generate)
+
+    rewrite = sub.add_parser("rewrite", help="LaCLIP: add k LLM rewrites per caption of an image-text dataset")
+    _add_config_args(rewrite)
+    rewrite.add_argument("--source", help="Parquet (image, caption) or WebDataset tar shards")
+    rewrite.add_argument("--out", required=True, help="output store directory")
+    rewrite.set_defaults(func=cmd_rewrite)
 
     samples = sub.add_parser("samples", help="draw a grid of stored images with their captions")
     samples.add_argument("dir", help="store directory written by `synray generate`")

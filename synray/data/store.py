@@ -112,7 +112,8 @@ class ParquetStore:
         import ray.data
 
         shards = self.check_readable()
-        return ray.data.read_parquet([str(s) for s in shards], columns=columns)
+        ds = ray.data.read_parquet([str(s) for s in shards])
+        return ds.select_columns(columns) if columns else ds
 
     # ---------------------------------------------------------------- writing
     def write_shard(self, table: pa.Table) -> Path:

@@ -1,0 +1,77 @@
+"""LaCLIP rewrite mode: Parquet and WebDataset sources, k rewrites per caption through vLLM, images untouched."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import small_config
+from synray.captions.prompts import LACLIP_HEADER
+
+CAPTIONS = ["a red bicycle leaning on a brick wall", "two dogs playing in the snow",
+            "a bowl of soup on a wooden table", "a lighthouse at dusk", "a cat asleep on a sofa",
+            "a blue kite over the beach"]
+
+
+def _png(i: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 30 * i, dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_laclip_requests_have_the_paper_prompt():
+    from synray.captions.rewrite import explode
+
+    cfg = small_config("captions.rewrite.num_rewrites=3")
+    out = explode(cfg)({"source_key": np.asarray(["00ab", "00cd"], dtype=object),
+                        "caption": np.asarray(CAPTIONS[:2], dtype=object)})
+    assert list(out["rewrite_index"]) == [0, 1, 2, 0, 1, 2]
+    for prompt, cap in zip(out["prompt"], [CAPTIONS[0]] * 3 + [CAPTIONS[1]] * 3):
+        lines = prompt.split("\n")
+        assert lines[0] == LACLIP_HEADER and lines[-1] == f"{cap} =>" and len(lines) == 5
+    assert len(set(out["prompt_seed"])) == 6
+
+
+def test_webdataset_source_is_read(ray_cluster, tmp_path: Path):
+    from synray.captions.rewrite import read_image_text
+
+    tar_path = tmp_path / "000000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, cap in enumerate(CAPTIONS[:3]):
+            for name, data in ((f"s{i}.png", _png(i)), (f"s{i}.txt", cap.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    rows = read_image_text(str(tmp_path)).take_all()
+    assert sorted(r["caption"] for r in rows) == sorted(CAPTIONS[:3])
+    assert {bytes(r["image"]) for r in rows} == {_png(i) for i in range(3)}
+
+
+@pytest.mark.slow
+def test_rewrite_parquet_dataset_through_vllm(ray_cluster, tmp_path: Path):
+    from synray.captions.rewrite import RewriteError, rewrite_to_store
+    from synray.data.store import ParquetStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"image": [_png(i) for i in range(6)], "caption": CAPTIONS}), src / "part.parquet")
+    cfg = small_config("captions.rewrite.num_rewrites=2")
+    summary = rewrite_to_store(cfg, str(src), str(tmp_path / "out"))
+    assert summary["rows"] == 6
+    rows = [r for s in ParquetStore(tmp_path / "out").shards() for r in pq.read_table(s).to_pylist()]
+    by_caption = {r["caption"]: r for r in rows}
+    assert set(by_caption) == set(CAPTIONS)
+    for i, cap in enumerate(CAPTIONS):
+        assert by_caption[cap]["image"] == _png(i)  # images untouched
+        assert len(by_caption[cap]["rewrites"]) == 2
+    produced = sum(bool(t) for r in rows for t in r["rewrites"])
+    assert produced + sum(summary["rejected"].values()) == 12
+    with pytest.raises(RewriteError, match="does not exist"):
+        rewrite_to_store(cfg, str(tmp_path / "nope"), str(tmp_path / "out2"))
