@@ -33,12 +33,12 @@ T2I_MODEL = "procedural"
 UNPARSABLE = "unparsable_caption"
 
 #: object radius multiplier by group count (groups of several objects must fit their region)
-COUNT_SCALE = (1.0, 0.85, 0.75)
+COUNT_SCALE = (1.0, 0.8, 0.68)
 RADIUS_JITTER = (0.9, 1.1)          # group radius factor
 OBJECT_RADIUS_JITTER = (0.95, 1.05)  # per-object radius factor on top of the group's
 EDGE_PAD = 0.01                      # fraction of the image side kept free at the border
 RELATION_GAP = 0.04                  # fraction of the side between the primary and secondary regions
-SPLIT_RANGE = (0.44, 0.56)           # where the image is split between the two regions
+PRIMARY_SHARE = (0.56, 0.64)         # fraction of the side given to the primary group when there is a relation
 PLACE_TRIES = 40                     # centre draws per object before the group shrinks
 SHRINK = 0.88                        # radius factor after a failed placement
 MAX_SHRINKS = 8
@@ -47,15 +47,15 @@ MAX_ROTATION_DEG: dict[str, float] = {"circle": 180, "ring": 180, "star": 180, "
                                       "square": 15, "diamond": 15, "cross": 15, "heart": 25}
 COLOR_JITTER_STD = 8.0               # per-channel Gaussian jitter of an object colour, 0..255 units
 BRIGHTNESS_RANGE = (0.92, 1.06)      # object brightness factor
-BG_HUE_SAT = (0.0, 0.3)              # background saturation range (muted, so objects stand out)
-BG_VALUE = (0.38, 0.66)              # background value (HSV) range
-BG_CONTRAST = (0.12, 0.22)           # value difference of the texture's second tone
-BG_VALUE_LIMITS = (0.22, 0.78)       # the second tone stays away from black and white objects
+# Backgrounds are dark and muted and every named colour is bright, so an object stands out from the
+# background by brightness whatever its colour (a tiny ViT then learns shapes, not colour edges).
+BG_SATURATION = (0.0, 0.35)          # HSV saturation range of the background
+BG_VALUE = (0.08, 0.3)               # HSV value range of the background's first tone
+BG_CONTRAST = (0.05, 0.1)            # value difference of the texture's second tone
+BG_VALUE_LIMITS = (0.03, 0.38)       # the second tone stays dark
 LIGHTING_MAX = 0.12                  # lighting ramp amplitude: brightness 1 +- this across the image
 PIXEL_NOISE_STD = (0.0, 5.0)         # Gaussian pixel noise, 0..255 units
 NOISY_TEXTURE_STD = 12.0             # extra fine noise of the "noisy" texture, 0..255 units
-OUTLINE_WIDTH = float(__import__("os").environ.get("OUTLINE", "0.035"))
-OUTLINE_RGB = np.asarray((15, 15, 15), dtype=np.float32)
 SUPERSAMPLED_SIDE = 128              # shapes are drawn at about this side, then box-filtered (antialiasing)
 
 
@@ -117,12 +117,13 @@ Region = tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the
 
 def _regions(relation: str | None, rng: np.random.Generator) -> tuple[Region, Region]:
     """(primary region, secondary region) consistent with the relation; the whole image without one."""
-    split = float(rng.uniform(*SPLIT_RANGE))
+    share = float(rng.uniform(*PRIMARY_SHARE))
     side_flip = rng.random() < 0.5
     full: Region = (0.0, 0.0, 1.0, 1.0)
     if relation is None:
         return full, full
     first_is_primary = relation in ("left of", "above") or (relation == "next to" and side_flip)
+    split = share if first_is_primary else 1.0 - share
     lo, hi = split - RELATION_GAP / 2, split + RELATION_GAP / 2
     if relation in ("above", "below"):
         a, b = (0.0, 0.0, 1.0, lo), (0.0, hi, 1.0, 1.0)
@@ -192,10 +193,10 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _bg_colors(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    h, s, v = rng.random(), rng.uniform(*BG_HUE_SAT), rng.uniform(*BG_VALUE)
+    h, s, v = rng.random(), rng.uniform(*BG_SATURATION), rng.uniform(*BG_VALUE)
     dv = rng.uniform(*BG_CONTRAST) * (1 if rng.random() < 0.5 else -1)
     v2 = float(np.clip(v + dv, BG_VALUE_LIMITS[0], BG_VALUE_LIMITS[1]))
-    s2 = float(np.clip(s + rng.normal(0, 0.05), 0, 0.35))
+    s2 = float(np.clip(s + rng.normal(0, 0.05), 0, BG_SATURATION[1]))
     c1 = np.asarray(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32) * 255
     c2 = np.asarray(colorsys.hsv_to_rgb(h, s2, v2), dtype=np.float32) * 255
     return c1, c2
@@ -242,37 +243,28 @@ def background(texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _coverage(obj: Placed, size: int, ss: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [size, size] fractions of each pixel covered by the object's fill and by its outline
-    (drawn ss x supersampled, then box-filtered)."""
+def _coverage(obj: Placed, size: int, ss: int) -> np.ndarray:
+    """float32 [size, size] fraction of each pixel covered by the object (drawn ss x supersampled, box-filtered)."""
     big = size * ss
-    r_px = obj.r * big
-    line_px = max(1, int(round(OUTLINE_WIDTH * big)))
-    margin = obj.r * 1.1 + OUTLINE_WIDTH
+    margin = obj.r * 1.1
     x0, y0 = max(int(np.floor((obj.cx - margin) * size)), 0), max(int(np.floor((obj.cy - margin) * size)), 0)
     x1, y1 = min(int(np.ceil((obj.cx + margin) * size)), size), min(int(np.ceil((obj.cy + margin) * size)), size)
-    fill_cov = np.zeros((size, size), dtype=np.float32)
-    line_cov = np.zeros((size, size), dtype=np.float32)
+    cov = np.zeros((size, size), dtype=np.float32)
     if x1 <= x0 or y1 <= y0:
-        return fill_cov, line_cov
-    fill = Image.new("L", ((x1 - x0) * ss, (y1 - y0) * ss), 0)
-    line = Image.new("L", fill.size, 0)
-    draw_fill, draw_line = ImageDraw.Draw(fill), ImageDraw.Draw(line)
+        return cov
+    canvas = Image.new("L", ((x1 - x0) * ss, (y1 - y0) * ss), 0)
+    draw = ImageDraw.Draw(canvas)
     ca, sa = np.cos(obj.angle), np.sin(obj.angle)
-    rot = np.array([[ca, -sa], [sa, ca]])
+    rot = np.array([[ca, -sa], [sa, ca]]) * (obj.r * big)
     ox, oy = obj.cx * big - x0 * ss, obj.cy * big - y0 * ss
     filled, holes = GEOMETRY[obj.shape]
     for polys, value in ((filled, 255), (holes, 0)):
         for poly in polys:
-            p = poly @ rot.T * r_px
-            xy = [(ox + x, oy - y) for x, y in p]  # y up -> image y down
-            draw_fill.polygon(xy, fill=value)
-            if OUTLINE_WIDTH > 0:
-                draw_line.polygon(xy, outline=255, width=line_px)
-    shape = (y1 - y0, ss, x1 - x0, ss)
-    fill_cov[y0:y1, x0:x1] = np.asarray(fill, dtype=np.float32).reshape(shape).mean(axis=(1, 3)) / 255.0
-    line_cov[y0:y1, x0:x1] = np.asarray(line, dtype=np.float32).reshape(shape).mean(axis=(1, 3)) / 255.0
-    return fill_cov, line_cov
+            p = poly @ rot.T
+            draw.polygon([(ox + x, oy - y) for x, y in p], fill=value)  # y up -> image y down
+    block = np.asarray(canvas, dtype=np.float32).reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3))
+    cov[y0:y1, x0:x1] = block / 255.0
+    return cov
 
 
 def _lighting(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -295,10 +287,9 @@ def render(scene: ShapeScene, seed: int, size: int) -> tuple[np.ndarray, np.ndar
     mask = np.zeros((size, size), dtype=np.uint8)
     ss = max(1, min(4, SUPERSAMPLED_SIDE // size))
     for obj in layout(scene, rng):
-        fill_cov, line_cov = _coverage(obj, size, ss)
-        img = img * (1.0 - fill_cov[..., None]) + obj.rgb * fill_cov[..., None]
-        img = img * (1.0 - line_cov[..., None]) + OUTLINE_RGB * line_cov[..., None]
-        mask[np.maximum(fill_cov, line_cov) >= 0.5] = 1 + SHAPE_CLASSES.index(obj.shape)
+        a = _coverage(obj, size, ss)
+        img = img * (1.0 - a[..., None]) + obj.rgb * a[..., None]
+        mask[a >= 0.5] = 1 + SHAPE_CLASSES.index(obj.shape)
     img = img * _lighting(size, rng)
     img = img + rng.normal(0, rng.uniform(*PIXEL_NOISE_STD), img.shape).astype(np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask

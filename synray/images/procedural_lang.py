@@ -15,13 +15,13 @@ if TYPE_CHECKING:
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross",
                                   "ring", "diamond", "heart", "crescent")
 PLURALS: dict[str, str] = {s: ("crosses" if s == "cross" else s + "s") for s in SHAPE_CLASSES}
-#: named object colours, RGB in 0..255
+#: named object colours, RGB in 0..255; all bright, so they stand out from the world's dark backgrounds
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-    "orange": (245, 130, 30), "purple": (140, 60, 190), "white": (245, 245, 245), "black": (20, 20, 20),
+    "red": (235, 55, 55), "green": (60, 200, 80), "blue": (70, 130, 255), "yellow": (245, 215, 50),
+    "orange": (250, 140, 40), "purple": (175, 95, 235), "white": (245, 245, 245), "pink": (255, 135, 200),
 }
 #: object radius (circumradius) as a fraction of the image side, before count scaling and jitter
-SIZES: dict[str, float] = {"small": 0.13, "medium": 0.18, "large": 0.24}
+SIZES: dict[str, float] = {"small": 0.2, "medium": 0.28, "large": 0.36}
 #: count words -> count; "a"/"an"/"one" all mean 1 (describe writes the article)
 COUNT_WORDS: dict[str, int] = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 MAX_COUNT = 3
@@ -40,7 +40,8 @@ _VOWELS = "aeiou"
 # that a secondary object is added, and the distribution of primary counts.
 OMIT_ATTRIBUTE_P = 0.3
 SECONDARY_P = 0.5
-COUNT_WEIGHTS = (0.6, 0.25, 0.15)
+COUNT_WEIGHTS = (0.7, 0.2, 0.1)
+SECONDARY_SIZES = ("small", "medium")  # the secondary object is always sized, and never large
 _COUNT_P = np.asarray(COUNT_WEIGHTS, dtype=np.float64) / sum(COUNT_WEIGHTS)
 
 
@@ -224,7 +225,8 @@ def random_scene(primary_shape: str, rng: np.random.Generator) -> ShapeScene:
     add_secondary = rng.random() < SECONDARY_P
     others = [s for s in SHAPE_CLASSES if s != primary_shape]
     sec_shape = others[int(rng.integers(len(others)))]
-    sec_size, sec_color = _maybe(rng, tuple(SIZES)), _maybe(rng, tuple(COLORS))
+    sec_size = SECONDARY_SIZES[int(rng.integers(len(SECONDARY_SIZES)))]
+    sec_color = _maybe(rng, tuple(COLORS))
     relation = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
     background = _maybe(rng, TEXTURES)
     if not add_secondary:
