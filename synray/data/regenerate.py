@@ -24,11 +24,13 @@ def regenerate_images(row: dict[str, Any], model_cache: str | None = None) -> li
     """Render the row's caption again with its recorded seeds; equals the stored bytes on the same platform."""
     cfg = images_config(row)
     seeds = [int(s) for s in row["seeds"]]
+    from synray.images.diffusion import encode_image, load_pipeline, render_images
+
     if cfg.backend == "procedural":
         from synray.images.procedural import regenerate
 
-        return [regenerate(row["caption"], seed, cfg) for seed in seeds]
-    from synray.images.diffusion import encode_image, load_pipeline, render_images
+        return [encode_image(regenerate(row["caption"], seed, cfg.resolution)[0].astype("float32") / 255.0,
+                             cfg.image_format, cfg.output_size, cfg.jpeg_quality) for seed in seeds]
     from synray.models.tiny import resolve_model
 
     pipe = load_pipeline(resolve_model(cfg.model, model_cache), cfg)

@@ -51,7 +51,7 @@ BRIGHTNESS_RANGE = (0.92, 1.06)      # object brightness factor
 # background by brightness whatever its colour (a tiny ViT then learns shapes, not colour edges).
 BG_SATURATION = (0.0, 0.35)          # HSV saturation range of the background
 BG_VALUE = (0.08, 0.3)               # HSV value range of the background's first tone
-BG_CONTRAST = (0.05, 0.1)            # value difference of the texture's second tone
+BG_CONTRAST = (0.03, 0.07)           # value difference of the texture's second tone
 BG_VALUE_LIMITS = (0.03, 0.38)       # the second tone stays dark
 LIGHTING_MAX = 0.12                  # lighting ramp amplitude: brightness 1 +- this across the image
 PIXEL_NOISE_STD = (0.0, 5.0)         # Gaussian pixel noise, 0..255 units
@@ -96,7 +96,8 @@ GEOMETRY: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {
     "heart": ([_heart()], []),
     "crescent": ([_regular(40, 0.95)], [_regular(40, 0.74, (0.34, 0.12))]),
 }
-assert set(GEOMETRY) == set(SHAPE_CLASSES)
+if set(GEOMETRY) != set(SHAPE_CLASSES):
+    raise RuntimeError("every shape class needs a geometry")
 
 
 # ---------------------------------------------------------------------------------------- layout
@@ -132,7 +133,8 @@ def _regions(relation: str | None, rng: np.random.Generator) -> tuple[Region, Re
     return (a, b) if first_is_primary else (b, a)
 
 
-def _place_group(count: int, radius: float, region: Region, rng: np.random.Generator) -> list[tuple[float, float, float]]:
+def _place_group(count: int, radius: float, region: Region,
+                 rng: np.random.Generator) -> list[tuple[float, float, float]]:
     """`count` non-overlapping circles (cx, cy, r) inside the region; shrinks the group until they fit."""
     x0, y0, x1, y1 = region
     jitter = rng.uniform(*OBJECT_RADIUS_JITTER, size=count)
