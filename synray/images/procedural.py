@@ -211,7 +211,7 @@ def _rotated(u: np.ndarray, v: np.ndarray, angle: float) -> tuple[np.ndarray, np
 
 def _smooth_noise(size: int, rng: np.random.Generator) -> np.ndarray:
     cells = int(rng.integers(3, 9))
-    coarse = Image.fromarray(rng.random((cells, cells)).astype(np.float32), mode="F")
+    coarse = Image.fromarray(rng.random((cells, cells)).astype(np.float32))
     return np.asarray(coarse.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
@@ -305,7 +305,7 @@ def regenerate(caption: str, seed: int, size: int) -> tuple[np.ndarray, np.ndarr
 # ------------------------------------------------------------------------------------- encoding
 def encode_mask(mask: np.ndarray, size: int) -> bytes:
     """uint8 class mask -> PNG bytes, nearest-resized to size x size."""
-    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L")
+    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.NEAREST)
     out = io.BytesIO()
