@@ -157,8 +157,7 @@ def run(cfg: RunConfig, data_dir: str | None = None) -> tuple[RunDir, dict[str, 
         summary["elapsed_s"] = round(time.time() - start, 2)
         rd.write_summary(summary)
     finally:
-        import logging as _logging
-        _logging.getLogger("synray").removeHandler(handler)
+        logging.getLogger("synray").removeHandler(handler)
     return rd, summary
 
 

@@ -179,6 +179,7 @@ class DiffusionRenderer:
 
 
 def _object_array(items: list[Any]) -> np.ndarray:
+    """A 1-D object array holding each item as one element (lists of image bytes stay whole)."""
     arr = np.empty(len(items), dtype=object)
     for i, item in enumerate(items):
         arr[i] = item

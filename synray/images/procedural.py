@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from synray.config import ImagesConfig
 from synray.data.schema import image_seed
 from synray.data.stats import StatsClient
-from synray.images.diffusion import encode_image
+from synray.images.diffusion import _object_array, encode_image
 from synray.images.procedural_lang import (
     COLORS,
     SHAPE_CLASSES,
@@ -375,9 +375,3 @@ class ProceduralRenderer:
         self.stats.record("images", n, start)
         return out
 
-
-def _object_array(items: list[Any]) -> np.ndarray:
-    arr = np.empty(len(items), dtype=object)
-    for i, item in enumerate(items):
-        arr[i] = item
-    return arr

@@ -29,8 +29,6 @@ def check_train_setup(cfg: RunConfig, per_caption: int) -> None:
     if t.loss == "clip":
         raise TrainSetupError("train.loss=clip trains on image-text pairs; the image trainer supports "
                               "stablerep, simclr and supervised")
-    if t.loss == "supervised" and t.augment.preset == "none":
-        pass
     if cfg.data.mode == "stream":
         need = t.steps * t.grad_accum * t.captions_per_worker * t.num_workers
         if cfg.data.num_captions < t.captions_per_worker * t.num_workers:
