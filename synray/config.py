@@ -198,15 +198,24 @@ class HeadConfig(Section):
 
 
 class AugmentConfig(Section):
-    preset: Literal["strong", "crop", "none"] = "strong"
+    preset: Literal["strong", "crop", "none"] | None = Field(
+        None, description="default: crop for train.loss=clip (LaCLIP), strong (SimCLR/StableRep) otherwise")
     crop_scale_min: float | None = Field(
         None, gt=0, le=1, description="smallest random-resized-crop area; default: 0.08 (strong), 0.5 (crop, LaCLIP)")
+
+
+class TextTowerConfig(Section):
+    """The text tower of image-text (train.loss=clip) training: a CLIPTextModelWithProjection."""
+
+    model: str = Field("tiny:text", description="tiny:text, a local directory or a hub id (safetensors)")
+    max_length: int = Field(77, ge=4, le=512, description="tokens per caption (padded/truncated)")
 
 
 class TrainConfig(Section):
     steps: int = Field(200, ge=1, description="optimizer step budget")
     loss: Literal["stablerep", "simclr", "clip", "supervised"] = "stablerep"
-    temperature: float = Field(0.1, gt=0, le=10)
+    temperature: float = Field(0.1, gt=0, le=10, description="contrastive temperature; for loss=clip the "
+                               "initial value of the learnable one (CLIP: 0.07)")
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
@@ -223,6 +232,7 @@ class TrainConfig(Section):
     backbone: BackboneConfig = BackboneConfig()
     head: HeadConfig = HeadConfig()
     augment: AugmentConfig = AugmentConfig()
+    text: TextTowerConfig = TextTowerConfig()
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
@@ -246,7 +256,35 @@ class EvalConfig(Section):
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
     linear_epochs: int = Field(90, ge=1)
+    linear_lr: float = Field(0.1, gt=0, description="peak SGD learning rate (cosine to 0)")
+    linear_batch_size: int = Field(256, ge=2)
+    linear_weight_decay: float = Field(0.0, ge=0)
+    linear_bn: bool = Field(True, description="StableRep/MAE's non-affine BatchNorm before the linear layer")
+    zeroshot_templates: list[str] = Field(
+        default_factory=lambda: ["a photo of a {}.", "a photo of the small {}.", "a photo of the large {}.",
+                                 "a drawing of a {}.", "a rendering of a {}.", "a blurry photo of a {}.",
+                                 "itap of a {}."],
+        min_length=1, description="CLIP-style prompts; {} is replaced by the class name")
+    segmentation_epochs: int = Field(30, ge=1)
+    segmentation_lr: float = Field(1e-2, gt=0, description="peak AdamW learning rate (cosine to 0)")
+    segmentation_batch_size: int = Field(16, ge=2, description="images per step")
+    segmentation_bn: bool = Field(True, description="non-affine BatchNorm over patch tokens before the 1x1 conv")
+    segmentation_num_classes: int | None = Field(
+        None, ge=2, description="mask classes (default: largest mask value + 1, ignore_index excluded)")
+    segmentation_ignore_index: int | None = Field(255, ge=0, description="mask value left out of loss and mIoU")
+    query_fraction: float = Field(0.5, gt=0, lt=1, description="query share of a split made without a split column")
+    batch_size: int = Field(256, ge=1, description="images per encoder forward when extracting features")
+    feature_actors: int = Field(1, ge=1, description="`synray eval`: Ray Data feature-extraction actors")
+    use_gpu: bool = Field(False, description="`synray eval`: one GPU per feature-extraction actor")
     dataset: str | None = Field(None, description="evaluate on this dataset instead of a held-out set")
+
+    @field_validator("zeroshot_templates")
+    @classmethod
+    def _templates_have_a_slot(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"each template needs exactly one {{}} for the class name; not {bad}")
+        return v
 
 
 # ---------------------------------------------------------------------------------------- tune

@@ -20,6 +20,7 @@ GRID_ROWS = 8
 def check_run(cfg: RunConfig, data_dir: str | None = None) -> int:
     """Every check that needs no cluster; returns the number of images per caption training will use."""
     from synray.data.generate import validate_generation
+    from synray.data.schema import TRAIN_COLUMNS
     from synray.data.store import ParquetStore, StoreError
     from synray.train.trainer import check_train_setup
 
@@ -28,8 +29,9 @@ def check_run(cfg: RunConfig, data_dir: str | None = None) -> int:
         store = ParquetStore(data_dir or cfg.data.store_dir or "")
         if not (data_dir or cfg.data.store_dir):
             raise StoreError("data.mode=stored needs data.store_dir (or `synray train CONFIG --data DIR`)")
-        shards = store.check_readable()
-        per_caption = _stored_per_caption(shards[0])
+        shards = store.check_readable(("caption",) if cfg.train.loss == "clip" else TRAIN_COLUMNS)
+        columns = train_columns(cfg, shards[0])
+        per_caption = _stored_per_caption(shards[0]) if "images" in columns else 1
     else:
         validate_generation(cfg)
         if cfg.data.mode == "stream+store" and not cfg.data.store_dir:
@@ -42,6 +44,25 @@ def check_run(cfg: RunConfig, data_dir: str | None = None) -> int:
 
         check_compatible(cfg.train.resume_from, cfg.train)
     return per_caption
+
+
+def train_columns(cfg: RunConfig, shard: Path | None = None) -> list[str]:
+    """The columns training reads: caption rows for image losses; for CLIP the caption, the image(s)
+    and, in a LaCLIP rewrite store, the rewrites."""
+    import pyarrow.parquet as pq
+
+    from synray.data.schema import TRAIN_COLUMNS
+    from synray.data.store import StoreError
+
+    if cfg.train.loss != "clip":
+        return list(TRAIN_COLUMNS)
+    if shard is None:
+        return ["caption", "images"]
+    names = set(pq.read_schema(shard).names)
+    image = next((c for c in ("image", "images") if c in names), None)
+    if image is None:
+        raise StoreError(f"dataset {shard.parent} lacks an image or images column (it has {sorted(names)})")
+    return ["caption", image] + (["rewrites"] if "rewrites" in names else [])
 
 
 def _stored_per_caption(shard: Path) -> int:
@@ -70,12 +91,12 @@ def num_classes(cfg: RunConfig) -> int:
 def training_dataset(cfg: RunConfig, stats_actor: Any, data_dir: str | None):
     """The Ray Dataset training reads, by data mode, and whether to loop over it in epochs."""
     from synray.data.generate import add_store_stage, build_pipeline, prepare, store_info
-    from synray.data.schema import TRAIN_COLUMNS
     from synray.data.store import ParquetStore
 
     if data_dir is not None or cfg.data.mode == "stored":
         store = ParquetStore(data_dir or cfg.data.store_dir)
-        ds = store.read_dataset(columns=list(TRAIN_COLUMNS)).randomize_block_order(seed=cfg.seed)
+        columns = train_columns(cfg, store.check_readable(("caption",))[0])
+        ds = store.read_dataset(columns=columns).randomize_block_order(seed=cfg.seed)
         return ds, True
     plan = prepare(cfg)
     ds = build_pipeline(plan, stats_actor)
@@ -83,7 +104,7 @@ def training_dataset(cfg: RunConfig, stats_actor: Any, data_dir: str | None):
         store = ParquetStore(cfg.data.store_dir)
         store.open_for_writing(cfg.generation_fingerprint(), store_info(cfg))
         ds = add_store_stage(ds, cfg.data.store_dir, True, cfg.data.rows_per_shard, stats_actor)
-    return ds.select_columns(list(TRAIN_COLUMNS)), False
+    return ds.select_columns(train_columns(cfg)), False
 
 
 def heldout_rows(cfg: RunConfig) -> list[dict[str, Any]]:

@@ -97,3 +97,33 @@ def test_run_local_end_to_end(ray_cluster: str, tmp_path: Path):
     kept = ParquetStore(store)
     ids = list(kept.existing_ids())
     assert kept.num_rows() >= 12 and len(ids) == kept.num_rows()  # what training saw, each row once
+
+
+def test_clip_training_on_a_laclip_rewrite_store(generated_store: dict, tmp_path: Path):
+    """train.loss=clip on a store in the layout `synray rewrite` writes (image, caption, rewrites):
+    DeepSpeed workers train the image encoder and the text tower; the export holds both."""
+    from synray.data.store import ParquetStore
+    from synray.models.image_text import load_image_text
+    from synray.pipeline import run
+
+    rows = [r for s in ParquetStore(generated_store["dir"]).shards()
+            for r in pq.read_table(s, columns=["caption_id", "caption", "images"]).to_pylist()]
+    store = ParquetStore(tmp_path / "laclip")
+    store.open_for_writing("test-rewrite", {"source": "generated_store"})
+    store.write_shard(pa.table({
+        "caption_id": [r["caption_id"] for r in rows], "image": [r["images"][0] for r in rows],
+        "caption": [r["caption"] for r in rows],
+        "rewrites": [[f"a picture of {r['caption']}", "x"] for r in rows]}))
+    cfg = small_config("train.loss=clip", "train.steps=3", "train.checkpoint_every=3", f"output_root={tmp_path}",
+                       "eval.dataset=" + generated_store["dir"])
+    rd, summary = run(cfg, data_dir=str(tmp_path / "laclip"))
+    assert summary["per_caption"] == 1 and summary["train"]["steps"] == 3
+    assert summary["train"]["final_loss"] is not None and summary["train"]["final_loss"] > 0
+    assert 0 <= summary["eval"]["trained"]["knn_accuracy"] <= 1
+    model, tokenizer, max_length = load_image_text(summary["backbone_dir"])
+    assert max_length == cfg.train.text.max_length and float(model.logit_scale) > 0
+    from synray.pipeline import check_run
+    from synray.data.store import StoreError
+
+    with pytest.raises(StoreError, match="lacks the columns"):  # image losses need caption rows with labels
+        check_run(small_config(), data_dir=str(tmp_path / "laclip"))

@@ -111,7 +111,7 @@ class ParquetStore:
         """The store as a Ray Dataset (only committed shards are read)."""
         import ray.data
 
-        shards = self.check_readable()
+        shards = self.check_readable(tuple(columns) if columns else ())
         ds = ray.data.read_parquet([str(s) for s in shards])
         return ds.select_columns(columns) if columns else ds
 

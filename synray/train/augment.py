@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from synray.config import AugmentConfig
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_CROP_SCALE_MIN", "Augment", "build_augment",
-           "build_eval_transform", "blur_kernel_size", "to_float_images"]
+           "build_eval_transform", "default_preset", "blur_kernel_size", "to_float_images"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,9 +82,14 @@ class Augment(nn.Module):
         return self.normalize(self.ops(x).clamp(0.0, 1.0))
 
 
-def build_augment(cfg: AugmentConfig, image_size: int) -> Augment:
-    """The training augmentation of ``cfg.preset`` producing ``image_size`` square views."""
-    return Augment(cfg.preset, image_size, cfg.crop_scale_min)
+def default_preset(loss: str) -> str:
+    """The augmentation each loss was published with: LaCLIP's crop for CLIP, SimCLR's strong set otherwise."""
+    return "crop" if loss == "clip" else "strong"
+
+
+def build_augment(cfg: AugmentConfig, image_size: int, loss: str = "stablerep") -> Augment:
+    """The training augmentation of ``cfg.preset`` (unset: the loss's own) producing ``image_size`` square views."""
+    return Augment(cfg.preset or default_preset(loss), image_size, cfg.crop_scale_min)
 
 
 def build_eval_transform(image_size: int) -> Augment:

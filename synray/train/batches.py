@@ -1,14 +1,16 @@
-"""Turns Ray Data batches of caption rows (m encoded images each) into flat, labelled image tensors."""
+"""Turns Ray Data batches of caption rows into training tensors: flat labelled images, or image-text pairs."""
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from synray.data.schema import caption_label_id
+from synray.train.text import pick_caption
 
 
 class BatchError(ValueError):
@@ -57,3 +59,55 @@ def flatten_rows(batch: dict[str, np.ndarray], per_caption: int) -> ImageBatch:
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return ImageBatch(images, torch.tensor(cap_ids, dtype=torch.int64), torch.tensor(labels, dtype=torch.int64),
                       captions, per_caption)
+
+
+@dataclass
+class ImageTextBatch:
+    """n (image, caption) pairs: one image per row and one caption per draw (LaCLIP)."""
+
+    images: torch.Tensor          # uint8 [n, 3, H, W]
+    captions: list[str]
+    input_ids: torch.Tensor       # int64 [n, L]
+    attention_mask: torch.Tensor  # int64 [n, L]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+
+def _resize(array: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    if array.shape[:2] == (size, size):
+        return array
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.BICUBIC))
+
+
+def image_text_pairs(batch: dict[str, np.ndarray], rng: np.random.Generator, image_size: int,
+                     tokenizer: Any, max_length: int) -> ImageTextBatch:
+    """One pair per row: the row's ``image`` (or one of its ``images``, drawn at random) and a caption
+    drawn from ``[caption, *rewrites]`` (LaCLIP). Images of other sizes are resized to ``image_size``."""
+    from synray.models.image_text import tokenize
+
+    if "image" in batch:
+        encoded = list(batch["image"])
+    elif "images" in batch:
+        encoded = []
+        for row_images in batch["images"]:
+            imgs = list(row_images)
+            if not imgs:
+                raise BatchError("a row holds no images")
+            encoded.append(imgs[int(rng.integers(len(imgs)))])
+    else:
+        raise BatchError(f"image-text rows need an image or images column; found {sorted(batch)}")
+    rewrites = batch.get("rewrites")
+    captions = []
+    for i, caption in enumerate(batch["caption"]):
+        options = [str(caption)] + ([str(r) for r in rewrites[i]] if rewrites is not None else [])
+        captions.append(pick_caption(options, rng))
+    arrays = [decode_image(data) for data in encoded]
+    if len({a.shape for a in arrays}) != 1:
+        arrays = [_resize(a, image_size) for a in arrays]
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    tokens = tokenize(tokenizer, captions, max_length)
+    return ImageTextBatch(images, captions, tokens["input_ids"], tokens["attention_mask"])

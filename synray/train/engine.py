@@ -17,7 +17,9 @@ META_FILE = "synray_checkpoint.json"
 
 
 def images_per_step(cfg: TrainConfig, per_caption: int, world_size: int) -> int:
+    """Images (views) per optimizer step; CLIP training uses one image per caption row."""
     views = 2 if cfg.loss == "simclr" else 1
+    per_caption = 1 if cfg.loss == "clip" else per_caption
     return cfg.captions_per_worker * per_caption * views * world_size * cfg.grad_accum
 
 
@@ -71,7 +73,10 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_siz
 
 def train_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: the model and the loss."""
-    return {"backbone": cfg.backbone.model_dump(), "head": cfg.head.model_dump(), "loss": cfg.loss}
+    out = {"backbone": cfg.backbone.model_dump(), "head": cfg.head.model_dump(), "loss": cfg.loss}
+    if cfg.loss == "clip":
+        out["text"] = cfg.text.model_dump()
+    return out
 
 
 def save(engine, directory: Path, step: int, cfg: TrainConfig, rank: int) -> None:

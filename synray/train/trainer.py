@@ -27,8 +27,7 @@ def check_train_setup(cfg: RunConfig, per_caption: int) -> None:
                               f"{per_caption}): with one image an anchor has no positive. Use train.loss=simclr "
                               "for m=1")
     if t.loss == "clip":
-        raise TrainSetupError("train.loss=clip trains on image-text pairs; the image trainer supports "
-                              "stablerep, simclr and supervised")
+        check_text_tower(cfg)
     if cfg.data.mode == "stream":
         need = t.steps * t.grad_accum * t.captions_per_worker * t.num_workers
         if cfg.data.num_captions < t.captions_per_worker * t.num_workers:
@@ -40,6 +39,20 @@ def check_train_setup(cfg: RunConfig, per_caption: int) -> None:
             logging.getLogger(__name__).warning(
                 "stream mode: %d captions feed at most %d of the %d steps (each step takes %d rows)",
                 cfg.data.num_captions, cfg.data.num_captions // (need // t.steps), t.steps, need // t.steps)
+
+
+def check_text_tower(cfg: RunConfig) -> None:
+    """train.text.model resolves to a CLIP text model with a projection (its config only is read)."""
+    from synray.models.image_text import TextTowerError, text_tower_config
+    from synray.models.tiny import ModelError, resolve_model
+
+    try:
+        config = text_tower_config(resolve_model(cfg.train.text.model, cfg.model_cache))
+    except (ModelError, TextTowerError) as e:
+        raise TrainSetupError(f"train.text.model={cfg.train.text.model!r}: {e}") from e
+    if cfg.train.text.max_length > config.max_position_embeddings:
+        raise TrainSetupError(f"train.text.max_length={cfg.train.text.max_length} exceeds the text tower's "
+                              f"{config.max_position_embeddings} positions")
 
 
 class MetricsLog:

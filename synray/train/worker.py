@@ -1,4 +1,4 @@
-"""The per-worker training function: DeepSpeed engine, data shard -> augmented views -> loss -> step."""
+"""The per-worker training function: DeepSpeed engine, data shard -> augmented views (and texts) -> loss -> step."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from synray.config import RunConfig, TrainConfig
 from synray.train import engine as ds_engine
-from synray.train.batches import ImageBatch, flatten_rows
+from synray.train.batches import ImageBatch, ImageTextBatch, flatten_rows, image_text_pairs
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,31 @@ class Classifier(nn.Module):
         return self.head(self.encoder(pixel_values))
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: TrainConfig, num_classes: int, text_tower: nn.Module | None = None) -> nn.Module:
     from synray.models.backbone import build_backbone
     from synray.models.heads import build_contrastive_model
 
     if cfg.loss == "supervised":
         return Classifier(build_backbone(cfg.backbone), num_classes)
+    if cfg.loss == "clip":
+        from synray.models.image_text import ImageTextModel
+
+        if text_tower is None:
+            raise ValueError("train.loss=clip needs a text tower")
+        return ImageTextModel(build_backbone(cfg.backbone), text_tower, init_temperature=cfg.temperature)
     return build_contrastive_model(cfg.backbone, cfg.head)
 
 
-def compute_loss(model: nn.Module, augment: nn.Module, batch: ImageBatch, cfg: TrainConfig,
+def compute_loss(model: nn.Module, augment: nn.Module, batch: ImageBatch | ImageTextBatch, cfg: TrainConfig,
                  device: torch.device) -> torch.Tensor:
     """One forward pass and the configured loss on this worker's share of the global batch."""
     from synray.train import losses
 
     images = batch.images.to(device, non_blocking=True)
+    if isinstance(batch, ImageTextBatch):
+        image_features, text_features, scale = model(augment(images), batch.input_ids.to(device),
+                                                     batch.attention_mask.to(device))
+        return losses.clip_loss(image_features, text_features, logit_scale=scale)
     if cfg.loss == "stablerep":
         return losses.multi_positive_contrastive(model(augment(images)), batch.caption_ids.to(device),
                                                  cfg.temperature)
@@ -117,17 +128,27 @@ def train_step(engine, augment, batch: ImageBatch, cfg: TrainConfig, device: tor
     return float(logged)
 
 
+def export_model(model: nn.Module, directory: Path, cfg: TrainConfig, tokenizer: Any = None) -> None:
+    """The backbone in transformers' format; for image-text training also the text tower and projection."""
+    if cfg.loss == "clip":
+        from synray.models.image_text import save_image_text
+
+        save_image_text(model, tokenizer, directory, cfg.text.max_length)
+    else:
+        from synray.models.backbone import save_backbone
+
+        save_backbone(model.encoder, directory)
+
+
 def save_checkpoint(engine, step: int, cfg: TrainConfig, rank: int, metrics: dict[str, Any],
-                    export: bool = False) -> None:
+                    export: bool = False, tokenizer: Any = None) -> None:
     """All ranks write their DeepSpeed shards; Ray Train merges them into one persisted checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="synray-ckpt-") as tmp:
         ds_engine.save(engine, Path(tmp), step, cfg, rank)
         if export and rank == 0:
-            from synray.models.backbone import save_backbone
-
-            save_backbone(_unwrap(engine).encoder, Path(tmp) / BACKBONE_DIR)
+            export_model(_unwrap(engine), Path(tmp) / BACKBONE_DIR, cfg, tokenizer)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -150,6 +171,14 @@ def _unwrap(engine) -> nn.Module:
     return getattr(engine, "module", engine)
 
 
+def load_text(cfg: RunConfig) -> tuple[nn.Module, Any]:
+    """The text tower and tokenizer of image-text training (tiny:* names are built into this node's cache)."""
+    from synray.models.image_text import load_text_tower
+    from synray.models.tiny import resolve_model
+
+    return load_text_tower(resolve_model(cfg.train.text.model, cfg.model_cache))
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker entry: config = {"cfg": resolved run config, "per_caption", "num_classes", ...}."""
     import ray.train
@@ -164,18 +193,20 @@ def train_worker(config: dict[str, Any]) -> None:
     if not t.use_gpu:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     per_caption = int(config["per_caption"])
+    text_tower, tokenizer = load_text(cfg) if t.loss == "clip" else (None, None)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(t, int(config["num_classes"])).to(device)
+    model = build_model(t, int(config["num_classes"]), text_tower).to(device)
     if t.use_gpu:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # StableRep's synchronised BN
     views = 2 if t.loss == "simclr" else 1
-    micro = t.captions_per_worker * per_caption * views
+    micro = ds_engine.images_per_step(t, per_caption, 1) // t.grad_accum
     lr = ds_engine.learning_rate(t, per_caption, world)
     engine, _, sched = ds_engine.build_engine(model, t, micro, world, lr)
     restarted = ray.train.get_checkpoint() is not None
     step = restore(engine, t, config.get("resume_from"))
     torch.manual_seed(cfg.seed * 7919 + rank * 104729 + step)  # augmentation stream per rank and restart
-    augment = build_augment(t.augment, t.backbone.image_size).to(device)
+    rng = np.random.default_rng([cfg.seed, rank, step])  # LaCLIP caption and image picks
+    augment = build_augment(t.augment, t.backbone.image_size, t.loss).to(device)
     shard = ray.train.get_dataset_shard("train")
     meter, last = Meter(), {}
     batches = shard_batches(shard, t.captions_per_worker, epochs=config.get("epochs", False),
@@ -184,7 +215,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if step >= t.steps:
             break
         t0 = time.perf_counter()
-        batch = flatten_rows(rows, per_caption)
+        batch = (image_text_pairs(rows, rng, t.backbone.image_size, tokenizer, t.text.max_length)
+                 if t.loss == "clip" else flatten_rows(rows, per_caption))
         t1 = time.perf_counter()
         loss = train_step(engine, augment, batch, t, device)
         meter.wait_s += wait_s + (t1 - t0)
@@ -202,12 +234,12 @@ def train_worker(config: dict[str, Any]) -> None:
             last = meter.report(step, float(sched.get_last_lr()[0]), world)
             meter = Meter()
             if step % t.checkpoint_every == 0 or step == t.steps:
-                save_checkpoint(engine, step, t, rank, last, export=step == t.steps)
+                save_checkpoint(engine, step, t, rank, last, export=step == t.steps, tokenizer=tokenizer)
             else:
                 ray.train.report(last)
     if step < t.steps:  # the stream ended before the step budget
         last = {**(meter.report(step, float(sched.get_last_lr()[0]), world) if meter.losses else last),
                 "step": step, "ended_early": True}
-        save_checkpoint(engine, step, t, rank, last, export=True)
+        save_checkpoint(engine, step, t, rank, last, export=True, tokenizer=tokenizer)
     if rank == 0:
         log.info("worker finished at step %d (pid %d)", step, os.getpid())

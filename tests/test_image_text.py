@@ -1,0 +1,142 @@
+"""Image-text (CLIP / LaCLIP) training parts: pair building, the model, its export, and set-up checks."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import small_config
+
+
+def _png(value: int, size: int = 16) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _obj(items: list) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_tower(tiny_models: dict[str, str]):
+    from synray.models.image_text import load_text_tower
+
+    return load_text_tower(tiny_models["text"])
+
+
+def test_pairs_draw_among_caption_and_rewrites(text_tower):
+    from synray.train.batches import image_text_pairs
+
+    _, tok = text_tower
+    batch = {"image": _obj([_png(10), _png(200, size=24)]), "caption": _obj(["a red cube", "a dog"]),
+             "rewrites": _obj([["one red cube on grass", "a crimson block"], ["x", "a small puppy"]])}
+    rng = np.random.default_rng(0)
+    seen: list[set[str]] = [set(), set()]
+    for _ in range(60):
+        pairs = image_text_pairs(batch, rng, image_size=16, tokenizer=tok, max_length=16)
+        for i, c in enumerate(pairs.captions):
+            seen[i].add(c)
+    assert seen[0] == {"a red cube", "one red cube on grass", "a crimson block"}
+    assert seen[1] == {"a dog", "a small puppy"}  # the one-word rewrite falls back to the original
+    assert pairs.images.shape == (2, 3, 16, 16) and pairs.images.dtype == torch.uint8  # 24px resized
+    assert pairs.input_ids.shape == pairs.attention_mask.shape == (2, 16)
+
+
+def test_pairs_from_generated_rows_pick_one_image_each(text_tower):
+    from synray.train.batches import image_text_pairs
+
+    _, tok = text_tower
+    batch = {"images": _obj([[_png(0), _png(100)], [_png(50), _png(250)]]), "caption": _obj(["a b", "c d"])}
+    rng = np.random.default_rng(1)
+    firsts = {int(image_text_pairs(batch, rng, 16, tok, 8).images[0, 0, 0, 0]) for _ in range(30)}
+    assert firsts == {0, 100}
+
+
+def _tiny_image_text(text_tower):
+    from synray.config import BackboneConfig
+    from synray.models.backbone import build_backbone
+    from synray.models.image_text import ImageTextModel
+
+    torch.manual_seed(0)
+    return ImageTextModel(build_backbone(BackboneConfig(size="tiny", image_size=16, patch_size=8)),
+                          text_tower[0], init_temperature=0.07)
+
+
+def test_clip_training_matches_images_to_their_captions(text_tower):
+    """A few steps of the CLIP loss on 8 fixed pairs make each image pick its own caption."""
+    import copy
+
+    from synray.models.image_text import tokenize
+    from synray.train.losses import clip_loss
+
+    model = _tiny_image_text((copy.deepcopy(text_tower[0]), text_tower[1]))
+    g = torch.Generator().manual_seed(0)
+    colors = torch.rand(8, 3, 1, 1, generator=g)  # two-colour ramps: distinct images
+    ramp = torch.linspace(0, 1, 16).view(1, 1, 1, 16)
+    images = ((colors * ramp + (1 - colors) * (1 - ramp)).expand(8, 3, 16, 16) - 0.5) / 0.25
+    captions = ["a red cube", "a blue ball", "a green cone", "two cats", "a lighthouse at dusk",
+                "a bowl of soup", "a kite over sand", "a yellow star"]
+    tokens = tokenize(text_tower[1], captions, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(40):
+        img, txt, scale = model(images, tokens["input_ids"], tokens["attention_mask"])
+        loss = clip_loss(img, txt, logit_scale=scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.3 * losses[0]
+    with torch.no_grad():
+        img, txt, _ = model(images, tokens["input_ids"], tokens["attention_mask"])
+        sims = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    assert torch.equal(sims.argmax(dim=1), torch.arange(8))
+
+
+def test_export_reloads_identically(text_tower, tmp_path: Path):
+    from transformers import AutoModel
+
+    from synray.models.image_text import is_image_text_dir, load_image_text, save_image_text, tokenize
+
+    model = _tiny_image_text(text_tower).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(2.5)
+    save_image_text(model, text_tower[1], tmp_path / "m", max_length=16)
+    assert is_image_text_dir(tmp_path / "m") and not is_image_text_dir(tmp_path)
+    loaded, tok, max_length = load_image_text(tmp_path / "m")
+    assert max_length == 16 and float(loaded.logit_scale) == pytest.approx(2.5)
+    x = torch.rand(2, 3, 16, 16)
+    t = tokenize(tok, ["a red cube", "two cats"], 16)
+    with torch.no_grad():
+        for a, b in zip(model(x, t["input_ids"], t["attention_mask"]),
+                        loaded(x, t["input_ids"], t["attention_mask"])):
+            torch.testing.assert_close(a, b)
+    assert AutoModel.from_pretrained(str(tmp_path / "m")).config.model_type == "vit"  # still a plain backbone
+
+
+def test_setup_checks_the_text_tower(tiny_models: dict[str, str]):
+    from synray.train.trainer import TrainSetupError, check_train_setup
+
+    check_train_setup(small_config("train.loss=clip"), per_caption=2)
+    with pytest.raises(TrainSetupError, match="'llama' model; image-text training needs a CLIP text model"):
+        check_train_setup(small_config("train.loss=clip", f"train.text.model={tiny_models['llm']}"), 2)
+    with pytest.raises(TrainSetupError, match="model path does not exist"):
+        check_train_setup(small_config("train.loss=clip", "train.text.model=/nonexistent/text"), 2)
+    with pytest.raises(TrainSetupError, match="exceeds the text tower's 77 positions"):
+        check_train_setup(small_config("train.loss=clip", "train.text.max_length=100"), 2)
+
+
+def test_clip_uses_the_laclip_crop_by_default():
+    from synray.train.augment import build_augment
+
+    cfg = small_config("train.loss=clip").train
+    assert build_augment(cfg.augment, 32, cfg.loss).preset == "crop"
+    assert build_augment(cfg.augment, 32, "stablerep").preset == "strong"
