@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from synray.config import ConfigError, builtin_configs, load_config
+from synray.eval import SUPPORTED_PROTOCOLS
 
 EXIT_BAD_INPUT = 2
 
@@ -83,6 +84,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_command(cfg, args.data)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from synray.eval.run import eval_command
+
+    cfg = load_config(args.config, args.overrides)
+    return eval_command(cfg, args.model_dir, args.dataset, args.protocols, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="synray",
@@ -128,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--data", required=True, help="store directory")
     train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a saved backbone on a dataset: kNN, linear, zero-shot, segmentation")
+    ev.add_argument("model_dir", help="a saved backbone, e.g. runs/<run>/backbone")
+    ev.add_argument("--dataset", required=True,
+                    help="Parquet file/directory (image, label [, mask, class_name, split]), a synray store, "
+                         "or an image folder root/<class>/<image>")
+    ev.add_argument("--protocol", dest="protocols", action="append", choices=SUPPORTED_PROTOCOLS, default=[],
+                    help="repeatable (default: eval.protocols of the config)")
+    ev.add_argument("--config", default="local", help="built-in config name or YAML file for ray/eval settings "
+                                                      "(default: local)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override a config value (repeatable), e.g. --set eval.knn_k=10")
+    ev.add_argument("--out", help="output directory (default: <output_root>/eval-<UTC timestamp>)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -180,7 +180,7 @@ class DataConfig(Section):
 # --------------------------------------------------------------------------------------- train
 class BackboneConfig(Section):
     arch: Literal["vit", "dinov2"] = "vit"
-    size: Literal["tiny", "small", "base", "large"] = "tiny"
+    size: Literal["tiny", "mini", "small", "base", "large"] = "tiny"
     image_size: int = Field(32, ge=16, le=1024)
     patch_size: int = Field(8, ge=2, le=32)
 

@@ -15,6 +15,10 @@ log = logging.getLogger(__name__)
 
 #: rows of the held-out set drawn in the sample grid
 GRID_ROWS = 8
+#: evaluation results printed at the end of a run, and those compared with chance
+HEADLINE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou",
+                    "segmentation_pixel_accuracy")
+CHANCE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy")
 
 
 def check_run(cfg: RunConfig, data_dir: str | None = None) -> int:
@@ -39,6 +43,7 @@ def check_run(cfg: RunConfig, data_dir: str | None = None) -> int:
     if cfg.eval.enabled and cfg.eval.dataset is None:
         validate_generation(heldout_config(cfg))
     check_train_setup(cfg, per_caption)
+    check_eval(cfg)
     if cfg.train.resume_from:
         from synray.train.engine import check_compatible
 
@@ -107,15 +112,48 @@ def training_dataset(cfg: RunConfig, stats_actor: Any, data_dir: str | None):
     return ds.select_columns(train_columns(cfg)), False
 
 
+#: held-out columns the protocols may read (masks: segmentation; concept: zero-shot class names)
+EVAL_COLUMNS = ("caption_id", "caption", "label", "concept", "images", "masks")
+
+
+def check_eval(cfg: RunConfig) -> None:
+    """Protocols the run can feed: zero-shot needs image-text training, segmentation needs class masks."""
+    from synray.eval import EvalError, check_protocols
+
+    if not cfg.eval.enabled:
+        return
+    todo = check_protocols(cfg.eval.protocols)
+    if "zeroshot" in todo and cfg.train.loss != "clip":
+        raise EvalError(f"eval.protocols has zeroshot, which needs an image-text model (train.loss=clip); "
+                        f"train.loss is {cfg.train.loss}")
+    if "segmentation" in todo and cfg.eval.dataset is None and cfg.images.backend != "procedural":
+        raise EvalError("eval.protocols has segmentation, which needs class masks: the held-out set has them "
+                        "with images.backend=procedural, or give eval.dataset with a masks column")
+
+
 def heldout_rows(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Generate (or read) the labelled evaluation rows."""
+    """Generate (or read) the labelled evaluation rows, in caption-id order."""
+    import pyarrow.parquet as pq
+
     from synray.data.generate import build_pipeline, prepare
     from synray.data.store import ParquetStore
 
     if cfg.eval.dataset:
-        return ParquetStore(cfg.eval.dataset).read_dataset(columns=["caption", "label", "images"]).take_all()
-    ds = build_pipeline(prepare(heldout_config(cfg)))
-    return ds.select_columns(["caption_id", "caption", "label", "images"]).take_all()
+        store = ParquetStore(cfg.eval.dataset)
+        names = set(pq.read_schema(store.check_readable(("caption", "label", "images"))[0]).names)
+        rows = store.read_dataset(columns=[c for c in EVAL_COLUMNS if c in names]).take_all()
+    else:
+        rows = build_pipeline(prepare(heldout_config(cfg))).select_columns(list(EVAL_COLUMNS)).take_all()
+    return sorted(rows, key=lambda r: str(r.get("caption_id", "")))  # the reference/query split then repeats across runs
+
+
+def _init_image_text(cfg: RunConfig, encoder: Any) -> tuple[Any, Any, int]:
+    """The image-text model as the workers started it: the fresh encoder, the text tower as loaded."""
+    from synray.models.image_text import ImageTextModel
+    from synray.train.worker import load_text
+
+    text, tokenizer = load_text(cfg)
+    return ImageTextModel(encoder, text, cfg.train.temperature).eval(), tokenizer, cfg.train.text.max_length
 
 
 def evaluate(cfg: RunConfig, backbone_dir: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -125,11 +163,14 @@ def evaluate(cfg: RunConfig, backbone_dir: str, rows: list[dict[str, Any]]) -> d
     from synray.eval import evaluate_backbone
     from synray.models.backbone import build_backbone, load_backbone
 
-    trained = evaluate_backbone(load_backbone(backbone_dir), rows, cfg.eval.protocols, cfg.eval,
-                                cfg.train.backbone.image_size)
+    zeroshot = "zeroshot" in cfg.eval.protocols
+    size = cfg.train.backbone.image_size
+    trained = evaluate_backbone(load_backbone(backbone_dir), rows, cfg.eval.protocols, cfg.eval, size,
+                                seed=cfg.seed, image_text=backbone_dir if zeroshot else None)
     torch.manual_seed(cfg.seed)  # the same initial weights the workers started from
-    init = evaluate_backbone(build_backbone(cfg.train.backbone), rows, cfg.eval.protocols, cfg.eval,
-                             cfg.train.backbone.image_size)
+    encoder = build_backbone(cfg.train.backbone)
+    init = evaluate_backbone(encoder, rows, cfg.eval.protocols, cfg.eval, size, seed=cfg.seed,
+                             image_text=_init_image_text(cfg, encoder) if zeroshot else None)
     return {"trained": trained, "init": init}
 
 
@@ -206,10 +247,10 @@ def print_summary(rd: RunDir, summary: dict[str, Any]) -> None:
               f"{s['steady_rows_per_s']} rows/s after start-up")
     ev = summary.get("eval")
     if ev:
-        for key in ev["trained"]:
-            if key.endswith("accuracy"):
-                print(f"  {key}: trained {ev['trained'][key]:.3f} vs init {ev['init'][key]:.3f} "
-                      f"(chance {ev['trained'].get('chance', float('nan')):.3f})")
+        for key in HEADLINE_METRICS:
+            if key in ev["trained"]:
+                chance = f" (chance {ev['trained']['chance']:.3f})" if key in CHANCE_METRICS else ""
+                print(f"  {key}: trained {ev['trained'][key]:.3f} vs init {ev['init'][key]:.3f}{chance}")
     print(f"  summary: {rd.summary_path}")
 
 

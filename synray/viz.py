@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["loss_curve", "sample_grid", "sample_grid_from_store"]
+__all__ = ["loss_curve", "sample_grid", "sample_grid_from_store", "compare_bars"]
 
 #: secondary panels of loss_curve, drawn when the metrics hold them: key -> axis label
 EXTRA_SERIES = {"lr": "learning rate", "data_wait_fraction": "data-wait fraction"}
@@ -147,3 +147,40 @@ def sample_grid_from_store(store_dir: str | Path, out_path: str | Path, rows: in
     if not picked:
         raise ValueError(f"the shards of {store} hold no rows")
     return sample_grid(picked, out_path, max_rows=rows, max_images=max_images)
+
+
+def compare_bars(results: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Mapping[str, str],
+                 path: str | Path, title: str = "", chance: float | None = None, dpi: int = 100) -> Path:
+    """Grouped bars: one group per metric, one bar per variant (trained), with its init value as a tick.
+
+    ``results``: variant -> {"trained": {metric: value}, "init": {...}}; ``metrics``: key -> axis label.
+    A dotted line marks ``chance`` (for accuracies) when given.
+    """
+    variants = list(results)
+    keys = [k for k in metrics if any(k in results[v]["trained"] for v in variants)]
+    if not variants or not keys:
+        raise ValueError("nothing to plot: no variant holds any of the metrics")
+    fig = _figure((1.6 + 2.2 * len(keys), 3.8))
+    ax = fig.subplots()
+    width = 0.8 / len(variants)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for i, v in enumerate(variants):
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(keys))]
+        trained = [results[v]["trained"].get(k, np.nan) for k in keys]
+        init = [results[v].get("init", {}).get(k, np.nan) for k in keys]
+        ax.bar(xs, trained, width * 0.92, label=v, color=colors[i % len(colors)])
+        ax.scatter(xs, init, marker="_", s=300, color="black", zorder=3,
+                   label="same network at initialisation" if i == 0 else None)
+        for x, t in zip(xs, trained):
+            if np.isfinite(t):
+                ax.annotate(f"{t:.2f}", (x, t), ha="center", va="bottom", fontsize=7)
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle=":", linewidth=1, label=f"chance accuracy ({chance:.2f})")
+    ax.set_xticks(range(len(keys)), [metrics[k] for k in keys])
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, dpi)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -191,16 +190,6 @@ def test_positions_follow_the_relation(relation, axis, primary_first):
             assert p.max() < s.min()
         else:
             assert s.max() < p.min()
-
-
-def test_render_is_fast():
-    rng = np.random.default_rng(3)
-    scenes = [_random_full_scene(rng) for _ in range(100)]
-    start = time.perf_counter()
-    for seed, scene in enumerate(scenes):
-        render(scene, seed, SIZE)
-    per_image_ms = (time.perf_counter() - start) / len(scenes) * 1000
-    assert per_image_ms < 25  # about 1 ms on an idle core; generous for busy CI machines
 
 
 # ---------------------------------------------------------------------------------------- the UDF

@@ -81,3 +81,18 @@ def test_sample_grid_from_store(tmp_path: Path) -> None:
         sample_grid_from_store(empty, tmp_path / "x.png")
     with pytest.raises(ValueError, match="does not exist"):
         sample_grid_from_store(tmp_path / "missing", tmp_path / "x.png")
+
+
+def test_compare_bars_draws_present_metrics(tmp_path):
+    from PIL import Image
+
+    from synray.viz import compare_bars
+
+    results = {"m=4": {"trained": {"knn_accuracy": 0.4, "segmentation_miou": 0.3}, "init": {"knn_accuracy": 0.15}},
+               "CE": {"trained": {"knn_accuracy": 0.5}, "init": {"knn_accuracy": 0.15}}}
+    path = compare_bars(results, {"knn_accuracy": "kNN", "linear_accuracy": "linear", "segmentation_miou": "mIoU"},
+                        tmp_path / "c.png", chance=0.11)
+    with Image.open(path) as img:
+        assert img.size[0] > img.size[1] > 100
+    with pytest.raises(ValueError, match="nothing to plot"):
+        compare_bars(results, {"zeroshot_accuracy": "zero-shot"}, tmp_path / "d.png")

@@ -11,7 +11,8 @@ import torch
 
 from synray.models.backbone import Encoder
 
-__all__ = ["extract_features", "rows_to_images", "decode_row_images", "features_of_arrays", "FeatureExtractor"]
+__all__ = ["OUTPUTS", "encode_images", "encode_arrays", "extract_features", "extract_patch_tokens",
+           "rows_to_images", "decode_row_images", "features_of_arrays", "FeatureExtractor"]
 
 
 def _as_nchw_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -33,15 +34,43 @@ def _encoder_device(encoder: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def extract_features(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, image_size: int,
-                     batch_size: int = 256) -> torch.Tensor:
-    """CLS embeddings [N, D] (float32, on the CPU) of images resized to ``image_size`` and normalised.
+#: what the extraction functions can return per image: CLS embedding [D], patch tokens [P, D],
+#: projected image embedding of an image-text model [E]
+OUTPUTS = ("features", "patch_tokens", "image_embeds")
 
-    ``images_uint8``: torch [N, 3, H, W] or numpy [N, H, W, 3]. The encoder runs in eval mode
-    under ``torch.inference_mode``; its previous train/eval mode is restored afterwards.
+
+def _check_outputs(outputs: Sequence[str], projection: torch.nn.Module | None) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(outputs))
+    bad = [o for o in out if o not in OUTPUTS]
+    if bad or not out:
+        raise ValueError(f"unknown feature outputs {bad or list(outputs)}; choose from {', '.join(OUTPUTS)}")
+    if "image_embeds" in out and projection is None:
+        raise ValueError("image_embeds need the image projection of an image-text model")
+    return out
+
+
+def _empty_outputs(encoder: Encoder, outputs: tuple[str, ...], image_size: int,
+                   projection: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    dim = int(getattr(encoder, "embed_dim", 0))
+    patches = (image_size // int(getattr(encoder, "patch_size", image_size) or image_size)) ** 2
+    shapes = {"features": (0, dim), "patch_tokens": (0, patches, dim),
+              "image_embeds": (0, int(getattr(projection, "out_features", 0)))}
+    return {o: torch.empty(*shapes[o], dtype=torch.float32) for o in outputs}
+
+
+def encode_images(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, image_size: int,
+                  batch_size: int = 256, outputs: Sequence[str] = ("features",),
+                  projection: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The requested ``outputs`` (see :data:`OUTPUTS`) of images, float32 on the CPU, in one encoder pass.
+
+    ``images_uint8``: torch [N, 3, H, W] or numpy [N, H, W, 3], resized to ``image_size`` and
+    normalised by the eval transform. ``image_embeds`` apply ``projection`` (an image-text model's
+    ``image_projection``) to the CLS embedding. The encoder runs in eval mode under
+    ``torch.inference_mode``; its previous train/eval mode is restored afterwards.
     """
     from synray.train.augment import build_eval_transform
 
+    todo = _check_outputs(outputs, projection)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = _as_nchw_uint8(images_uint8)
@@ -49,34 +78,67 @@ def extract_features(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, 
     transform = build_eval_transform(image_size).to(device)
     was_training = encoder.training
     encoder.eval()
-    out: list[torch.Tensor] = []
+    out: dict[str, list[torch.Tensor]] = {o: [] for o in todo}
     try:
         with torch.inference_mode():
             for start in range(0, images.shape[0], batch_size):
-                chunk = images[start:start + batch_size].to(device, non_blocking=True)
-                out.append(encoder(transform(chunk)).float().cpu())
+                x = transform(images[start:start + batch_size].to(device, non_blocking=True))
+                if todo == ("features",):
+                    cls, patches = encoder(x), None
+                else:
+                    tokens = encoder.tokens(x)
+                    cls, patches = tokens[:, 0], tokens[:, 1:]
+                parts = {"features": cls, "patch_tokens": patches,
+                         "image_embeds": projection(cls) if projection is not None else None}
+                for o in todo:
+                    out[o].append(parts[o].float().cpu())
     finally:
         encoder.train(was_training)
-    if not out:
-        return torch.empty(0, int(getattr(encoder, "embed_dim", 0)), dtype=torch.float32)
-    return torch.cat(out)
+    if images.shape[0] == 0:
+        return _empty_outputs(encoder, todo, image_size, projection)
+    return {o: torch.cat(v) for o, v in out.items()}
+
+
+def extract_features(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, image_size: int,
+                     batch_size: int = 256) -> torch.Tensor:
+    """CLS embeddings [N, D] (float32, on the CPU) of images resized to ``image_size`` and normalised.
+
+    ``images_uint8``: torch [N, 3, H, W] or numpy [N, H, W, 3]. The encoder runs in eval mode
+    under ``torch.inference_mode``; its previous train/eval mode is restored afterwards.
+    """
+    return encode_images(encoder, images_uint8, image_size, batch_size)["features"]
+
+
+def extract_patch_tokens(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, image_size: int,
+                         batch_size: int = 256) -> torch.Tensor:
+    """Patch tokens [N, P, D] (float32, CPU) of images resized to ``image_size``; P = (image_size / patch)^2."""
+    return encode_images(encoder, images_uint8, image_size, batch_size, outputs=("patch_tokens",))["patch_tokens"]
+
+
+def encode_arrays(encoder: Encoder, arrays: Sequence[np.ndarray], image_size: int, batch_size: int = 256,
+                  outputs: Sequence[str] = ("features",),
+                  projection: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Like :func:`encode_images` for a list of [H, W, 3] images whose sizes may differ (kept in order)."""
+    todo = _check_outputs(outputs, projection)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_shape.setdefault(tuple(a.shape), []).append(i)
+    result: dict[str, torch.Tensor] = {}
+    for idx in by_shape.values():
+        part = encode_images(encoder, np.stack([arrays[i] for i in idx]), image_size, batch_size, todo, projection)
+        for o, t in part.items():
+            if o not in result:
+                result[o] = torch.empty(len(arrays), *t.shape[1:], dtype=torch.float32)
+            result[o][torch.as_tensor(idx)] = t
+    if not result:
+        return _empty_outputs(encoder, todo, image_size, projection)
+    return result
 
 
 def features_of_arrays(encoder: Encoder, arrays: Sequence[np.ndarray], image_size: int,
                        batch_size: int = 256) -> torch.Tensor:
     """Like :func:`extract_features` for a list of [H, W, 3] images whose sizes may differ (kept in order)."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, a in enumerate(arrays):
-        by_shape.setdefault(tuple(a.shape), []).append(i)
-    feats: torch.Tensor | None = None
-    for idx in by_shape.values():
-        f = extract_features(encoder, np.stack([arrays[i] for i in idx]), image_size, batch_size)
-        if feats is None:
-            feats = torch.empty(len(arrays), f.shape[1], dtype=torch.float32)
-        feats[torch.as_tensor(idx)] = f
-    if feats is None:
-        return torch.empty(0, int(getattr(encoder, "embed_dim", 0)), dtype=torch.float32)
-    return feats
+    return encode_arrays(encoder, arrays, image_size, batch_size)["features"]
 
 
 def _decode(data: bytes, image_size: int | None) -> np.ndarray:
@@ -142,25 +204,47 @@ def rows_to_images(rows: Sequence[Mapping[str, Any]] | Mapping[str, Any],
     return np.stack(arrays), np.asarray(labels, np.int64), np.asarray(groups, np.int64)
 
 
+def _per_row_column(flat: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Per-image values [N, ...] -> one [m_i, ...] array per row: stacked [B, m, ...] when all m_i agree."""
+    splits = np.split(flat, np.cumsum(counts)[:-1]) if counts else []
+    if counts and len(set(counts)) == 1:
+        return np.stack(splits).astype(np.float32, copy=False)
+    column = np.empty(len(splits), dtype=object)
+    for i, part in enumerate(splits):
+        column[i] = part.reshape(-1, *flat.shape[1:]).astype(np.float32, copy=False)
+    return column
+
+
 class FeatureExtractor:
-    """Callable for ``Dataset.map_batches`` (actor pool): adds a ``features`` column to caption rows.
+    """Callable for ``Dataset.map_batches`` (actor pool): adds per-image feature columns to caption rows.
 
     The backbone is loaded once per instance from ``model_dir`` (a :func:`save_backbone`
-    directory). For a batch (dict of columns with ``images``), ``features`` holds, per row, a
-    float32 array [m, D] with one embedding per image: a [B, m, D] array when every row has the
-    same number of images, else an object array of [m_i, D] arrays. With ``drop_images`` the
-    encoded images are removed from the output batch.
+    directory; for ``image_embeds`` a :func:`save_image_text` one). For a batch (dict of columns
+    with ``images``), each requested output (:data:`OUTPUTS`; default ``features``, the CLS
+    embedding) becomes a column holding, per row, a float32 array [m, ...] with one entry per
+    image: a [B, m, ...] array when every row has the same number of images, else an object
+    array of [m_i, ...] arrays. With ``drop_images`` the encoded images are removed from the
+    output batch.
     """
 
     def __init__(self, model_dir: str | Path, image_size: int, batch_size: int = 256,
-                 device: str | torch.device = "cpu", drop_images: bool = False) -> None:
+                 device: str | torch.device = "cpu", drop_images: bool = False,
+                 outputs: Sequence[str] = ("features",)) -> None:
         from synray.models.backbone import load_backbone
 
         self.model_dir = str(model_dir)
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         self.drop_images = drop_images
-        self.encoder = load_backbone(self.model_dir, device=device).eval()
+        self.projection: torch.nn.Module | None = None
+        if "image_embeds" in outputs:
+            from synray.models.image_text import load_image_text
+
+            model, _, _ = load_image_text(self.model_dir, device=device)
+            self.encoder, self.projection = model.encoder.eval(), model.image_projection
+        else:
+            self.encoder = load_backbone(self.model_dir, device=device).eval()
+        self.outputs = _check_outputs(outputs, self.projection)
 
     @property
     def embed_dim(self) -> int:
@@ -172,14 +256,8 @@ class FeatureExtractor:
         per_row = [decode_row_images(imgs) for imgs in batch["images"]]
         counts = [len(r) for r in per_row]
         flat = [a for r in per_row for a in r]
-        feats = features_of_arrays(self.encoder, flat, self.image_size, self.batch_size).numpy()
-        splits = np.split(feats, np.cumsum(counts)[:-1]) if counts else []
-        if counts and len(set(counts)) == 1:
-            column: np.ndarray = np.stack(splits).astype(np.float32, copy=False)
-        else:
-            column = np.empty(len(splits), dtype=object)
-            for i, s in enumerate(splits):
-                column[i] = s.reshape(-1, self.embed_dim).astype(np.float32, copy=False)
+        encoded = encode_arrays(self.encoder, flat, self.image_size, self.batch_size, self.outputs, self.projection)
         out = {k: v for k, v in batch.items() if not (self.drop_images and k == "images")}
-        out["features"] = column
+        for name, values in encoded.items():
+            out[name] = _per_row_column(values.numpy(), counts)
         return out

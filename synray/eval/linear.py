@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LinearProbe", "linear_probe"]
+__all__ = ["LinearProbe", "linear_probe", "torch_threads"]
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -42,7 +42,7 @@ def _accuracy(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, chunk
 
 
 @contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
     """Cap torch's intra-op threads for the block (the probe's small matmuls run fastest on one)."""
     before = torch.get_num_threads()
     if n is None or n >= before:
@@ -96,7 +96,7 @@ def linear_probe(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: Ar
     if int(all_labels.max()) >= c:
         raise ValueError(f"label {int(all_labels.max())} is out of range for num_classes={c}")
 
-    with _torch_threads(num_threads):
+    with torch_threads(num_threads):
         return _train(xtr, ytr, xte, yte, c, epochs, lr, batch_size, weight_decay, use_bn, seed, momentum)
 
 

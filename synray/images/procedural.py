@@ -28,7 +28,7 @@ from synray.images.procedural_lang import (
 )
 
 #: bump when the same (caption, seed, size) would render differently
-RENDERER_VERSION = 1
+RENDERER_VERSION = 2
 T2I_MODEL = "procedural"
 UNPARSABLE = "unparsable_caption"
 

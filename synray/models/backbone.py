@@ -13,9 +13,11 @@ from synray.config import BackboneConfig
 __all__ = ["SIZES", "backbone_config", "build_backbone", "Encoder", "save_backbone", "load_backbone",
            "count_parameters"]
 
-# size -> (hidden, layers, heads); MLP width is 4 x hidden. tiny is for CPU runs and tests.
+# size -> (hidden, layers, heads); MLP width is 4 x hidden. tiny is for CPU tests, mini for CPU runs
+# that must learn something in minutes (the shapes world).
 SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (64, 2, 4),
+    "mini": (128, 4, 4),
     "small": (384, 12, 6),
     "base": (768, 12, 12),
     "large": (1024, 24, 16),

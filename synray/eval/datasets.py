@@ -1,0 +1,349 @@
+"""Evaluation datasets read through Ray Data: Parquet files, synray stores and image folders, to extracted arrays."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synray.eval.errors import EvalError
+from synray.eval.protocols import EvalArrays, label_names
+
+__all__ = ["IMAGE_EXTENSIONS", "ParquetLayout", "EvalSource", "parquet_layout", "hf_label_names",
+           "normalise_parquet_batch", "scan_image_folder", "image_folder_batch", "inspect_dataset",
+           "source_dataset", "rows_to_arrays", "extract_arrays"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+#: accepted names of the per-row image column(s), in order of preference
+IMAGE_COLUMNS = ("image", "img")
+NAME_COLUMNS = ("class_name", "concept")
+#: sub-folders of an image folder that hold a reference / query split of class folders
+FOLDER_SPLITS = {"train": "train", "test": "test", "val": "val", "validation": "validation"}
+EXPECTED = ("image (bytes) + label (int) [+ mask (PNG bytes), class_name, split], or a synray store's "
+            "images (list) + label [+ masks, concept]")
+
+
+# ------------------------------------------------------------------------------------ Parquet
+@dataclass(frozen=True)
+class ParquetLayout:
+    """Which columns of a Parquet dataset hold what; ``multi``: a list of images (and masks) per row."""
+
+    image: str
+    multi: bool = False
+    label: str | None = "label"
+    mask: str | None = None
+    name: str | None = None
+    split: str | None = None
+
+
+def _is_binaryish(t: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return True
+    return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0  # Hugging Face Image feature
+
+
+def _is_list_of_binary(t: Any) -> bool:
+    import pyarrow as pa
+
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_binaryish(t.value_type)
+
+
+def parquet_layout(schema: Any, where: str) -> ParquetLayout:
+    """The layout of a Parquet schema; EvalError naming the columns found and expected otherwise."""
+    import pyarrow as pa
+
+    names = list(schema.names)
+    found = f"{where} has the columns {sorted(names)}; expected {EXPECTED}"
+    if "images" in names:
+        if not _is_list_of_binary(schema.field("images").type):
+            raise EvalError(f"column 'images' must be a list of encoded images; {found}")
+        image, multi = "images", True
+    else:
+        image = next((c for c in IMAGE_COLUMNS if c in names), None)
+        if image is None:
+            raise EvalError(f"no image column; {found}")
+        if not _is_binaryish(schema.field(image).type):
+            raise EvalError(f"column {image!r} must hold encoded image bytes, not {schema.field(image).type}; {found}")
+        multi = False
+    mask_col = ("masks" if multi else "mask") if ("masks" if multi else "mask") in names else None
+    label = "label" if "label" in names else None
+    if label is not None and not pa.types.is_integer(schema.field(label).type):
+        raise EvalError(f"column 'label' must hold integer class indices, not {schema.field(label).type} "
+                        f"(put names in a class_name column); {found}")
+    if label is None and mask_col is None:
+        raise EvalError(f"no 'label' column (and no masks for a segmentation-only dataset); {found}")
+    return ParquetLayout(image=image, multi=multi, label=label, mask=mask_col,
+                         name=next((c for c in NAME_COLUMNS if c in names), None),
+                         split="split" if "split" in names else None)
+
+
+def hf_label_names(schema: Any) -> dict[int, str] | None:
+    """label -> name from a Hugging Face datasets export's ClassLabel metadata (None without one)."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return None
+    try:
+        feature = json.loads(meta)["info"]["features"]["label"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) else None
+    return {i: str(n) for i, n in enumerate(names)} if names else None
+
+
+def _bytes_of(value: Any) -> bytes:
+    if isinstance(value, Mapping):  # {"bytes": ..., "path": ...}
+        value = value.get("bytes")
+    if value is None:
+        raise EvalError("an image or mask entry is empty (no encoded bytes)")
+    return bytes(value)
+
+
+def _object_column(values: Sequence[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values) if values else []
+    return out
+
+
+def _strings(values: Any) -> np.ndarray:
+    return _object_column([v.decode() if isinstance(v, bytes) else (None if v is None else str(v)) for v in values])
+
+
+def normalise_parquet_batch(batch: Mapping[str, np.ndarray], layout: ParquetLayout) -> dict[str, np.ndarray]:
+    """One Parquet batch -> the canonical columns: ``images`` (list of bytes per row), ``label`` and,
+    when the layout has them, ``masks``, ``split``, ``class_name``."""
+    n = len(batch[layout.image])
+    if layout.multi:
+        images = [[_bytes_of(x) for x in (row if row is not None else [])] for row in batch[layout.image]]
+    else:
+        images = [[_bytes_of(x)] for x in batch[layout.image]]
+    out = {"images": _object_column(images),
+           "label": (np.asarray(batch[layout.label], dtype=np.int64) if layout.label
+                     else np.zeros(n, dtype=np.int64))}
+    if layout.mask:
+        if layout.multi:
+            masks = [[_bytes_of(x) for x in (row if row is not None else [])] for row in batch[layout.mask]]
+        else:
+            masks = [[_bytes_of(x)] for x in batch[layout.mask]]
+        out["masks"] = _object_column(masks)
+    if layout.split:
+        out["split"] = _strings(batch[layout.split])
+    if layout.name:
+        out["class_name"] = _strings(batch[layout.name])
+    return out
+
+
+# ------------------------------------------------------------------------------- image folders
+@dataclass(frozen=True)
+class ImageFolder:
+    """Sorted image files of ``root/<class>/*`` (or ``root/<split>/<class>/*``) and the sorted class names."""
+
+    files: list[str]
+    class_names: list[str]
+    split_layout: bool
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_image_folder(root: str | Path) -> ImageFolder:
+    """The files of an image-folder tree; labels are the index of the class folder in sorted order.
+
+    With ``train/`` and ``test/`` (or ``val/`` / ``validation/``) sub-folders each holding class
+    folders, the sub-folder gives the split and the classes are the union of both sides.
+    """
+    root = Path(root)
+    top = _class_dirs(root)
+    split_dirs = [d for d in top if d.name in FOLDER_SPLITS]
+    split_layout = bool(split_dirs) and len(split_dirs) == len(top) and any(d.name == "train" for d in top)
+    class_roots = [c for d in split_dirs for c in _class_dirs(d)] if split_layout else top
+    per_class: dict[str, list[Path]] = {}
+    for c in class_roots:
+        per_class.setdefault(c.name, []).extend(_images_in(c))
+    names = sorted(n for n, files in per_class.items() if files)
+    if not names:
+        raise EvalError(f"{root} holds no Parquet files and no class folders with images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}); expected {root}/<class>/<image> "
+                        f"or {root}/train|test/<class>/<image>")
+    files = sorted(str(f) for n in names for f in per_class[n])
+    return ImageFolder(files=files, class_names=names, split_layout=split_layout)
+
+
+def image_folder_batch(batch: Mapping[str, np.ndarray], class_to_idx: Mapping[str, int],
+                       split_layout: bool) -> dict[str, np.ndarray]:
+    """``read_binary_files`` rows (``bytes``, ``path``) -> canonical rows (label from the class folder)."""
+    paths = [Path(str(p)) for p in batch["path"]]
+    out = {"images": _object_column([[bytes(b)] for b in batch["bytes"]]),
+           "label": np.asarray([class_to_idx[p.parent.name] for p in paths], dtype=np.int64),
+           "class_name": _object_column([p.parent.name for p in paths])}
+    if split_layout:
+        out["split"] = _object_column([FOLDER_SPLITS[p.parent.parent.name] for p in paths])
+    return out
+
+
+# ------------------------------------------------------------------------------------- sources
+@dataclass
+class EvalSource:
+    """What an evaluation dataset is, found without Ray: its kind, files and columns."""
+
+    path: str
+    kind: str                               # "synray-store", "parquet" or "image-folder"
+    files: list[str]
+    layout: ParquetLayout | None = None     # Parquet kinds
+    folder: ImageFolder | None = None       # image folders
+    class_names: dict[int, str] | None = None
+
+    @property
+    def has_masks(self) -> bool:
+        return self.layout is not None and self.layout.mask is not None
+
+    @property
+    def has_labels(self) -> bool:
+        return self.folder is not None or (self.layout is not None and self.layout.label is not None)
+
+
+def _parquet_files(root: Path) -> tuple[str, list[str]]:
+    from synray.data.store import META_FILE, ParquetStore
+
+    if root.is_file():
+        return "parquet", [str(root)]
+    store = ParquetStore(root)
+    if (root / META_FILE).exists() or store.shards():
+        return "synray-store", [str(s) for s in store.shards()]
+    return "parquet", sorted(str(p) for p in root.rglob("*.parquet") if not p.name.startswith("."))
+
+
+def inspect_dataset(path: str | Path) -> EvalSource:
+    """Find out what ``path`` holds: Parquet file(s), a synray store, or an image-folder tree."""
+    import pyarrow.parquet as pq
+
+    root = Path(path)
+    if not root.exists():
+        raise EvalError(f"evaluation dataset {root} does not exist")
+    if root.is_file() and root.suffix != ".parquet":
+        raise EvalError(f"evaluation dataset {root} is a file but not .parquet; expected a Parquet file, "
+                        "a directory of Parquet files / a synray store, or an image folder root/<class>/<image>")
+    kind, files = _parquet_files(root)
+    if not files:
+        if kind == "synray-store":
+            raise EvalError(f"synray store {root} holds no shard-*.parquet files yet")
+        folder = scan_image_folder(root)
+        return EvalSource(str(root), "image-folder", folder.files, folder=folder,
+                          class_names=dict(enumerate(folder.class_names)))
+    schema = pq.read_schema(files[0])
+    layout = parquet_layout(schema, files[0])
+    return EvalSource(str(root), kind, files, layout=layout, class_names=hf_label_names(schema))
+
+
+def source_dataset(source: EvalSource) -> Any:
+    """The Ray Dataset of a source, in the canonical columns.
+
+    Those are ``images`` (a list of encoded images per row) and ``label``, plus ``masks``,
+    ``split`` and ``class_name`` when the source has them.
+    """
+    import ray.data
+
+    if source.folder is not None:
+        class_to_idx = {n: i for i, n in enumerate(source.folder.class_names)}
+        ds = ray.data.read_binary_files(source.files, include_paths=True)
+        return ds.map_batches(image_folder_batch, batch_format="numpy",
+                              fn_kwargs={"class_to_idx": class_to_idx, "split_layout": source.folder.split_layout})
+    layout = source.layout
+    assert layout is not None
+    columns = [c for c in (layout.image, layout.label, layout.mask, layout.name, layout.split) if c]
+    ds = ray.data.read_parquet(source.files).select_columns(columns)
+    return ds.map_batches(normalise_parquet_batch, batch_format="numpy", fn_kwargs={"layout": layout})
+
+
+# -------------------------------------------------------------------------------- extraction
+def _stack(rows: Sequence[Mapping[str, Any]], key: str) -> Any:
+    import torch
+
+    parts = [np.asarray(r[key], dtype=np.float32) for r in rows if len(r[key])]
+    return torch.from_numpy(np.concatenate(parts)) if parts else None
+
+
+def rows_to_arrays(rows: Sequence[Mapping[str, Any]], image_size: int, outputs: Sequence[str],
+                   class_names: Mapping[int, str] | None = None, has_labels: bool = True) -> EvalArrays:
+    """Collected rows (canonical columns plus one feature column per output, [m_i, ...] per row) -> arrays.
+
+    Each image gets its row's label, split and class name, and the row index as its group.
+    Masks are decoded and nearest-resized to ``image_size``.
+    """
+    from synray.eval import rows_to_masks
+
+    counts = [len(r["images"]) if "images" in r else len(r[outputs[0]]) for r in rows]
+    labels = np.repeat(np.asarray([int(r["label"]) for r in rows], np.int64), counts)
+    arrays = EvalArrays(labels=labels, groups=np.repeat(np.arange(len(rows), dtype=np.int64), counts),
+                        has_labels=has_labels)
+    for name in outputs:
+        setattr(arrays, name, _stack(rows, name))
+    if rows and "split" in rows[0]:
+        arrays.split = np.repeat(np.asarray([r["split"] for r in rows], dtype=object), counts)
+    if rows and "masks" in rows[0]:
+        arrays.masks = rows_to_masks([{"masks": r["masks"], "images": [None] * n} for r, n in zip(rows, counts)],
+                                     image_size)
+    names = dict(class_names or {})
+    if rows and "class_name" in rows[0]:
+        names.update(label_names([r["label"] for r in rows], [r["class_name"] for r in rows]))
+    arrays.class_names = names or None
+    return arrays
+
+
+def _eval_error_in(exc: BaseException) -> str | None:
+    """The message of an EvalError raised inside a Ray task (Ray passes it on as text), else None."""
+    marker = f"{EvalError.__module__}.{EvalError.__name__}: "
+    lines = [line for line in str(exc).splitlines() if line.startswith(marker)]
+    return lines[-1][len(marker):] if lines else None
+
+
+@contextlib.contextmanager
+def _ordered() -> Iterator[None]:
+    """Datasets built and run inside keep their input order (reproducible groups and splits)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = before
+
+
+def extract_arrays(source: EvalSource, model_dir: str, image_size: int, outputs: Sequence[str],
+                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False) -> EvalArrays:
+    """Read ``source`` through Ray Data and extract ``outputs`` once with a pool of FeatureExtractor actors."""
+    from ray.data import ActorPoolStrategy
+
+    from synray.eval.features import FeatureExtractor
+
+    with _ordered():
+        ds = source_dataset(source).map_batches(
+            FeatureExtractor, batch_format="numpy", batch_size=batch_size,
+            fn_constructor_kwargs={"model_dir": model_dir, "image_size": image_size, "batch_size": batch_size,
+                                   "device": "cuda" if use_gpu else "cpu", "drop_images": True,
+                                   "outputs": tuple(outputs)},
+            compute=ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0)
+        try:
+            rows = ds.take_all()
+        except Exception as e:
+            message = _eval_error_in(e)
+            if message is None:
+                raise
+            raise EvalError(f"{source.path}: {message}") from None
+    if not rows:
+        raise EvalError(f"evaluation dataset {source.path} holds no rows")
+    return rows_to_arrays(rows, image_size, outputs, source.class_names, source.has_labels)

@@ -1,0 +1,149 @@
+"""`synray eval`: evaluate a saved model on a dataset with chosen protocols; writes eval.json and eval.md."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from synray.config import RunConfig
+from synray.eval import check_protocols, resolve_image_text
+from synray.eval.errors import EvalError
+
+__all__ = ["model_image_size", "check_request", "evaluate_dataset", "format_table", "write_report", "eval_command"]
+
+log = logging.getLogger(__name__)
+
+JSON_FILE = "eval.json"
+TABLE_FILE = "eval.md"
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
+def model_image_size(model_dir: str | Path) -> int:
+    """The input size of the backbone saved in ``model_dir`` (EvalError when it holds no backbone)."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise EvalError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise EvalError(f"{path} holds no saved backbone (no config.json); pass a run's backbone/ directory")
+    config = AutoConfig.from_pretrained(str(path))
+    if getattr(config, "model_type", None) not in ("vit", "dinov2"):
+        raise EvalError(f"{path} holds a {getattr(config, 'model_type', '?')!r} model, not a ViT or DINOv2 backbone")
+    return int(config.image_size)
+
+
+def check_request(model_dir: str | Path, protocols: Sequence[str], source: Any) -> None:
+    """Refuse, before any Ray work, protocols that the model or the dataset cannot support."""
+    from synray.models.image_text import is_image_text_dir
+
+    if "zeroshot" in protocols and not is_image_text_dir(model_dir):
+        raise EvalError(f"zero-shot needs an image-text model, but {model_dir} holds only an image backbone (no "
+                        "text/ tower and image_text.safetensors projection); train with train.loss=clip, or drop "
+                        "--protocol zeroshot")
+    if "segmentation" in protocols and not source.has_masks:
+        raise EvalError(f"the segmentation protocol needs per-pixel class masks, and {source.path} has none "
+                        "(a Parquet 'mask' column, or a synray store generated with images.backend=procedural)")
+    without_labels = [p for p in protocols if p != "segmentation"]
+    if without_labels and not source.has_labels:
+        raise EvalError(f"{source.path} has no label column, which {', '.join(without_labels)} need")
+
+
+def evaluate_dataset(model_dir: str, dataset: str, protocols: Sequence[str] | None, cfg: RunConfig,
+                     source: Any = None) -> dict[str, Any]:
+    """Extract features once through Ray Data, run the protocols, and return the report (Ray must be connected).
+
+    ``protocols`` empty or None means ``cfg.eval.protocols``; ``source`` is ``inspect_dataset(dataset)``
+    when the caller already has it.
+    """
+    from synray.eval.datasets import extract_arrays, inspect_dataset
+    from synray.eval.protocols import outputs_for, run_protocols
+
+    todo = check_protocols(list(cfg.eval.protocols if not protocols else protocols))
+    image_size = model_image_size(model_dir)
+    source = source if source is not None else inspect_dataset(dataset)
+    check_request(model_dir, todo, source)
+    image_text = resolve_image_text(str(model_dir)) if "zeroshot" in todo else None
+    log.info("extracting %s of %s (%s, %d files) at %dpx", ", ".join(outputs_for(todo)), dataset, source.kind,
+             len(source.files), image_size)
+    arrays = extract_arrays(source, str(model_dir), image_size, outputs_for(todo), batch_size=cfg.eval.batch_size,
+                            actors=cfg.eval.feature_actors, use_gpu=cfg.eval.use_gpu)
+    log.info("running %s on %d images", ", ".join(todo), len(arrays))
+    results = run_protocols(arrays, todo, cfg.eval, seed=cfg.seed, image_text=image_text)
+    return {"model_dir": str(Path(model_dir).resolve()), "dataset": str(Path(dataset).resolve()),
+            "dataset_kind": source.kind, "protocols": todo, "image_size": image_size, "num_images": len(arrays),
+            "seed": cfg.seed, "results": results,
+            "eval_config": {**cfg.eval.model_dump(mode="json"), "protocols": todo},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _rows(results: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
+    rows: list[tuple[str, str, Any]] = []
+    if "knn_accuracy" in results:
+        rows.append(("knn", f"top-1 accuracy (k={cfg.get('knn_k')}, T={cfg.get('knn_temperature')})",
+                     results["knn_accuracy"]))
+    if "linear_accuracy" in results:
+        rows.append(("linear", "top-1 accuracy", results["linear_accuracy"]))
+        rows.append(("linear", "train accuracy", results["linear_train_accuracy"]))
+    if "zeroshot_accuracy" in results:
+        templates = len(cfg.get("zeroshot_templates") or [])
+        rows.append(("zeroshot", f"top-1 accuracy ({results['zeroshot_num_classes']} classes, {templates} templates)",
+                     results["zeroshot_accuracy"]))
+    if "segmentation_miou" in results:
+        rows.append(("segmentation", f"mIoU ({results['segmentation_num_classes']} classes)",
+                     results["segmentation_miou"]))
+        rows.append(("segmentation", "pixel accuracy", results["segmentation_pixel_accuracy"]))
+    return rows
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The report as Markdown: a few lines about the data, then | protocol | metric | value |."""
+    r = report["results"]
+    lines = [f"# Evaluation of {report['model_dir']}", "",
+             f"- dataset: {report['dataset']} ({report['dataset_kind']}, {report['num_images']} images)",
+             f"- split: {r['split']}: {r['num_reference']} reference / {r['num_query']} query images",
+             f"- classes: {r['num_classes']} (chance {r['chance']:.4f})", "",
+             "| protocol | metric | value |", "| --- | --- | --- |"]
+    for protocol, metric, value in _rows(r, report.get("eval_config", {})):
+        lines.append(f"| {protocol} | {metric} | {value:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write eval.json and eval.md into ``out_dir`` (created if needed); returns both paths."""
+    from synray.rundir import atomic_write_text, write_json
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / JSON_FILE, report)
+    atomic_write_text(out / TABLE_FILE, format_table(report))
+    return out / JSON_FILE, out / TABLE_FILE
+
+
+def default_out_dir(cfg: RunConfig, now: datetime | None = None) -> Path:
+    """``<output_root>/eval-<UTC timestamp>``."""
+    stamp = (now or datetime.now(timezone.utc)).strftime(TIMESTAMP_FORMAT)
+    return Path(cfg.output_root) / f"eval-{stamp}"
+
+
+def eval_command(cfg: RunConfig, model_dir: str, dataset: str, protocols: Sequence[str] | None = None,
+                 out_dir: str | None = None) -> int:
+    """`synray eval`: connect to Ray, evaluate, write eval.json / eval.md, print the table."""
+    from synray.eval.datasets import inspect_dataset
+    from synray.session import session
+
+    todo = check_protocols(list(cfg.eval.protocols if not protocols else protocols))
+    model_image_size(model_dir)  # bad inputs fail before Ray starts
+    source = inspect_dataset(dataset)
+    check_request(model_dir, todo, source)
+    with session(cfg.ray):
+        report = evaluate_dataset(model_dir, dataset, todo, cfg, source=source)
+    json_path, md_path = write_report(report, out_dir or default_out_dir(cfg))
+    print(format_table(report), end="")
+    print(f"\nwrote {json_path} and {md_path}")
+    return 0
