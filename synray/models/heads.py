@@ -4,20 +4,59 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from synray.config import BackboneConfig, HeadConfig
 from synray.models.backbone import Encoder, build_backbone
 
-__all__ = ["MLPHead", "ContrastiveModel", "build_contrastive_model"]
+__all__ = ["CrossRankBatchNorm1d", "MLPHead", "ContrastiveModel", "build_contrastive_model"]
+
+
+class CrossRankBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics span every rank's rows, on any device (SimCLR's global BN).
+
+    With per-rank statistics, a contrastive loss over features gathered from all ranks can be
+    lowered by telling the ranks apart through their batch statistics instead of the images; on
+    the CPU nn.SyncBatchNorm does not run, so this layer sums [sum(x), sum(x^2), n] over ranks with
+    a differentiable all-reduce. One process, eval mode or no process group: plain BatchNorm1d.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        d = x.shape[1]
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision: statistics in float32
+        count = torch.full((1,), float(x.shape[0]), device=x.device, dtype=x32.dtype)
+        stats = all_reduce(torch.cat([x32.sum(0), (x32 * x32).sum(0), count]))
+        n = stats[-1]
+        mean = stats[:d] / n
+        var = (stats[d:2 * d] / n - mean * mean).clamp_min(0.0)
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), float(n))
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: float) -> None:
+        self.num_batches_tracked += 1
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_((var * n / max(n - 1.0, 1.0)).to(self.running_var.dtype), momentum)
 
 
 class MLPHead(nn.Sequential):
     """``num_layers`` Linear layers; every hidden one is followed by BatchNorm1d + ReLU, the last
     one by nothing (StableRep: 3 layers, hidden 4096, out 256).
 
-    The BatchNorm layers are per-rank; on GPUs ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns
-    them into StableRep's synchronised ones (SyncBatchNorm does not run on the CPU).
+    The BatchNorm layers normalise over the rows of all ranks (:class:`CrossRankBatchNorm1d`, as
+    StableRep's synchronised BN); on GPUs ``nn.SyncBatchNorm.convert_sync_batchnorm`` swaps in
+    PyTorch's fused kernel.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) -> None:
@@ -27,7 +66,7 @@ class MLPHead(nn.Sequential):
         dim = in_dim
         for i in range(1, num_layers):
             layers[f"layer{i}"] = nn.Linear(dim, hidden_dim)
-            layers[f"bn{i}"] = nn.BatchNorm1d(hidden_dim)
+            layers[f"bn{i}"] = CrossRankBatchNorm1d(hidden_dim)
             layers[f"relu{i}"] = nn.ReLU(inplace=True)
             dim = hidden_dim
         layers[f"layer{num_layers}"] = nn.Linear(dim, out_dim)
