@@ -2,9 +2,10 @@
 
     python tuning/compare_losses.py shapes --out docs/shapes_losses.png
 
-Every variant sees the same number of images (views) per step: SimCLR takes twice as many captions
-per batch as the multi-positive loss takes images per caption / 2, and its stream twice as many rows.
-Writes the figure, and `<figure>.json` with every run's evaluation and run directory.
+Every variant sees the same number of images (views) per step: SimCLR (two views of one image per
+caption) takes m/2 times as many captions per batch, and its stream as many more rows. All variants
+are scored on one held-out store (the base config's held-out set, m images per caption), generated
+once under `output_root`. Writes the figure, and `<figure>.json` with every run's evaluation.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import sys
 from pathlib import Path
 
 from synray.config import ConfigError, RunConfig, load_config, with_overrides
-from synray.pipeline import run
+from synray.data.generate import generate_to_store
+from synray.pipeline import heldout_config, run
 from synray.viz import compare_bars
 
 METRICS = {"knn_accuracy": "kNN accuracy", "linear_accuracy": "linear probe accuracy",
@@ -49,16 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"compare_losses: {e}", file=sys.stderr)
         return 2
+    heldout_cfg = heldout_config(base)
+    heldout = Path(base.output_root) / f"{base.name}-heldout-{heldout_cfg.generation_fingerprint()}"
+    generate_to_store(heldout_cfg, str(heldout))  # resumable: a rerun reuses it
     report: dict[str, dict] = {}
     for name, cfg in configs.items():
-        rd, summary = run(cfg)
+        rd, summary = run(with_overrides(cfg, {"eval.dataset": str(heldout)}))
         report[name] = {**summary["eval"], "run_dir": str(rd.path), "train": summary["train"]}
         print(f"{name}: " + ", ".join(f"{k} {summary['eval']['trained'].get(k, float('nan')):.3f} "
                                       f"(init {summary['eval']['init'].get(k, float('nan')):.3f})" for k in METRICS))
     out = Path(args.out)
     chance = next(iter(report.values()))["trained"].get("chance")
-    title = (f"{base.name}: {base.train.steps} steps, {base.train.captions_per_worker * base.images.per_caption * "
-             f"base.train.num_workers} images per step, held-out set of {base.eval.heldout_captions} captions")
+    per_step = base.train.captions_per_worker * base.images.per_caption * base.train.num_workers
+    title = (f"{base.name}: {base.train.steps} steps of {per_step} images, "
+             f"held-out set of {base.eval.heldout_captions} captions")
     compare_bars(report, METRICS, out, title=title, chance=chance)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
     print(f"figure: {out}")
