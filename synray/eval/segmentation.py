@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synray.eval.linear import torch_threads
+from synray.eval.linear import LinearProbe, torch_threads
 
 __all__ = ["confusion_matrix", "iou_per_class", "miou", "decode_class_mask", "decode_masks",
            "infer_num_classes", "SegmentationProbe", "segmentation_probe"]
@@ -111,16 +111,13 @@ class SegmentationProbe(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, use_bn: bool = True) -> None:
         super().__init__()
-        self.norm: nn.Module = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if use_bn else nn.Identity()
-        self.linear = nn.Linear(dim, num_classes)
-        nn.init.normal_(self.linear.weight, std=0.01)
-        nn.init.zeros_(self.linear.bias)
+        self.head = LinearProbe(dim, num_classes, use_bn)  # the classification probe, applied per patch
 
     def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """tokens [B, P, D] (P = h * w, row-major) -> logits [B, C, *out_size]."""
         b, p, d = tokens.shape
         grid = _grid(p)
-        logits = self.linear(self.norm(tokens.reshape(b * p, d))).reshape(b, grid, grid, -1)
+        logits = self.head(tokens.reshape(b * p, d)).reshape(b, grid, grid, -1)
         logits = logits.permute(0, 3, 1, 2)
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
 
