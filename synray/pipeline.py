@@ -112,7 +112,8 @@ def training_dataset(cfg: RunConfig, stats_actor: Any, data_dir: str | None):
     return ds.select_columns(train_columns(cfg)), False
 
 
-#: held-out columns the protocols may read (masks: segmentation; concept: zero-shot class names)
+#: held-out columns the protocols may read (masks: segmentation, procedural backend only; concept:
+#: zero-shot class names)
 EVAL_COLUMNS = ("caption_id", "caption", "label", "concept", "images", "masks")
 
 
@@ -143,7 +144,8 @@ def heldout_rows(cfg: RunConfig) -> list[dict[str, Any]]:
         names = set(pq.read_schema(store.check_readable(("caption", "label", "images"))[0]).names)
         rows = store.read_dataset(columns=[c for c in EVAL_COLUMNS if c in names]).take_all()
     else:
-        rows = build_pipeline(prepare(heldout_config(cfg))).select_columns(list(EVAL_COLUMNS)).take_all()
+        columns = [c for c in EVAL_COLUMNS if c != "masks" or cfg.images.backend == "procedural"]
+        rows = build_pipeline(prepare(heldout_config(cfg))).select_columns(columns).take_all()
     return sorted(rows, key=lambda r: str(r.get("caption_id", "")))  # the reference/query split then repeats across runs
 
 
