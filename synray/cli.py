@@ -18,8 +18,12 @@ def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None
         p.add_argument("config", nargs="?", default="local", help="built-in config name or YAML file (default: local)")
     else:
         p.add_argument("config", help="built-in config name or YAML file")
+    _add_overrides(p)
+
+
+def _add_overrides(p: argparse.ArgumentParser, example: str = "train.steps=3") -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.steps=3")
+                   help=f"override a config value (repeatable), e.g. --set {example}")
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -146,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeatable (default: eval.protocols of the config)")
     ev.add_argument("--config", default="local", help="built-in config name or YAML file for ray/eval settings "
                                                       "(default: local)")
-    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                    help="override a config value (repeatable), e.g. --set eval.knn_k=10")
+    _add_overrides(ev, "eval.knn_k=10")
     ev.add_argument("--out", help="output directory (default: <output_root>/eval-<UTC timestamp>)")
     ev.set_defaults(func=cmd_eval)
     return parser

@@ -115,11 +115,13 @@ def test_clip_training_on_a_laclip_rewrite_store(generated_store: dict, tmp_path
         "caption": [r["caption"] for r in rows],
         "rewrites": [[f"a picture of {r['caption']}", "x"] for r in rows]}))
     cfg = small_config("train.loss=clip", "train.steps=3", "train.checkpoint_every=3", f"output_root={tmp_path}",
-                       "eval.dataset=" + generated_store["dir"])
+                       "eval.dataset=" + generated_store["dir"], "eval.protocols=[knn, zeroshot]")
     rd, summary = run(cfg, data_dir=str(tmp_path / "laclip"))
     assert summary["per_caption"] == 1 and summary["train"]["steps"] == 3
     assert summary["train"]["final_loss"] is not None and summary["train"]["final_loss"] > 0
     assert 0 <= summary["eval"]["trained"]["knn_accuracy"] <= 1
+    for side in ("trained", "init"):  # zero-shot through the exported / the initial text tower
+        assert 0 <= summary["eval"][side]["zeroshot_accuracy"] <= 1
     model, tokenizer, max_length = load_image_text(summary["backbone_dir"])
     assert max_length == cfg.train.text.max_length and float(model.logit_scale) > 0
     from synray.pipeline import check_run

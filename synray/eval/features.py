@@ -142,14 +142,10 @@ def features_of_arrays(encoder: Encoder, arrays: Sequence[np.ndarray], image_siz
 
 
 def _decode(data: bytes, image_size: int | None) -> np.ndarray:
-    from synray.train.batches import decode_image
+    from synray.train.batches import decode_image, resize_square
 
     arr = decode_image(bytes(data))
-    if image_size is not None and arr.shape[:2] != (image_size, image_size):
-        from PIL import Image
-
-        arr = np.asarray(Image.fromarray(arr).resize((image_size, image_size), Image.Resampling.BICUBIC))
-    return arr
+    return arr if image_size is None else resize_square(arr, image_size)
 
 
 def decode_row_images(row_images: Any, image_size: int | None = None) -> list[np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,12 @@ SECONDARY_SIZES = ("small", "medium")  # the secondary object is always sized, a
 _COUNT_P = np.asarray(COUNT_WEIGHTS, dtype=np.float64) / sum(COUNT_WEIGHTS)
 
 
+def _check_choice(what: str, value: str | None, allowed: Iterable[str]) -> None:
+    """ValueError naming the allowed words unless value is None or one of them."""
+    if value is not None and value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+
+
 @dataclass(frozen=True)
 class ShapeObject:
     """One group of identical objects: `count` shapes of one class; size/colour None = drawn per image."""
@@ -57,14 +64,11 @@ class ShapeObject:
     color: str | None = None
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPE_CLASSES:
-            raise ValueError(f"unknown shape {self.shape!r}; allowed: {', '.join(SHAPE_CLASSES)}")
+        _check_choice("shape", self.shape, SHAPE_CLASSES)
         if not 1 <= self.count <= MAX_COUNT:
             raise ValueError(f"count must be 1..{MAX_COUNT}, got {self.count}")
-        if self.size is not None and self.size not in SIZES:
-            raise ValueError(f"unknown size {self.size!r}; allowed: {', '.join(SIZES)}")
-        if self.color is not None and self.color not in COLORS:
-            raise ValueError(f"unknown colour {self.color!r}; allowed: {', '.join(COLORS)}")
+        _check_choice("size", self.size, SIZES)
+        _check_choice("colour", self.color, COLORS)
 
     @property
     def class_index(self) -> int:
@@ -83,10 +87,8 @@ class ShapeScene:
     def __post_init__(self) -> None:
         if (self.relation is None) != (self.secondary is None):
             raise ValueError("a relation needs a secondary object and a secondary object needs a relation")
-        if self.relation is not None and self.relation not in RELATIONS:
-            raise ValueError(f"unknown relation {self.relation!r}; allowed: {', '.join(RELATIONS)}")
-        if self.background is not None and self.background not in TEXTURES:
-            raise ValueError(f"unknown background {self.background!r}; allowed: {', '.join(TEXTURES)}")
+        _check_choice("relation", self.relation, RELATIONS)
+        _check_choice("background", self.background, TEXTURES)
 
     @property
     def label(self) -> str:

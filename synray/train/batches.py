@@ -75,12 +75,13 @@ class ImageTextBatch:
         return int(self.images.shape[0])
 
 
-def _resize(array: np.ndarray, size: int) -> np.ndarray:
+def resize_square(array: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> [size, size, 3] (bicubic); returned as is when already that size."""
     from PIL import Image
 
     if array.shape[:2] == (size, size):
         return array
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.BICUBIC))
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def image_text_pairs(batch: dict[str, np.ndarray], rng: np.random.Generator, image_size: int,
@@ -107,7 +108,7 @@ def image_text_pairs(batch: dict[str, np.ndarray], rng: np.random.Generator, ima
         captions.append(pick_caption(options, rng))
     arrays = [decode_image(data) for data in encoded]
     if len({a.shape for a in arrays}) != 1:
-        arrays = [_resize(a, image_size) for a in arrays]
+        arrays = [resize_square(a, image_size) for a in arrays]
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     tokens = tokenize(tokenizer, captions, max_length)
     return ImageTextBatch(images, captions, tokens["input_ids"], tokens["attention_mask"])
