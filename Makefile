@@ -41,5 +41,8 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
+lint: setup
+	$(BIN)/lint-imports
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

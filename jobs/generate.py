@@ -10,8 +10,10 @@ import argparse
 import logging
 import sys
 
-from synray.config import ConfigError, load_config
-from synray.data.generate import format_summary, generate_to_store
+from synray.data.store import ParquetStore
+from synray.plan import load_run_config, plan_generation
+from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
+from synray.programs.generate import format_summary, generate_to_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"synray: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(generate_to_store(cfg, args.out)))
+    try:  # validated and planned before any cluster resource is asked for
+        plan = plan_generation(load_run_config(args.config, args.overrides), ParquetStore(args.out))
+    except (FileNotFoundError, ValueError) as e:
+        if bad_input_message(e) is None:
+            raise
+        print(bad_input_message(e), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(format_summary(generate_to_store(plan, args.out)))
     return 0
 
 

@@ -10,8 +10,9 @@ import argparse
 import logging
 import sys
 
-from synray.config import ConfigError, load_config
-from synray.pipeline import print_summary, run
+from synray.plan import load_run_config, plan_run
+from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
+from synray.programs.run import print_summary, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="train from this store instead of generating")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)  # validated before any cluster resource is asked for
-    except ConfigError as e:
-        print(f"synray: {e}", file=sys.stderr)
-        return 2
-    rd, summary = run(cfg, data_dir=args.data)
+    try:  # validated and planned before any cluster resource is asked for
+        plan = plan_run(load_run_config(args.config, args.overrides), data_dir=args.data)
+    except (FileNotFoundError, ValueError) as e:
+        if bad_input_message(e) is None:
+            raise
+        print(bad_input_message(e), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    rd, summary = run(plan)
     print_summary(rd, summary)
     return 0
 

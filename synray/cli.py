@@ -1,4 +1,8 @@
-"""The `synray` command: parses arguments and dispatches to the library; no logic of its own."""
+"""The `synray` command: parses arguments, plans, and dispatches to a program; no logic of its own.
+
+Each command imports its program when it runs, so `synray --help` and `synray config list` answer
+without loading torch, Ray and the models; the library modules themselves import at the top.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,8 @@ import logging
 import sys
 from collections.abc import Callable
 
-from synray.config import ConfigError, builtin_configs, load_config
-from synray.eval import SUPPORTED_PROTOCOLS
-
-EXIT_BAD_INPUT = 2
+from synray.config import EVAL_PROTOCOLS, builtin_configs
+from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
 
 
 def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -27,7 +29,9 @@ def _add_overrides(p: argparse.ArgumentParser, example: str = "train.steps=3") -
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    from synray.plan import load_run_config
+
+    print(load_run_config(args.config, args.overrides).to_yaml(), end="")
     return 0
 
 
@@ -47,52 +51,49 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from synray.data.generate import generate_command
+    from synray.data.store import ParquetStore
+    from synray.plan import load_run_config, plan_generation
+    from synray.programs.generate import generate_command
 
-    cfg = load_config(args.config, args.overrides)
-    return generate_command(cfg, args.out)
+    cfg = load_run_config(args.config, args.overrides)
+    return generate_command(plan_generation(cfg, ParquetStore(args.out)), args.out)
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
-    from synray.captions.rewrite import rewrite_to_store
+    from synray.plan import load_run_config, plan_rewrite
+    from synray.programs.rewrite import rewrite_command
 
-    cfg = load_config(args.config, args.overrides)
-    source = args.source or cfg.captions.rewrite.source
-    if not source:
-        raise ConfigError("rewrite needs --source or captions.rewrite.source")
-    summary = rewrite_to_store(cfg, source, args.out)
-    print(f"rows: {summary['rows']} with {summary['rewrites_per_caption']} rewrites each; "
-          f"rejected rewrites: {summary['rejected']}")
-    return 0
+    cfg = load_run_config(args.config, args.overrides)
+    return rewrite_command(plan_rewrite(cfg, args.source, args.out))
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
     from synray.viz import sample_grid_from_store
 
-    path = sample_grid_from_store(args.dir, args.out, rows=args.rows)
-    print(path)
+    print(sample_grid_from_store(args.dir, args.out, rows=args.rows))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from synray.pipeline import run_command
+    from synray.plan import load_run_config, plan_run
+    from synray.programs.run import run_command
 
-    cfg = load_config(args.config, args.overrides)
-    return run_command(cfg)
+    return run_command(plan_run(load_run_config(args.config, args.overrides)))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from synray.pipeline import train_command
+    from synray.plan import load_run_config, plan_run
+    from synray.programs.run import run_command
 
-    cfg = load_config(args.config, args.overrides)
-    return train_command(cfg, args.data)
+    return run_command(plan_run(load_run_config(args.config, args.overrides), data_dir=args.data))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from synray.eval.run import eval_command
+    from synray.plan import load_run_config, plan_eval
+    from synray.programs.evaluate import eval_command
 
-    cfg = load_config(args.config, args.overrides)
-    return eval_command(cfg, args.model_dir, args.dataset, args.protocols, args.out)
+    cfg = load_run_config(args.config, args.overrides)
+    return eval_command(plan_eval(cfg, args.model_dir, args.dataset, args.protocols), cfg, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", required=True,
                     help="Parquet file/directory (image, label [, mask, class_name, split]), a synray store, "
                          "or an image folder root/<class>/<image>")
-    ev.add_argument("--protocol", dest="protocols", action="append", choices=SUPPORTED_PROTOCOLS, default=[],
+    ev.add_argument("--protocol", dest="protocols", action="append", choices=EVAL_PROTOCOLS, default=[],
                     help="repeatable (default: eval.protocols of the config)")
     ev.add_argument("--config", default="local", help="built-in config name or YAML file for ray/eval settings "
                                                       "(default: local)")
@@ -163,14 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except ConfigError as e:
-        print(f"synray: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except (FileNotFoundError, ValueError) as e:
-        if type(e).__module__.startswith("synray") or isinstance(e, FileNotFoundError):
-            print(f"synray: error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
+        message = bad_input_message(e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
+from collections.abc import Collection, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -21,6 +21,26 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# `train.loss` and `images.backend` name entries of registries that live above this module (the
+# objectives of synray.train, the renderers of synray.images). Validation checks them when the caller
+# passes the registries' names as `choices` (synray.plan.load_run_config does); see `validate`.
+
+
+def _one_of(allowed: Collection[str]) -> str:
+    """The names as pydantic words a Literal's choices: 'a', 'b' or 'c'."""
+    names = [repr(a) for a in allowed]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _registered(key: str, value: str, info: ValidationInfo) -> str:
+    """The value, after checking it against the registry names given in the validation context."""
+    choices: Mapping[str, Collection[str]] = (info.context or {}).get("choices") or {}
+    allowed = choices.get(key)
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"must be one of {_one_of(allowed)}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------- ray
@@ -131,7 +151,7 @@ class CaptionsConfig(Section):
 
 # -------------------------------------------------------------------------------------- images
 class ImagesConfig(Section):
-    backend: Literal["diffusers", "procedural"] = "diffusers"
+    backend: str = Field("diffusers", description="a renderer of synray.images.registry: diffusers, procedural")
     model: str = Field("tiny:sd", description="tiny:sd, a HF model name or a local diffusers directory")
     per_caption: int = Field(4, ge=1, le=64, description="m: images rendered per caption")
     guidance_scale: float = Field(2.5, ge=0.0, le=30.0)
@@ -149,6 +169,11 @@ class ImagesConfig(Section):
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     negative_prompt: str | None = None
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_registered(cls, v: str, info: ValidationInfo) -> str:
+        return _registered("images.backend", v, info)
 
     @field_validator("resolution")
     @classmethod
@@ -199,7 +224,8 @@ class HeadConfig(Section):
 
 class AugmentConfig(Section):
     preset: Literal["strong", "crop", "none"] | None = Field(
-        None, description="default: crop for train.loss=clip (LaCLIP), strong (SimCLR/StableRep) otherwise")
+        None, description="default: the objective's own (crop for clip, as LaCLIP; strong, as SimCLR/StableRep, "
+        "otherwise)")
     crop_scale_min: float | None = Field(
         None, gt=0, le=1, description="smallest random-resized-crop area; default: 0.08 (strong), 0.5 (crop, LaCLIP)")
 
@@ -213,7 +239,8 @@ class TextTowerConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(200, ge=1, description="optimizer step budget")
-    loss: Literal["stablerep", "simclr", "clip", "supervised"] = "stablerep"
+    loss: str = Field("stablerep", description="an objective of synray.train.objectives: stablerep, simclr, "
+                      "supervised, clip")
     temperature: float = Field(0.1, gt=0, le=10, description="contrastive temperature; for loss=clip the "
                                "initial value of the learnable one (CLIP: 0.07)")
     num_workers: int = Field(2, ge=1)
@@ -240,6 +267,11 @@ class TrainConfig(Section):
     fail_at_step: int | None = Field(None, ge=1, description="fault drill: the last worker dies at this step "
                                      "unless it was restarted from a checkpoint")
 
+    @field_validator("loss")
+    @classmethod
+    def _loss_registered(cls, v: str, info: ValidationInfo) -> str:
+        return _registered("train.loss", v, info)
+
     @model_validator(mode="after")
     def _checks(self) -> "TrainConfig":
         if self.precision != "fp32" and not self.use_gpu:
@@ -248,9 +280,13 @@ class TrainConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------- eval
+#: the evaluation protocols (synray.eval.protocols runs them), in report order
+EvalProtocol = Literal["knn", "linear", "zeroshot", "segmentation"]
+EVAL_PROTOCOLS: tuple[str, ...] = get_args(EvalProtocol)
+
 class EvalConfig(Section):
     enabled: bool = True
-    protocols: list[Literal["knn", "linear", "zeroshot", "segmentation"]] = Field(default_factory=lambda: ["knn"])
+    protocols: list[EvalProtocol] = Field(default_factory=lambda: ["knn"])
     heldout_captions: int = Field(64, ge=1, description="rows of the held-out set (rendered with other seeds)")
     seed_offset: int = Field(1_000_003, ge=1, description="added to the run seed for the held-out set")
     knn_k: int = Field(20, ge=1)
@@ -287,16 +323,6 @@ class EvalConfig(Section):
         return v
 
 
-# ---------------------------------------------------------------------------------------- tune
-class TuneConfig(Section):
-    search_space: dict[str, Any] = Field(default_factory=dict,
-                                         description="config path -> {grid: [...]} / {choice: [...]} / {uniform: [a,b]}")
-    num_samples: int = Field(1, ge=1)
-    metric: str = "knn_accuracy"
-    mode: Literal["max", "min"] = "max"
-    max_concurrent_trials: int = Field(1, ge=1)
-
-
 # ----------------------------------------------------------------------------------------- run
 class RunConfig(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -311,22 +337,12 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    tune: TuneConfig = TuneConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def generation_fingerprint(self) -> str:
-        """Hash of everything that decides which rows a generation run writes (not their count)."""
-        d = self.to_dict()
-        keep = {"seed": d["seed"], "concepts": d["concepts"], "images": d["images"],
-                "captions": {k: v for k, v in d["captions"].items() if k not in ("engine", "oversample")}}
-        for k in ("pool_size", "batch_size", "num_cpus", "num_gpus", "compile"):
-            keep["images"].pop(k, None)
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -439,20 +455,25 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def validate(raw: dict[str, Any]) -> RunConfig:
+Choices = Mapping[str, Collection[str]]
+
+
+def validate(raw: dict[str, Any], choices: Choices | None = None) -> RunConfig:
+    """The typed config; `choices` ({"train.loss": names, ...}, see REGISTERED_KEYS) are checked too."""
     try:
-        return RunConfig.model_validate(raw)
+        return RunConfig.model_validate(raw, context={"choices": dict(choices or {})})
     except ValidationError as e:
         raise ConfigError(_format_errors(e, raw)) from None
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None,
+                choices: Choices | None = None) -> RunConfig:
     """Load a built-in config or YAML file, apply `key.path=value` overrides, and validate it."""
-    return validate(apply_overrides(load_raw(name_or_path), overrides))
+    return validate(apply_overrides(load_raw(name_or_path), overrides), choices)
 
 
-def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """A copy of cfg with {"a.b": value} applied and validated (used by Tune trials)."""
+def with_overrides(cfg: RunConfig, overrides: dict[str, Any], choices: Choices | None = None) -> RunConfig:
+    """A copy of cfg with {"a.b": value} applied and validated (derived configs, sweep trials)."""
     raw = cfg.to_dict()
     items = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
-    return validate(apply_overrides(raw, items))
+    return validate(apply_overrides(raw, items), choices)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from synray.data.codecs import decode_image
 
 __all__ = ["loss_curve", "sample_grid", "sample_grid_from_store", "compare_bars"]
 
@@ -18,9 +22,6 @@ EXTRA_SERIES = {"lr": "learning rate", "data_wait_fraction": "data-wait fraction
 
 def _figure(figsize: tuple[float, float]) -> Any:
     """A pyplot-free figure (no global state, no GUI): saved through the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
     return fig
@@ -82,12 +83,9 @@ def loss_curve(metrics: Sequence[Mapping[str, Any]], path: str | Path, title: st
 
 
 def _decode(data: Any) -> np.ndarray:
-    from PIL import Image
-
     if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
         return data
-    with Image.open(io.BytesIO(bytes(data))) as img:
-        return np.asarray(img.convert("RGB"))
+    return decode_image(data)
 
 
 def sample_grid(rows: Sequence[Mapping[str, Any]], path: str | Path, max_rows: int = 8,
@@ -124,8 +122,6 @@ def sample_grid(rows: Sequence[Mapping[str, Any]], path: str | Path, max_rows: i
 def sample_grid_from_store(store_dir: str | Path, out_path: str | Path, rows: int = 8,
                            max_images: int | None = None) -> Path:
     """A :func:`sample_grid` of the first ``rows`` rows of a Parquet store's ``shard-*.parquet`` files."""
-    import pyarrow.parquet as pq
-
     store = Path(store_dir)
     if not store.is_dir():
         raise ValueError(f"store directory {store} does not exist")

@@ -43,7 +43,7 @@ def ray_cluster(tiny_models: dict[str, str]) -> Iterator[str]:
     import ray
 
     from synray.config import RayConfig
-    from synray.session import init
+    from synray.programs.session import init
 
     init(RayConfig(num_cpus=RAY_TEST_CPUS))
     address = ray.get_runtime_context().gcs_address
@@ -52,21 +52,23 @@ def ray_cluster(tiny_models: dict[str, str]) -> Iterator[str]:
 
 
 def small_config(*overrides: str):
-    """The built-in `local` config shrunk for tests (more overrides may follow)."""
-    from synray.config import load_config
+    """The built-in `local` config shrunk for tests (more overrides may follow), validated as programs do."""
+    from synray.plan import load_run_config
 
     base = ["data.num_captions=16", "images.per_caption=2", "images.steps=2", "train.steps=4",
             "train.captions_per_worker=2", "train.log_every=1", "train.checkpoint_every=2",
             "eval.heldout_captions=12"]
-    return load_config("local", base + list(overrides))
+    return load_run_config("local", base + list(overrides))
 
 
 @pytest.fixture(scope="session")
 def generated_store(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One small dataset generated for real (tiny vLLM -> tiny diffusers -> Parquet), shared by the suite."""
-    from synray.data.generate import generate_to_store
+    from synray.data.store import ParquetStore
+    from synray.plan import plan_generation
+    from synray.programs.generate import generate_to_store
 
     out = tmp_path_factory.mktemp("store") / "local"
     cfg = small_config("data.num_captions=16", "images.per_caption=3")
-    summary = generate_to_store(cfg, str(out))
+    summary = generate_to_store(plan_generation(cfg, ParquetStore(out)), str(out))
     return {"dir": str(out), "cfg": cfg, "summary": summary}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from synray.config import AugmentConfig
-from synray.train.augment import (DEFAULT_CROP_SCALE_MIN, IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size,
-                                  build_augment, build_eval_transform)
+from synray.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+from synray.train.augment import DEFAULT_CROP_SCALE_MIN, blur_kernel_size, build_augment
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

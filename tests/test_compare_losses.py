@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from synray.config import load_config, with_overrides
+from synray.plan import derive_config, load_run_config, plan_run
+from synray.train.engine import images_per_step
+from synray.train.objectives import get_objective
 
 
 def _program():
@@ -17,16 +19,15 @@ def _program():
 
 
 def test_variants_see_the_same_images_per_step():
-    from synray.train.engine import images_per_step
-    from synray.train.trainer import check_train_setup
-
-    base = load_config("shapes")
-    configs = {name: with_overrides(base, o) for name, o in _program().variants(base).items()}
+    base = load_run_config("shapes")
+    configs = {name: derive_config(base, o) for name, o in _program().variants(base).items()}
     assert len(configs) == 3
     per_step = set()
     for cfg in configs.values():
-        check_train_setup(cfg, cfg.images.per_caption)
-        per_step.add(images_per_step(cfg.train, cfg.images.per_caption, cfg.train.num_workers))
+        plan = plan_run(cfg)  # every check of a run passes
+        objective = get_objective(cfg.train.loss)
+        per_step.add(images_per_step(cfg.train, objective.images_per_row(plan.train.per_caption), objective.views,
+                                     cfg.train.num_workers))
         assert cfg.train.steps == base.train.steps
         rows_per_step = cfg.train.captions_per_worker * cfg.train.num_workers
         assert cfg.data.num_captions >= cfg.train.steps * rows_per_step

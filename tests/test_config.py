@@ -89,12 +89,23 @@ def test_missing_and_malformed_files(tmp_path: Path):
         load_config("nosuchconfig")
 
 
-def test_generation_fingerprint_ignores_pool_sizes():
+def test_store_fingerprint_ignores_pool_sizes():
+    from synray.generation.pipeline import store_fingerprint
+
     a = load_config("local")
     b = load_config("local", ["images.pool_size=3", "captions.engine.pool_size=2", "data.num_captions=5"])
     c = load_config("local", ["images.guidance_scale=4.0"])
-    assert a.generation_fingerprint() == b.generation_fingerprint()
-    assert a.generation_fingerprint() != c.generation_fingerprint()
+    assert store_fingerprint(a) == store_fingerprint(b)
+    assert store_fingerprint(a) != store_fingerprint(c)
+
+
+def test_store_fingerprint_counts_only_what_the_backend_reads():
+    from synray.generation.pipeline import store_fingerprint
+
+    shapes = load_config("shapes")
+    for key in ("images.steps=7", "images.guidance_scale=6.0", "images.scheduler=euler", "images.model=other"):
+        assert store_fingerprint(load_config("shapes", [key])) == store_fingerprint(shapes), key
+    assert store_fingerprint(load_config("shapes", ["images.resolution=64"])) != store_fingerprint(shapes)
 
 
 def _synray(*args: str) -> subprocess.CompletedProcess:
@@ -119,8 +130,11 @@ def test_cli_config_list():
     assert all("\t" in line and line.split("\t")[1] for line in r.stdout.splitlines())
 
 
-@pytest.mark.parametrize("override, needle", [("train.steps=-1", "train.steps"), ("no.such.key=1", "no: unknown key")])
-def test_cli_bad_override_exits_nonzero(override: str, needle: str):
-    r = _synray("config", "show", "local", "--set", override)
-    assert r.returncode != 0
-    assert needle in r.stderr
+@pytest.mark.parametrize("override, needle", [("train.steps=-1", "train.steps: -1 is not allowed"),
+                                             ("no.such.key=1", "no: unknown key"),
+                                             ("train.loss=dino", "train.loss: \"dino\" is not allowed")])
+def test_cli_bad_override_exits_with_status_2(override: str, needle: str, capsys):
+    from synray.cli import main
+
+    assert main(["config", "show", "local", "--set", override]) == 2
+    assert needle in capsys.readouterr().err

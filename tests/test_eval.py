@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from synray.config import BackboneConfig, EvalConfig
-from synray.eval import evaluate_backbone
+from synray.eval.evaluate import evaluate_backbone
 from synray.eval.features import FeatureExtractor, extract_features, rows_to_images
 from synray.eval.knn import knn_accuracy, knn_predict, split_reference_query
 from synray.eval.linear import linear_probe

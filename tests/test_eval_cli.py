@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from synray.cli import EXIT_BAD_INPUT, main
-from synray.eval.run import format_table
+from synray.eval.report import format_table
 from synray.models.backbone import save_backbone
 
 from eval_models import tiny_backbone

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from synray.config import EvalConfig
-from synray.eval import EvalError
+from synray.eval.errors import EvalError
 from synray.eval.datasets import (
     extract_arrays,
     hf_label_names,

@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 from synray.config import EvalConfig
-from synray.eval import EvalError, evaluate_backbone
+from synray.data.codecs import decode_class_mask
+from synray.eval.errors import EvalError
+from synray.eval.evaluate import evaluate_backbone
 from synray.eval.protocols import EvalArrays, label_names, reference_query, run_protocols
 from synray.eval.segmentation import (
     confusion_matrix,
-    decode_class_mask,
     infer_num_classes,
     iou_per_class,
     miou,

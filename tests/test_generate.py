@@ -17,6 +17,8 @@ from PIL import Image
 
 from conftest import small_config
 from synray.data.store import ParquetStore, StoreError
+from synray.plan import plan_generation
+from synray.programs.generate import generate_to_store
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +47,16 @@ def test_generated_rows_are_complete(generated_store: dict):
 
 
 def test_regenerating_a_row_gives_the_same_image_bytes(generated_store: dict):
-    from synray.data.regenerate import regenerate_images
+    from synray.generation.regenerate import regenerate_images
 
     row = _rows(generated_store["dir"])[3]
     assert regenerate_images(row) == list(row["images"])
 
 
 def test_rerun_of_a_finished_store_adds_nothing(generated_store: dict):
-    from synray.data.generate import generate_to_store
-
-    again = generate_to_store(generated_store["cfg"], generated_store["dir"])
+    plan = plan_generation(generated_store["cfg"], ParquetStore(generated_store["dir"]))
+    assert plan.wanted == 0 and len(plan.skip_ids) == 16
+    again = generate_to_store(plan, generated_store["dir"])
     assert again["rows_written"] == 0 and again["rows_total"] == 16
 
 
@@ -93,29 +95,27 @@ def test_killed_generation_resumes_with_every_id_once(ray_cluster: str, tmp_path
     (["images.model=LLM"], "not a diffusers pipeline"),
 ])
 def test_bad_generation_input_fails_before_the_pipeline(overrides, needle, tmp_path: Path, tiny_models):
-    from synray.data.generate import generate_to_store
-
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing here\n\n")
     overrides = [o.replace("EMPTY", str(empty)).replace("LLM", tiny_models["llm"]) for o in overrides]
     with pytest.raises(ValueError, match=needle):
-        generate_to_store(small_config(*overrides), str(tmp_path / "out"))
-    assert not ParquetStore(tmp_path / "out").shards()
+        plan_generation(small_config(*overrides), ParquetStore(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # planning writes nothing
 
 
 def test_store_of_another_config_is_refused(generated_store: dict):
-    from synray.data.generate import generate_to_store
-
     with pytest.raises(StoreError, match="another config"):
-        generate_to_store(small_config("images.guidance_scale=4.0"), generated_store["dir"])
+        plan_generation(small_config("images.guidance_scale=4.0"), ParquetStore(generated_store["dir"]))
 
 
-def test_cli_rejects_bad_image_settings(tmp_path: Path):
+def test_cli_rejects_bad_image_settings(tmp_path: Path, capsys):
+    from synray.cli import main
+
     for override, needle in (("images.per_caption=0", "images.per_caption"),
                              ("images.resolution=36", "divisible by 8")):
-        r = subprocess.run([sys.executable, "-m", "synray.cli", "generate", "local", "--out", str(tmp_path),
-                            "--set", override], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and needle in r.stderr
+        assert main(["generate", "local", "--out", str(tmp_path / "out"), "--set", override]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_samples_grid_cli(generated_store: dict, tmp_path: Path):

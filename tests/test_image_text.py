@@ -122,21 +122,24 @@ def test_export_reloads_identically(text_tower, tmp_path: Path):
     assert AutoModel.from_pretrained(str(tmp_path / "m")).config.model_type == "vit"  # still a plain backbone
 
 
-def test_setup_checks_the_text_tower(tiny_models: dict[str, str]):
-    from synray.train.trainer import TrainSetupError, check_train_setup
+def test_plan_checks_the_text_tower(tiny_models: dict[str, str]):
+    from synray.plan import plan_run
+    from synray.train.objectives import TrainSetupError
 
-    check_train_setup(small_config("train.loss=clip"), per_caption=2)
+    plan = plan_run(small_config("train.loss=clip"))
+    assert plan.train.text_model == tiny_models["text"] and plan.train.columns == ("caption", "images")
     with pytest.raises(TrainSetupError, match="'llama' model; image-text training needs a CLIP text model"):
-        check_train_setup(small_config("train.loss=clip", f"train.text.model={tiny_models['llm']}"), 2)
+        plan_run(small_config("train.loss=clip", f"train.text.model={tiny_models['llm']}"))
     with pytest.raises(TrainSetupError, match="model path does not exist"):
-        check_train_setup(small_config("train.loss=clip", "train.text.model=/nonexistent/text"), 2)
+        plan_run(small_config("train.loss=clip", "train.text.model=/nonexistent/text"))
     with pytest.raises(TrainSetupError, match="exceeds the text tower's 77 positions"):
-        check_train_setup(small_config("train.loss=clip", "train.text.max_length=100"), 2)
+        plan_run(small_config("train.loss=clip", "train.text.max_length=100"))
 
 
 def test_clip_uses_the_laclip_crop_by_default():
     from synray.train.augment import build_augment
+    from synray.train.objectives import get_objective
 
     cfg = small_config("train.loss=clip").train
-    assert build_augment(cfg.augment, 32, cfg.loss).preset == "crop"
-    assert build_augment(cfg.augment, 32, "stablerep").preset == "strong"
+    assert build_augment(cfg.augment, 32, get_objective(cfg.loss).default_augment).preset == "crop"
+    assert build_augment(cfg.augment, 32, get_objective("stablerep").default_augment).preset == "strong"

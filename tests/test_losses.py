@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 from datetime import timedelta
 from pathlib import Path

@@ -94,6 +94,6 @@ def test_contrastive_model(arch: str) -> None:
     x = torch.rand(4, 3, 32, 32)
     out = model(x)
     assert out.shape == (4, 16)
-    assert model.embed(x).shape == (4, model.encoder.embed_dim)
+    assert model.encoder(x).shape == (4, model.encoder.embed_dim)
     out.pow(2).sum().backward()
     assert model.encoder.model.embeddings.patch_embeddings.projection.weight.grad is not None

@@ -16,7 +16,6 @@ import torch
 from synray.models.tiny import (
     COMPLETE_MARKER,
     TINY_NAMES,
-    VLLM_CPU_ENGINE_KWARGS,
     ModelError,
     default_cache_dir,
     resolve_model,
@@ -27,7 +26,7 @@ from synray.models.tiny_sd import CLIP_MAX_LENGTH, build_tiny_sd, build_tiny_tex
 
 def _prompts(n: int, seed: int = 1) -> list[str]:
     """LLM-stage prompts the model was not trained on (another corpus seed)."""
-    from synray.captions.corpus import training_corpus
+    from synray.language.corpus import training_corpus
 
     return [split_document(doc)[0] for doc in training_corpus(seed, n)]
 
@@ -89,8 +88,11 @@ def test_llm_transformers_writes_captions(tiny_models: dict[str, str]) -> None:
 def vllm_engine(tiny_models: dict[str, str]) -> Iterator[Any]:
     from vllm import LLM
 
-    start = time.monotonic()
-    llm = LLM(model=tiny_models["llm"], seed=0, **VLLM_CPU_ENGINE_KWARGS)
+    from conftest import small_config
+    from synray.captions.llm import engine_kwargs
+
+    start = time.monotonic()  # the engine settings of the caption stage (the local config's)
+    llm = LLM(model=tiny_models["llm"], seed=0, **engine_kwargs(small_config().captions))
     print(f"vLLM engine start: {time.monotonic() - start:.1f} s")
     yield llm
     client = getattr(llm.llm_engine, "engine_core", None)
@@ -276,3 +278,20 @@ def test_concurrent_resolve_builds_once(tmp_path: Path) -> None:
     parent = Path(paths[0]).parent
     assert sorted(p.name for p in parent.iterdir() if not p.name.endswith(".lock")) == ["text"]
     assert (Path(paths[0]) / COMPLETE_MARKER).is_file()
+
+
+@pytest.mark.slow
+def test_generated_llm_captions_regenerate_from_their_rows(vllm_engine: Any, generated_store: dict) -> None:
+    """A stored caption is the clean-up of the completion its row's prompt, seed and sampling give."""
+    import pyarrow.parquet as pq
+
+    from synray.captions.cleanup import clean_caption
+    from synray.data.store import ParquetStore
+    from synray.generation.regenerate import regenerate_caption
+
+    cfg = generated_store["cfg"].captions.cleanup
+    rows = [r for s in ParquetStore(generated_store["dir"]).shards() for r in pq.read_table(s).to_pylist()]
+    again = [clean_caption(regenerate_caption(r, vllm_engine), cfg)[0] for r in rows]
+    same = [a == r["caption"] for a, r in zip(again, rows)]
+    print(f"{sum(same)} of {len(rows)} captions regenerated exactly")
+    assert all(same), [(r["caption"], a) for a, r in zip(again, rows) if a != r["caption"]]

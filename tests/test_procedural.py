@@ -9,20 +9,20 @@ import pytest
 from PIL import Image
 
 from synray.captions.cleanup import clean_caption
-from synray.captions.templates import template_caption, template_styles
+from synray.language.templates import template_caption, template_styles
 from synray.concepts import Concept, RowPlan, load_bank, plan_rows
 from synray.config import CleanupConfig, ConceptsConfig, ImagesConfig
 from synray.data.schema import ROW_SCHEMA, image_seed
-from synray.images import renderer_class
+from synray.data.codecs import decode_class_mask
+from synray.images.registry import get_renderer
 from synray.images.procedural import (
     T2I_MODEL,
     UNPARSABLE,
     ProceduralRenderer,
-    decode_mask,
     regenerate,
     render,
 )
-from synray.images.procedural_lang import (
+from synray.language.shapes import (
     COLORS,
     RELATIONS,
     SHAPE_CLASSES,
@@ -195,7 +195,7 @@ def test_positions_follow_the_relation(relation, axis, primary_first):
 # ---------------------------------------------------------------------------------------- the UDF
 def test_udf_renders_rows_and_drops_unparsable_captions():
     cfg = ImagesConfig(backend="procedural", resolution=64, output_size=32, per_caption=3, image_format="png")
-    assert renderer_class("procedural") is ProceduralRenderer
+    assert get_renderer("procedural") is ProceduralRenderer
     udf = ProceduralRenderer(cfg, None, run_seed=5)
     captions = ["a red circle on a plain background", "a dog on a sofa", "two stars next to a large green ring"]
     batch = {"caption": np.asarray(captions, dtype=object), "caption_id": np.asarray(["c0", "c1", "c2"], dtype=object),
@@ -211,7 +211,7 @@ def test_udf_renders_rows_and_drops_unparsable_captions():
         allowed = {0} | parse_caption(caption).mask_classes()
         for img_bytes, mask_bytes in zip(images, masks):
             assert _decode(img_bytes).shape == (32, 32, 3)
-            mask = decode_mask(mask_bytes)
+            mask = decode_class_mask(mask_bytes)
             assert mask.shape == (32, 32) and set(np.unique(mask).tolist()) <= allowed
     assert set(out["t2i_model"]) == {T2I_MODEL} and set(out["image_format"]) == {"png"}
     assert '"version"' in out["t2i_params"][0] and '"resolution": 64' in out["t2i_params"][0]
@@ -223,7 +223,7 @@ def test_udf_images_regenerate_from_caption_and_seed():
                                                     "caption_id": np.asarray(["abc"], dtype=object)})
     for img_bytes, mask_bytes, seed in zip(out["images"][0], out["masks"][0], out["seeds"][0]):
         img, mask = regenerate("three yellow hearts", int(seed), 32)
-        assert np.array_equal(_decode(img_bytes), img) and np.array_equal(decode_mask(mask_bytes), mask)
+        assert np.array_equal(_decode(img_bytes), img) and np.array_equal(decode_class_mask(mask_bytes), mask)
 
 
 def test_schema_has_a_nullable_masks_column_last():

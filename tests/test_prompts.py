@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from synray.captions.corpus import caption_vocabulary_texts, training_corpus
-from synray.captions.prompts import (
+from synray.language.corpus import caption_vocabulary_texts, training_corpus
+from synray.language.prompts import (
     LACLIP_HEADER,
     NUM_LACLIP_POOLS,
     SYNCLR_HEADERS,

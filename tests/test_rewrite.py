@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import small_config
-from synray.captions.prompts import LACLIP_HEADER
+from synray.language.prompts import LACLIP_HEADER
 
 CAPTIONS = ["a red bicycle leaning on a brick wall", "two dogs playing in the snow",
             "a bowl of soup on a wooden table", "a lighthouse at dusk", "a cat asleep on a sofa",
@@ -56,14 +56,16 @@ def test_webdataset_source_is_read(ray_cluster, tmp_path: Path):
 
 @pytest.mark.slow
 def test_rewrite_parquet_dataset_through_vllm(ray_cluster, tmp_path: Path):
-    from synray.captions.rewrite import RewriteError, rewrite_to_store
+    from synray.captions.rewrite import RewriteError
     from synray.data.store import ParquetStore
+    from synray.plan import plan_rewrite
+    from synray.programs.rewrite import rewrite_to_store
 
     src = tmp_path / "src"
     src.mkdir()
     pq.write_table(pa.table({"image": [_png(i) for i in range(6)], "caption": CAPTIONS}), src / "part.parquet")
     cfg = small_config("captions.rewrite.num_rewrites=2")
-    summary = rewrite_to_store(cfg, str(src), str(tmp_path / "out"))
+    summary = rewrite_to_store(plan_rewrite(cfg, str(src), str(tmp_path / "out")))
     assert summary["rows"] == 6
     rows = [r for s in ParquetStore(tmp_path / "out").shards() for r in pq.read_table(s).to_pylist()]
     by_caption = {r["caption"]: r for r in rows}
@@ -73,5 +75,5 @@ def test_rewrite_parquet_dataset_through_vllm(ray_cluster, tmp_path: Path):
         assert len(by_caption[cap]["rewrites"]) == 2
     produced = sum(bool(t) for r in rows for t in r["rewrites"])
     assert produced + sum(summary["rejected"].values()) == 12
-    with pytest.raises(RewriteError, match="does not exist"):
-        rewrite_to_store(cfg, str(tmp_path / "nope"), str(tmp_path / "out2"))
+    with pytest.raises(RewriteError, match="does not exist"):  # refused by the plan, before Ray work
+        plan_rewrite(cfg, str(tmp_path / "nope"), str(tmp_path / "out2"))

@@ -8,23 +8,24 @@ from conftest import small_config
 
 
 def test_zeroshot_needs_image_text_training():
-    from synray.eval import EvalError
-    from synray.pipeline import check_eval
+    from synray.eval.errors import EvalError
+    from synray.plan import check_eval_protocols
 
     with pytest.raises(EvalError, match="zeroshot, which needs an image-text model"):
-        check_eval(small_config("eval.protocols=[knn, zeroshot]"))
-    check_eval(small_config("eval.protocols=[knn, zeroshot]", "train.loss=clip"))
+        check_eval_protocols(small_config("eval.protocols=[knn, zeroshot]"))
+    assert check_eval_protocols(small_config("eval.protocols=[knn, zeroshot]", "train.loss=clip")) == ("knn", "zeroshot")
 
 
 def test_segmentation_needs_masks():
-    from synray.eval import EvalError
-    from synray.pipeline import check_eval
+    from synray.eval.errors import EvalError
+    from synray.plan import check_eval_protocols
 
     with pytest.raises(EvalError, match="segmentation, which needs class masks"):
-        check_eval(small_config("eval.protocols=[segmentation]"))
-    check_eval(small_config("eval.protocols=[segmentation]", "images.backend=procedural",
-                            "concepts.bank=builtin:shapes", "captions.backend=template", "captions.style=shapes"))
-    check_eval(small_config("eval.protocols=[segmentation]", "eval.dataset=/data/with_masks"))
+        check_eval_protocols(small_config("eval.protocols=[segmentation]"))
+    check_eval_protocols(small_config("eval.protocols=[segmentation]", "images.backend=procedural",
+                                      "concepts.bank=builtin:shapes", "captions.backend=template",
+                                      "captions.style=shapes"))
+    check_eval_protocols(small_config("eval.protocols=[segmentation]", "eval.dataset=/data/with_masks"))
 
 
 def test_unknown_protocol_is_refused_by_the_config():
@@ -34,14 +35,24 @@ def test_unknown_protocol_is_refused_by_the_config():
         small_config("eval.protocols=[knn, retrieval]")
 
 
-def test_shapes_config_is_consistent():
-    from synray.config import load_config
-    from synray.pipeline import check_eval
-    from synray.train.trainer import check_train_setup
+def test_unknown_objective_and_backend_are_refused_with_the_registry_names():
+    from synray.config import ConfigError
 
-    cfg = load_config("shapes")
+    with pytest.raises(ConfigError, match="train.loss: \"dino\" is not allowed: must be one of 'stablerep', "
+                                          "'simclr', 'clip' or 'supervised'"):
+        small_config("train.loss=dino")
+    with pytest.raises(ConfigError, match="images.backend: \"gan\" is not allowed: must be one of 'diffusers' "
+                                          "or 'procedural'"):
+        small_config("images.backend=gan")
+
+
+def test_shapes_config_is_consistent():
+    from synray.plan import load_run_config, plan_run
+
+    cfg = load_run_config("shapes")
     assert cfg.images.backend == "procedural" and cfg.images.per_caption == 4
-    check_eval(cfg)
-    check_train_setup(cfg, cfg.images.per_caption)
+    plan = plan_run(cfg)  # every check of the run passes, without Ray
+    assert plan.protocols == ("knn", "linear", "segmentation") and plan.train.per_caption == 4
+    assert "masks" in plan.heldout.columns and plan.data.generation.llm_path is None
     rows_per_step = cfg.train.captions_per_worker * cfg.train.num_workers
     assert cfg.data.num_captions >= cfg.train.steps * rows_per_step  # the stream lasts the whole budget

@@ -11,14 +11,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_shapes_run_reports_every_probe(ray_cluster: str, tmp_path):
-    from synray.config import load_config
-    from synray.pipeline import run
+    from synray.plan import load_run_config, plan_run
+    from synray.programs.run import run
 
-    cfg = load_config("shapes", [
+    cfg = load_run_config("shapes", [
         f"output_root={tmp_path}", "data.num_captions=120", "train.steps=6", "train.captions_per_worker=4",
         "train.warmup_steps=1", "train.log_every=2", "train.checkpoint_every=6", "train.backbone.size=tiny",
         "eval.heldout_captions=36", "eval.linear_epochs=5", "eval.segmentation_epochs=3"])
-    rd, summary = run(cfg)
+    rd, summary = run(plan_run(cfg))
     assert summary["train"]["steps"] == 6 and summary["per_caption"] == 4
     assert summary["stages"]["images"]["rows"] >= 48
     ev = json.loads(rd.summary_path.read_text())["eval"]

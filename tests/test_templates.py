@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from synray.captions import templates
-from synray.captions.templates import (
+from synray.language import templates
+from synray.language.templates import (
     CLIP_TEMPLATES,
     register_style,
     template_caption,

@@ -19,12 +19,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def stored_run(generated_store: dict, tmp_path_factory: pytest.TempPathFactory):
-    from synray.pipeline import run
+    from synray.plan import plan_run
+    from synray.programs.run import run
 
     cfg = small_config(f"output_root={tmp_path_factory.mktemp('runs')}", "images.per_caption=3",
                        "train.steps=5", "train.checkpoint_every=2", "train.fail_at_step=3",
                        "eval.dataset=" + generated_store["dir"])
-    return run(cfg, data_dir=generated_store["dir"])
+    return run(plan_run(cfg, data_dir=generated_store["dir"]))
 
 
 def test_train_from_store_writes_the_run_directory(stored_run):
@@ -48,29 +49,29 @@ def test_killed_worker_restarts_from_checkpoint(stored_run):
 
 
 def test_checkpoint_of_another_config_is_refused(stored_run, generated_store: dict):
-    from synray.pipeline import check_run
+    from synray.plan import plan_run
 
     ckpt = stored_run[1]["train"]["checkpoint"]
     cfg = small_config("train.backbone.size=small", f"train.resume_from={ckpt}")
     with pytest.raises(ValueError, match="another config: it differs in train.backbone"):
-        check_run(cfg, data_dir=generated_store["dir"])
-    ok = small_config(f"train.resume_from={ckpt}")
-    assert check_run(ok, data_dir=generated_store["dir"]) == 3
+        plan_run(cfg, data_dir=generated_store["dir"])
+    ok = plan_run(small_config(f"train.resume_from={ckpt}"), data_dir=generated_store["dir"])
+    assert ok.train.per_caption == 3 and ok.train.resume_step == 5
 
 
 def test_bad_training_input_fails_before_training(tmp_path: Path):
     from synray.data.store import StoreError
-    from synray.pipeline import check_run
-    from synray.train.trainer import TrainSetupError
+    from synray.plan import plan_run
+    from synray.train.objectives import TrainSetupError
 
     with pytest.raises(TrainSetupError, match="at least 2 images per caption"):
-        check_run(small_config("images.per_caption=1"))
+        plan_run(small_config("images.per_caption=1"))
     with pytest.raises(TrainSetupError, match="cannot fill one global batch"):
-        check_run(small_config("data.num_captions=3", "train.captions_per_worker=2"))
+        plan_run(small_config("data.num_captions=3", "train.captions_per_worker=2"))
     (tmp_path / "bad").mkdir()
     pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "bad" / "shard-0.parquet")
     with pytest.raises(StoreError, match="lacks the columns"):
-        check_run(small_config(), data_dir=str(tmp_path / "bad"))
+        plan_run(small_config(), data_dir=str(tmp_path / "bad"))
 
 
 def test_run_local_end_to_end(ray_cluster: str, tmp_path: Path):
@@ -104,7 +105,8 @@ def test_clip_training_on_a_laclip_rewrite_store(generated_store: dict, tmp_path
     DeepSpeed workers train the image encoder and the text tower; the export holds both."""
     from synray.data.store import ParquetStore
     from synray.models.image_text import load_image_text
-    from synray.pipeline import run
+    from synray.plan import plan_run
+    from synray.programs.run import run
 
     rows = [r for s in ParquetStore(generated_store["dir"]).shards()
             for r in pq.read_table(s, columns=["caption_id", "caption", "images"]).to_pylist()]
@@ -116,7 +118,7 @@ def test_clip_training_on_a_laclip_rewrite_store(generated_store: dict, tmp_path
         "rewrites": [[f"a picture of {r['caption']}", "x"] for r in rows]}))
     cfg = small_config("train.loss=clip", "train.steps=3", "train.checkpoint_every=3", f"output_root={tmp_path}",
                        "eval.dataset=" + generated_store["dir"], "eval.protocols=[knn, zeroshot]")
-    rd, summary = run(cfg, data_dir=str(tmp_path / "laclip"))
+    rd, summary = run(plan_run(cfg, data_dir=str(tmp_path / "laclip")))
     assert summary["per_caption"] == 1 and summary["train"]["steps"] == 3
     assert summary["train"]["final_loss"] is not None and summary["train"]["final_loss"] > 0
     assert 0 <= summary["eval"]["trained"]["knn_accuracy"] <= 1
@@ -124,8 +126,7 @@ def test_clip_training_on_a_laclip_rewrite_store(generated_store: dict, tmp_path
         assert 0 <= summary["eval"][side]["zeroshot_accuracy"] <= 1
     model, tokenizer, max_length = load_image_text(summary["backbone_dir"])
     assert max_length == cfg.train.text.max_length and float(model.logit_scale) > 0
-    from synray.pipeline import check_run
     from synray.data.store import StoreError
 
     with pytest.raises(StoreError, match="lacks the columns"):  # image losses need caption rows with labels
-        check_run(small_config(), data_dir=str(tmp_path / "laclip"))
+        plan_run(small_config(), data_dir=str(tmp_path / "laclip"))

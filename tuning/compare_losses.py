@@ -16,9 +16,12 @@ import logging
 import sys
 from pathlib import Path
 
-from synray.config import ConfigError, RunConfig, load_config, with_overrides
-from synray.data.generate import generate_to_store
-from synray.pipeline import heldout_config, run
+from synray.config import ConfigError, RunConfig
+from synray.data.store import ParquetStore
+from synray.generation.pipeline import store_fingerprint
+from synray.plan import derive_config, heldout_config, load_run_config, plan_generation, plan_run
+from synray.programs.generate import generate_to_store
+from synray.programs.run import run
 from synray.viz import compare_bars
 
 METRICS = {"knn_accuracy": "kNN accuracy", "linear_accuracy": "linear probe accuracy",
@@ -46,17 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        base = load_config(args.config, args.overrides)
-        configs = {name: with_overrides(base, o) for name, o in variants(base).items()}
+        base = load_run_config(args.config, args.overrides)
+        configs = {name: derive_config(base, o) for name, o in variants(base).items()}
     except ConfigError as e:
         print(f"compare_losses: {e}", file=sys.stderr)
         return 2
     heldout_cfg = heldout_config(base)
-    heldout = Path(base.output_root) / f"{base.name}-heldout-{heldout_cfg.generation_fingerprint()}"
-    generate_to_store(heldout_cfg, str(heldout))  # resumable: a rerun reuses it
+    heldout = Path(base.output_root) / f"{base.name}-heldout-{store_fingerprint(heldout_cfg)}"
+    generate_to_store(plan_generation(heldout_cfg, ParquetStore(heldout)), str(heldout))  # a rerun reuses it
     report: dict[str, dict] = {}
     for name, cfg in configs.items():
-        rd, summary = run(with_overrides(cfg, {"eval.dataset": str(heldout)}))
+        rd, summary = run(plan_run(derive_config(cfg, {"eval.dataset": str(heldout)})))
         report[name] = {**summary["eval"], "run_dir": str(rd.path), "train": summary["train"]}
         print(f"{name}: " + ", ".join(f"{k} {summary['eval']['trained'].get(k, float('nan')):.3f} "
                                       f"(init {summary['eval']['init'].get(k, float('nan')):.3f})" for k in METRICS))

@@ -1,1 +1,1 @@
-"""Caption synthesis: SynCLR and LaCLIP prompts, template styles, the vLLM stage and caption clean-up."""
+"""Caption synthesis as Ray Data stages: row planning, the vLLM engine pool, template captions, clean-up and LaCLIP rewriting."""

@@ -6,8 +6,8 @@ import re
 from collections import Counter
 from typing import Iterable
 
-from synray.captions.prompts import ARROW, first_line
 from synray.config import CleanupConfig
+from synray.language.prompts import ARROW, first_line
 
 EMPTY = "empty"
 TOO_SHORT = "too_short"

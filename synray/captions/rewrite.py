@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
 
 from synray.captions.cleanup import clean_caption
-from synray.captions.prompts import laclip_prompt
+from synray.captions.llm import build_llm_processor
 from synray.config import RunConfig
+from synray.language.prompts import laclip_prompt
 
 #: column names accepted as the image / caption of a WebDataset sample
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -51,8 +54,6 @@ def _normalise(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def read_image_text(source: str):
     """A Ray Dataset of image-text pairs from Parquet (`image`, `caption`) or WebDataset tar shards."""
-    import ray.data
-
     tars = _paths(source, ".tar")
     if tars and all(t.endswith(".tar") for t in tars):
         ds = ray.data.read_webdataset(tars, decoder=None)
@@ -60,8 +61,6 @@ def read_image_text(source: str):
         files = _paths(source, ".parquet")
         if not files:
             raise RewriteError(f"captions.rewrite.source: {source} holds no .parquet or .tar files")
-        import pyarrow.parquet as pq
-
         names = set(pq.read_schema(files[0]).names)
         if not {"image", "caption"} <= names:
             raise RewriteError(f"{files[0]} needs columns image and caption (it has {sorted(names)})")
@@ -89,8 +88,6 @@ def explode(cfg: RunConfig):
 
 
 def rewrite_processor(cfg: RunConfig, model_path: str):
-    from synray.captions.llm import build_llm_processor
-
     s = cfg.captions.rewrite.sampling
     sampling = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "stop": ["\n"]}
 
@@ -104,46 +101,41 @@ def rewrite_processor(cfg: RunConfig, model_path: str):
     return build_llm_processor(cfg.captions, model_path, pre, post), sampling
 
 
-def rewrite_to_store(cfg: RunConfig, source: str, out: str) -> dict[str, Any]:
-    """Write Parquet shards of (image, caption, rewrites[k], source_key, provenance) to `out`."""
-    import ray
-    import pyarrow as pa
+def check_source(source: str) -> None:
+    """RewriteError when the source does not exist (checked before Ray starts)."""
+    _paths(source, "")
 
-    from synray.data.store import ParquetStore
-    from synray.models.tiny import resolve_model
-    from synray.rundir import write_json
-    from synray.session import session
 
-    model = resolve_model(cfg.captions.model, cfg.model_cache)
-    _paths(source, "")  # fails early when missing
-    start = time.time()
+def rewrite_fingerprint(cfg: RunConfig) -> str:
+    """Store fingerprint of a rewrite run: the seed and what decides the prompts and their sampling."""
+    captions = {k: v for k, v in cfg.captions.model_dump(mode="json").items() if k not in ("engine", "oversample")}
+    keep = {"seed": cfg.seed, "captions": captions}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16] + "-rewrite"
+
+
+def collect_rewrites(answers: list[dict[str, Any]], cfg: RunConfig) -> tuple[dict[str, dict[int, str]], Counter[str]]:
+    """source key -> {rewrite index: cleaned rewrite ('' when rejected)}, and the rejections by reason."""
+    cleanup = cfg.captions.cleanup.model_copy(update={"dedupe": False})
     reasons: Counter[str] = Counter()
-    with session(cfg.ray):
-        src = read_image_text(source).materialize()
-        proc, sampling = rewrite_processor(cfg, model)
-        answers = proc(src.select_columns(["source_key", "caption"]).map_batches(explode(cfg))).take_all()
-        rewrites: dict[str, dict[int, str]] = {}
-        for a in answers:
-            text, why = clean_caption(a["rewrite"], cfg.captions.cleanup.model_copy(update={"dedupe": False}))
-            if text is None:
-                reasons[why or "rejected"] += 1
-            rewrites.setdefault(a["source_key"], {})[int(a["rewrite_index"])] = text or ""
-        rows = src.take_all()
+    rewrites: dict[str, dict[int, str]] = {}
+    for a in answers:
+        text, why = clean_caption(a["rewrite"], cleanup)
+        if text is None:
+            reasons[why or "rejected"] += 1
+        rewrites.setdefault(a["source_key"], {})[int(a["rewrite_index"])] = text or ""
+    return rewrites, reasons
+
+
+def rewrite_table(rows: list[dict[str, Any]], rewrites: dict[str, dict[int, str]], cfg: RunConfig,
+                  sampling: dict[str, Any]) -> pa.Table:
+    """(source_key, image, caption, rewrites[k], caption_id, provenance) for every source row."""
     k = cfg.captions.rewrite.num_rewrites
-    table = pa.table({
-        "source_key": [r["source_key"] for r in rows], "image": [r["image"] for r in rows],
-        "caption": [r["caption"] for r in rows],
+    keys = [r["source_key"] for r in rows]
+    return pa.table({
+        "source_key": keys, "image": [r["image"] for r in rows], "caption": [r["caption"] for r in rows],
         "rewrites": [[rewrites.get(r["source_key"], {}).get(i, "") for i in range(k)] for r in rows],
         "llm_model": [cfg.captions.model] * len(rows),
         "llm_sampling": [json.dumps({**sampling, "seed": "sha256(run seed, source key, index)"})] * len(rows),
         "run_seed": [cfg.seed] * len(rows),
+        "caption_id": keys,
     })
-    store = ParquetStore(out)
-    store.open_for_writing(cfg.generation_fingerprint() + "-rewrite", {"config_name": cfg.name, "source": source})
-    for i in range(0, table.num_rows, cfg.data.rows_per_shard):
-        part = table.slice(i, cfg.data.rows_per_shard)
-        store.write_shard(part.append_column("caption_id", part.column("source_key")))
-    summary = {"rows": table.num_rows, "rewrites_per_caption": k, "rejected": dict(reasons),
-               "elapsed_s": round(time.time() - start, 2)}
-    write_json(Path(out) / "_summary.json", summary)
-    return summary

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from synray.captions.cleanup import CaptionDeduper, clean_caption
-from synray.captions.prompts import synclr_prompt
-from synray.captions.templates import template_caption
+from synray.captions.cleanup import CaptionDeduper, RejectionCounter, clean_captions
 from synray.concepts import load_bank, plan_row
-from synray.config import CaptionsConfig, ConceptsConfig, RunConfig
+from synray.config import CaptionsConfig, RunConfig
 from synray.data.schema import caption_id, prompt_seed
 from synray.data.stats import StatsClient
+from synray.language.prompts import synclr_prompt
+from synray.language.templates import template_caption
 
 #: a vLLM completion ends at the first newline (SynCLR keeps the completion's first line)
 STOP_STRINGS = ["\n"]
@@ -112,25 +111,13 @@ class CleanCaptions:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         now = time.time()
-        reasons: Counter[str] = Counter()
-        keep, captions = [], []
-        for i, raw in enumerate(batch["raw_caption"]):
-            cap, why = clean_caption(str(raw), self.cfg)
-            if cap is not None and self.cfg.dedupe and self.dedupe.seen(cap):
-                cap, why = None, "duplicate"
-            if cap is None:
-                reasons[why or "rejected"] += 1
-                continue
-            keep.append(i)
-            captions.append(cap)
+        reasons = RejectionCounter()
+        cleaned = clean_captions([str(raw) for raw in batch["raw_caption"]], self.cfg, self.dedupe, reasons)
+        keep = [i for i, cap in enumerate(cleaned) if cap is not None]
+        captions = [cleaned[i] for i in keep]
         start = float(np.min(batch["t_llm_in"])) if "t_llm_in" in batch and len(batch["t_llm_in"]) else now
         out = {k: np.asarray(v)[keep] for k, v in batch.items() if k not in ("raw_caption", "t_llm_in")}
         out["caption"] = np.asarray(captions, dtype=object)
         self.stats.reject(self.stage, dict(reasons))
         self.stats.record(self.stage, len(keep), start)
         return out
-
-
-def check_concepts(cfg: ConceptsConfig) -> int:
-    """Load the bank once on the driver so a bad concept file fails before any resource is requested."""
-    return len(load_bank(cfg.bank, cfg.kinds, cfg.max_concepts))

@@ -10,10 +10,11 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
-if TYPE_CHECKING:
-    from synray.config import ConceptsConfig
+import pyarrow.parquet as pq
+
+from synray.config import ConceptsConfig
 
 KINDS = ("object", "place", "texture", "shape")
 DEFAULT_KIND = "object"
@@ -172,8 +173,6 @@ def _parse_json(text: str, label: str) -> list[_Record]:
 
 
 def _parse_parquet(path: Path) -> list[_Record]:
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several unrelated types for bad files

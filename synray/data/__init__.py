@@ -1,1 +1,1 @@
-"""Rows and their storage: schema, the generation pipeline, the Parquet store, regeneration from provenance."""
+"""Rows and their storage, a leaf below every stage: schema and ids, image and mask codecs, stage counters, the Parquet store."""

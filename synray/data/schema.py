@@ -29,7 +29,6 @@ ROW_SCHEMA = pa.schema([
     pa.field("masks", pa.list_(pa.binary())),                # procedural backend: m PNG class masks, else null
 ])
 
-ROW_COLUMNS = tuple(ROW_SCHEMA.names)
 #: the columns training needs from a store
 TRAIN_COLUMNS = ("caption_id", "label", "caption", "images")
 

@@ -14,7 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray.data
 
+from synray.data.files import write_json
 from synray.data.schema import ROW_SCHEMA, TRAIN_COLUMNS
 from synray.data.stats import StatsClient
 
@@ -55,8 +57,8 @@ class ParquetStore:
             return None
         return json.loads(self.meta_path.read_text())
 
-    def open_for_writing(self, fingerprint: str, info: dict[str, Any]) -> None:
-        """Create the store, or check that it holds this config's data; then drop stale temp files."""
+    def check_writable(self, fingerprint: str) -> bool:
+        """Whether the store exists already; StoreError when it cannot take this config's rows (nothing is written)."""
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"output path {self.root} exists and is not a directory")
         meta = self.meta()
@@ -64,14 +66,19 @@ class ParquetStore:
             if self.root.exists() and any(self.root.glob(f"{SHARD_PREFIX}*.parquet")):
                 raise StoreError(f"output directory {self.root} holds shards but no {META_FILE}; "
                                  "refusing to mix data of unknown origin")
-            self.root.mkdir(parents=True, exist_ok=True)
-            from synray.rundir import write_json
-            write_json(self.meta_path, {"fingerprint": fingerprint, "created": time.time(), **info})
-        elif meta.get("fingerprint") != fingerprint:
+            return False
+        if meta.get("fingerprint") != fingerprint:
             raise StoreError(
                 f"output directory {self.root} holds data of another config (fingerprint "
                 f"{meta.get('fingerprint')} from config {meta.get('config_name')!r}; this config's is "
                 f"{fingerprint}); choose another --out, or rerun with the config that wrote it")
+        return True
+
+    def open_for_writing(self, fingerprint: str, info: dict[str, Any]) -> None:
+        """Create the store, or check that it holds this config's data; then drop stale temp files."""
+        if not self.check_writable(fingerprint):
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_json(self.meta_path, {"fingerprint": fingerprint, "created": time.time(), **info})
         for tmp in self.root.glob(f"{TMP_PREFIX}*"):
             tmp.unlink(missing_ok=True)
 
@@ -109,8 +116,6 @@ class ParquetStore:
 
     def read_dataset(self, columns: list[str] | None = None):
         """The store as a Ray Dataset (only committed shards are read)."""
-        import ray.data
-
         shards = self.check_readable(tuple(columns) if columns else ())
         ds = ray.data.read_parquet([str(s) for s in shards])
         return ds.select_columns(columns) if columns else ds

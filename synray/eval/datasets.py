@@ -10,8 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+import torch
+from ray.data import ActorPoolStrategy
 
+from synray.data.store import META_FILE, ParquetStore
 from synray.eval.errors import EvalError
+from synray.eval.evaluate import rows_to_masks
+from synray.eval.features import FeatureExtractor
 from synray.eval.protocols import EvalArrays, label_names
 
 __all__ = ["IMAGE_EXTENSIONS", "ParquetLayout", "EvalSource", "parquet_layout", "hf_label_names",
@@ -42,23 +50,17 @@ class ParquetLayout:
 
 
 def _is_binaryish(t: Any) -> bool:
-    import pyarrow as pa
-
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return True
     return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0  # Hugging Face Image feature
 
 
 def _is_list_of_binary(t: Any) -> bool:
-    import pyarrow as pa
-
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_binaryish(t.value_type)
 
 
 def parquet_layout(schema: Any, where: str) -> ParquetLayout:
     """The layout of a Parquet schema; EvalError naming the columns found and expected otherwise."""
-    import pyarrow as pa
-
     names = list(schema.names)
     found = f"{where} has the columns {sorted(names)}; expected {EXPECTED}"
     if "images" in names:
@@ -215,8 +217,6 @@ class EvalSource:
 
 
 def _parquet_files(root: Path) -> tuple[str, list[str]]:
-    from synray.data.store import META_FILE, ParquetStore
-
     if root.is_file():
         return "parquet", [str(root)]
     store = ParquetStore(root)
@@ -227,8 +227,6 @@ def _parquet_files(root: Path) -> tuple[str, list[str]]:
 
 def inspect_dataset(path: str | Path) -> EvalSource:
     """Find out what ``path`` holds: Parquet file(s), a synray store, or an image-folder tree."""
-    import pyarrow.parquet as pq
-
     root = Path(path)
     if not root.exists():
         raise EvalError(f"evaluation dataset {root} does not exist")
@@ -253,8 +251,6 @@ def source_dataset(source: EvalSource) -> Any:
     Those are ``images`` (a list of encoded images per row) and ``label``, plus ``masks``,
     ``split`` and ``class_name`` when the source has them.
     """
-    import ray.data
-
     if source.folder is not None:
         class_to_idx = {n: i for i, n in enumerate(source.folder.class_names)}
         ds = ray.data.read_binary_files(source.files, include_paths=True)
@@ -269,8 +265,6 @@ def source_dataset(source: EvalSource) -> Any:
 
 # -------------------------------------------------------------------------------- extraction
 def _stack(rows: Sequence[Mapping[str, Any]], key: str) -> Any:
-    import torch
-
     parts = [np.asarray(r[key], dtype=np.float32) for r in rows if len(r[key])]
     return torch.from_numpy(np.concatenate(parts)) if parts else None
 
@@ -282,8 +276,6 @@ def rows_to_arrays(rows: Sequence[Mapping[str, Any]], image_size: int, outputs: 
     Each image gets its row's label, split and class name, and the row index as its group.
     Masks are decoded and nearest-resized to ``image_size``.
     """
-    from synray.eval import rows_to_masks
-
     counts = [len(r["images"]) if "images" in r else len(r[outputs[0]]) for r in rows]
     labels = np.repeat(np.asarray([int(r["label"]) for r in rows], np.int64), counts)
     arrays = EvalArrays(labels=labels, groups=np.repeat(np.arange(len(rows), dtype=np.int64), counts),
@@ -312,8 +304,6 @@ def _eval_error_in(exc: BaseException) -> str | None:
 @contextlib.contextmanager
 def _ordered() -> Iterator[None]:
     """Datasets built and run inside keep their input order (reproducible groups and splits)."""
-    import ray.data
-
     ctx = ray.data.DataContext.get_current()
     before = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
@@ -326,10 +316,6 @@ def _ordered() -> Iterator[None]:
 def extract_arrays(source: EvalSource, model_dir: str, image_size: int, outputs: Sequence[str],
                    batch_size: int = 64, actors: int = 1, use_gpu: bool = False) -> EvalArrays:
     """Read ``source`` through Ray Data and extract ``outputs`` once with a pool of FeatureExtractor actors."""
-    from ray.data import ActorPoolStrategy
-
-    from synray.eval.features import FeatureExtractor
-
     with _ordered():
         ds = source_dataset(source).map_batches(
             FeatureExtractor, batch_format="numpy", batch_size=batch_size,

@@ -9,10 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from synray.models.backbone import Encoder
+from synray.data.codecs import decode_image, resize_square
+from synray.models.backbone import Encoder, load_backbone
+from synray.models.image_text import load_image_text
+from synray.models.preprocess import build_eval_transform
 
 __all__ = ["OUTPUTS", "encode_images", "encode_arrays", "extract_features", "extract_patch_tokens",
-           "rows_to_images", "decode_row_images", "features_of_arrays", "FeatureExtractor"]
+           "rows_to_images", "decode_row_images", "FeatureExtractor"]
 
 
 def _as_nchw_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -68,8 +71,6 @@ def encode_images(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, ima
     ``image_projection``) to the CLS embedding. The encoder runs in eval mode under
     ``torch.inference_mode``; its previous train/eval mode is restored afterwards.
     """
-    from synray.train.augment import build_eval_transform
-
     todo = _check_outputs(outputs, projection)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -135,15 +136,7 @@ def encode_arrays(encoder: Encoder, arrays: Sequence[np.ndarray], image_size: in
     return result
 
 
-def features_of_arrays(encoder: Encoder, arrays: Sequence[np.ndarray], image_size: int,
-                       batch_size: int = 256) -> torch.Tensor:
-    """Like :func:`extract_features` for a list of [H, W, 3] images whose sizes may differ (kept in order)."""
-    return encode_arrays(encoder, arrays, image_size, batch_size)["features"]
-
-
 def _decode(data: bytes, image_size: int | None) -> np.ndarray:
-    from synray.train.batches import decode_image, resize_square
-
     arr = decode_image(bytes(data))
     return arr if image_size is None else resize_square(arr, image_size)
 
@@ -226,16 +219,12 @@ class FeatureExtractor:
     def __init__(self, model_dir: str | Path, image_size: int, batch_size: int = 256,
                  device: str | torch.device = "cpu", drop_images: bool = False,
                  outputs: Sequence[str] = ("features",)) -> None:
-        from synray.models.backbone import load_backbone
-
         self.model_dir = str(model_dir)
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         self.drop_images = drop_images
         self.projection: torch.nn.Module | None = None
         if "image_embeds" in outputs:
-            from synray.models.image_text import load_image_text
-
             model, _, _ = load_image_text(self.model_dir, device=device)
             self.encoder, self.projection = model.encoder.eval(), model.image_projection
         else:

@@ -4,24 +4,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from synray.eval import SUPPORTED_PROTOCOLS
+from synray.config import EVAL_PROTOCOLS, EvalConfig
 from synray.eval.errors import EvalError
+from synray.eval.knn import knn_accuracy, split_reference_query
+from synray.eval.linear import linear_probe
+from synray.eval.segmentation import segmentation_probe
+from synray.eval.zeroshot import zeroshot_classify
 
-if TYPE_CHECKING:
-    from synray.config import EvalConfig
+__all__ = ["SUPPORTED_PROTOCOLS", "BACKBONE_PROTOCOLS", "check_protocols", "EvalArrays", "label_names",
+           "reference_query", "run_protocols", "outputs_for"]
 
-__all__ = ["PROTOCOLS", "EvalArrays", "label_names", "reference_query", "run_protocols", "outputs_for"]
-
-#: every protocol, in report order
-PROTOCOLS = SUPPORTED_PROTOCOLS
+#: every protocol, in report order (zeroshot needs an image-text model, segmentation images with masks)
+SUPPORTED_PROTOCOLS = EVAL_PROTOCOLS
+#: protocols that need nothing beyond the backbone and labelled images
+BACKBONE_PROTOCOLS = ("knn", "linear", "segmentation")
 #: values of a `split` column: reference (probe training / kNN memory) and query (scored) images
 REFERENCE_SPLITS = ("train",)
 QUERY_SPLITS = ("test", "val", "validation", "query")
+
+
+def check_protocols(protocols: Sequence[str]) -> list[str]:
+    """The requested protocols, deduplicated in order; EvalError for any that cannot run."""
+    out: list[str] = []
+    for p in protocols:
+        if p not in SUPPORTED_PROTOCOLS:
+            raise EvalError(f"evaluation protocol {p!r} is not supported; supported: {', '.join(SUPPORTED_PROTOCOLS)}")
+        if p not in out:
+            out.append(p)
+    if not out:
+        raise EvalError(f"no evaluation protocol requested; supported: {', '.join(SUPPORTED_PROTOCOLS)}")
+    return out
 
 
 @dataclass
@@ -78,7 +95,6 @@ def reference_query(arrays: EvalArrays, seed: int = 0,
 
     Without a split column, groups (captions) are split whole, stratified by label, with ``seed``.
     """
-    from synray.eval.knn import split_reference_query
 
     if arrays.split is not None:
         split = np.asarray([s.decode() if isinstance(s, bytes) else str(s) for s in arrays.split])
@@ -105,9 +121,8 @@ def _need(arrays: EvalArrays, attr: str, protocol: str) -> Any:
     return value
 
 
-def _zeroshot(arrays: EvalArrays, ref_query: tuple[np.ndarray, np.ndarray], cfg: "EvalConfig",
+def _zeroshot(arrays: EvalArrays, ref_query: tuple[np.ndarray, np.ndarray], cfg: EvalConfig,
               image_text: tuple[Any, Any, int]) -> dict[str, Any]:
-    from synray.eval.zeroshot import zeroshot_classify
 
     names = arrays.class_names or {}
     _, query = ref_query
@@ -127,9 +142,8 @@ def _zeroshot(arrays: EvalArrays, ref_query: tuple[np.ndarray, np.ndarray], cfg:
             "zeroshot_chance": 1.0 / out["num_classes"]}
 
 
-def _segmentation(arrays: EvalArrays, ref: np.ndarray, query: np.ndarray, cfg: "EvalConfig",
+def _segmentation(arrays: EvalArrays, ref: np.ndarray, query: np.ndarray, cfg: EvalConfig,
                   seed: int) -> dict[str, Any]:
-    from synray.eval.segmentation import segmentation_probe
 
     tokens = _need(arrays, "patch_tokens", "segmentation")
     masks = arrays.masks
@@ -150,7 +164,7 @@ def _segmentation(arrays: EvalArrays, ref: np.ndarray, query: np.ndarray, cfg: "
             "segmentation_iou_per_class": out["iou_per_class"]}
 
 
-def run_protocols(arrays: EvalArrays, protocols: Sequence[str], cfg: "EvalConfig", *, seed: int = 0,
+def run_protocols(arrays: EvalArrays, protocols: Sequence[str], cfg: EvalConfig, *, seed: int = 0,
                   query_fraction: float | None = None,
                   image_text: tuple[Any, Any, int] | None = None) -> dict[str, Any]:
     """Run ``protocols`` on extracted arrays; the reference/query split is shared by all of them.
@@ -162,9 +176,6 @@ def run_protocols(arrays: EvalArrays, protocols: Sequence[str], cfg: "EvalConfig
     ``segmentation_train_miou``, ``segmentation_num_classes``, ``segmentation_iou_per_class``.
     ``image_text`` is ``(ImageTextModel, tokenizer, max_length)`` for zero-shot.
     """
-    from synray.eval.knn import knn_accuracy
-    from synray.eval.linear import linear_probe
-
     if not arrays.has_labels and any(p in protocols for p in ("knn", "linear", "zeroshot")):
         raise EvalError("the dataset has no label column; only the segmentation protocol can run on it")
     if "zeroshot" in protocols and image_text is None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,7 +11,7 @@ from torch import nn
 
 from synray.eval.linear import LinearProbe, torch_threads
 
-__all__ = ["confusion_matrix", "iou_per_class", "miou", "decode_class_mask", "decode_masks",
+__all__ = ["confusion_matrix", "iou_per_class", "miou", 
            "infer_num_classes", "SegmentationProbe", "segmentation_probe"]
 
 ArrayLike = torch.Tensor | np.ndarray
@@ -63,34 +61,6 @@ def _scores(conf: torch.Tensor) -> dict[str, float | list[float | None]]:
     return {"miou": float(ious[present].mean()) if present.any() else float("nan"),
             "pixel_accuracy": float(conf.diagonal().sum()) / total if total else float("nan"),
             "iou_per_class": [None if math.isnan(v) else round(float(v), 6) for v in ious.tolist()]}
-
-
-# -------------------------------------------------------------------------------------- masks
-def decode_class_mask(data: bytes, size: int | None = None) -> np.ndarray:
-    """An encoded class-index mask (PNG: L, P or I mode; RGB only when grey) -> int64 [H, W].
-
-    With ``size`` the mask is nearest-resized to ``size`` x ``size`` (the resolution the encoder sees).
-    """
-    from PIL import Image
-
-    with Image.open(io.BytesIO(bytes(data))) as img:
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.NEAREST)
-        arr = np.asarray(img)
-    if arr.ndim == 3:
-        if arr.shape[2] >= 3 and not (np.array_equal(arr[..., 0], arr[..., 1])
-                                      and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise ValueError("a segmentation mask must hold one class index per pixel (a single-channel "
-                             f"PNG); got a colour image of shape {arr.shape}")
-        arr = arr[..., 0]
-    return arr.astype(np.int64)
-
-
-def decode_masks(masks: Sequence[bytes], size: int) -> np.ndarray:
-    """Encoded masks -> int64 [N, size, size]."""
-    if not len(masks):
-        return np.zeros((0, size, size), np.int64)
-    return np.stack([decode_class_mask(m, size) for m in masks])
 
 
 def infer_num_classes(masks: ArrayLike, ignore_index: int | None = None) -> int:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from synray.config import EvalConfig
-
-if TYPE_CHECKING:
-    from synray.models.image_text import ImageTextModel
+from synray.models.image_text import ImageTextModel, tokenize
 
 __all__ = ["DEFAULT_TEMPLATES", "prompt_name", "build_prompts", "average_template_embeddings",
            "class_text_embeddings", "zeroshot_logits", "zeroshot_accuracy", "zeroshot_classify"]
@@ -49,11 +47,9 @@ def average_template_embeddings(text_embeds: ArrayLike, num_classes: int) -> tor
     return F.normalize(per_class.mean(dim=1), dim=-1)
 
 
-def class_text_embeddings(model: "ImageTextModel", tokenizer: Any, class_names: Sequence[str],
+def class_text_embeddings(model: ImageTextModel, tokenizer: Any, class_names: Sequence[str],
                           templates: Sequence[str], max_length: int, batch_size: int = 256) -> torch.Tensor:
     """The zero-shot classifier [C, E]: every class's prompts through the text tower, template-averaged."""
-    from synray.models.image_text import tokenize
-
     prompts = build_prompts(class_names, templates)
     device = next(model.parameters()).device
     was_training = model.training
@@ -93,7 +89,7 @@ def zeroshot_accuracy(image_embeds: ArrayLike, class_embeds: ArrayLike, labels: 
     return float((logits.argmax(dim=1) == y).float().mean())
 
 
-def zeroshot_classify(model: "ImageTextModel", tokenizer: Any, max_length: int, image_embeds: ArrayLike,
+def zeroshot_classify(model: ImageTextModel, tokenizer: Any, max_length: int, image_embeds: ArrayLike,
                       labels: ArrayLike, class_names: Sequence[str],
                       templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 256) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` on images already embedded by ``model.encode_image``.

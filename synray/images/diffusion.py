@@ -1,19 +1,20 @@
-"""The diffusion stage: loads a diffusers text-to-image pipeline and renders m seeded images per caption."""
+"""The diffusers backend: loads a text-to-image pipeline and renders m seeded images per caption."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from synray.config import ImagesConfig
+from synray.data.codecs import encode_image
 from synray.data.schema import image_seed
-from synray.data.stats import StatsClient
+from synray.images.base import Rendered, Renderer, RendererError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 BLACK_MAX_LEVEL = 2
 #: replacement renders allowed per caption, as a multiple of m, when images are dropped
 MAX_EXTRA_RENDERS_FACTOR = 1
+#: a row that keeps fewer than m good images is dropped and counted under this reason
+TOO_FEW_IMAGES = "row_without_enough_images"
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -30,7 +33,7 @@ SCHEDULERS = {
 }
 
 
-class T2IModelError(ValueError):
+class T2IModelError(RendererError):
     """A text-to-image model that cannot be used."""
 
 
@@ -61,7 +64,6 @@ def t2i_params(cfg: ImagesConfig) -> dict[str, Any]:
 def load_pipeline(model_path: str, cfg: ImagesConfig):
     """A diffusers pipeline on the configured device and dtype (safetensors only)."""
     import diffusers
-    import torch
 
     check_t2i_model(model_path)
     dtype = getattr(torch, cfg.dtype)
@@ -77,23 +79,6 @@ def load_pipeline(model_path: str, cfg: ImagesConfig):
     return pipe
 
 
-def encode_image(arr: np.ndarray, fmt: str, size: int, quality: int = 95) -> bytes:
-    """float [H,W,3] in [0,1] -> resized, encoded image bytes."""
-    from PIL import Image
-
-    img = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    if fmt == "png":
-        img.save(out, format="PNG", optimize=False)
-    elif fmt == "jpeg":
-        img.save(out, format="JPEG", quality=quality)
-    else:
-        img.save(out, format="WEBP", quality=quality)
-    return out.getvalue()
-
-
 def is_bad_image(arr: np.ndarray) -> str | None:
     """'nonfinite' / 'black' for images to drop, else None."""
     if not np.isfinite(arr).all():
@@ -105,7 +90,6 @@ def is_bad_image(arr: np.ndarray) -> str | None:
 
 def render_images(pipe, caption: str, seeds: list[int], cfg: ImagesConfig) -> list[np.ndarray]:
     """One pipeline call for one caption: image k starts from the noise of its own generator seeds[k]."""
-    import torch
 
     gens = [torch.Generator(device=cfg.device).manual_seed(int(s)) for s in seeds]
     with torch.inference_mode():
@@ -117,7 +101,7 @@ def render_images(pipe, caption: str, seeds: list[int], cfg: ImagesConfig) -> li
 
 
 def render_row(pipe, caption: str, cap_id: str, run_seed: int, cfg: ImagesConfig,
-               drops: dict[str, int] | None = None) -> tuple[list[bytes], list[int]]:
+               drops: Counter[str] | None = None) -> tuple[list[bytes], list[int]]:
     """m good images of one caption with their seeds; bad images are replaced by renders with further seeds."""
     m = cfg.per_caption
     good: list[bytes] = []
@@ -132,55 +116,58 @@ def render_row(pipe, caption: str, cap_id: str, run_seed: int, cfg: ImagesConfig
             bad = is_bad_image(arr)
             if bad:
                 if drops is not None:
-                    drops[bad] = drops.get(bad, 0) + 1
+                    drops[bad] += 1
                 continue
             good.append(encode_image(arr, cfg.image_format, cfg.output_size, cfg.jpeg_quality))
             used.append(seed)
     return good, used
 
 
-class DiffusionRenderer:
-    """Ray Data UDF (one per actor): adds `images`, `seeds` and image provenance to caption rows."""
+class DiffusionRenderer(Renderer):
+    """A diffusers text-to-image pipeline (Stable Diffusion and kin); black and non-finite images are replaced."""
 
-    def __init__(self, cfg: ImagesConfig, model_path: str, run_seed: int, stats_actor: Any | None = None) -> None:
-        import torch
+    name: ClassVar[str] = "diffusers"
+    reads: ClassVar[tuple[str, ...]] = ("backend", "model", "per_caption", "guidance_scale", "steps", "scheduler",
+                                        "resolution", "output_size", "image_format", "jpeg_quality", "dtype",
+                                        "device", "negative_prompt")
+    needs_model: ClassVar[bool] = True
 
+    def __init__(self, cfg: ImagesConfig, model_path: str | None, run_seed: int,
+                 stats_actor: Any | None = None) -> None:
+        super().__init__(cfg, model_path, run_seed, stats_actor)
         if cfg.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.num_cpus)))
-        self.cfg = cfg
-        self.run_seed = run_seed
-        self.model_path = model_path
+        if model_path is None:
+            raise RendererError("the diffusers backend needs a model path (images.model)")
         self.pipe = load_pipeline(model_path, cfg)
-        self.stats = StatsClient(stats_actor)
-        self.params_json = json.dumps(t2i_params(cfg), sort_keys=True)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        start = time.time()
-        drops: dict[str, int] = {}
-        keep, images, seeds = [], [], []
-        for i, (caption, cap_id) in enumerate(zip(batch["caption"], batch["caption_id"])):
-            imgs, used = render_row(self.pipe, str(caption), str(cap_id), self.run_seed, self.cfg, drops)
-            if len(imgs) < self.cfg.per_caption:
-                drops["row_without_enough_images"] = drops.get("row_without_enough_images", 0) + 1
-                continue
-            keep.append(i)
-            images.append(imgs)
-            seeds.append(used)
-        out = {k: np.asarray(v)[keep] for k, v in batch.items()}
-        n = len(keep)
-        out["images"] = _object_array(images)
-        out["seeds"] = _object_array([np.asarray(s, dtype=np.int64) for s in seeds])
-        out["image_format"] = np.asarray([self.cfg.image_format] * n, dtype=object)
-        out["t2i_model"] = np.asarray([self.cfg.model] * n, dtype=object)
-        out["t2i_params"] = np.asarray([self.params_json] * n, dtype=object)
-        self.stats.reject("images", drops)
-        self.stats.record("images", n, start)
-        return out
+    @classmethod
+    def check(cls, cfg: ImagesConfig) -> None:
+        check_t2i_model(cfg.model)
 
+    @classmethod
+    def params(cls, cfg: ImagesConfig) -> dict[str, Any]:
+        return t2i_params(cfg)
 
-def _object_array(items: list[Any]) -> np.ndarray:
-    """A 1-D object array holding each item as one element (lists of image bytes stay whole)."""
-    arr = np.empty(len(items), dtype=object)
-    for i, item in enumerate(items):
-        arr[i] = item
-    return arr
+    @classmethod
+    def row_settings(cls, row: dict[str, Any]) -> dict[str, Any]:
+        params = json.loads(row["t2i_params"])
+        return {k: params[k] for k in ("guidance_scale", "steps", "scheduler", "resolution", "output_size",
+                                       "dtype", "negative_prompt", "image_format") if k in params}
+
+    @classmethod
+    def claims(cls, row: dict[str, Any]) -> bool:
+        return "guidance_scale" in json.loads(row["t2i_params"] or "{}")
+
+    @classmethod
+    def regenerate(cls, caption: str, seeds: list[int], cfg: ImagesConfig, model_path: str | None) -> list[bytes]:
+        pipe = load_pipeline(str(model_path), cfg)
+        return [encode_image(arr, cfg.image_format, cfg.output_size, cfg.jpeg_quality)
+                for arr in render_images(pipe, caption, seeds, cfg)]
+
+    def render_caption(self, caption: str, cap_id: str, drops: Counter[str]) -> Rendered | None:
+        images, seeds = render_row(self.pipe, caption, cap_id, self.run_seed, self.cfg, drops)
+        if len(images) < self.cfg.per_caption:
+            drops[TOO_FEW_IMAGES] += 1
+            return None
+        return Rendered(images, seeds)

@@ -1,23 +1,22 @@
-"""The procedural shapes world: renders a parsed caption into an image and a class mask, and the Ray Data UDF."""
+"""The procedural backend (the shapes world): draws a parsed caption into an image and a class mask, seeded per image."""
 
 from __future__ import annotations
 
 import colorsys
 import functools
-import io
 import json
-import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from synray.config import ImagesConfig
+from synray.data.codecs import encode_image, encode_mask
 from synray.data.schema import image_seed
-from synray.data.stats import StatsClient
-from synray.images.diffusion import _object_array, encode_image
-from synray.images.procedural_lang import (
+from synray.images.base import Rendered, Renderer
+from synray.language.shapes import (
     COLORS,
     SHAPE_CLASSES,
     SIZES,
@@ -302,76 +301,54 @@ def regenerate(caption: str, seed: int, size: int) -> tuple[np.ndarray, np.ndarr
     return render(parse_caption(caption), seed, size)
 
 
-# ------------------------------------------------------------------------------------- encoding
-def encode_mask(mask: np.ndarray, size: int) -> bytes:
-    """uint8 class mask -> PNG bytes, nearest-resized to size x size."""
-    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.NEAREST)
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
-
-
-def decode_mask(data: bytes) -> np.ndarray:
-    """PNG bytes of a class mask -> uint8 [H, W]."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.uint8)
-
-
 def procedural_params(cfg: ImagesConfig) -> dict[str, Any]:
     """What is recorded with every row (with the caption and seeds it regenerates images and masks)."""
     return {"renderer": T2I_MODEL, "version": RENDERER_VERSION, "resolution": cfg.resolution,
             "output_size": cfg.output_size, "image_format": cfg.image_format}
 
 
+def encode_pair(img: np.ndarray, mask: np.ndarray, cfg: ImagesConfig) -> tuple[bytes, bytes]:
+    """A rendered uint8 image and its mask, encoded at the output size."""
+    return (encode_image(img.astype(np.float32) / 255.0, cfg.image_format, cfg.output_size, cfg.jpeg_quality),
+            encode_mask(mask, cfg.output_size))
+
+
 # -------------------------------------------------------------------------------------- the UDF
-class ProceduralRenderer:
-    """Ray Data UDF: adds `images`, `masks`, `seeds` and provenance to caption rows; drops unparsable captions."""
+class ProceduralRenderer(Renderer):
+    """Seeded numpy drawing of the shape language, with per-pixel class masks; unparsable captions are dropped."""
 
-    def __init__(self, cfg: ImagesConfig, model_path: str | None = None, run_seed: int = 0,
-                 stats_actor: Any | None = None) -> None:
-        self.cfg = cfg
-        self.model_path = model_path  # unused: the world has no weights
-        self.run_seed = run_seed
-        self.stats = StatsClient(stats_actor)
-        self.params_json = json.dumps(procedural_params(cfg), sort_keys=True)
+    name: ClassVar[str] = "procedural"
+    reads: ClassVar[tuple[str, ...]] = ("backend", "per_caption", "resolution", "output_size", "image_format",
+                                        "jpeg_quality")
+    writes_masks: ClassVar[bool] = True
 
-    def render_row(self, scene: ShapeScene, cap_id: str) -> tuple[list[bytes], list[bytes], list[int]]:
-        """m encoded images, m encoded masks and the m image seeds of one caption."""
-        cfg = self.cfg
-        seeds = [image_seed(self.run_seed, cap_id, k) for k in range(cfg.per_caption)]
-        images, masks = [], []
-        for seed in seeds:
-            img, mask = render(scene, seed, cfg.resolution)
-            images.append(encode_image(img.astype(np.float32) / 255.0, cfg.image_format, cfg.output_size,
-                                       cfg.jpeg_quality))
-            masks.append(encode_mask(mask, cfg.output_size))
-        return images, masks, seeds
+    @classmethod
+    def model_name(cls, cfg: ImagesConfig) -> str:
+        return T2I_MODEL
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        start = time.time()
-        drops: dict[str, int] = {}
-        keep, images, masks, seeds = [], [], [], []
-        for i, (caption, cap_id) in enumerate(zip(batch["caption"], batch["caption_id"])):
-            try:
-                scene = parse_caption(str(caption))
-            except ValueError:
-                drops[UNPARSABLE] = drops.get(UNPARSABLE, 0) + 1
-                continue
-            imgs, msks, used = self.render_row(scene, str(cap_id))
-            keep.append(i)
-            images.append(imgs)
-            masks.append(msks)
-            seeds.append(np.asarray(used, dtype=np.int64))
-        out = {k: np.asarray(v)[keep] for k, v in batch.items()}
-        n = len(keep)
-        out["images"] = _object_array(images)
-        out["masks"] = _object_array(masks)
-        out["seeds"] = _object_array(seeds)
-        out["image_format"] = np.asarray([self.cfg.image_format] * n, dtype=object)
-        out["t2i_model"] = np.asarray([T2I_MODEL] * n, dtype=object)
-        out["t2i_params"] = np.asarray([self.params_json] * n, dtype=object)
-        self.stats.reject("images", drops)
-        self.stats.record("images", n, start)
-        return out
+    @classmethod
+    def params(cls, cfg: ImagesConfig) -> dict[str, Any]:
+        return procedural_params(cfg)
 
+    @classmethod
+    def row_settings(cls, row: dict[str, Any]) -> dict[str, Any]:
+        params = json.loads(row["t2i_params"])
+        return {k: params[k] for k in ("resolution", "output_size", "image_format") if k in params}
+
+    @classmethod
+    def claims(cls, row: dict[str, Any]) -> bool:
+        return row["t2i_model"] == T2I_MODEL
+
+    @classmethod
+    def regenerate(cls, caption: str, seeds: list[int], cfg: ImagesConfig, model_path: str | None) -> list[bytes]:
+        return [encode_pair(*regenerate(caption, seed, cfg.resolution), cfg)[0] for seed in seeds]
+
+    def render_caption(self, caption: str, cap_id: str, drops: Counter[str]) -> Rendered | None:
+        try:
+            scene = parse_caption(caption)
+        except ValueError:
+            drops[UNPARSABLE] += 1
+            return None
+        seeds = [image_seed(self.run_seed, cap_id, k) for k in range(self.cfg.per_caption)]
+        pairs = [encode_pair(*render(scene, seed, self.cfg.resolution), self.cfg) for seed in seeds]
+        return Rendered([p[0] for p in pairs], seeds, [p[1] for p in pairs])

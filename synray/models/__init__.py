@@ -1,1 +1,1 @@
-"""Model factories: tiny offline models, vision backbones and projection heads."""
+"""Models: vision backbones, heads, the image-text model, input preprocessing, and the tiny offline models (LLM, SD, text tower)."""

@@ -1,4 +1,4 @@
-"""Projection heads (StableRep's MLP) and the encoder + head model trained contrastively."""
+"""Heads on an encoder: StableRep's projection MLP (contrastive training) and a linear classifier (supervised)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.nn.functional import all_reduce
 
 from synray.config import BackboneConfig, HeadConfig
 from synray.models.backbone import Encoder, build_backbone
 
-__all__ = ["CrossRankBatchNorm1d", "MLPHead", "ContrastiveModel", "build_contrastive_model"]
+__all__ = ["CrossRankBatchNorm1d", "MLPHead", "ContrastiveModel", "build_contrastive_model", "Classifier",
+           "build_classifier"]
 
 
 class CrossRankBatchNorm1d(nn.BatchNorm1d):
@@ -26,8 +28,6 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         d = x.shape[1]
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision: statistics in float32
         count = torch.full((1,), float(x.shape[0]), device=x.device, dtype=x32.dtype)
@@ -85,11 +85,23 @@ class ContrastiveModel(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.head(self.encoder(pixel_values))
 
-    def embed(self, pixel_values: Tensor) -> Tensor:
-        """Backbone (CLS) features without the head, as used for evaluation."""
-        return self.encoder(pixel_values)
-
 
 def build_contrastive_model(backbone: BackboneConfig, head: HeadConfig) -> ContrastiveModel:
     encoder = build_backbone(backbone)
     return ContrastiveModel(encoder, MLPHead(encoder.embed_dim, head.hidden_dim, head.out_dim, head.num_layers))
+
+
+class Classifier(nn.Module):
+    """Encoder + linear layer over concept labels (the supervised cross-entropy baseline)."""
+
+    def __init__(self, encoder: Encoder, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.head(self.encoder(pixel_values))
+
+
+def build_classifier(backbone: BackboneConfig, num_classes: int) -> Classifier:
+    return Classifier(build_backbone(backbone), num_classes)

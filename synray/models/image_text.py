@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection
 
 from synray.models.backbone import Encoder, load_backbone, save_backbone
 
@@ -59,8 +61,6 @@ class ImageTextModel(nn.Module):
 
 def text_tower_config(path: str) -> Any:
     """The CLIPTextConfig at ``path`` (a directory or hub id), after checking it has a projection."""
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -74,8 +74,6 @@ def text_tower_config(path: str) -> Any:
 
 def load_text_tower(path: str) -> tuple[nn.Module, Any]:
     """A CLIPTextModelWithProjection and its tokenizer from a local directory or hub id (safetensors only)."""
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
     text_tower_config(path)
     model = CLIPTextModelWithProjection.from_pretrained(path, use_safetensors=True)
     return model, AutoTokenizer.from_pretrained(path)
@@ -90,8 +88,6 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str,
 
 def save_image_text(model: ImageTextModel, tokenizer: Any, directory: str | Path, max_length: int) -> Path:
     """Export: the backbone (transformers format, loadable by AutoModel), text/ and the projection."""
-    from safetensors.torch import save_file
-
     directory = save_backbone(model.encoder, directory)
     model.text.save_pretrained(str(directory / TEXT_DIR), safe_serialization=True)
     tokenizer.save_pretrained(str(directory / TEXT_DIR))
@@ -107,8 +103,6 @@ def is_image_text_dir(directory: str | Path) -> bool:
 
 def load_image_text(directory: str | Path, device: torch.device | str = "cpu") -> tuple[ImageTextModel, Any, int]:
     """(model, tokenizer, max_length) of a directory written by :func:`save_image_text`."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not is_image_text_dir(directory):
         raise TextTowerError(f"{directory} holds no image-text model (no {TEXT_DIR}/ and {PROJECTION_FILE}); "

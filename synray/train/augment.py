@@ -1,4 +1,4 @@
-"""Batched on-device image augmentation with kornia: SimCLR/StableRep, LaCLIP crop, and resize-only."""
+"""Batched on-device training augmentation with kornia: SimCLR/StableRep (strong), LaCLIP crop, and resize-only."""
 
 from __future__ import annotations
 
@@ -7,32 +7,20 @@ from kornia import augmentation as K
 from torch import Tensor, nn
 
 from synray.config import AugmentConfig
+from synray.models.preprocess import imagenet_normalize, to_float_images
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_CROP_SCALE_MIN", "Augment", "build_augment",
-           "build_eval_transform", "default_preset", "blur_kernel_size", "to_float_images"]
+__all__ = ["DEFAULT_CROP_SCALE_MIN", "PRESETS", "Augment", "build_augment", "blur_kernel_size"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Lower bound of the random-resized-crop area when AugmentConfig.crop_scale_min is unset:
 # SimCLR/StableRep use 0.08, LaCLIP (CLIP training) 0.5.
 DEFAULT_CROP_SCALE_MIN = {"strong": 0.08, "crop": 0.5}
+PRESETS = ("strong", "crop", "none")
 
 
 def blur_kernel_size(image_size: int) -> int:
     """SimCLR's blur kernel: about 10% of the image side, odd, at least 3."""
     k = max(3, int(0.1 * image_size))
     return k if k % 2 else k + 1
-
-
-def to_float_images(images: Tensor) -> Tensor:
-    """[B, 3, H, W] uint8 (0..255) or float (0..1) -> float32 in [0, 1]."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        return images.float().div_(255.0)
-    if not images.is_floating_point():
-        raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
-    return images.float()
 
 
 def _ops(preset: str, image_size: int, scale_min: float) -> list[nn.Module]:
@@ -49,7 +37,7 @@ def _ops(preset: str, image_size: int, scale_min: float) -> list[nn.Module]:
         return [K.RandomResizedCrop(size, scale=(scale_min, 1.0))]
     if preset == "none":
         return [K.Resize(size, antialias=True)]
-    raise ValueError(f"unknown augmentation preset {preset!r} (strong, crop, none)")
+    raise ValueError(f"unknown augmentation preset {preset!r} ({', '.join(PRESETS)})")
 
 
 class Augment(nn.Module):
@@ -67,7 +55,7 @@ class Augment(nn.Module):
             crop_scale_min = DEFAULT_CROP_SCALE_MIN.get(preset, 1.0)
         self.preset, self.image_size, self.crop_scale_min = preset, image_size, crop_scale_min
         self.ops = nn.Sequential(*_ops(preset, image_size, crop_scale_min))
-        self.normalize = K.Normalize(mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD))
+        self.normalize = imagenet_normalize()
 
     def forward(self, images: Tensor, seed: int | None = None) -> Tensor:
         x = to_float_images(images)
@@ -82,16 +70,6 @@ class Augment(nn.Module):
         return self.normalize(self.ops(x).clamp(0.0, 1.0))
 
 
-def default_preset(loss: str) -> str:
-    """The augmentation each loss was published with: LaCLIP's crop for CLIP, SimCLR's strong set otherwise."""
-    return "crop" if loss == "clip" else "strong"
-
-
-def build_augment(cfg: AugmentConfig, image_size: int, loss: str = "stablerep") -> Augment:
-    """The training augmentation of ``cfg.preset`` (unset: the loss's own) producing ``image_size`` square views."""
-    return Augment(cfg.preset or default_preset(loss), image_size, cfg.crop_scale_min)
-
-
-def build_eval_transform(image_size: int) -> Augment:
-    """Deterministic resize + normalisation (the ``none`` preset), for evaluation."""
-    return Augment("none", image_size)
+def build_augment(cfg: AugmentConfig, image_size: int, default_preset: str = "strong") -> Augment:
+    """The training augmentation of ``cfg.preset`` (unset: ``default_preset``, the objective's own)."""
+    return Augment(cfg.preset or default_preset, image_size, cfg.crop_scale_min)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from synray.data.codecs import decode_image, resize_square
 from synray.data.schema import caption_label_id
+from synray.models.image_text import tokenize
 from synray.train.text import pick_caption
 
 
@@ -31,13 +32,9 @@ class ImageBatch:
     def num_images(self) -> int:
         return int(self.images.shape[0])
 
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded PNG/JPEG/WEBP -> uint8 [H, W, 3]."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
+    def to(self, device: torch.device) -> "ImageBatch":
+        return replace(self, images=self.images.to(device, non_blocking=True),
+                       caption_ids=self.caption_ids.to(device), labels=self.labels.to(device))
 
 
 def flatten_rows(batch: dict[str, np.ndarray], per_caption: int) -> ImageBatch:
@@ -74,22 +71,15 @@ class ImageTextBatch:
     def num_images(self) -> int:
         return int(self.images.shape[0])
 
-
-def resize_square(array: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> [size, size, 3] (bicubic); returned as is when already that size."""
-    from PIL import Image
-
-    if array.shape[:2] == (size, size):
-        return array
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BICUBIC))
+    def to(self, device: torch.device) -> "ImageTextBatch":
+        return replace(self, images=self.images.to(device, non_blocking=True), input_ids=self.input_ids.to(device),
+                       attention_mask=self.attention_mask.to(device))
 
 
 def image_text_pairs(batch: dict[str, np.ndarray], rng: np.random.Generator, image_size: int,
                      tokenizer: Any, max_length: int) -> ImageTextBatch:
     """One pair per row: the row's ``image`` (or one of its ``images``, drawn at random) and a caption
     drawn from ``[caption, *rewrites]`` (LaCLIP). Images of other sizes are resized to ``image_size``."""
-    from synray.models.image_text import tokenize
-
     if "image" in batch:
         encoded = list(batch["image"])
     elif "images" in batch:

@@ -16,18 +16,20 @@ CHECKPOINT_TAG = "state"
 META_FILE = "synray_checkpoint.json"
 
 
-def images_per_step(cfg: TrainConfig, per_caption: int, world_size: int) -> int:
-    """Images (views) per optimizer step; CLIP training uses one image per caption row."""
-    views = 2 if cfg.loss == "simclr" else 1
-    per_caption = 1 if cfg.loss == "clip" else per_caption
-    return cfg.captions_per_worker * per_caption * views * world_size * cfg.grad_accum
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed by this run."""
 
 
-def learning_rate(cfg: TrainConfig, per_caption: int, world_size: int) -> float:
+def images_per_step(cfg: TrainConfig, images_per_row: int, views: int, world_size: int) -> int:
+    """Images (views) per optimizer step: rows per worker x images per row x views x workers x accumulation."""
+    return cfg.captions_per_worker * images_per_row * views * world_size * cfg.grad_accum
+
+
+def learning_rate(cfg: TrainConfig, images_per_step: int) -> float:
     """The configured lr, or StableRep's rule base_lr x (images per step) / 256."""
     if cfg.lr is not None:
         return cfg.lr
-    return cfg.base_lr * images_per_step(cfg, per_caption, world_size) / 256
+    return cfg.base_lr * images_per_step / 256
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
@@ -71,34 +73,32 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_siz
     return engine, opt, sched
 
 
-def train_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: the model and the loss."""
-    out = {"backbone": cfg.backbone.model_dump(), "head": cfg.head.model_dump(), "loss": cfg.loss}
-    if cfg.loss == "clip":
-        out["text"] = cfg.text.model_dump()
-    return out
-
-
-def save(engine, directory: Path, step: int, cfg: TrainConfig, rank: int) -> None:
+def save(engine, directory: Path, step: int, fingerprint: dict[str, Any], rank: int) -> None:
+    """Every rank writes its DeepSpeed shards; rank 0 also the step and what the checkpoint was trained as."""
     engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": step})
     if rank == 0:
-        (directory / META_FILE).write_text(json.dumps({"step": step, **train_fingerprint(cfg)}, sort_keys=True))
+        (directory / META_FILE).write_text(json.dumps({"step": step, **fingerprint}, sort_keys=True))
+
+
+def has_state(directory: str | Path) -> bool:
+    """Whether a checkpoint directory holds training state (not only exported weights)."""
+    return (Path(directory) / META_FILE).is_file()
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META_FILE
     if not path.exists():
-        raise ValueError(f"{directory} is not a synray training checkpoint (no {META_FILE})")
+        raise CheckpointError(f"{directory} is not a synray training checkpoint (no {META_FILE})")
     return json.loads(path.read_text())
 
 
-def check_compatible(directory: str | Path, cfg: TrainConfig) -> int:
-    """The step of a checkpoint, after checking it was written for this model and loss."""
+def check_compatible(directory: str | Path, want: dict[str, Any]) -> int:
+    """The step of a checkpoint, after checking it was written for this model and loss (``want``: the
+    objective's fingerprint of the run's train config)."""
     meta = read_meta(directory)
-    want = train_fingerprint(cfg)
     diff = [k for k in want if json.dumps(meta.get(k), sort_keys=True) != json.dumps(want[k], sort_keys=True)]
     if diff:
-        raise ValueError(f"checkpoint {directory} was written by another config: it differs in "
+        raise CheckpointError(f"checkpoint {directory} was written by another config: it differs in "
                          f"{', '.join('train.' + d for d in diff)} ({ {d: meta.get(d) for d in diff} })")
     return int(meta["step"])
 
@@ -106,5 +106,5 @@ def check_compatible(directory: str | Path, cfg: TrainConfig) -> int:
 def load(engine, directory: Path) -> int:
     _, client = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
     if client is None:
-        raise ValueError(f"could not load the DeepSpeed checkpoint in {directory}")
+        raise CheckpointError(f"could not load the DeepSpeed checkpoint in {directory}")
     return int(client["step"])

@@ -1,4 +1,4 @@
-"""The per-worker training function: DeepSpeed engine, data shard -> augmented views (and texts) -> loss -> step."""
+"""The per-worker training program: `setup` builds the worker's state, `train` runs the loop; one short function per step, log, checkpoint and export."""
 
 from __future__ import annotations
 
@@ -15,88 +15,42 @@ import numpy as np
 import torch
 from torch import nn
 
-from synray.config import RunConfig, TrainConfig
+from synray.config import RunConfig
 from synray.train import engine as ds_engine
-from synray.train.batches import ImageBatch, ImageTextBatch, flatten_rows, image_text_pairs
+from synray.train.augment import Augment, build_augment
+from synray.train.context import RayTrainContext, WorkerContext
+from synray.train.objectives import ModelParts, Objective, get_objective
+from synray.train.spec import TrainPlan
 
 log = logging.getLogger(__name__)
 
-#: Ray Data batches prefetched by each worker while it computes
-PREFETCH_BATCHES = 2
-#: the checkpoint folder holding the exported backbone (save_pretrained format)
+#: checkpoint folder of the exported trained model (save_pretrained format)
 BACKBONE_DIR = "backbone"
+#: checkpoint folder of the model as every worker built it at step 0 (the "init" comparison)
+INIT_DIR = "backbone_init"
+#: the metric Ray Train ranks checkpoints by when it keeps a few: the step, and the step-0 export above all
+CHECKPOINT_SCORE = "checkpoint_score"
+INIT_SCORE = float(2**62)
 
 
-# ------------------------------------------------------------------------------------- model
-class Classifier(nn.Module):
-    """Encoder + linear layer over concept labels (the supervised cross-entropy baseline)."""
+@dataclass
+class WorkerState:
+    """Everything `train` needs, built once by `setup`."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.embed_dim, num_classes)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(pixel_values))
-
-
-def build_model(cfg: TrainConfig, num_classes: int, text_tower: nn.Module | None = None) -> nn.Module:
-    from synray.models.backbone import build_backbone
-    from synray.models.heads import build_contrastive_model
-
-    if cfg.loss == "supervised":
-        return Classifier(build_backbone(cfg.backbone), num_classes)
-    if cfg.loss == "clip":
-        from synray.models.image_text import ImageTextModel
-
-        if text_tower is None:
-            raise ValueError("train.loss=clip needs a text tower")
-        return ImageTextModel(build_backbone(cfg.backbone), text_tower, init_temperature=cfg.temperature)
-    return build_contrastive_model(cfg.backbone, cfg.head)
-
-
-def compute_loss(model: nn.Module, augment: nn.Module, batch: ImageBatch | ImageTextBatch, cfg: TrainConfig,
-                 device: torch.device) -> torch.Tensor:
-    """One forward pass and the configured loss on this worker's share of the global batch."""
-    from synray.train import losses
-
-    images = batch.images.to(device, non_blocking=True)
-    if isinstance(batch, ImageTextBatch):
-        image_features, text_features, scale = model(augment(images), batch.input_ids.to(device),
-                                                     batch.attention_mask.to(device))
-        return losses.clip_loss(image_features, text_features, logit_scale=scale)
-    if cfg.loss == "stablerep":
-        return losses.multi_positive_contrastive(model(augment(images)), batch.caption_ids.to(device),
-                                                 cfg.temperature)
-    if cfg.loss == "simclr":
-        return losses.info_nce(model(augment(images)), model(augment(images)), cfg.temperature)
-    if cfg.loss == "supervised":
-        return losses.supervised_ce(model(augment(images)), batch.labels.to(device))
-    raise ValueError(f"train.loss {cfg.loss!r} is not supported by the image trainer")
-
-
-# -------------------------------------------------------------------------------------- data
-def shard_batches(shard: Any, rows: int, epochs: bool, shuffle_rows: int = 0,
-                  seed: int = 0) -> Iterator[tuple[dict, float]]:
-    """(batch, seconds waited for it) from this worker's shard; loops over epochs in stored mode."""
-    epoch = 0
-    while True:
-        got = 0
-        it = iter(shard.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True,
-                                     prefetch_batches=PREFETCH_BATCHES,
-                                     local_shuffle_buffer_size=shuffle_rows or None,
-                                     local_shuffle_seed=(seed + epoch) if shuffle_rows else None))
-        epoch += 1
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            got += 1
-            yield batch, time.perf_counter() - t0
-        if not epochs or got == 0:
-            return
+    cfg: RunConfig
+    plan: TrainPlan
+    objective: Objective
+    ctx: WorkerContext
+    device: torch.device
+    parts: ModelParts
+    engine: Any
+    scheduler: Any
+    augment: Augment
+    batches: Iterator[tuple[dict[str, np.ndarray], float]]
+    rng: np.random.Generator
+    step: int
+    restarted: bool
+    last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,11 +70,110 @@ class Meter:
                 "data_wait_fraction": self.wait_s / max(self.wait_s + self.busy_s, 1e-9)}
 
 
-# ----------------------------------------------------------------------------------- the loop
-def train_step(engine, augment, batch: ImageBatch, cfg: TrainConfig, device: torch.device) -> float:
-    loss = compute_loss(engine, augment, batch, cfg, device)
+# -------------------------------------------------------------------------------------- setup
+def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
+    """Model, DeepSpeed engine, restored step, augmentation and the data iterator of this worker."""
+    t = cfg.train
+    objective = get_objective(plan.objective)
+    device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
+    if not t.use_gpu:
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    parts = objective.build(cfg, plan.num_classes, plan.text_model)
+    model = parts.model.to(device)
+    if t.use_gpu:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # StableRep's synchronised BN
+    images_per_step = ds_engine.images_per_step(t, objective.images_per_row(plan.per_caption), objective.views,
+                                                ctx.world_size)
+    micro_batch = images_per_step // (ctx.world_size * t.grad_accum)  # images (views) per worker per forward
+    with ctx.latest_checkpoint() as checkpoint:
+        restarted = checkpoint is not None
+        if not restarted:
+            export_initial(model, objective, parts, cfg, ctx)
+        engine, _, scheduler = ds_engine.build_engine(model, t, micro_batch, ctx.world_size,
+                                                      ds_engine.learning_rate(t, images_per_step))
+        step = restore(engine, checkpoint, objective, cfg, plan)
+    torch.manual_seed(cfg.seed * 7919 + ctx.rank * 104729 + step)  # augmentation stream per rank and restart
+    augment = build_augment(t.augment, t.backbone.image_size, objective.default_augment).to(device)
+    batches = timed_batches(ctx, t.captions_per_worker, plan.epochs, cfg.data.shuffle_buffer_rows,
+                            cfg.seed * 31 + ctx.rank)
+    return WorkerState(cfg, plan, objective, ctx, device, parts, engine, scheduler, augment, batches,
+                       rng=np.random.default_rng([cfg.seed, ctx.rank, step]), step=step, restarted=restarted)
+
+
+def restore(engine: Any, checkpoint: Path | None, objective: Objective, cfg: RunConfig, plan: TrainPlan) -> int:
+    """The step to start from: this run's latest checkpoint (after a failure), else `train.resume_from`, else 0."""
+    want = objective.fingerprint(cfg.train)
+    if checkpoint is not None and ds_engine.has_state(checkpoint):
+        ds_engine.check_compatible(checkpoint, want)
+        return ds_engine.load(engine, checkpoint)
+    if plan.resume_from:
+        ds_engine.check_compatible(plan.resume_from, want)
+        return ds_engine.load(engine, Path(plan.resume_from))
+    return 0  # a fresh run, or a restart before the first training checkpoint
+
+
+def timed_batches(ctx: WorkerContext, rows: int, epochs: bool, shuffle_rows: int,
+                  seed: int) -> Iterator[tuple[dict[str, np.ndarray], float]]:
+    """(batch, seconds waited for it) from this worker's rows; loops over epochs when training on a store."""
+    epoch = 0
+    while True:
+        got = 0
+        it = ctx.batches(rows, epoch, shuffle_rows, seed)
+        epoch += 1
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            got += 1
+            yield batch, time.perf_counter() - t0
+        if not epochs or got == 0:
+            return
+
+
+# --------------------------------------------------------------------------------------- loop
+def train(state: WorkerState) -> int:
+    """Optimizer steps until the step budget (or the data) ends; returns the last step."""
+    t = state.cfg.train
+    meter = Meter()
+    for rows, wait_s in state.batches:
+        if state.step >= t.steps:
+            break
+        stepped = train_step(state, rows, wait_s, meter)
+        if not stepped:
+            continue
+        state.step += 1
+        fault_drill(state)
+        if state.step % t.log_every == 0 or checkpoint_due(state):
+            meter = log_and_checkpoint(state, meter)
+    if state.step < t.steps:  # the data ended before the step budget
+        finish_early(state, meter)
+    if state.ctx.rank == 0:
+        log.info("worker finished at step %d (pid %d)", state.step, os.getpid())
+    return state.step
+
+
+def train_step(state: WorkerState, rows: dict[str, np.ndarray], wait_s: float, meter: Meter) -> bool:
+    """One micro-step; True when it applied an optimizer update (the end of a `grad_accum` window)."""
+    t0 = time.perf_counter()
+    batch = state.objective.make_batch(rows, state.plan.per_caption, state.parts, state.rng)
+    t1 = time.perf_counter()
+    engine = state.engine
+    loss = state.objective.loss(engine, state.augment, batch.to(state.device), state.cfg.train)
+    boundary = engine.is_gradient_accumulation_boundary()  # asked before step(): afterwards it is the next one's
     engine.backward(loss)
     engine.step()
+    meter.losses.append(mean_over_ranks(loss))
+    meter.wait_s += wait_s + (t1 - t0)
+    meter.busy_s += time.perf_counter() - t1
+    meter.images += batch.num_images * state.objective.views
+    return bool(boundary)
+
+
+def mean_over_ranks(loss: torch.Tensor) -> float:
+    """The full-batch loss for logging: the ranks' losses averaged."""
     logged = loss.detach().clone()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(logged)
@@ -128,118 +181,67 @@ def train_step(engine, augment, batch: ImageBatch, cfg: TrainConfig, device: tor
     return float(logged)
 
 
-def export_model(model: nn.Module, directory: Path, cfg: TrainConfig, tokenizer: Any = None) -> None:
-    """The backbone in transformers' format; for image-text training also the text tower and projection."""
-    if cfg.loss == "clip":
-        from synray.models.image_text import save_image_text
+def checkpoint_due(state: WorkerState) -> bool:
+    t = state.cfg.train
+    return state.step % t.checkpoint_every == 0 or state.step == t.steps
 
-        save_image_text(model, tokenizer, directory, cfg.text.max_length)
+
+def log_and_checkpoint(state: WorkerState, meter: Meter) -> Meter:
+    """Report the metrics since the last report, with a checkpoint when one is due; a fresh meter follows."""
+    state.last_metrics = meter.report(state.step, current_lr(state), state.ctx.world_size)
+    if checkpoint_due(state):
+        save_checkpoint(state, state.last_metrics, export=state.step == state.cfg.train.steps)
     else:
-        from synray.models.backbone import save_backbone
+        state.ctx.report(state.last_metrics, None)
+    return Meter()
 
-        save_backbone(model.encoder, directory)
+
+def finish_early(state: WorkerState, meter: Meter) -> None:
+    """The stream ran out before the step budget: a last checkpoint with the export, marked as ended early."""
+    metrics = meter.report(state.step, current_lr(state), state.ctx.world_size) if meter.losses else state.last_metrics
+    save_checkpoint(state, {**metrics, "step": state.step, "ended_early": True}, export=True)
 
 
-def save_checkpoint(engine, step: int, cfg: TrainConfig, rank: int, metrics: dict[str, Any],
-                    export: bool = False, tokenizer: Any = None) -> None:
-    """All ranks write their DeepSpeed shards; Ray Train merges them into one persisted checkpoint."""
-    import ray.train
+def fault_drill(state: WorkerState) -> None:
+    """`train.fail_at_step`: the last worker exits at that step, unless its group restarted from a checkpoint."""
+    ctx = state.ctx
+    if state.cfg.train.fail_at_step == state.step and not state.restarted and ctx.rank == ctx.world_size - 1:
+        ctx.wait_for_checkpoints()  # earlier checkpoints are registered before the group fails
+        log.warning("fault drill: worker %d exits at step %d", ctx.rank, state.step)
+        os._exit(1)
 
+
+def current_lr(state: WorkerState) -> float:
+    return float(state.scheduler.get_last_lr()[0])
+
+
+# ------------------------------------------------------------------------- checkpoint, export
+def save_checkpoint(state: WorkerState, metrics: dict[str, Any], export: bool = False) -> None:
+    """Every rank writes its DeepSpeed shards (and rank 0 the export); the context merges them into one checkpoint."""
+    rank = state.ctx.rank
     with tempfile.TemporaryDirectory(prefix="synray-ckpt-") as tmp:
-        ds_engine.save(engine, Path(tmp), step, cfg, rank)
+        ds_engine.save(state.engine, Path(tmp), state.step, state.objective.fingerprint(state.cfg.train), rank)
         if export and rank == 0:
-            export_model(_unwrap(engine), Path(tmp) / BACKBONE_DIR, cfg, tokenizer)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            state.objective.export(unwrap(state.engine), Path(tmp) / BACKBONE_DIR, state.parts, state.cfg.train)
+        state.ctx.report({**metrics, CHECKPOINT_SCORE: float(state.step)}, Path(tmp))
 
 
-def restore(engine, cfg: TrainConfig, resume_from: str | None) -> int:
-    """Resume from Ray Train's latest checkpoint of this run (after a failure), else from resume_from."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            ds_engine.check_compatible(d, cfg)
-            return ds_engine.load(engine, Path(d))
-    if resume_from:
-        ds_engine.check_compatible(resume_from, cfg)
-        return ds_engine.load(engine, Path(resume_from))
-    return 0
+def export_initial(model: nn.Module, objective: Objective, parts: ModelParts, cfg: RunConfig,
+                   ctx: WorkerContext) -> None:
+    """Report the step-0 weights as the run's first checkpoint (kept to the end): the "init" comparison."""
+    with tempfile.TemporaryDirectory(prefix="synray-init-") as tmp:
+        if ctx.rank == 0:
+            objective.export(model, Path(tmp) / INIT_DIR, parts, cfg.train)
+        ctx.report({"step": 0, "init_export": True, CHECKPOINT_SCORE: INIT_SCORE},
+                   Path(tmp) if ctx.rank == 0 else None)
 
 
-def _unwrap(engine) -> nn.Module:
+def unwrap(engine: Any) -> nn.Module:
     return getattr(engine, "module", engine)
 
 
-def load_text(cfg: RunConfig) -> tuple[nn.Module, Any]:
-    """The text tower and tokenizer of image-text training (tiny:* names are built into this node's cache)."""
-    from synray.models.image_text import load_text_tower
-    from synray.models.tiny import resolve_model
-
-    return load_text_tower(resolve_model(cfg.train.text.model, cfg.model_cache))
-
-
+# ---------------------------------------------------------------------------------- Ray Train
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker entry: config = {"cfg": resolved run config, "per_caption", "num_classes", ...}."""
-    import ray.train
-
-    from synray.train.augment import build_augment
-
+    """Ray Train's per-worker function: config = {"cfg": the run config as a dict, "plan": a TrainPlan}."""
     cfg = RunConfig.model_validate(config["cfg"])
-    t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
-    if not t.use_gpu:
-        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    per_caption = int(config["per_caption"])
-    text_tower, tokenizer = load_text(cfg) if t.loss == "clip" else (None, None)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(t, int(config["num_classes"]), text_tower).to(device)
-    if t.use_gpu:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # StableRep's synchronised BN
-    views = 2 if t.loss == "simclr" else 1
-    micro = ds_engine.images_per_step(t, per_caption, 1) // t.grad_accum
-    lr = ds_engine.learning_rate(t, per_caption, world)
-    engine, _, sched = ds_engine.build_engine(model, t, micro, world, lr)
-    restarted = ray.train.get_checkpoint() is not None
-    step = restore(engine, t, config.get("resume_from"))
-    torch.manual_seed(cfg.seed * 7919 + rank * 104729 + step)  # augmentation stream per rank and restart
-    rng = np.random.default_rng([cfg.seed, rank, step])  # LaCLIP caption and image picks
-    augment = build_augment(t.augment, t.backbone.image_size, t.loss).to(device)
-    shard = ray.train.get_dataset_shard("train")
-    meter, last = Meter(), {}
-    batches = shard_batches(shard, t.captions_per_worker, epochs=config.get("epochs", False),
-                            shuffle_rows=cfg.data.shuffle_buffer_rows, seed=cfg.seed * 31 + rank)
-    for rows, wait_s in batches:
-        if step >= t.steps:
-            break
-        t0 = time.perf_counter()
-        batch = (image_text_pairs(rows, rng, t.backbone.image_size, tokenizer, t.text.max_length)
-                 if t.loss == "clip" else flatten_rows(rows, per_caption))
-        t1 = time.perf_counter()
-        loss = train_step(engine, augment, batch, t, device)
-        meter.wait_s += wait_s + (t1 - t0)
-        meter.busy_s += time.perf_counter() - t1
-        meter.images += batch.num_images * views
-        meter.losses.append(loss)
-        if not engine.is_gradient_accumulation_boundary():
-            continue
-        step += 1
-        if t.fail_at_step == step and not restarted and rank == world - 1:
-            ray.train.get_all_reported_checkpoints()  # blocks until earlier checkpoints are registered
-            log.warning("fault drill: worker %d exits at step %d", rank, step)
-            os._exit(1)
-        if step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.steps:
-            last = meter.report(step, float(sched.get_last_lr()[0]), world)
-            meter = Meter()
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                save_checkpoint(engine, step, t, rank, last, export=step == t.steps, tokenizer=tokenizer)
-            else:
-                ray.train.report(last)
-    if step < t.steps:  # the stream ended before the step budget
-        last = {**(meter.report(step, float(sched.get_last_lr()[0]), world) if meter.losses else last),
-                "step": step, "ended_early": True}
-        save_checkpoint(engine, step, t, rank, last, export=True, tokenizer=tokenizer)
-    if rank == 0:
-        log.info("worker finished at step %d (pid %d)", step, os.getpid())
+    train(setup(cfg, config["plan"], RayTrainContext()))

@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 
-from synray.captions.prompts import (
+from synray.language.prompts import (
     DEFAULT_NUM_EXAMPLES,
     LACLIP_HEADER,
     NUM_LACLIP_POOLS,
@@ -22,7 +22,7 @@ from synray.captions.prompts import (
     synclr_pool,
     synclr_prompt,
 )
-from synray.captions.templates import with_article
+from synray.language.templates import with_article
 from synray.concepts import Concept, RowPlan, load_bank, plan_row, row_rng
 from synray.config import RELATIONS, ConceptsConfig
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from synray.concepts import RowPlan
+from synray.concepts import RowPlan
 
 #: shape classes; mask value of a pixel covered by class i is 1 + i (0 = background). Order = builtin:shapes bank.
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross",

@@ -6,36 +6,23 @@ import json
 from typing import Any
 
 from synray.config import ImagesConfig
+from synray.images.registry import renderer_for_row
+from synray.models.tiny import resolve_model
 
 
 def images_config(row: dict[str, Any], **overrides: Any) -> ImagesConfig:
     """The image settings a row was rendered with (from its t2i_model / t2i_params columns)."""
-    params = json.loads(row["t2i_params"])
-    backend = "procedural" if row["t2i_model"] == "procedural" else "diffusers"
-    fields = {k: params[k] for k in ("guidance_scale", "steps", "scheduler", "resolution", "output_size",
-                                    "dtype", "negative_prompt", "image_format") if k in params}
-    if backend == "procedural":
-        fields = {k: v for k, v in fields.items() if k in ("resolution", "output_size", "image_format")}
-    return ImagesConfig(backend=backend, model=row["t2i_model"], per_caption=len(row["seeds"]),
-                        **fields, **overrides)
+    renderer = renderer_for_row(row)
+    return ImagesConfig(backend=renderer.name, model=row["t2i_model"], per_caption=len(row["seeds"]),
+                        **renderer.row_settings(row), **overrides)
 
 
 def regenerate_images(row: dict[str, Any], model_cache: str | None = None) -> list[bytes]:
     """Render the row's caption again with its recorded seeds; equals the stored bytes on the same platform."""
+    renderer = renderer_for_row(row)
     cfg = images_config(row)
-    seeds = [int(s) for s in row["seeds"]]
-    from synray.images.diffusion import encode_image, load_pipeline, render_images
-
-    if cfg.backend == "procedural":
-        from synray.images.procedural import regenerate
-
-        return [encode_image(regenerate(row["caption"], seed, cfg.resolution)[0].astype("float32") / 255.0,
-                             cfg.image_format, cfg.output_size, cfg.jpeg_quality) for seed in seeds]
-    from synray.models.tiny import resolve_model
-
-    pipe = load_pipeline(resolve_model(cfg.model, model_cache), cfg)
-    return [encode_image(arr, cfg.image_format, cfg.output_size, cfg.jpeg_quality)
-            for arr in render_images(pipe, row["caption"], seeds, cfg)]
+    model_path = resolve_model(cfg.model, model_cache) if renderer.needs_model else None
+    return renderer.regenerate(str(row["caption"]), [int(s) for s in row["seeds"]], cfg, model_path)
 
 
 def regenerate_caption(row: dict[str, Any], llm: Any | None = None) -> str:

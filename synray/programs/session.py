@@ -8,7 +8,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import ray
+
 from synray.config import RayConfig
+from synray.data.stats import StageStats
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,6 @@ def runtime_env() -> dict[str, Any]:
 
 def init(cfg: RayConfig) -> bool:
     """Connect to Ray; returns True when this call started it (and so must shut it down)."""
-    import ray
-
     if ray.is_initialized():
         return False
     address = ray_address(cfg)
@@ -66,8 +67,6 @@ def init(cfg: RayConfig) -> bool:
 @contextlib.contextmanager
 def session(cfg: RayConfig) -> Iterator[None]:
     """`with session(cfg.ray):` connects to Ray and always shuts down what it started."""
-    import ray
-
     started = init(cfg)
     try:
         yield
@@ -76,8 +75,11 @@ def session(cfg: RayConfig) -> Iterator[None]:
             ray.shutdown()
 
 
-def cluster_resources() -> dict[str, float]:
-    """Total resources of the connected cluster."""
-    import ray
+def stage_stats() -> Any:
+    """A StageStats actor that the pipeline's stages report their counts to."""
+    return ray.remote(num_cpus=0)(StageStats).remote()
 
-    return dict(ray.cluster_resources())
+
+def stats_summary(actor: Any) -> dict[str, Any]:
+    """Rows, rates and rejections the stages reported to a StageStats actor."""
+    return ray.get(actor.summary.remote())

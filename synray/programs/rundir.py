@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from synray.config import RunConfig
+from synray.data.files import atomic_write_text, write_json
 
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @dataclass
@@ -66,11 +45,6 @@ class RunDir:
     @property
     def log_path(self) -> Path:
         return self.path / "run.log"
-
-    def sub(self, name: str) -> Path:
-        p = self.path / name
-        p.mkdir(parents=True, exist_ok=True)
-        return p
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.summary_path, summary)

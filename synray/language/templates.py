@@ -1,8 +1,7 @@
-"""Model-free caption styles of the scaling-laws study: classname, CLIP-style templates, concept+background.
+"""Model-free caption styles: classname, CLIP-style templates, concept+background (scaling-laws study), shapes.
 
 Styles are functions `(plan, rng) -> caption` in a registry; a new style plugs in with
-`register_style(name, fn)`. The procedural `shapes` style lives in synray.images.procedural_lang
-and is registered there on first use (see _LAZY_STYLES).
+`register_style(name, fn)`. The procedural `shapes` style comes from synray.language.shapes.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from synray.concepts import RowPlan, row_rng
+from synray.language.shapes import shapes_caption
 
 StyleFn = Callable[[RowPlan, np.random.Generator], str]
 
@@ -117,11 +117,8 @@ _STYLES: dict[str, StyleFn] = {
     CLASSNAME: _classname,
     CLIP_TEMPLATES_STYLE: _clip_templates,
     CONCEPT_BACKGROUND: _concept_background,
+    SHAPES: shapes_caption,
 }
-# Styles the config accepts whose implementation lives elsewhere and registers itself.
-_PENDING_STYLES: dict[str, str] = {}
-# Styles implemented elsewhere, registered on first use: name -> (module, function).
-_LAZY_STYLES = {SHAPES: ("synray.images.procedural_lang", "shapes_caption")}
 
 
 def register_style(name: str, fn: StyleFn, replace: bool = False) -> None:
@@ -132,26 +129,13 @@ def register_style(name: str, fn: StyleFn, replace: bool = False) -> None:
 
 
 def template_styles() -> list[str]:
-    """Names of the styles that can be used now (including those registered on first use)."""
-    return sorted(set(_STYLES) | set(_LAZY_STYLES))
-
-
-def _lazy_style(name: str) -> StyleFn | None:
-    """Import and register a style that lives in another module (no import cycle at load time)."""
-    if name not in _LAZY_STYLES:
-        return None
-    import importlib
-
-    module, attr = _LAZY_STYLES[name]
-    register_style(name, getattr(importlib.import_module(module), attr), replace=True)
-    return _STYLES[name]
+    """Names of the registered styles."""
+    return sorted(_STYLES)
 
 
 def template_caption(plan: RowPlan, style: str, seed: int, row_id: int) -> str:
     """The caption of a row for a model-free style; it depends only on (plan, style, seed, row_id)."""
-    fn = _STYLES.get(style) or _lazy_style(style)
+    fn = _STYLES.get(style)
     if fn is None:
-        if style in _PENDING_STYLES:
-            raise NotImplementedError(f"template style {style!r} is not available yet: {_PENDING_STYLES[style]}")
         raise ValueError(f"unknown template style {style!r}; allowed: {', '.join(template_styles())}")
     return fn(plan, row_rng(seed, row_id, _STYLE_TAG))

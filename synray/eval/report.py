@@ -1,18 +1,25 @@
-"""`synray eval`: evaluate a saved model on a dataset with chosen protocols; writes eval.json and eval.md."""
+"""Evaluation of a saved model on a dataset (features through Ray Data, then the protocols) and its report files."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from synray.config import RunConfig
-from synray.eval import check_protocols, resolve_image_text
-from synray.eval.errors import EvalError
+from transformers import AutoConfig
 
-__all__ = ["model_image_size", "check_request", "evaluate_dataset", "format_table", "write_report", "eval_command"]
+from synray.config import RunConfig
+from synray.data.files import atomic_write_text, write_json
+from synray.eval.datasets import EvalSource, extract_arrays
+from synray.eval.errors import EvalError
+from synray.eval.evaluate import resolve_image_text
+from synray.eval.protocols import outputs_for, run_protocols
+from synray.models.image_text import is_image_text_dir
+
+__all__ = ["EvalPlan", "model_image_size", "check_request", "evaluate_dataset", "format_table", "write_report", "default_out_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +30,6 @@ TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 
 def model_image_size(model_dir: str | Path) -> int:
     """The input size of the backbone saved in ``model_dir`` (EvalError when it holds no backbone)."""
-    from transformers import AutoConfig
-
     path = Path(model_dir)
     if not path.is_dir():
         raise EvalError(f"model directory {path} does not exist")
@@ -36,10 +41,8 @@ def model_image_size(model_dir: str | Path) -> int:
     return int(config.image_size)
 
 
-def check_request(model_dir: str | Path, protocols: Sequence[str], source: Any) -> None:
+def check_request(model_dir: str | Path, protocols: Sequence[str], source: EvalSource) -> None:
     """Refuse, before any Ray work, protocols that the model or the dataset cannot support."""
-    from synray.models.image_text import is_image_text_dir
-
     if "zeroshot" in protocols and not is_image_text_dir(model_dir):
         raise EvalError(f"zero-shot needs an image-text model, but {model_dir} holds only an image backbone (no "
                         "text/ tower and image_text.safetensors projection); train with train.loss=clip, or drop "
@@ -52,30 +55,30 @@ def check_request(model_dir: str | Path, protocols: Sequence[str], source: Any) 
         raise EvalError(f"{source.path} has no label column, which {', '.join(without_labels)} need")
 
 
-def evaluate_dataset(model_dir: str, dataset: str, protocols: Sequence[str] | None, cfg: RunConfig,
-                     source: Any = None) -> dict[str, Any]:
-    """Extract features once through Ray Data, run the protocols, and return the report (Ray must be connected).
+@dataclass(frozen=True)
+class EvalPlan:
+    """A checked evaluation request (`synray eval`): what runs on which model and dataset."""
 
-    ``protocols`` empty or None means ``cfg.eval.protocols``; ``source`` is ``inspect_dataset(dataset)``
-    when the caller already has it.
-    """
-    from synray.eval.datasets import extract_arrays, inspect_dataset
-    from synray.eval.protocols import outputs_for, run_protocols
+    model_dir: str
+    dataset: str
+    protocols: tuple[str, ...]
+    image_size: int
+    source: EvalSource
 
-    todo = check_protocols(list(cfg.eval.protocols if not protocols else protocols))
-    image_size = model_image_size(model_dir)
-    source = source if source is not None else inspect_dataset(dataset)
-    check_request(model_dir, todo, source)
-    image_text = resolve_image_text(str(model_dir)) if "zeroshot" in todo else None
-    log.info("extracting %s of %s (%s, %d files) at %dpx", ", ".join(outputs_for(todo)), dataset, source.kind,
-             len(source.files), image_size)
-    arrays = extract_arrays(source, str(model_dir), image_size, outputs_for(todo), batch_size=cfg.eval.batch_size,
-                            actors=cfg.eval.feature_actors, use_gpu=cfg.eval.use_gpu)
+
+def evaluate_dataset(plan: EvalPlan, cfg: RunConfig) -> dict[str, Any]:
+    """Extract features once through Ray Data, run the protocols, and return the report (Ray must be connected)."""
+    todo = list(plan.protocols)
+    image_text = resolve_image_text(plan.model_dir) if "zeroshot" in todo else None
+    log.info("extracting %s of %s (%s, %d files) at %dpx", ", ".join(outputs_for(todo)), plan.dataset,
+             plan.source.kind, len(plan.source.files), plan.image_size)
+    arrays = extract_arrays(plan.source, plan.model_dir, plan.image_size, outputs_for(todo),
+                            batch_size=cfg.eval.batch_size, actors=cfg.eval.feature_actors, use_gpu=cfg.eval.use_gpu)
     log.info("running %s on %d images", ", ".join(todo), len(arrays))
     results = run_protocols(arrays, todo, cfg.eval, seed=cfg.seed, image_text=image_text)
-    return {"model_dir": str(Path(model_dir).resolve()), "dataset": str(Path(dataset).resolve()),
-            "dataset_kind": source.kind, "protocols": todo, "image_size": image_size, "num_images": len(arrays),
-            "seed": cfg.seed, "results": results,
+    return {"model_dir": str(Path(plan.model_dir).resolve()), "dataset": str(Path(plan.dataset).resolve()),
+            "dataset_kind": plan.source.kind, "protocols": todo, "image_size": plan.image_size,
+            "num_images": len(arrays), "seed": cfg.seed, "results": results,
             "eval_config": {**cfg.eval.model_dump(mode="json"), "protocols": todo},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -114,8 +117,6 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """Write eval.json and eval.md into ``out_dir`` (created if needed); returns both paths."""
-    from synray.rundir import atomic_write_text, write_json
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} exists and is not a directory")
@@ -129,21 +130,3 @@ def default_out_dir(cfg: RunConfig, now: datetime | None = None) -> Path:
     """``<output_root>/eval-<UTC timestamp>``."""
     stamp = (now or datetime.now(timezone.utc)).strftime(TIMESTAMP_FORMAT)
     return Path(cfg.output_root) / f"eval-{stamp}"
-
-
-def eval_command(cfg: RunConfig, model_dir: str, dataset: str, protocols: Sequence[str] | None = None,
-                 out_dir: str | None = None) -> int:
-    """`synray eval`: connect to Ray, evaluate, write eval.json / eval.md, print the table."""
-    from synray.eval.datasets import inspect_dataset
-    from synray.session import session
-
-    todo = check_protocols(list(cfg.eval.protocols if not protocols else protocols))
-    model_image_size(model_dir)  # bad inputs fail before Ray starts
-    source = inspect_dataset(dataset)
-    check_request(model_dir, todo, source)
-    with session(cfg.ray):
-        report = evaluate_dataset(model_dir, dataset, todo, cfg, source=source)
-    json_path, md_path = write_report(report, out_dir or default_out_dir(cfg))
-    print(format_table(report), end="")
-    print(f"\nwrote {json_path} and {md_path}")
-    return 0

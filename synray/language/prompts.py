@@ -31,10 +31,6 @@ EXAMPLE_SEPARATOR = f" {ARROW} "
 NUM_LACLIP_POOLS = 4
 DEFAULT_NUM_EXAMPLES = 3
 
-# Sampling settings of the papers (SynCLR: Llama-2-7B; LaCLIP: LLaMA-7B).
-SYNCLR_SAMPLING: dict[str, float | int] = {"temperature": 0.8, "top_p": 0.9, "max_tokens": 100}
-LACLIP_SAMPLING: dict[str, float | int] = {"temperature": 0.9, "top_p": 0.95, "max_tokens": 77}
-
 _SYNCLR_TAG = "captions.synclr_examples"
 _LACLIP_TAG = "captions.laclip_examples"
 
@@ -57,7 +53,7 @@ def _parse_pool(text: str, name: str) -> tuple[Example, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _pool(name: str) -> tuple[Example, ...]:
-    res = resources.files("synray") / "captions" / "pools" / f"{name}.txt"
+    res = resources.files("synray") / "language" / "pools" / f"{name}.txt"
     return _parse_pool(res.read_text(encoding="utf-8"), name)
 
 

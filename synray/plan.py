@@ -1,0 +1,295 @@
+"""The planning step: a run's config resolved and checked once, and its resources computed, before Ray starts.
+
+`plan_run` resolves every model name (building tiny models on first use), checks every stage
+(concepts, captions, images, data, training, evaluation, resume), derives the held-out set and
+computes what each stage asks of the cluster. Programs (`synray run`, `train`, `generate`, `rewrite`,
+`eval`) read the plan and never re-check the config. Bad input raises a synray error naming the key.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from synray.captions.llm import CPU_STAGE_CPUS
+from synray.captions.rewrite import check_source, rewrite_fingerprint
+from synray.concepts import load_bank
+from synray.config import ConfigError, RunConfig, load_config, with_overrides
+from synray.data.store import ParquetStore, StoreError
+from synray.eval.datasets import inspect_dataset
+from synray.eval.errors import EvalError
+from synray.eval.protocols import check_protocols
+from synray.eval.report import EvalPlan, check_request, model_image_size
+from synray.generation.pipeline import LIGHT_STAGE_CPUS, GenerationPlan, store_fingerprint
+from synray.images.registry import RENDERERS, get_renderer, renderer_names
+from synray.models.tiny import ModelError, resolve_model
+from synray.train.engine import check_compatible
+from synray.train.objectives import OBJECTIVES, Objective, TrainSetupError, get_objective, objective_names
+from synray.train.spec import TrainPlan
+
+__all__ = ["StageResources", "DataPlan", "HeldoutPlan", "RunPlan", "RewritePlan", "registry_choices",
+           "load_run_config", "derive_config", "heldout_config", "check_eval_protocols", "plan_generation",
+           "plan_run", "plan_eval", "plan_rewrite"]
+
+log = logging.getLogger(__name__)
+
+#: held-out columns the protocols may read (masks: segmentation; concept: zero-shot class names)
+EVAL_COLUMNS = ("caption_id", "caption", "label", "concept", "images", "masks")
+
+
+# ------------------------------------------------------------------------------------ configs
+def registry_choices() -> dict[str, tuple[str, ...]]:
+    """The names the registries offer for the config keys that select an implementation."""
+    return {"train.loss": objective_names(), "images.backend": renderer_names()}
+
+
+def load_run_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A built-in config or YAML file with `key.path=value` overrides, validated, registry names included."""
+    return load_config(name_or_path, overrides, registry_choices())
+
+
+def derive_config(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
+    """A copy of cfg with {"a.b": value} applied and validated like a loaded config."""
+    return with_overrides(cfg, overrides, registry_choices())
+
+
+def heldout_config(cfg: RunConfig) -> RunConfig:
+    """The held-out evaluation set: the same generator with another seed and eval.heldout_captions rows."""
+    seed = (cfg.seed + cfg.eval.seed_offset) % (2**31 - 1)
+    return derive_config(cfg, {"seed": seed, "data.num_captions": cfg.eval.heldout_captions, "data.mode": "stream"})
+
+
+# -------------------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class StageResources:
+    """A stage's actors (or workers) and what each asks of the cluster."""
+
+    stage: str
+    actors: int
+    cpus: float
+    gpus: float = 0.0
+
+    def describe(self) -> str:
+        each = f"{self.cpus:g} CPU" + (f" + {self.gpus:g} GPU" if self.gpus else "")
+        return f"{self.stage}: {self.actors} x ({each})"
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Where training rows come from: a live generation stream, or a store (read, or kept while streaming)."""
+
+    mode: str                            # stream, stored or stream+store
+    store_dir: str | None
+    generation: GenerationPlan | None    # the live pipeline (stream modes)
+
+
+@dataclass(frozen=True)
+class HeldoutPlan:
+    """The labelled rows evaluation scores: a held-out set generated with another seed, or eval.dataset."""
+
+    generation: GenerationPlan | None
+    dataset: str | None
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything `synray run` / `synray train` do, decided before Ray starts."""
+
+    cfg: RunConfig
+    data: DataPlan
+    train: TrainPlan
+    heldout: HeldoutPlan | None
+    protocols: tuple[str, ...]
+    stages: tuple[StageResources, ...]
+
+    @property
+    def objective(self) -> Objective:
+        return get_objective(self.train.objective)
+
+    def describe(self) -> list[str]:
+        """One line per fact a user checks before paying for a run."""
+        lines = [f"data: {self.data.mode}" + (f" ({self.data.store_dir})" if self.data.store_dir else ""),
+                 f"training: {self.train.objective}, {self.train.per_caption} images per caption row, "
+                 f"{self.cfg.train.steps} steps"]
+        lines += [s.describe() for s in self.stages]
+        if self.heldout is not None:
+            lines.append(f"evaluation: {', '.join(self.protocols)} on "
+                         + (self.heldout.dataset or f"{self.cfg.eval.heldout_captions} held-out captions"))
+        return lines
+
+
+@dataclass(frozen=True)
+class RewritePlan:
+    """A checked LaCLIP rewrite request (`synray rewrite`)."""
+
+    cfg: RunConfig
+    source: str
+    out: str
+    model_path: str
+    fingerprint: str
+
+
+# --------------------------------------------------------------------------------- generation
+def plan_generation(cfg: RunConfig, store: ParquetStore | None = None) -> GenerationPlan:
+    """Check the generation stages and resolve their models; with a store, read what it already holds."""
+    load_bank(cfg.concepts.bank, cfg.concepts.kinds, cfg.concepts.max_concepts)
+    renderer = get_renderer(cfg.images.backend)
+    renderer.check(cfg.images)
+    llm = resolve_model(cfg.captions.model, cfg.model_cache) if cfg.captions.backend == "vllm" else None
+    t2i = resolve_model(cfg.images.model, cfg.model_cache) if renderer.needs_model else None
+    plan = GenerationPlan(cfg, llm, t2i, renderer, wanted=cfg.data.num_captions)
+    if store is not None and store.check_writable(store_fingerprint(cfg)):
+        plan.skip_ids = store.existing_ids()
+        plan.existing_captions = store.existing_captions()
+        plan.wanted = max(0, cfg.data.num_captions - len(plan.skip_ids))
+    return plan
+
+
+def generation_stages(plan: GenerationPlan, keep_store: bool) -> list[StageResources]:
+    """The stream's stages, as `synray.generation.pipeline.build_pipeline` lays them out."""
+    cfg = plan.cfg
+    out = [StageResources("plan rows", 1, LIGHT_STAGE_CPUS)]
+    if plan.llm_path is not None:
+        e = cfg.captions.engine
+        out += [StageResources("caption pre/post-processing", 2, CPU_STAGE_CPUS),
+                StageResources("vLLM engines", e.pool_size, e.num_cpus * e.tensor_parallel_size,
+                               e.num_gpus * e.tensor_parallel_size)]
+    else:
+        out.append(StageResources("template captions", 1, LIGHT_STAGE_CPUS))
+    out += [StageResources("caption clean-up", 1, LIGHT_STAGE_CPUS),
+            StageResources(f"{plan.renderer.name} renderers", cfg.images.pool_size, cfg.images.num_cpus,
+                           cfg.images.num_gpus)]
+    if keep_store:
+        out.append(StageResources("store writer", 1, LIGHT_STAGE_CPUS))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- run
+def plan_run(cfg: RunConfig, data_dir: str | None = None) -> RunPlan:
+    """Resolve and check a whole run (`data_dir`: train from that store instead of generating).
+
+    The cheap checks come first; models are resolved (tiny ones built) only for a run that passed them.
+    """
+    objective = get_objective(cfg.train.loss)
+    protocols = check_eval_protocols(cfg)
+    stored = data_dir is not None or cfg.data.mode == "stored"
+    if not stored:
+        _check_stream_size(cfg)
+    num_classes = len(load_bank(cfg.concepts.bank, cfg.concepts.kinds, cfg.concepts.max_concepts))
+    if stored:
+        store_dir, columns, per_caption = _plan_store(cfg, objective, data_dir)
+    else:
+        store_dir, columns, per_caption = _plan_stream(cfg, objective)
+    text_model = _resolve_text(cfg) if objective.image_text else None
+    objective.check(cfg, per_caption, text_model)
+    resume_step = check_compatible(cfg.train.resume_from, objective.fingerprint(cfg.train)) \
+        if cfg.train.resume_from else None
+    data = DataPlan("stored" if stored else cfg.data.mode, store_dir, None if stored else plan_generation(cfg))
+    heldout = _plan_heldout(cfg) if protocols else None
+    train = TrainPlan(objective.name, per_caption, num_classes, epochs=stored, columns=columns,
+                      text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step)
+    stages = generation_stages(data.generation, data.mode == "stream+store") if data.generation else []
+    t = cfg.train
+    stages.append(StageResources("training workers", t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0))
+    return RunPlan(cfg, data, train, heldout, protocols, tuple(stages))
+
+
+def _plan_store(cfg: RunConfig, objective: Objective, data_dir: str | None) -> tuple[str, tuple[str, ...], int]:
+    """A store to train from: its directory, the columns training reads, the fewest images of a row."""
+    root = data_dir or cfg.data.store_dir
+    if not root:
+        raise StoreError("data.mode=stored needs data.store_dir (or `synray train CONFIG --data DIR`)")
+    shards = ParquetStore(root).check_readable(objective.required_columns())
+    columns = tuple(objective.columns(pq.read_schema(shards[0]).names))
+    return root, columns, stored_per_caption(shards[0]) if "images" in columns else 1
+
+
+def _plan_stream(cfg: RunConfig, objective: Objective) -> tuple[str | None, tuple[str, ...], int]:
+    """A live stream (teed into data.store_dir in stream+store mode): store, columns, images per caption."""
+    if cfg.data.mode == "stream+store":
+        if not cfg.data.store_dir:
+            raise StoreError("data.mode=stream+store needs data.store_dir")
+        ParquetStore(cfg.data.store_dir).check_writable(store_fingerprint(cfg))
+    return cfg.data.store_dir if cfg.data.mode == "stream+store" else None, tuple(objective.columns(None)), \
+        cfg.images.per_caption
+
+
+def stored_per_caption(shard: Path) -> int:
+    """The fewest images a row of a stored shard holds."""
+    lengths = pc.list_value_length(pq.read_table(shard, columns=["images"]).column("images"))
+    return int(pc.min(lengths).as_py() or 0)
+
+
+def _resolve_text(cfg: RunConfig) -> str:
+    try:
+        return resolve_model(cfg.train.text.model, cfg.model_cache)
+    except ModelError as e:
+        raise TrainSetupError(f"train.text.model={cfg.train.text.model!r}: {e}") from e
+
+
+def _check_stream_size(cfg: RunConfig) -> None:
+    """A stream must fill at least one global batch; fewer captions than the step budget needs is only logged."""
+    t = cfg.train
+    rows_per_step = t.grad_accum * t.captions_per_worker * t.num_workers
+    if cfg.data.num_captions < t.captions_per_worker * t.num_workers:
+        raise TrainSetupError(f"data.num_captions={cfg.data.num_captions} cannot fill one global batch of "
+                              f"train.captions_per_worker={t.captions_per_worker} x train.num_workers="
+                              f"{t.num_workers} rows")
+    if cfg.data.num_captions < t.steps * rows_per_step:
+        log.warning(
+            "stream mode: %d captions feed at most %d of the %d steps (each step takes %d rows)",
+            cfg.data.num_captions, cfg.data.num_captions // rows_per_step, t.steps, rows_per_step)
+
+
+def check_eval_protocols(cfg: RunConfig) -> tuple[str, ...]:
+    """The protocols a run evaluates (none when eval.enabled is off), after checking the run can feed them."""
+    if not cfg.eval.enabled:
+        return ()
+    todo = check_protocols(cfg.eval.protocols)
+    if "zeroshot" in todo and not get_objective(cfg.train.loss).image_text:
+        names = "/".join(o.name for o in OBJECTIVES.values() if o.image_text)
+        raise EvalError(f"eval.protocols has zeroshot, which needs an image-text model (train.loss={names}); "
+                        f"train.loss is {cfg.train.loss}")
+    if "segmentation" in todo and cfg.eval.dataset is None and not get_renderer(cfg.images.backend).writes_masks:
+        names = "/".join(r.name for r in RENDERERS.values() if r.writes_masks)
+        raise EvalError("eval.protocols has segmentation, which needs class masks: the held-out set has them "
+                        f"with images.backend={names}, or give eval.dataset with a masks column")
+    return tuple(todo)
+
+
+def _plan_heldout(cfg: RunConfig) -> HeldoutPlan:
+    """The rows evaluation scores: eval.dataset, or a held-out set generated with another seed."""
+    if cfg.eval.dataset:
+        shards = ParquetStore(cfg.eval.dataset).check_readable(("caption", "label", "images"))
+        names = set(pq.read_schema(shards[0]).names)
+        return HeldoutPlan(None, cfg.eval.dataset, tuple(c for c in EVAL_COLUMNS if c in names))
+    masks = get_renderer(cfg.images.backend).writes_masks
+    columns = tuple(c for c in EVAL_COLUMNS if c != "masks" or masks)
+    return HeldoutPlan(plan_generation(heldout_config(cfg)), None, columns)
+
+
+# ----------------------------------------------------------------------------- eval, rewrite
+def plan_eval(cfg: RunConfig, model_dir: str, dataset: str, protocols: list[str] | None = None) -> EvalPlan:
+    """Check an evaluation request (`synray eval`): the model, the dataset and what the protocols need."""
+    todo = check_protocols(list(cfg.eval.protocols if not protocols else protocols))
+    image_size = model_image_size(model_dir)
+    source = inspect_dataset(dataset)
+    check_request(model_dir, todo, source)
+    return EvalPlan(str(model_dir), str(dataset), tuple(todo), image_size, source)
+
+
+def plan_rewrite(cfg: RunConfig, source: str | None, out: str) -> RewritePlan:
+    """Check a LaCLIP rewrite request (`synray rewrite`) and resolve its caption model."""
+    source = source or cfg.captions.rewrite.source
+    if not source:
+        raise ConfigError("rewrite needs --source or captions.rewrite.source")
+    model = resolve_model(cfg.captions.model, cfg.model_cache)
+    check_source(source)
+    fingerprint = rewrite_fingerprint(cfg)
+    ParquetStore(out).check_writable(fingerprint)
+    return RewritePlan(cfg, source, out, model, fingerprint)

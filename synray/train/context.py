@@ -1,0 +1,133 @@
+"""Where a training worker gets its rows and sends its reports: Ray Train, or local processes (tests, debugging).
+
+The worker (`synray.train.worker`) only talks to a `WorkerContext`. Under Ray Train that is
+`RayTrainContext` (the dataset shard, `ray.train.report`, Ray's checkpoints). `LocalContext` runs the
+same worker code in plain `torch.distributed` processes over rows held in memory, with checkpoints in
+a local folder: the fast tests drive real DeepSpeed steps through it without starting Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import ray.train
+import torch.distributed as dist
+
+__all__ = ["PREFETCH_BATCHES", "WorkerContext", "RayTrainContext", "LocalContext"]
+
+#: Ray Data batches prefetched by each worker while it computes
+PREFETCH_BATCHES = 2
+
+
+class WorkerContext(Protocol):
+    """What a training worker needs from the system that runs it."""
+
+    rank: int
+    world_size: int
+
+    def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        """One epoch of this worker's rows in numpy batches of `rows` (the last partial batch dropped)."""
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The run's latest reported checkpoint as a local directory, or None for a fresh run."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        """Report metrics (every rank, every time), with this rank's part of a checkpoint if it has one."""
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until every checkpoint reported so far is registered (before a deliberate exit)."""
+
+
+class RayTrainContext:
+    """A worker of a Ray Train run: its dataset shard ("train"), `ray.train.report` and Ray's checkpoints."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self._shard = ray.train.get_dataset_shard("train")
+
+    def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self._shard.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True,
+                                             prefetch_batches=PREFETCH_BATCHES,
+                                             local_shuffle_buffer_size=shuffle_rows or None,
+                                             local_shuffle_seed=(seed + epoch) if shuffle_rows else None))
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def wait_for_checkpoints(self) -> None:
+        ray.train.get_all_reported_checkpoints()
+
+
+class LocalContext:
+    """A worker among plain `torch.distributed` processes: rows in memory, reports and checkpoints under `root`.
+
+    `rows` is this rank's shard as columns (numpy arrays of equal length). Each report becomes one
+    line of `root/reports-rank{r}.jsonl`; a report with a checkpoint is merged by every rank into
+    `root/checkpoint_NNNNNN/` (a barrier follows), as Ray Train merges the ranks' directories.
+    """
+
+    def __init__(self, rank: int, world_size: int, rows: dict[str, np.ndarray], root: str | Path) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.rows = rows
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._reports = len(self.read_reports(self.root, rank))
+
+    def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        n = len(next(iter(self.rows.values())))
+        order = np.arange(n)
+        if shuffle_rows:
+            order = np.random.default_rng(seed + epoch).permutation(n)
+        for start in range(0, n - rows + 1, rows):
+            idx = order[start:start + rows]
+            yield {k: v[idx] for k, v in self.rows.items()}
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("checkpoint_*") if p.is_dir())
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        found = self.checkpoints()
+        self._barrier()  # every rank sees the same checkpoints before any rank reports a new one
+        yield found[-1] if found else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        index = self._reports
+        self._reports += 1
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.root / f"checkpoint_{index:06d}", dirs_exist_ok=True)
+        with open(self.root / f"reports-rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps({**metrics, "checkpoint": checkpoint_dir is not None}, sort_keys=True) + "\n")
+        self._barrier()
+
+    @staticmethod
+    def _barrier() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def wait_for_checkpoints(self) -> None:
+        """Nothing to wait for: `report` returns once every rank has written its part."""
+
+    @staticmethod
+    def read_reports(root: str | Path, rank: int = 0) -> list[dict[str, Any]]:
+        path = Path(root) / f"reports-rank{rank}.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

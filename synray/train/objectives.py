@@ -1,0 +1,209 @@
+"""The training objectives, one per `train.loss`: what each needs, how it builds its model and batches, its loss, its export.
+
+Everything the rest of the system asks of a loss goes through an `Objective` here: the planning
+step (views per image, images per caption, columns, text tower, checks), the worker (model,
+batches, loss, export) and the driver (checkpoint fingerprints). Adding an objective is one entry
+in `OBJECTIVES` plus its tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import Tensor, nn
+
+from synray.config import RunConfig, TrainConfig
+from synray.data.schema import TRAIN_COLUMNS
+from synray.models.backbone import build_backbone, save_backbone
+from synray.models.heads import build_classifier, build_contrastive_model
+from synray.models.image_text import (ImageTextModel, TextTowerError, load_text_tower, save_image_text,
+                                      text_tower_config)
+from synray.models.tiny import localize
+from synray.train import losses
+from synray.train.augment import Augment
+from synray.train.batches import ImageBatch, ImageTextBatch, flatten_rows, image_text_pairs
+
+__all__ = ["OBJECTIVES", "Objective", "ModelParts", "TrainSetupError", "get_objective", "objective_names"]
+
+
+class TrainSetupError(ValueError):
+    """A training setup that cannot work, found before any worker starts."""
+
+
+@dataclass
+class ModelParts:
+    """What an objective builds on a worker: the model to train, and what its batches need besides rows."""
+
+    model: nn.Module
+    tokenizer: Any = None        # image-text objectives: the text tower's tokenizer
+    max_length: int | None = None
+
+
+class Objective:
+    """Base of the training objectives (stateless; one instance per `train.loss` in `OBJECTIVES`)."""
+
+    #: the `train.loss` value
+    name: ClassVar[str]
+    #: augmented views of each image per step
+    views: ClassVar[int] = 1
+    #: fewest images per caption row the objective can learn from
+    min_images_per_caption: ClassVar[int] = 1
+    #: augmentation preset when `train.augment.preset` is unset (the one the method was published with)
+    default_augment: ClassVar[str] = "strong"
+    #: trains a text tower too; its export then serves zero-shot evaluation
+    image_text: ClassVar[bool] = False
+
+    # -------------------------------------------------------------------------- what it needs
+    def images_per_row(self, per_caption: int) -> int:
+        """Images of one row that enter a step (before views)."""
+        return per_caption
+
+    def required_columns(self) -> tuple[str, ...]:
+        """Columns stored training data must have."""
+        return tuple(TRAIN_COLUMNS)
+
+    def columns(self, available: Collection[str] | None) -> list[str]:
+        """The columns workers read, from what a store offers (None: a generation stream, all row columns)."""
+        return list(TRAIN_COLUMNS)
+
+    def check(self, cfg: RunConfig, per_caption: int, text_model: str | None) -> None:
+        """TrainSetupError for a setup this objective cannot train (nothing is started or loaded)."""
+        if per_caption < self.min_images_per_caption:
+            raise TrainSetupError(
+                f"train.loss={self.name} needs at least {self.min_images_per_caption} images per caption "
+                f"(images.per_caption={per_caption}): with one image an anchor has no positive. Use "
+                "train.loss=simclr for m=1")
+
+    def fingerprint(self, t: TrainConfig) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed: the model and the loss."""
+        return {"backbone": t.backbone.model_dump(), "head": t.head.model_dump(), "loss": self.name}
+
+    # ---------------------------------------------------------------------------- on a worker
+    def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        """The model at its initial weights (called right after the worker seeds torch)."""
+        raise NotImplementedError
+
+    def make_batch(self, rows: dict[str, np.ndarray], per_caption: int, parts: ModelParts,
+                   rng: np.random.Generator) -> ImageBatch | ImageTextBatch:
+        """A Ray Data batch of rows -> the objective's tensors (on the CPU)."""
+        return flatten_rows(rows, per_caption)
+
+    def loss(self, model: nn.Module, augment: Augment, batch: Any, t: TrainConfig) -> Tensor:
+        """This worker's share of the global batch's loss (batch already on the model's device)."""
+        raise NotImplementedError
+
+    def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:
+        """The trained weights in loadable form: the backbone in transformers' format."""
+        save_backbone(model.encoder, directory)
+
+
+class StableRep(Objective):
+    """StableRep's multi-positive contrastive loss: the m images of a caption are each other's positives."""
+
+    name: ClassVar[str] = "stablerep"
+    min_images_per_caption: ClassVar[int] = 2
+
+    def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        return ModelParts(build_contrastive_model(cfg.train.backbone, cfg.train.head))
+
+    def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig) -> Tensor:
+        return losses.multi_positive_contrastive(model(augment(batch.images)), batch.caption_ids, t.temperature)
+
+
+class SimCLR(Objective):
+    """SimCLR's InfoNCE: two augmented views of each image are the only positives."""
+
+    name: ClassVar[str] = "simclr"
+    views: ClassVar[int] = 2
+
+    def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        return ModelParts(build_contrastive_model(cfg.train.backbone, cfg.train.head))
+
+    def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig) -> Tensor:
+        return losses.info_nce(model(augment(batch.images)), model(augment(batch.images)), t.temperature)
+
+
+class Supervised(Objective):
+    """Cross-entropy over the concept labels (the supervised baseline)."""
+
+    name: ClassVar[str] = "supervised"
+
+    def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        return ModelParts(build_classifier(cfg.train.backbone, num_classes))
+
+    def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig) -> Tensor:
+        return losses.supervised_ce(model(augment(batch.images)), batch.labels)
+
+
+class Clip(Objective):
+    """CLIP's symmetric image-text loss with a learnable logit scale; LaCLIP's caption picks among rewrites."""
+
+    name: ClassVar[str] = "clip"
+    default_augment: ClassVar[str] = "crop"
+    image_text: ClassVar[bool] = True
+
+    def images_per_row(self, per_caption: int) -> int:
+        return 1  # one (image, caption) pair per row
+
+    def required_columns(self) -> tuple[str, ...]:
+        return ("caption",)
+
+    def columns(self, available: Collection[str] | None) -> list[str]:
+        if available is None:
+            return ["caption", "images"]
+        image = next((c for c in ("image", "images") if c in available), None)
+        if image is None:
+            raise TrainSetupError(f"image-text training needs an image or images column (the data has "
+                                  f"{sorted(available)})")
+        return ["caption", image] + (["rewrites"] if "rewrites" in available else [])
+
+    def check(self, cfg: RunConfig, per_caption: int, text_model: str | None) -> None:
+        """train.text.model must be a CLIP text model with a projection (its config only is read)."""
+        try:
+            config = text_tower_config(str(text_model or cfg.train.text.model))
+        except TextTowerError as e:
+            raise TrainSetupError(f"train.text.model={cfg.train.text.model!r}: {e}") from e
+        if cfg.train.text.max_length > config.max_position_embeddings:
+            raise TrainSetupError(f"train.text.max_length={cfg.train.text.max_length} exceeds the text tower's "
+                                  f"{config.max_position_embeddings} positions")
+
+    def fingerprint(self, t: TrainConfig) -> dict[str, Any]:
+        return {**super().fingerprint(t), "text": t.text.model_dump()}
+
+    def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        t = cfg.train
+        path = localize(t.text.model, text_model or t.text.model, cfg.model_cache)
+        text, tokenizer = load_text_tower(path)
+        model = ImageTextModel(build_backbone(t.backbone), text, init_temperature=t.temperature)
+        return ModelParts(model, tokenizer, t.text.max_length)
+
+    def make_batch(self, rows: dict[str, np.ndarray], per_caption: int, parts: ModelParts,
+                   rng: np.random.Generator) -> ImageTextBatch:
+        return image_text_pairs(rows, rng, parts.model.encoder.image_size, parts.tokenizer, int(parts.max_length))
+
+    def loss(self, model: nn.Module, augment: Augment, batch: ImageTextBatch, t: TrainConfig) -> Tensor:
+        image_features, text_features, scale = model(augment(batch.images), batch.input_ids, batch.attention_mask)
+        return losses.clip_loss(image_features, text_features, logit_scale=scale)
+
+    def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:
+        """The backbone (AutoModel loads it), plus text/ and the projection for zero-shot evaluation."""
+        save_image_text(model, parts.tokenizer, directory, t.text.max_length)
+
+
+#: train.loss -> objective
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (StableRep(), SimCLR(), Clip(), Supervised())}
+
+
+def objective_names() -> tuple[str, ...]:
+    return tuple(OBJECTIVES)
+
+
+def get_objective(name: str) -> Objective:
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise TrainSetupError(f"train.loss {name!r} is not an objective; allowed: {', '.join(OBJECTIVES)}") from None

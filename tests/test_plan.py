@@ -1,0 +1,84 @@
+"""The planning step: one pass resolves models and checks every stage without Ray; registries are the only
+place an objective or an image backend is chosen by name."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import small_config
+from synray.config import ImagesConfig, TrainConfig
+from synray.images.registry import RENDERERS
+from synray.plan import plan_run
+from synray.train.objectives import OBJECTIVES
+
+SYNRAY = Path(__file__).resolve().parents[1] / "synray"
+
+
+def test_stream_plan_resolves_models_and_lays_out_stages_without_ray(tiny_models: dict[str, str], monkeypatch):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("planning started Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    plan = plan_run(small_config())
+    gen = plan.data.generation
+    assert plan.data.mode == "stream" and gen.llm_path == tiny_models["llm"] and gen.t2i_path == tiny_models["sd"]
+    assert gen.renderer is RENDERERS["diffusers"] and gen.wanted == 16
+    assert plan.train.objective == "stablerep" and plan.train.per_caption == 2 and not plan.train.epochs
+    assert plan.train.num_classes == 16  # concepts.max_concepts of the local config
+    stages = {s.stage: s for s in plan.stages}
+    assert stages["vLLM engines"].actors == 1 and stages["vLLM engines"].cpus == 1.0
+    assert stages["diffusers renderers"].actors == 1
+    assert (stages["training workers"].actors, stages["training workers"].cpus) == (2, 0.5)
+    held = plan.heldout.generation
+    assert held.cfg.seed != plan.cfg.seed and held.wanted == 12 and "masks" not in plan.heldout.columns
+    assert any(line.startswith("training workers: 2 x (0.5 CPU)") for line in plan.describe())
+
+
+@pytest.mark.slow
+def test_stored_plan_reads_the_store_once(generated_store: dict):
+    plan = plan_run(small_config(), data_dir=generated_store["dir"])
+    assert plan.data.mode == "stored" and plan.data.generation is None and plan.train.epochs
+    assert plan.train.per_caption == 3  # from the rows, not from images.per_caption
+    assert plan.train.columns == ("caption_id", "label", "caption", "images")
+    assert [s.stage for s in plan.stages] == ["training workers"]
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_every_objective_is_a_complete_registry_entry(name: str):
+    o = OBJECTIVES[name]
+    assert o.name == name and o.views in (1, 2) and o.default_augment in ("strong", "crop", "none")
+    assert o.images_per_row(4) in (1, 4)
+    assert set(o.fingerprint(TrainConfig())) >= {"backbone", "head", "loss"}
+
+
+@pytest.mark.parametrize("name", list(RENDERERS))
+def test_every_renderer_is_a_complete_registry_entry(name: str):
+    r = RENDERERS[name]
+    assert r.name == name and set(r.reads) <= set(ImagesConfig.model_fields) and "backend" in r.reads
+    assert r.params(ImagesConfig(backend=name))
+
+
+def _name_choices(path: Path) -> list[str]:
+    """Comparisons in a module that pick an objective or an image backend by name."""
+    names = set(OBJECTIVES) | set(RENDERERS)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        attrs = {n.attr for n in operands if isinstance(n, ast.Attribute)}
+        consts = {n.value for n in operands if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        if "loss" in attrs or (consts & names):
+            found.append(f"{path.relative_to(SYNRAY)}:{node.lineno}")
+    return found
+
+
+def test_no_objective_or_backend_is_chosen_by_name_outside_the_registries():
+    registries = {SYNRAY / "train" / "objectives.py", SYNRAY / "images" / "registry.py"}
+    found = [hit for path in sorted(SYNRAY.rglob("*.py")) if path not in registries for hit in _name_choices(path)]
+    assert found == []

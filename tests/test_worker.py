@@ -1,0 +1,59 @@
+"""The training worker's step on 2 gloo processes, without Ray: every objective learns a fixed batch,
+`grad_accum` counts one step per window, and a new worker group resumes at the latest checkpoint."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch.multiprocessing as mp
+
+import worker_harness as harness
+
+
+@pytest.fixture(scope="module")
+def results(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """Every case of the harness, run once by one group of 2 processes: case -> [rank 0 result, rank 1 result]."""
+    root = tmp_path_factory.mktemp("worker")
+    names = list(harness.CASES)
+    mp.spawn(harness.worker, args=(harness.free_port(), str(root), tiny_models["text"], names),
+             nprocs=harness.WORLD, join=True)
+    return {n: [json.loads((root / n / f"rank{r}.json").read_text()) for r in range(harness.WORLD)] for n in names}
+
+
+def _losses(result: dict[str, Any]) -> list[float]:
+    return [r["loss"] for r in result["reports"] if "loss" in r]
+
+
+@pytest.mark.parametrize("objective", ["stablerep", "simclr", "supervised", "clip"])
+def test_every_objective_lowers_its_loss_on_a_fixed_batch(results, objective: str):
+    rank0, rank1 = results[objective]
+    losses = _losses(rank0)
+    assert rank0["final_step"] == 8 and len(losses) == 8
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert _losses(rank1) == losses  # the logged loss is the mean over ranks, the same on both
+
+
+@pytest.mark.parametrize("objective", ["stablerep", "simclr", "supervised", "clip"])
+def test_the_worker_reports_the_step0_export_first_and_the_trained_export_last(results, objective: str):
+    reports = results[objective][0]["reports"]
+    assert reports[0]["init_export"] and reports[0]["step"] == 0 and reports[0]["checkpoint"]
+    assert reports[-1]["step"] == 8 and reports[-1]["checkpoint"]
+
+
+def test_grad_accum_applies_one_update_per_window(results):
+    for rank in results["grad_accum"]:
+        assert rank["boundaries"] == [False, True, False, True]
+        sums = rank["weight_sums"]  # before, then after each of the 4 micro-steps
+        assert sums[1] == sums[0] and sums[2] != sums[1] and sums[3] == sums[2] and sums[4] != sums[3]
+        assert rank["global_steps"] == 2 and rank["scheduler_steps"] == 2
+        assert rank["final_step"] == 2 and rank["train_global_steps"] == 2
+
+
+def test_a_new_worker_group_resumes_at_the_latest_checkpoint(results):
+    for rank in results["resume"]:
+        assert rank["first_final_step"] == 6
+        assert rank["restarted"] and rank["restored_step"] == 6 and rank["same_weights"]
+    steps_with_checkpoints = [r["step"] for r in results["resume"][0]["reports"] if r["checkpoint"]]
+    assert steps_with_checkpoints == [0, 2, 4, 6]

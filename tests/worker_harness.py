@@ -1,0 +1,114 @@
+"""Runs the training worker (setup + steps) in 2 gloo processes over in-memory rows (a helper module, not collected).
+
+Each process joins one torch.distributed group, then runs every case of `CASES` in order through
+`synray.train.worker` with a `LocalContext`, and writes what the tests check to `root/<case>/rank<r>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+WORLD = 2
+#: captions per worker micro-batch and images per caption of every case
+ROWS, M = 4, 2
+#: overrides shared by the cases: a tiny ViT, no augmentation randomness, a log line every step
+BASE = ["images.per_caption=2", f"train.captions_per_worker={ROWS}", "train.num_workers=2", "train.log_every=1",
+        "train.checkpoint_every=100", "train.warmup_steps=1", "train.lr=0.002", "train.augment.preset=none",
+        "train.head.hidden_dim=64", "train.head.out_dim=32"]
+#: case name -> overrides; each objective learns on one fixed batch, then the grad_accum and resume checks
+CASES: dict[str, list[str]] = {
+    "stablerep": ["train.loss=stablerep", "train.steps=8"],
+    "simclr": ["train.loss=simclr", "train.steps=8", "train.augment.preset=crop",
+               "train.augment.crop_scale_min=0.6"],
+    "supervised": ["train.loss=supervised", "train.steps=8"],
+    "clip": ["train.loss=clip", "train.steps=8", "train.text.max_length=16", "train.temperature=0.1"],
+    "grad_accum": ["train.loss=stablerep", "train.steps=2", "train.grad_accum=2"],
+    "resume": ["train.loss=stablerep", "train.steps=6", "train.checkpoint_every=2"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fixed_rows(rank: int, steps: int) -> dict[str, np.ndarray]:
+    """The same ROWS caption rows (M procedural images each) repeated `steps` times; other rows on each rank."""
+    from synray.config import ImagesConfig
+    from synray.images.procedural import ProceduralRenderer
+
+    captions = ["a red circle", "two blue squares", "a large green triangle", "a yellow star",
+                "a white cross", "a pink ring", "a purple diamond", "an orange heart"]
+    mine = captions[rank * ROWS:(rank + 1) * ROWS]
+    ids = [f"{rank:02d}{i:014x}" for i in range(ROWS)]
+    renderer = ProceduralRenderer(ImagesConfig(backend="procedural", per_caption=M, resolution=32, output_size=32),
+                                  None, run_seed=rank)
+    out = renderer({"caption": np.asarray(mine, dtype=object), "caption_id": np.asarray(ids, dtype=object),
+                    "label": np.arange(rank * ROWS, (rank + 1) * ROWS, dtype=np.int64)})
+    return {k: np.concatenate([out[k]] * steps) for k in ("caption_id", "label", "caption", "images")}
+
+
+def _weights(state: Any) -> float:
+    return float(sum(p.detach().double().sum() for p in state.engine.module.parameters()))
+
+
+def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, Any]:
+    from conftest import small_config
+
+    from synray.train.context import LocalContext
+    from synray.train.objectives import get_objective
+    from synray.train.spec import TrainPlan
+    from synray.train.worker import Meter, setup, train, train_step
+
+    cfg = small_config(*BASE, *CASES[name])
+    objective = get_objective(cfg.train.loss)
+    plan = TrainPlan(objective.name, M, num_classes=2 * ROWS, epochs=False,
+                     columns=tuple(objective.columns(None)) + ("caption_id", "label"),
+                     text_model=text_model if objective.image_text else None)
+    steps = cfg.train.steps * cfg.train.grad_accum
+    ctx = LocalContext(rank, WORLD, fixed_rows(rank, steps), root / name)
+    out: dict[str, Any] = {}
+    if name == "grad_accum":
+        state = setup(cfg, plan, ctx)
+        flags, sums = [], [_weights(state)]
+        for rows, _ in state.batches:
+            flags.append(train_step(state, rows, 0.0, Meter()))
+            sums.append(_weights(state))
+        out.update(boundaries=flags, weight_sums=sums, global_steps=int(state.engine.global_steps),
+                   scheduler_steps=int(state.scheduler.last_epoch))
+        state = setup(cfg, plan, LocalContext(rank, WORLD, fixed_rows(rank, steps), root / "grad_accum_train"))
+        out.update(final_step=train(state), train_global_steps=int(state.engine.global_steps))
+    elif name == "resume":
+        first = setup(cfg, plan, ctx)
+        out["first_final_step"] = train(first)
+        again = setup(cfg, plan, LocalContext(rank, WORLD, fixed_rows(rank, steps), root / name))
+        out.update(restored_step=again.step, restarted=again.restarted,
+                   same_weights=_weights(again) == _weights(first))
+    else:
+        out["final_step"] = train(setup(cfg, plan, ctx))
+    out["reports"] = LocalContext.read_reports(root / name, rank)
+    return out
+
+
+def worker(rank: int, port: int, root: str, text_model: str, cases: list[str]) -> None:
+    """One process of the group: every case in order; results to root/<case>/rank<r>.json."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    try:
+        for name in cases:
+            result = _run_case(name, rank, Path(root), text_model)
+            (Path(root) / name / f"rank{rank}.json").write_text(json.dumps(result, default=str))
+    finally:
+        dist.destroy_process_group()
