@@ -21,6 +21,9 @@ from synray.data.stats import StatsClient
 
 __all__ = ["Rendered", "Renderer", "RendererError"]
 
+#: ImagesConfig fields a row records in its own columns (`t2i_model`, the number of `seeds`), not in `t2i_params`
+ROW_IDENTITY = ("backend", "model", "per_caption")
+
 
 class RendererError(ValueError):
     """Image settings or a model that a backend cannot render with."""
@@ -39,8 +42,8 @@ class Renderer:
     """Base of the image backends (a Ray Data callable class, one instance per actor).
 
     Subclasses set the class attributes and implement :meth:`render_caption`, :meth:`params`,
-    :meth:`row_settings`, :meth:`claims` and :meth:`regenerate`; they may override :meth:`check`
-    (settings and model checks before any resource is requested) and :meth:`render_batch`.
+    :meth:`claims` and :meth:`regenerate`; they may override :meth:`check` (settings and model
+    checks before any resource is requested) and :meth:`render_batch`.
     """
 
     #: the `images.backend` value that selects this renderer
@@ -77,8 +80,10 @@ class Renderer:
 
     @classmethod
     def row_settings(cls, row: dict[str, Any]) -> dict[str, Any]:
-        """The ImagesConfig fields (besides backend, model, per_caption) a row was rendered with."""
-        raise NotImplementedError
+        """The ImagesConfig fields (besides backend, model, per_caption) a row was rendered with: those of
+        its recorded `t2i_params`."""
+        params = json.loads(row["t2i_params"])
+        return {k: v for k, v in params.items() if k in ImagesConfig.model_fields and k not in ROW_IDENTITY}
 
     @classmethod
     def claims(cls, row: dict[str, Any]) -> bool:

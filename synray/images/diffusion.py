@@ -150,12 +150,6 @@ class DiffusionRenderer(Renderer):
         return t2i_params(cfg)
 
     @classmethod
-    def row_settings(cls, row: dict[str, Any]) -> dict[str, Any]:
-        params = json.loads(row["t2i_params"])
-        return {k: params[k] for k in ("guidance_scale", "steps", "scheduler", "resolution", "output_size",
-                                       "dtype", "negative_prompt", "image_format") if k in params}
-
-    @classmethod
     def claims(cls, row: dict[str, Any]) -> bool:
         return "guidance_scale" in json.loads(row["t2i_params"] or "{}")
 

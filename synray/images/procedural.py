@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import colorsys
 import functools
-import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -329,11 +328,6 @@ class ProceduralRenderer(Renderer):
     @classmethod
     def params(cls, cfg: ImagesConfig) -> dict[str, Any]:
         return procedural_params(cfg)
-
-    @classmethod
-    def row_settings(cls, row: dict[str, Any]) -> dict[str, Any]:
-        params = json.loads(row["t2i_params"])
-        return {k: params[k] for k in ("resolution", "output_size", "image_format") if k in params}
 
     @classmethod
     def claims(cls, row: dict[str, Any]) -> bool:

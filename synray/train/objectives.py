@@ -101,27 +101,28 @@ class Objective:
         save_backbone(model.encoder, directory)
 
 
-class StableRep(Objective):
+class ContrastiveObjective(Objective):
+    """An image-only contrastive objective: the backbone with StableRep's projection head."""
+
+    def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        return ModelParts(build_contrastive_model(cfg.train.backbone, cfg.train.head))
+
+
+class StableRep(ContrastiveObjective):
     """StableRep's multi-positive contrastive loss: the m images of a caption are each other's positives."""
 
     name: ClassVar[str] = "stablerep"
     min_images_per_caption: ClassVar[int] = 2
 
-    def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
-        return ModelParts(build_contrastive_model(cfg.train.backbone, cfg.train.head))
-
     def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig) -> Tensor:
         return losses.multi_positive_contrastive(model(augment(batch.images)), batch.caption_ids, t.temperature)
 
 
-class SimCLR(Objective):
+class SimCLR(ContrastiveObjective):
     """SimCLR's InfoNCE: two augmented views of each image are the only positives."""
 
     name: ClassVar[str] = "simclr"
     views: ClassVar[int] = 2
-
-    def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
-        return ModelParts(build_contrastive_model(cfg.train.backbone, cfg.train.head))
 
     def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig) -> Tensor:
         return losses.info_nce(model(augment(batch.images)), model(augment(batch.images)), t.temperature)
