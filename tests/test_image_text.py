@@ -32,31 +32,38 @@ def text_tower(tiny_models: dict[str, str]):
     return load_text_tower(tiny_models["text"])
 
 
-def test_pairs_draw_among_caption_and_rewrites(text_tower):
-    from synray.train.batches import image_text_pairs
+def _pairs(batch: dict, tok, image_size: int, max_length: int, rng: np.random.Generator):
+    """Rows through the preprocessing half (CPU) and the per-step draw (worker), as training runs them."""
+    from synray.train.batches import image_text_rows, pick_pairs
 
+    ready = image_text_rows(batch, image_size, tok, max_length)
+    return pick_pairs({k: torch.from_numpy(v) for k, v in ready.items()}, rng)
+
+
+def test_pairs_draw_among_caption_and_rewrites(text_tower):
     _, tok = text_tower
-    batch = {"image": _obj([_png(10), _png(200, size=24)]), "caption": _obj(["a red cube", "a dog"]),
-             "rewrites": _obj([["one red cube on grass", "a crimson block"], ["x", "a small puppy"]])}
+    options = [["a red cube", "one red cube on grass", "a crimson block"], ["a dog", "x", "a small puppy"]]
+    batch = {"image": _obj([_png(10), _png(200, size=24)]), "caption": _obj([o[0] for o in options]),
+             "rewrites": _obj([o[1:] for o in options])}
     rng = np.random.default_rng(0)
     seen: list[set[str]] = [set(), set()]
     for _ in range(60):
-        pairs = image_text_pairs(batch, rng, image_size=16, tokenizer=tok, max_length=16)
-        for i, c in enumerate(pairs.captions):
-            seen[i].add(c)
+        pairs = _pairs(batch, tok, 16, 16, rng)
+        for i, c in enumerate(pairs.caption_index.tolist()):
+            seen[i].add(options[i][c])
     assert seen[0] == {"a red cube", "one red cube on grass", "a crimson block"}
     assert seen[1] == {"a dog", "a small puppy"}  # the one-word rewrite falls back to the original
     assert pairs.images.shape == (2, 3, 16, 16) and pairs.images.dtype == torch.uint8  # 24px resized
     assert pairs.input_ids.shape == pairs.attention_mask.shape == (2, 16)
+    want = tok(options[1][int(pairs.caption_index[1])], padding="max_length", max_length=16)["input_ids"]
+    assert pairs.input_ids[1].tolist() == want  # the drawn caption's own tokens
 
 
 def test_pairs_from_generated_rows_pick_one_image_each(text_tower):
-    from synray.train.batches import image_text_pairs
-
     _, tok = text_tower
     batch = {"images": _obj([[_png(0), _png(100)], [_png(50), _png(250)]]), "caption": _obj(["a b", "c d"])}
     rng = np.random.default_rng(1)
-    firsts = {int(image_text_pairs(batch, rng, 16, tok, 8).images[0, 0, 0, 0]) for _ in range(30)}
+    firsts = {int(_pairs(batch, tok, 16, 8, rng).images[0, 0, 0, 0]) for _ in range(30)}
     assert firsts == {0, 100}
 
 

@@ -43,7 +43,8 @@ def free_port() -> int:
 
 
 def fixed_rows(rank: int, steps: int) -> dict[str, np.ndarray]:
-    """The same ROWS caption rows (M procedural images each) repeated `steps` times; other rows on each rank."""
+    """The same ROWS caption rows (M procedural images each) repeated `steps` times; other rows on each rank.
+    Raw rows, as a store holds them: the worker's context gets them through the preprocessing UDF."""
     from synray.config import ImagesConfig
     from synray.images.procedural import ProceduralRenderer
 
@@ -67,6 +68,7 @@ def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, An
 
     from synray.train.context import LocalContext
     from synray.train.objectives import get_objective
+    from synray.train.preprocess import RowPreprocessor
     from synray.train.spec import TrainPlan
     from synray.train.worker import Meter, setup, train, train_step
 
@@ -76,22 +78,23 @@ def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, An
                      columns=tuple(objective.columns(None)) + ("caption_id", "label"),
                      text_model=text_model if objective.image_text else None)
     steps = cfg.train.steps * cfg.train.grad_accum
-    ctx = LocalContext(rank, WORLD, fixed_rows(rank, steps), root / name)
+    rows = RowPreprocessor(cfg, plan)(fixed_rows(rank, steps))  # the Ray Data stage's code, in this process
+    ctx = LocalContext(rank, WORLD, rows, root / name)
     out: dict[str, Any] = {}
     if name == "grad_accum":
         state = setup(cfg, plan, ctx)
         flags, sums = [], [_weights(state)]
-        for rows, _ in state.batches:
-            flags.append(train_step(state, rows, 0.0, Meter()))
+        for batch, _ in state.batches:
+            flags.append(train_step(state, batch, 0.0, Meter()))
             sums.append(_weights(state))
         out.update(boundaries=flags, weight_sums=sums, global_steps=int(state.engine.global_steps),
                    scheduler_steps=int(state.scheduler.last_epoch))
-        state = setup(cfg, plan, LocalContext(rank, WORLD, fixed_rows(rank, steps), root / "grad_accum_train"))
+        state = setup(cfg, plan, LocalContext(rank, WORLD, rows, root / "grad_accum_train"))
         out.update(final_step=train(state), train_global_steps=int(state.engine.global_steps))
     elif name == "resume":
         first = setup(cfg, plan, ctx)
         out["first_final_step"] = train(first)
-        again = setup(cfg, plan, LocalContext(rank, WORLD, fixed_rows(rank, steps), root / name))
+        again = setup(cfg, plan, LocalContext(rank, WORLD, rows, root / name))
         out.update(restored_step=again.step, restarted=again.restarted,
                    same_weights=_weights(again) == _weights(first))
     else:

@@ -26,6 +26,7 @@ ROW_SCHEMA = pa.schema([
     pa.field("llm_sampling", pa.string()),                   # JSON: temperature, top_p, max_tokens
     pa.field("t2i_model", pa.string()),
     pa.field("t2i_params", pa.string()),                     # JSON: guidance, steps, scheduler, sizes...
+    pa.field("render_group", pa.string()),                   # JSON: the batched diffusers call of the row, else null
     pa.field("masks", pa.list_(pa.binary())),                # procedural backend: m PNG class masks, else null
 ])
 

@@ -24,7 +24,7 @@ from synray.eval.protocols import EvalArrays, label_names
 
 __all__ = ["IMAGE_EXTENSIONS", "ParquetLayout", "EvalSource", "parquet_layout", "hf_label_names",
            "normalise_parquet_batch", "scan_image_folder", "image_folder_batch", "inspect_dataset",
-           "source_dataset", "rows_to_arrays", "extract_arrays"]
+           "source_dataset", "rows_to_arrays", "add_extractors", "collect_rows", "model_rows", "extract_arrays"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 #: accepted names of the per-row image column(s), in order of preference
@@ -276,7 +276,7 @@ def rows_to_arrays(rows: Sequence[Mapping[str, Any]], image_size: int, outputs: 
     Each image gets its row's label, split and class name, and the row index as its group.
     Masks are decoded and nearest-resized to ``image_size``.
     """
-    counts = [len(r["images"]) if "images" in r else len(r[outputs[0]]) for r in rows]
+    counts = [len(r[outputs[0]]) if outputs else len(r["images"]) for r in rows]
     labels = np.repeat(np.asarray([int(r["label"]) for r in rows], np.int64), counts)
     arrays = EvalArrays(labels=labels, groups=np.repeat(np.arange(len(rows), dtype=np.int64), counts),
                         has_labels=has_labels)
@@ -284,7 +284,7 @@ def rows_to_arrays(rows: Sequence[Mapping[str, Any]], image_size: int, outputs: 
         setattr(arrays, name, _stack(rows, name))
     if rows and "split" in rows[0]:
         arrays.split = np.repeat(np.asarray([r["split"] for r in rows], dtype=object), counts)
-    if rows and "masks" in rows[0]:
+    if any(isinstance(r.get("masks"), (list, tuple, np.ndarray)) for r in rows):  # an all-null column: none
         arrays.masks = rows_to_masks([{"masks": r["masks"], "images": [None] * n} for r, n in zip(rows, counts)],
                                      image_size)
     names = dict(class_names or {})
@@ -313,23 +313,46 @@ def _ordered() -> Iterator[None]:
         ctx.execution_options.preserve_order = before
 
 
-def extract_arrays(source: EvalSource, model_dir: str, image_size: int, outputs: Sequence[str],
-                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False) -> EvalArrays:
-    """Read ``source`` through Ray Data and extract ``outputs`` once with a pool of FeatureExtractor actors."""
-    with _ordered():
-        ds = source_dataset(source).map_batches(
+def add_extractors(ds: ray.data.Dataset, models: Mapping[str, str], image_size: int, outputs: Sequence[str],
+                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False) -> ray.data.Dataset:
+    """One pool of FeatureExtractor actors per model, each adding its outputs to the rows (images kept).
+
+    ``models`` maps a name to a model directory; the outputs of model ``name`` get the columns
+    ``name/output`` (a model named "" keeps the plain output names).
+    """
+    for name, model_dir in models.items():
+        ds = ds.map_batches(
             FeatureExtractor, batch_format="numpy", batch_size=batch_size,
             fn_constructor_kwargs={"model_dir": model_dir, "image_size": image_size, "batch_size": batch_size,
-                                   "device": "cuda" if use_gpu else "cpu", "drop_images": True,
-                                   "outputs": tuple(outputs)},
+                                   "device": "cuda" if use_gpu else "cpu", "outputs": tuple(outputs),
+                                   "prefix": f"{name}/" if name else ""},
             compute=ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0)
+    return ds
+
+
+def collect_rows(ds: ray.data.Dataset, where: str) -> list[dict[str, Any]]:
+    """Run a feature-extraction dataset in input order; an EvalError inside a task comes back as one."""
+    with _ordered():
         try:
             rows = ds.take_all()
         except Exception as e:
             message = _eval_error_in(e)
             if message is None:
                 raise
-            raise EvalError(f"{source.path}: {message}") from None
+            raise EvalError(f"{where}: {message}") from None
     if not rows:
-        raise EvalError(f"evaluation dataset {source.path} holds no rows")
+        raise EvalError(f"evaluation dataset {where} holds no rows")
+    return rows
+
+
+def model_rows(rows: Sequence[Mapping[str, Any]], name: str, outputs: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows with model ``name``'s outputs under their plain names (what rows_to_arrays reads)."""
+    return [{**r, **{o: r[f"{name}/{o}"] for o in outputs}} for r in rows]
+
+
+def extract_arrays(source: EvalSource, model_dir: str, image_size: int, outputs: Sequence[str],
+                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False) -> EvalArrays:
+    """Read ``source`` through Ray Data and extract ``outputs`` once with a pool of FeatureExtractor actors."""
+    ds = add_extractors(source_dataset(source), {"": model_dir}, image_size, outputs, batch_size, actors, use_gpu)
+    rows = collect_rows(ds.drop_columns(["images"]), source.path)
     return rows_to_arrays(rows, image_size, outputs, source.class_names, source.has_labels)

@@ -212,13 +212,14 @@ class FeatureExtractor:
     with ``images``), each requested output (:data:`OUTPUTS`; default ``features``, the CLS
     embedding) becomes a column holding, per row, a float32 array [m, ...] with one entry per
     image: a [B, m, ...] array when every row has the same number of images, else an object
-    array of [m_i, ...] arrays. With ``drop_images`` the encoded images are removed from the
-    output batch.
+    array of [m_i, ...] arrays, named ``prefix + output``. With ``drop_images`` the encoded images
+    are removed from the output batch.
     """
 
     def __init__(self, model_dir: str | Path, image_size: int, batch_size: int = 256,
                  device: str | torch.device = "cpu", drop_images: bool = False,
-                 outputs: Sequence[str] = ("features",)) -> None:
+                 outputs: Sequence[str] = ("features",), prefix: str = "") -> None:
+        self.prefix = prefix
         self.model_dir = str(model_dir)
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
@@ -244,5 +245,5 @@ class FeatureExtractor:
         encoded = encode_arrays(self.encoder, flat, self.image_size, self.batch_size, self.outputs, self.projection)
         out = {k: v for k, v in batch.items() if not (self.drop_images and k == "images")}
         for name, values in encoded.items():
-            out[name] = _per_row_column(values.numpy(), counts)
+            out[self.prefix + name] = _per_row_column(values.numpy(), counts)
         return out

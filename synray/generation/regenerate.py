@@ -14,7 +14,7 @@ def images_config(row: dict[str, Any], **overrides: Any) -> ImagesConfig:
     """The image settings a row was rendered with (from its t2i_model / t2i_params columns)."""
     renderer = renderer_for_row(row)
     return ImagesConfig(backend=renderer.name, model=row["t2i_model"], per_caption=len(row["seeds"]),
-                        **renderer.row_settings(row), **overrides)
+                        **{**renderer.row_settings(row), **overrides})
 
 
 def regenerate_images(row: dict[str, Any], model_cache: str | None = None) -> list[bytes]:
@@ -22,7 +22,7 @@ def regenerate_images(row: dict[str, Any], model_cache: str | None = None) -> li
     renderer = renderer_for_row(row)
     cfg = images_config(row)
     model_path = resolve_model(cfg.model, model_cache) if renderer.needs_model else None
-    return renderer.regenerate(str(row["caption"]), [int(s) for s in row["seeds"]], cfg, model_path)
+    return renderer.regenerate(row, cfg, model_path)
 
 
 def regenerate_caption(row: dict[str, Any], llm: Any | None = None) -> str:

@@ -36,6 +36,7 @@ class Rendered:
     images: list[bytes]
     seeds: list[int]
     masks: list[bytes] | None = None
+    render_group: str | None = None   # JSON: the batched call the images came from (see the diffusers backend)
 
 
 class Renderer:
@@ -91,8 +92,8 @@ class Renderer:
         raise NotImplementedError
 
     @classmethod
-    def regenerate(cls, caption: str, seeds: list[int], cfg: ImagesConfig, model_path: str | None) -> list[bytes]:
-        """The encoded images of a caption rendered again from its seeds."""
+    def regenerate(cls, row: dict[str, Any], cfg: ImagesConfig, model_path: str | None) -> list[bytes]:
+        """The encoded images of a stored row rendered again from its provenance."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ rendering
@@ -116,6 +117,7 @@ class Renderer:
         if self.writes_masks:
             out["masks"] = object_array([r.masks for r in done])
         out["seeds"] = object_array([np.asarray(r.seeds, dtype=np.int64) for r in done])
+        out["render_group"] = np.asarray([r.render_group for r in done], dtype=object)
         out["image_format"] = np.asarray([self.cfg.image_format] * n, dtype=object)
         out["t2i_model"] = np.asarray([self.model_name(self.cfg)] * n, dtype=object)
         out["t2i_params"] = np.asarray([self.params_json] * n, dtype=object)

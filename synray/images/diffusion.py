@@ -88,31 +88,44 @@ def is_bad_image(arr: np.ndarray) -> str | None:
     return None
 
 
-def render_images(pipe, caption: str, seeds: list[int], cfg: ImagesConfig) -> list[np.ndarray]:
-    """One pipeline call for one caption: image k starts from the noise of its own generator seeds[k]."""
+def render_group(pipe, captions: list[str], seeds: list[list[int]], cfg: ImagesConfig) -> list[list[np.ndarray]]:
+    """One pipeline call for several captions: image k of caption i starts from its own generator seeds[i][k].
 
-    gens = [torch.Generator(device=cfg.device).manual_seed(int(s)) for s in seeds]
+    All captions must ask for the same number of images. Returns the images per caption, in order.
+    """
+    m = len(seeds[0])
+    if any(len(row) != m for row in seeds) or len(seeds) != len(captions):
+        raise ValueError("render_group needs one seed list of the same length per caption")
+    gens = [torch.Generator(device=cfg.device).manual_seed(int(s)) for row in seeds for s in row]
     with torch.inference_mode():
-        out = pipe(prompt=caption, num_images_per_prompt=len(seeds), generator=gens,
+        out = pipe(prompt=list(captions), num_images_per_prompt=m, generator=gens,
                    guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.steps,
                    height=cfg.resolution, width=cfg.resolution, output_type="np",
                    negative_prompt=cfg.negative_prompt)
-    return list(out.images)
+    images = list(out.images)  # caption-major: the m images of caption 0, then caption 1, ...
+    return [images[i * m:(i + 1) * m] for i in range(len(captions))]
 
 
-def render_row(pipe, caption: str, cap_id: str, run_seed: int, cfg: ImagesConfig,
-               drops: Counter[str] | None = None) -> tuple[list[bytes], list[int]]:
-    """m good images of one caption with their seeds; bad images are replaced by renders with further seeds."""
+def render_images(pipe, caption: str, seeds: list[int], cfg: ImagesConfig) -> list[np.ndarray]:
+    """One pipeline call for one caption: image k starts from the noise of its own generator seeds[k]."""
+    return render_group(pipe, [caption], [list(seeds)], cfg)[0]
+
+
+def first_seeds(run_seed: int, cap_id: str, m: int) -> list[int]:
+    return [image_seed(run_seed, cap_id, k) for k in range(m)]
+
+
+def complete_row(pipe, caption: str, cap_id: str, run_seed: int, cfg: ImagesConfig, first: list[np.ndarray],
+                 drops: Counter[str] | None = None) -> tuple[list[bytes], list[int]]:
+    """m good images of one caption from its first m renders; bad ones are replaced by renders with further
+    seeds (one call per caption, up to MAX_EXTRA_RENDERS_FACTOR x m more images)."""
     m = cfg.per_caption
     good: list[bytes] = []
     used: list[int] = []
-    next_index = 0
     budget = m * (1 + MAX_EXTRA_RENDERS_FACTOR)
-    while len(good) < m and next_index < budget:
-        want = min(m - len(good), budget - next_index)
-        seeds = [image_seed(run_seed, cap_id, next_index + k) for k in range(want)]
-        next_index += want
-        for seed, arr in zip(seeds, render_images(pipe, caption, seeds, cfg)):
+    arrays, seeds, next_index = first, first_seeds(run_seed, cap_id, m), m
+    while True:
+        for seed, arr in zip(seeds, arrays):
             bad = is_bad_image(arr)
             if bad:
                 if drops is not None:
@@ -120,7 +133,43 @@ def render_row(pipe, caption: str, cap_id: str, run_seed: int, cfg: ImagesConfig
                 continue
             good.append(encode_image(arr, cfg.image_format, cfg.output_size, cfg.jpeg_quality))
             used.append(seed)
-    return good, used
+        if len(good) >= m or next_index >= budget:
+            return good, used
+        want = min(m - len(good), budget - next_index)
+        seeds = [image_seed(run_seed, cap_id, next_index + k) for k in range(want)]
+        next_index += want
+        arrays = render_images(pipe, caption, seeds, cfg)
+
+
+def render_row(pipe, caption: str, cap_id: str, run_seed: int, cfg: ImagesConfig,
+               drops: Counter[str] | None = None) -> tuple[list[bytes], list[int]]:
+    """m good images of one caption rendered on its own (the per-caption mode)."""
+    first = render_images(pipe, caption, first_seeds(run_seed, cap_id, cfg.per_caption), cfg)
+    return complete_row(pipe, caption, cap_id, run_seed, cfg, first, drops)
+
+
+def padded_call(captions: list[str], cap_ids: list[str], run_seed: int, cfg: ImagesConfig) -> tuple[list[str], list[list[int]]]:
+    """A batched call's captions and seeds, padded to `images.batch_size` with copies of its last caption,
+    so every call has one shape (torch.compile compiles once); the padding's images are dropped."""
+    pad = cfg.batch_size - len(captions)
+    captions = list(captions) + [captions[-1]] * pad
+    ids = list(cap_ids) + [cap_ids[-1]] * pad
+    return captions, [first_seeds(run_seed, cid, cfg.per_caption) for cid in ids]
+
+
+def render_batch_group(pipe, captions: list[str], cap_ids: list[str], run_seed: int, cfg: ImagesConfig,
+                       drops: Counter[str] | None = None) -> list[tuple[list[bytes], list[int]]]:
+    """Good images and seeds of every caption of one batched call (at most `images.batch_size` captions)."""
+    padded, seeds = padded_call(captions, cap_ids, run_seed, cfg)
+    firsts = render_group(pipe, padded, seeds, cfg)
+    return [complete_row(pipe, c, i, run_seed, cfg, first, drops)
+            for c, i, first in zip(captions, cap_ids, firsts)]
+
+
+def group_json(captions: list[str], cap_ids: list[str], index: int, size: int) -> str:
+    """The `render_group` of a row: the call it was rendered in (captions, ids, padded size) and its place."""
+    return json.dumps({"caption_ids": list(cap_ids), "captions": list(captions), "index": index, "size": size},
+                      sort_keys=True)
 
 
 class DiffusionRenderer(Renderer):
@@ -129,7 +178,7 @@ class DiffusionRenderer(Renderer):
     name: ClassVar[str] = "diffusers"
     reads: ClassVar[tuple[str, ...]] = ("backend", "model", "per_caption", "guidance_scale", "steps", "scheduler",
                                         "resolution", "output_size", "image_format", "jpeg_quality", "dtype",
-                                        "device", "negative_prompt")
+                                        "device", "negative_prompt", "batch_mode")
     needs_model: ClassVar[bool] = True
 
     def __init__(self, cfg: ImagesConfig, model_path: str | None, run_seed: int,
@@ -154,14 +203,37 @@ class DiffusionRenderer(Renderer):
         return "guidance_scale" in json.loads(row["t2i_params"] or "{}")
 
     @classmethod
-    def regenerate(cls, caption: str, seeds: list[int], cfg: ImagesConfig, model_path: str | None) -> list[bytes]:
+    def regenerate(cls, row: dict[str, Any], cfg: ImagesConfig, model_path: str | None) -> list[bytes]:
+        """The row's images rendered again: in the same batched call (its `render_group`), or on their own."""
         pipe = load_pipeline(str(model_path), cfg)
-        return [encode_image(arr, cfg.image_format, cfg.output_size, cfg.jpeg_quality)
-                for arr in render_images(pipe, caption, seeds, cfg)]
+        run_seed, cap_id, caption = int(row["run_seed"]), str(row["caption_id"]), str(row["caption"])
+        group = json.loads(row["render_group"]) if row.get("render_group") else None
+        if group is None:
+            return render_row(pipe, caption, cap_id, run_seed, cfg)[0]
+        call = cfg.model_copy(update={"batch_size": int(group["size"])})
+        padded, seeds = padded_call(group["captions"], group["caption_ids"], run_seed, call)
+        first = render_group(pipe, padded, seeds, call)[int(group["index"])]
+        return complete_row(pipe, caption, cap_id, run_seed, cfg, first)[0]
 
     def render_caption(self, caption: str, cap_id: str, drops: Counter[str]) -> Rendered | None:
         images, seeds = render_row(self.pipe, caption, cap_id, self.run_seed, self.cfg, drops)
+        return self._row(images, seeds, None, drops)
+
+    def render_batch(self, captions: list[str], cap_ids: list[str], drops: Counter[str]) -> list[Rendered | None]:
+        """`images.batch_mode=batched`: up to `images.batch_size` captions (n x m images) in one call."""
+        if self.cfg.batch_mode == "per_caption":
+            return super().render_batch(captions, cap_ids, drops)
+        out: list[Rendered | None] = []
+        size = self.cfg.batch_size
+        for start in range(0, len(captions), size):
+            caps, ids = captions[start:start + size], cap_ids[start:start + size]
+            done = render_batch_group(self.pipe, caps, ids, self.run_seed, self.cfg, drops)
+            out += [self._row(images, seeds, group_json(caps, ids, i, size), drops)
+                    for i, (images, seeds) in enumerate(done)]
+        return out
+
+    def _row(self, images: list[bytes], seeds: list[int], group: str | None, drops: Counter[str]) -> Rendered | None:
         if len(images) < self.cfg.per_caption:
             drops[TOO_FEW_IMAGES] += 1
             return None
-        return Rendered(images, seeds)
+        return Rendered(images, seeds, render_group=group)

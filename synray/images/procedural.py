@@ -334,8 +334,9 @@ class ProceduralRenderer(Renderer):
         return row["t2i_model"] == T2I_MODEL
 
     @classmethod
-    def regenerate(cls, caption: str, seeds: list[int], cfg: ImagesConfig, model_path: str | None) -> list[bytes]:
-        return [encode_pair(*regenerate(caption, seed, cfg.resolution), cfg)[0] for seed in seeds]
+    def regenerate(cls, row: dict[str, Any], cfg: ImagesConfig, model_path: str | None) -> list[bytes]:
+        return [encode_pair(*regenerate(str(row["caption"]), int(seed), cfg.resolution), cfg)[0]
+                for seed in row["seeds"]]
 
     def render_caption(self, caption: str, cap_id: str, drops: Counter[str]) -> Rendered | None:
         try:

@@ -36,18 +36,20 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
         mean = stats[:d] / n
         var = (stats[d:2 * d] / n - mean * mean).clamp_min(0.0)
         if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), float(n))
+            self._update_running_stats(mean.detach(), var.detach(), n.detach())
         y = (x32 - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
             y = y * self.weight + self.bias
         return y.to(x.dtype)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, n: float) -> None:
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
+        """Running statistics as BatchNorm1d keeps them; `n` stays a tensor (no host sync in the step)."""
         self.num_batches_tracked += 1
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_((var * n / max(n - 1.0, 1.0)).to(self.running_var.dtype), momentum)
+        unbiased = var * n / (n - 1.0).clamp_min(1.0)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
 
 class MLPHead(nn.Sequential):

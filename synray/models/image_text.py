@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection
 
 from synray.models.backbone import Encoder, load_backbone, save_backbone
 
-__all__ = ["ImageTextModel", "TextTowerError", "load_text_tower", "text_tower_config", "tokenize", "save_image_text",
+__all__ = ["ImageTextModel", "TextTowerError", "load_text_tower", "load_tokenizer", "text_tower_config", "tokenize", "save_image_text",
            "load_image_text", "is_image_text_dir", "TEXT_DIR"]
 
 #: sub-folder of an exported model directory holding the text tower and its tokenizer
@@ -70,6 +70,11 @@ def text_tower_config(path: str) -> Any:
         raise TextTowerError(f"{path!r} is a {getattr(config, 'model_type', '?')!r} model; image-text training "
                              "needs a CLIP text model with a projection (CLIPTextModelWithProjection)")
     return config
+
+
+def load_tokenizer(path: str) -> Any:
+    """The text tower's tokenizer alone (what preprocessing needs)."""
+    return AutoTokenizer.from_pretrained(path)
 
 
 def load_text_tower(path: str) -> tuple[nn.Module, Any]:

@@ -10,13 +10,17 @@ from typing import Any
 
 import ray.data
 
+import numpy as np
+
 from synray.data.store import ParquetStore
-from synray.eval.evaluate import evaluate_backbone
+from synray.eval.datasets import add_extractors, collect_rows, model_rows, rows_to_arrays
+from synray.eval.evaluate import resolve_image_text
+from synray.eval.protocols import outputs_for, run_protocols
 from synray.generation.pipeline import add_store_stage, build_pipeline, store_fingerprint, store_info
-from synray.models.backbone import load_backbone
 from synray.plan import HeldoutPlan, RunPlan
 from synray.programs.rundir import RunDir
 from synray.programs.session import session, stage_stats, stats_summary
+from synray.train.preprocess import add_preprocessing
 from synray.train.trainer import TrainResult, fit
 from synray.viz import loss_curve, sample_grid
 
@@ -31,37 +35,61 @@ CHANCE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy")
 
 
 def training_dataset(plan: RunPlan, stats_actor: Any) -> ray.data.Dataset:
-    """The Ray Dataset training reads: a store, or the live pipeline (teed into a store in stream+store mode)."""
+    """The Ray Dataset training reads: a store, or the live pipeline (teed into a store in stream+store mode),
+    turned into ready arrays by the preprocessing actors."""
     data, cfg = plan.data, plan.cfg
-    columns = list(plan.train.columns)
     if data.generation is None:
-        return ParquetStore(data.store_dir).read_dataset(columns=columns).randomize_block_order(seed=cfg.seed)
+        ds = ParquetStore(data.store_dir).read_dataset(columns=list(plan.train.columns))
+        return add_preprocessing(ds.randomize_block_order(seed=cfg.seed), cfg, plan.train)
     ds = build_pipeline(data.generation, stats_actor)
     if data.mode == "stream+store":
         ParquetStore(data.store_dir).open_for_writing(store_fingerprint(cfg), store_info(cfg))
         ds = add_store_stage(ds, data.store_dir, True, cfg.data.rows_per_shard, stats_actor)
-    return ds.select_columns(columns)
+    return add_preprocessing(ds, cfg, plan.train)
 
 
-def heldout_rows(heldout: HeldoutPlan) -> list[dict[str, Any]]:
-    """The labelled evaluation rows (generated, or read from eval.dataset), in caption-id order."""
+def heldout_dataset(heldout: HeldoutPlan) -> ray.data.Dataset:
+    """The labelled evaluation rows (generated, or read from eval.dataset) in the evaluation's column names."""
     if heldout.dataset:
-        rows = ParquetStore(heldout.dataset).read_dataset(columns=list(heldout.columns)).take_all()
+        ds = ParquetStore(heldout.dataset).read_dataset(columns=list(heldout.columns))
     else:
-        rows = build_pipeline(heldout.generation).select_columns(list(heldout.columns)).take_all()
-    return sorted(rows, key=lambda r: str(r.get("caption_id", "")))  # the reference/query split then repeats across runs
+        ds = build_pipeline(heldout.generation).select_columns(list(heldout.columns))
+    return ds.rename_columns({"concept": "class_name"}) if "concept" in heldout.columns else ds
 
 
-def evaluate(plan: RunPlan, result: TrainResult, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run's protocols on the trained backbone and on the same network as the workers built it at step 0."""
+def keep_sample_images(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
+    """Drop the images of all rows but a seeded sample of about `fraction` (drawn by caption id): the sample
+    grid's rows reach the driver with their images, the rest as features only."""
+    keep = [int(str(cid)[:8], 16) < fraction * 2**32 for cid in batch["caption_id"]]
+    images = np.empty(len(keep), dtype=object)
+    for i, k in enumerate(keep):
+        images[i] = batch["images"][i] if k else np.asarray([], dtype=object)
+    return {**batch, "images": images}
+
+
+def evaluate(plan: RunPlan, result: TrainResult) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run's protocols on the trained backbone and on the same network as the workers built it at step 0.
+
+    The held-out images are encoded by both models in one pass through Ray Data (pools of feature
+    actors, on GPUs when eval.use_gpu), and only features (plus a few sample rows' images) reach the
+    driver. Returns the figures per side and the sample rows for the grid.
+    """
     cfg = plan.cfg
-    size = cfg.train.backbone.image_size
-    zeroshot = "zeroshot" in plan.protocols
-    out = {}
-    for side, directory in (("trained", result.backbone_dir), ("init", result.init_dir)):
-        out[side] = evaluate_backbone(load_backbone(directory), rows, plan.protocols, cfg.eval, size, seed=cfg.seed,
-                                      image_text=directory if zeroshot else None)
-    return out
+    size, outputs = cfg.train.backbone.image_size, outputs_for(plan.protocols)
+    models = {"trained": result.backbone_dir, "init": result.init_dir}
+    fraction = min(1.0, 4 * GRID_ROWS / max(1, cfg.eval.heldout_captions))
+    ds = add_extractors(heldout_dataset(plan.heldout), models, size, outputs, cfg.eval.batch_size,
+                        cfg.eval.feature_actors, cfg.eval.use_gpu)
+    rows = collect_rows(ds.map_batches(keep_sample_images, fn_kwargs={"fraction": fraction}, batch_format="numpy"),
+                        plan.heldout.dataset or "the held-out set")
+    rows.sort(key=lambda r: str(r.get("caption_id", "")))  # the reference/query split then repeats across runs
+    out: dict[str, Any] = {}
+    for side, directory in models.items():
+        arrays = rows_to_arrays(model_rows(rows, side, outputs), size, outputs)
+        image_text = resolve_image_text(directory) if "zeroshot" in plan.protocols else None
+        out[side] = run_protocols(arrays, list(plan.protocols), cfg.eval, seed=cfg.seed, image_text=image_text)
+    out["heldout_rows"] = len(rows)
+    return out, [r for r in rows if r.get("images") is not None and len(r["images"])][:GRID_ROWS]
 
 
 def write_metrics(rd: RunDir, metrics: list[dict[str, Any]]) -> Path:
@@ -91,10 +119,8 @@ def run(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
             summary.update(stats_summary(stats))
             summary["train"] = _train_summary(result)
             if plan.heldout is not None and result.backbone_dir:
-                rows = heldout_rows(plan.heldout)
-                summary["eval"] = evaluate(plan, result, rows)
-                summary["eval"]["heldout_rows"] = len(rows)
-                sample_grid(rows[:GRID_ROWS], rd.path / "samples.png")
+                summary["eval"], samples = evaluate(plan, result)
+                sample_grid(samples, rd.path / "samples.png")
         if result.metrics:
             write_metrics(rd, result.metrics)
             loss_curve(result.metrics, rd.path / "loss_curve.png")

@@ -35,6 +35,8 @@ def local_init_kwargs(cfg: RayConfig) -> dict[str, Any]:
         kwargs["include_dashboard"] = cfg.include_dashboard
     if cfg.include_dashboard:
         kwargs["dashboard_port"] = cfg.dashboard_port
+    if cfg.num_gpus is not None:
+        kwargs["num_gpus"] = cfg.num_gpus
     if cfg.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
     return kwargs
@@ -83,3 +85,17 @@ def stage_stats() -> Any:
 def stats_summary(actor: Any) -> dict[str, Any]:
     """Rows, rates and rejections the stages reported to a StageStats actor."""
     return ray.get(actor.summary.remote())
+
+
+class ObjectStoreProbe:
+    """Bytes held in the object stores of every node (what `ray memory --stats-only` prints), for polling."""
+
+    def __init__(self) -> None:
+        from ray._private.internal_api import get_state_from_address  # no public API reports plasma usage
+
+        self._state = get_state_from_address(ray.get_runtime_context().gcs_address)
+
+    def used_bytes(self) -> int:
+        from ray._private.internal_api import get_memory_info_reply
+
+        return int(get_memory_info_reply(self._state).store_stats.object_store_bytes_used)

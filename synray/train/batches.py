@@ -1,4 +1,5 @@
-"""Turns Ray Data batches of caption rows into training tensors: flat labelled images, or image-text pairs."""
+"""Rows -> training tensors in two halves: decoding and tokenising on CPUs (a Ray Data stage), and the cheap
+last step on the worker's device (flattening a caption's m images; LaCLIP's per-step image and caption picks)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,79 @@ import torch
 from synray.data.codecs import decode_image, resize_square
 from synray.data.schema import caption_label_id
 from synray.models.image_text import tokenize
-from synray.train.text import pick_caption
+
+__all__ = ["BatchError", "ImageBatch", "ImageTextBatch", "decode_rows", "flatten_rows", "image_text_rows",
+           "pick_pairs", "caption_ok"]
 
 
 class BatchError(ValueError):
     """Rows that cannot be trained on as configured."""
 
 
+# ------------------------------------------------------------------------- CPU side (Ray Data)
+def _chw(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
+
+
+def decode_rows(batch: dict[str, np.ndarray], per_caption: int) -> dict[str, np.ndarray]:
+    """Caption rows -> `images` uint8 [n, m, 3, H, W] (the first m images of each row), `caption_id` (the
+    multi-positive group, int64 [n]) and `label` (int64 [n]). A row stays whole: its m images travel together."""
+    images = []
+    for row_images, cid in zip(batch["images"], batch["caption_id"]):
+        imgs = list(row_images)
+        if len(imgs) < per_caption:
+            raise BatchError(f"row {cid} holds {len(imgs)} images but training uses images.per_caption="
+                             f"{per_caption}; generate with that many images per caption")
+        decoded = [decode_image(data) for data in imgs[:per_caption]]
+        if len({a.shape for a in decoded}) != 1:
+            raise BatchError(f"the images of row {cid} differ in size: {sorted({a.shape for a in decoded})}")
+        images.append(_chw(decoded))
+    shapes = {a.shape for a in images}
+    if len(shapes) > 1:
+        raise BatchError(f"images of one batch differ in size: {sorted(shapes)}")
+    return {"images": np.stack(images) if images else np.zeros((0, per_caption, 3, 1, 1), np.uint8),
+            "caption_id": np.asarray([caption_label_id(str(c)) for c in batch["caption_id"]], dtype=np.int64),
+            "label": np.asarray([int(v) for v in batch["label"]], dtype=np.int64)}
+
+
+def caption_ok(text: Any) -> bool:
+    """LaCLIP's rule: a drawn caption with fewer than 2 words falls back to the original."""
+    return isinstance(text, str) and len(text.split()) >= 2
+
+
+def image_text_rows(batch: dict[str, np.ndarray], image_size: int, tokenizer: Any,
+                    max_length: int) -> dict[str, np.ndarray]:
+    """Image-text rows -> every candidate of each row, ready for a per-step draw on the worker.
+
+    `images` uint8 [n, k_img, 3, S, S]: the row's `image`, or all of its `images`, resized to `image_size`;
+    `input_ids` and `attention_mask` int64 [n, 1 + r, L]: the caption then its r rewrites, tokenised;
+    `caption_ok` bool [n, 1 + r]: whether a candidate may be drawn (LaCLIP's fallback rule).
+    """
+    if "image" in batch:
+        per_row = [[row] for row in batch["image"]]
+    elif "images" in batch:
+        per_row = [list(row) for row in batch["images"]]
+    else:
+        raise BatchError(f"image-text rows need an image or images column; found {sorted(batch)}")
+    if any(not imgs for imgs in per_row) or len({len(imgs) for imgs in per_row}) > 1:
+        raise BatchError(f"image-text rows must hold the same, non-zero number of images; got "
+                         f"{sorted({len(imgs) for imgs in per_row})}")
+    images = np.stack([_chw([resize_square(decode_image(d), image_size) for d in imgs]) for imgs in per_row])
+    rewrites = batch.get("rewrites")
+    options = [[str(c)] + ([str(r) for r in rewrites[i]] if rewrites is not None else [])
+               for i, c in enumerate(batch["caption"])]
+    if len({len(o) for o in options}) > 1:
+        raise BatchError("rows of one dataset must hold the same number of rewrites")
+    k = len(options[0]) if options else 1
+    tokens = tokenize(tokenizer, [t for o in options for t in o], max_length)
+    n = len(options)
+    return {"images": images,
+            "input_ids": tokens["input_ids"].numpy().reshape(n, k, max_length),
+            "attention_mask": tokens["attention_mask"].numpy().reshape(n, k, max_length),
+            "caption_ok": np.asarray([[caption_ok(t) for t in o] for o in options], dtype=bool).reshape(n, k)}
+
+
+# ----------------------------------------------------------------------------- device side
 @dataclass
 class ImageBatch:
     """n captions x m images flattened to N = n*m rows, caption-major."""
@@ -25,7 +92,6 @@ class ImageBatch:
     images: torch.Tensor          # uint8 [N, 3, H, W]
     caption_ids: torch.Tensor     # int64 [N]: the multi-positive group of each image
     labels: torch.Tensor          # int64 [N]: concept label of each image
-    captions: list[str]           # n captions
     per_caption: int              # m
 
     @property
@@ -34,28 +100,16 @@ class ImageBatch:
 
     def to(self, device: torch.device) -> "ImageBatch":
         return replace(self, images=self.images.to(device, non_blocking=True),
-                       caption_ids=self.caption_ids.to(device), labels=self.labels.to(device))
+                       caption_ids=self.caption_ids.to(device, non_blocking=True),
+                       labels=self.labels.to(device, non_blocking=True))
 
 
-def flatten_rows(batch: dict[str, np.ndarray], per_caption: int) -> ImageBatch:
-    """Decode every image of every row; each row must hold at least `per_caption` images (the first m are used)."""
-    arrays, cap_ids, labels = [], [], []
-    captions = [str(c) for c in batch["caption"]]
-    for row_images, cid, label in zip(batch["images"], batch["caption_id"], batch["label"]):
-        imgs = list(row_images)
-        if len(imgs) < per_caption:
-            raise BatchError(f"row {cid} holds {len(imgs)} images but training uses images.per_caption="
-                             f"{per_caption}; generate with that many images per caption")
-        for data in imgs[:per_caption]:
-            arrays.append(decode_image(data))
-        cap_ids.extend([caption_label_id(str(cid))] * per_caption)
-        labels.extend([int(label)] * per_caption)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise BatchError(f"images of one batch differ in size: {sorted(shapes)}")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ImageBatch(images, torch.tensor(cap_ids, dtype=torch.int64), torch.tensor(labels, dtype=torch.int64),
-                      captions, per_caption)
+def flatten_rows(tensors: dict[str, torch.Tensor]) -> ImageBatch:
+    """`decode_rows` output as tensors ([n, m, 3, H, W] ...) -> a flat batch of n*m images."""
+    images = tensors["images"]
+    m = int(images.shape[1])
+    return ImageBatch(images.flatten(0, 1), tensors["caption_id"].repeat_interleave(m),
+                      tensors["label"].repeat_interleave(m), m)
 
 
 @dataclass
@@ -63,42 +117,33 @@ class ImageTextBatch:
     """n (image, caption) pairs: one image per row and one caption per draw (LaCLIP)."""
 
     images: torch.Tensor          # uint8 [n, 3, H, W]
-    captions: list[str]
     input_ids: torch.Tensor       # int64 [n, L]
     attention_mask: torch.Tensor  # int64 [n, L]
+    caption_index: torch.Tensor   # int64 [n]: 0 = the original caption, i = rewrite i
 
     @property
     def num_images(self) -> int:
         return int(self.images.shape[0])
 
     def to(self, device: torch.device) -> "ImageTextBatch":
-        return replace(self, images=self.images.to(device, non_blocking=True), input_ids=self.input_ids.to(device),
-                       attention_mask=self.attention_mask.to(device))
+        return replace(self, images=self.images.to(device, non_blocking=True),
+                       input_ids=self.input_ids.to(device, non_blocking=True),
+                       attention_mask=self.attention_mask.to(device, non_blocking=True),
+                       caption_index=self.caption_index.to(device, non_blocking=True))
 
 
-def image_text_pairs(batch: dict[str, np.ndarray], rng: np.random.Generator, image_size: int,
-                     tokenizer: Any, max_length: int) -> ImageTextBatch:
-    """One pair per row: the row's ``image`` (or one of its ``images``, drawn at random) and a caption
-    drawn from ``[caption, *rewrites]`` (LaCLIP). Images of other sizes are resized to ``image_size``."""
-    if "image" in batch:
-        encoded = list(batch["image"])
-    elif "images" in batch:
-        encoded = []
-        for row_images in batch["images"]:
-            imgs = list(row_images)
-            if not imgs:
-                raise BatchError("a row holds no images")
-            encoded.append(imgs[int(rng.integers(len(imgs)))])
-    else:
-        raise BatchError(f"image-text rows need an image or images column; found {sorted(batch)}")
-    rewrites = batch.get("rewrites")
-    captions = []
-    for i, caption in enumerate(batch["caption"]):
-        options = [str(caption)] + ([str(r) for r in rewrites[i]] if rewrites is not None else [])
-        captions.append(pick_caption(options, rng))
-    arrays = [decode_image(data) for data in encoded]
-    if len({a.shape for a in arrays}) != 1:
-        arrays = [resize_square(a, image_size) for a in arrays]
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    tokens = tokenize(tokenizer, captions, max_length)
-    return ImageTextBatch(images, captions, tokens["input_ids"], tokens["attention_mask"])
+def pick_pairs(tensors: dict[str, torch.Tensor], rng: np.random.Generator) -> ImageTextBatch:
+    """One pair per row: an image drawn among the row's, and a caption drawn uniformly among the original and
+    its rewrites, falling back to the original when the draw may not be used. The draws come from `rng` on the
+    host (no device sync); the tensors may live on any device."""
+    images, ok = tensors["images"], tensors["caption_ok"]
+    n, k_img = int(images.shape[0]), int(images.shape[1])
+    k_cap = int(ok.shape[1])
+    image_pick = rng.integers(k_img, size=n) if k_img > 1 else np.zeros(n, dtype=np.int64)
+    caption_pick = rng.integers(k_cap, size=n) if k_cap > 1 else np.zeros(n, dtype=np.int64)
+    rows = torch.arange(n, device=images.device)
+    img = torch.as_tensor(image_pick, device=images.device)
+    cap = torch.as_tensor(caption_pick, device=images.device)
+    cap = torch.where(ok[rows, cap], cap, torch.zeros_like(cap))  # on the device: no sync
+    return ImageTextBatch(images[rows, img], tensors["input_ids"][rows, cap], tensors["attention_mask"][rows, cap],
+                          cap)

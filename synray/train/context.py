@@ -1,9 +1,10 @@
-"""Where a training worker gets its rows and sends its reports: Ray Train, or local processes (tests, debugging).
+"""Where a training worker gets its batches and sends its reports: Ray Train, or local processes (tests, debugging).
 
 The worker (`synray.train.worker`) only talks to a `WorkerContext`. Under Ray Train that is
-`RayTrainContext` (the dataset shard, `ray.train.report`, Ray's checkpoints). `LocalContext` runs the
-same worker code in plain `torch.distributed` processes over rows held in memory, with checkpoints in
-a local folder: the fast tests drive real DeepSpeed steps through it without starting Ray.
+`RayTrainContext` (the dataset shard of preprocessed rows as tensors on the worker's device,
+`ray.train.report`, Ray's checkpoints). `LocalContext` runs the same worker code in plain
+`torch.distributed` processes over preprocessed rows held in memory, with checkpoints in a local
+folder: the fast tests drive real DeepSpeed steps through it without starting Ray.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import ray.train
+import torch
 import torch.distributed as dist
 
-__all__ = ["PREFETCH_BATCHES", "WorkerContext", "RayTrainContext", "LocalContext"]
-
-#: Ray Data batches prefetched by each worker while it computes
-PREFETCH_BATCHES = 2
+__all__ = ["WorkerContext", "RayTrainContext", "LocalContext"]
 
 
 class WorkerContext(Protocol):
@@ -31,8 +30,8 @@ class WorkerContext(Protocol):
     rank: int
     world_size: int
 
-    def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        """One epoch of this worker's rows in numpy batches of `rows` (the last partial batch dropped)."""
+    def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch of this worker's preprocessed rows in tensor batches of `rows` (a partial last one dropped)."""
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         """The run's latest reported checkpoint as a local directory, or None for a fresh run."""
@@ -45,18 +44,23 @@ class WorkerContext(Protocol):
 
 
 class RayTrainContext:
-    """A worker of a Ray Train run: its dataset shard ("train"), `ray.train.report` and Ray's checkpoints."""
+    """A worker of a Ray Train run: its dataset shard ("train"), `ray.train.report` and Ray's checkpoints.
 
-    def __init__(self) -> None:
+    Batches arrive as tensors already on the worker's device (`iter_torch_batches`, with `prefetch_batches`
+    in flight and pinned host memory on a GPU).
+    """
+
+    def __init__(self, prefetch_batches: int, pin_memory: bool) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self._shard = ray.train.get_dataset_shard("train")
+        self.prefetch_batches, self.pin_memory = prefetch_batches, pin_memory
 
-    def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self._shard.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True,
-                                             prefetch_batches=PREFETCH_BATCHES,
-                                             local_shuffle_buffer_size=shuffle_rows or None,
-                                             local_shuffle_seed=(seed + epoch) if shuffle_rows else None))
+    def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self._shard.iter_torch_batches(batch_size=rows, drop_last=True, device="auto",
+                                                   prefetch_batches=self.prefetch_batches, pin_memory=self.pin_memory,
+                                                   local_shuffle_buffer_size=shuffle_rows or None,
+                                                   local_shuffle_seed=(seed + epoch) if shuffle_rows else None))
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -78,7 +82,7 @@ class RayTrainContext:
 class LocalContext:
     """A worker among plain `torch.distributed` processes: rows in memory, reports and checkpoints under `root`.
 
-    `rows` is this rank's shard as columns (numpy arrays of equal length). Each report becomes one
+    `rows` is this rank's shard of preprocessed rows as columns (numpy arrays of equal length). Each report becomes one
     line of `root/reports-rank{r}.jsonl`; a report with a checkpoint is merged by every rank into
     `root/checkpoint_NNNNNN/` (a barrier follows), as Ray Train merges the ranks' directories.
     """
@@ -90,14 +94,14 @@ class LocalContext:
         self.root.mkdir(parents=True, exist_ok=True)
         self._reports = len(self.read_reports(self.root, rank))
 
-    def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         n = len(next(iter(self.rows.values())))
         order = np.arange(n)
         if shuffle_rows:
             order = np.random.default_rng(seed + epoch).permutation(n)
         for start in range(0, n - rows + 1, rows):
             idx = order[start:start + rows]
-            yield {k: v[idx] for k, v in self.rows.items()}
+            yield {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in self.rows.items()}
 
     def checkpoints(self) -> list[Path]:
         return sorted(p for p in self.root.glob("checkpoint_*") if p.is_dir())

@@ -28,6 +28,7 @@ from torch import Tensor
 __all__ = [
     "Gathered",
     "dist_rank_world",
+    "equal_sizes",
     "gather_rows",
     "gather_with_grad",
     "gather_no_grad",
@@ -93,11 +94,18 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.offset:ctx.offset + ctx.n], None, None
 
 
+def equal_sizes(n: int) -> tuple[int, ...]:
+    """Every rank's row count when all ranks hold ``n`` rows: nothing is exchanged (no host sync)."""
+    _, world = dist_rank_world()
+    return (n,) * world
+
+
 def gather_rows(x: Tensor, *, grad: bool, sizes: tuple[int, ...] | None = None) -> Gathered:
     """All-gather the rows (dim 0) of ``x`` across ranks, in rank order.
 
-    Local row counts may differ between ranks (they are exchanged first, unless ``sizes`` from an
-    earlier gather of the same batch is passed). With ``grad=True`` the result keeps the gradient
+    Local row counts may differ between ranks (they are exchanged first, a collective and a host
+    sync, unless ``sizes`` is passed: from an earlier gather of the same batch, or ``equal_sizes(n)``
+    when every rank's batch has a fixed size). With ``grad=True`` the result keeps the gradient
     to this rank's rows, and the backward pass sums the gradients from every rank (see the module
     docstring). Without torch.distributed, or with one rank, returns ``x`` itself and offset 0.
     """
@@ -138,7 +146,8 @@ def _ranks_scale(n_local: int, n_total: int) -> float:
     return world / max(n_total, 1) if n_local else 0.0
 
 
-def multi_positive_contrastive(features: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
+def multi_positive_contrastive(features: Tensor, labels: Tensor, temperature: float = 0.1, *,
+                               same_size: bool = False) -> Tensor:
     """StableRep's multi-positive contrastive loss on this rank's rows.
 
     features: [N, D] local embeddings (L2-normalised here); labels: [N] integer ids (e.g. caption
@@ -147,27 +156,27 @@ def multi_positive_contrastive(features: Tensor, labels: Tensor, temperature: fl
     excluded. The target of anchor i is uniform over its positives; an anchor with no positive has
     an all-zero target and contributes 0, but still counts in the mean (as in StableRep's code,
     which averages over all anchors). Returns the per-rank share of the full-batch mean (the local
-    mean when all ranks hold the same number of rows).
+    mean when all ranks hold the same number of rows). ``same_size=True`` promises that every rank
+    holds as many rows as this one, so no sizes are exchanged.
     """
     if features.ndim != 2 or labels.ndim != 1 or labels.shape[0] != features.shape[0]:
         raise ValueError(f"expected features [N, D] and labels [N]; got {tuple(features.shape)} "
                          f"and {tuple(labels.shape)}")
     z = F.normalize(_at_least_fp32(features), dim=-1)
-    gz = gather_rows(z, grad=True)
+    gz = gather_rows(z, grad=True, sizes=equal_sizes(z.shape[0]) if same_size else None)
     all_labels = gather_rows(labels, grad=False, sizes=gz.sizes).tensor
     n, n_total = z.shape[0], gz.tensor.shape[0]
 
     rows = torch.arange(n, device=z.device)
-    self_mask = torch.zeros(n, n_total, dtype=torch.bool, device=z.device)
-    self_mask[rows, rows + gz.offset] = True
-
+    own = (rows, rows + gz.offset)  # each anchor's own column
     logits = (z @ gz.tensor.T) / temperature
-    logits = logits.masked_fill(self_mask, MASK_VALUE)
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-
-    positives = (labels[:, None] == all_labels[None, :]) & ~self_mask
-    target = positives.to(z.dtype) / positives.sum(dim=1, keepdim=True).clamp(min=1).to(z.dtype)
-    per_anchor = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+    logits = logits.index_put(own, logits.new_full((n,), MASK_VALUE))
+    positives = (labels[:, None] == all_labels[None, :]).index_put(own, torch.zeros(n, dtype=torch.bool,
+                                                                                     device=z.device))
+    counts = positives.sum(dim=1)
+    # -sum_j target_ij * log_softmax(logits)_ij with target_i uniform over i's positives (all zero without any)
+    per_anchor = torch.logsumexp(logits, dim=1) * (counts > 0) \
+        - (positives.to(z.dtype) * logits).sum(dim=1) / counts.clamp(min=1)
     return per_anchor.sum() * _ranks_scale(n, n_total)
 
 
@@ -176,7 +185,7 @@ def _rank_unique_ids(n: int, device: torch.device) -> Tensor:
     return torch.arange(n, device=device, dtype=torch.long) + rank * _RANK_STRIDE
 
 
-def info_nce(view1: Tensor, view2: Tensor, temperature: float = 0.1) -> Tensor:
+def info_nce(view1: Tensor, view2: Tensor, temperature: float = 0.1, *, same_size: bool = False) -> Tensor:
     """SimCLR's NT-Xent: 2N anchors (both views), each with its other view as the one positive.
 
     The same loss as :func:`multi_positive_contrastive` with m = 2 views per label; labels are
@@ -185,11 +194,13 @@ def info_nce(view1: Tensor, view2: Tensor, temperature: float = 0.1) -> Tensor:
     if view1.shape != view2.shape:
         raise ValueError(f"views differ in shape: {tuple(view1.shape)} vs {tuple(view2.shape)}")
     ids = _rank_unique_ids(view1.shape[0], view1.device)
-    return multi_positive_contrastive(torch.cat([view1, view2]), torch.cat([ids, ids]), temperature)
+    return multi_positive_contrastive(torch.cat([view1, view2]), torch.cat([ids, ids]), temperature,
+                                      same_size=same_size)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor,
-              logit_scale: Tensor | float | None = None, temperature: float = 0.07) -> Tensor:
+              logit_scale: Tensor | float | None = None, temperature: float = 0.07, *,
+              same_size: bool = False) -> Tensor:
     """Symmetric CLIP loss: local images vs all texts, and local texts vs all images.
 
     ``logit_scale`` is the multiplier on cosine similarities (CLIP's ``exp(log_scale)``, may be a
@@ -201,7 +212,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor,
     scale = (1.0 / temperature) if logit_scale is None else logit_scale
     img = F.normalize(_at_least_fp32(image_features), dim=-1)
     txt = F.normalize(_at_least_fp32(text_features), dim=-1)
-    g_img = gather_rows(img, grad=True)
+    g_img = gather_rows(img, grad=True, sizes=equal_sizes(img.shape[0]) if same_size else None)
     g_txt = gather_rows(txt, grad=True, sizes=g_img.sizes)
     n, n_total = img.shape[0], g_img.tensor.shape[0]
     targets = torch.arange(n, device=img.device) + g_img.offset

@@ -20,12 +20,13 @@ from synray.config import RunConfig, TrainConfig
 from synray.data.schema import TRAIN_COLUMNS
 from synray.models.backbone import build_backbone, save_backbone
 from synray.models.heads import build_classifier, build_contrastive_model
-from synray.models.image_text import (ImageTextModel, TextTowerError, load_text_tower, save_image_text,
-                                      text_tower_config)
+from synray.models.image_text import (ImageTextModel, TextTowerError, load_text_tower, load_tokenizer,
+                                      save_image_text, text_tower_config)
 from synray.models.tiny import localize
 from synray.train import losses
 from synray.train.augment import Augment
-from synray.train.batches import ImageBatch, ImageTextBatch, flatten_rows, image_text_pairs
+from synray.train.batches import ImageBatch, ImageTextBatch, decode_rows, flatten_rows, image_text_rows, pick_pairs
+from synray.train.spec import TrainPlan
 
 __all__ = ["OBJECTIVES", "Objective", "ModelParts", "TrainSetupError", "get_objective", "objective_names"]
 
@@ -87,13 +88,24 @@ class Objective:
         """The model at its initial weights (called right after the worker seeds torch)."""
         raise NotImplementedError
 
-    def make_batch(self, rows: dict[str, np.ndarray], per_caption: int, parts: ModelParts,
-                   rng: np.random.Generator) -> ImageBatch | ImageTextBatch:
-        """A Ray Data batch of rows -> the objective's tensors (on the CPU)."""
-        return flatten_rows(rows, per_caption)
+    # --------------------------------------------------------------- in Ray Data, on CPUs
+    def preprocess_setup(self, cfg: RunConfig, plan: TrainPlan) -> Any:
+        """What a preprocessing actor loads once (a tokenizer, ...); nothing by default."""
+        return None
+
+    def preprocess(self, rows: dict[str, np.ndarray], cfg: RunConfig, plan: TrainPlan,
+                   state: Any) -> dict[str, np.ndarray]:
+        """Rows -> fixed-shape arrays, one entry per row (so a caption's m images stay together)."""
+        return decode_rows(rows, plan.per_caption)
+
+    # ---------------------------------------------------------------------- on the device
+    def make_batch(self, tensors: dict[str, Tensor], rng: np.random.Generator) -> ImageBatch | ImageTextBatch:
+        """A batch of preprocessed rows (tensors, already on the device) -> the objective's batch."""
+        return flatten_rows(tensors)
 
     def loss(self, model: nn.Module, augment: Augment, batch: Any, t: TrainConfig) -> Tensor:
-        """This worker's share of the global batch's loss (batch already on the model's device)."""
+        """This worker's share of the global batch's loss (batch already on the model's device; every rank's
+        batch has the same size, so the gathers exchange no sizes)."""
         raise NotImplementedError
 
     def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:
@@ -115,7 +127,8 @@ class StableRep(ContrastiveObjective):
     min_images_per_caption: ClassVar[int] = 2
 
     def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig) -> Tensor:
-        return losses.multi_positive_contrastive(model(augment(batch.images)), batch.caption_ids, t.temperature)
+        return losses.multi_positive_contrastive(model(augment(batch.images)), batch.caption_ids, t.temperature,
+                                                 same_size=True)
 
 
 class SimCLR(ContrastiveObjective):
@@ -125,7 +138,8 @@ class SimCLR(ContrastiveObjective):
     views: ClassVar[int] = 2
 
     def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig) -> Tensor:
-        return losses.info_nce(model(augment(batch.images)), model(augment(batch.images)), t.temperature)
+        return losses.info_nce(model(augment(batch.images)), model(augment(batch.images)), t.temperature,
+                               same_size=True)
 
 
 class Supervised(Objective):
@@ -182,13 +196,20 @@ class Clip(Objective):
         model = ImageTextModel(build_backbone(t.backbone), text, init_temperature=t.temperature)
         return ModelParts(model, tokenizer, t.text.max_length)
 
-    def make_batch(self, rows: dict[str, np.ndarray], per_caption: int, parts: ModelParts,
-                   rng: np.random.Generator) -> ImageTextBatch:
-        return image_text_pairs(rows, rng, parts.model.encoder.image_size, parts.tokenizer, int(parts.max_length))
+    def preprocess_setup(self, cfg: RunConfig, plan: TrainPlan) -> Any:
+        return load_tokenizer(localize(cfg.train.text.model, plan.text_model or cfg.train.text.model,
+                                       cfg.model_cache))
+
+    def preprocess(self, rows: dict[str, np.ndarray], cfg: RunConfig, plan: TrainPlan,
+                   state: Any) -> dict[str, np.ndarray]:
+        return image_text_rows(rows, cfg.train.backbone.image_size, state, cfg.train.text.max_length)
+
+    def make_batch(self, tensors: dict[str, Tensor], rng: np.random.Generator) -> ImageTextBatch:
+        return pick_pairs(tensors, rng)
 
     def loss(self, model: nn.Module, augment: Augment, batch: ImageTextBatch, t: TrainConfig) -> Tensor:
         image_features, text_features, scale = model(augment(batch.images), batch.input_ids, batch.attention_mask)
-        return losses.clip_loss(image_features, text_features, logit_scale=scale)
+        return losses.clip_loss(image_features, text_features, logit_scale=scale, same_size=True)
 
     def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:
         """The backbone (AutoModel loads it), plus text/ and the projection for zero-shot evaluation."""

@@ -46,7 +46,7 @@ class WorkerState:
     engine: Any
     scheduler: Any
     augment: Augment
-    batches: Iterator[tuple[dict[str, np.ndarray], float]]
+    batches: Iterator[tuple[dict[str, torch.Tensor], float]]
     rng: np.random.Generator
     step: int
     restarted: bool
@@ -55,17 +55,24 @@ class WorkerState:
 
 @dataclass
 class Meter:
-    """Timing and loss since the last report."""
+    """Timing and loss since the last report; the loss stays a device tensor until a report (no per-step sync)."""
 
     wait_s: float = 0.0
     busy_s: float = 0.0
     images: int = 0
-    losses: list[float] = field(default_factory=list)
+    micro_steps: int = 0
+    loss_sum: torch.Tensor | None = None
     start: float = field(default_factory=time.perf_counter)
 
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum + loss
+        self.micro_steps += 1
+
     def report(self, step: int, lr: float, world: int) -> dict[str, Any]:
+        """The metrics since the meter started: the mean loss over micro-steps and ranks (one all-reduce)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"step": step, "loss": sum(self.losses) / max(1, len(self.losses)), "lr": lr,
+        return {"step": step, "loss": mean_over_ranks(self.loss_sum) / max(1, self.micro_steps), "lr": lr,
                 "images_per_s": self.images * world / elapsed,
                 "data_wait_fraction": self.wait_s / max(self.wait_s + self.busy_s, 1e-9)}
 
@@ -114,7 +121,7 @@ def restore(engine: Any, checkpoint: Path | None, objective: Objective, cfg: Run
 
 
 def timed_batches(ctx: WorkerContext, rows: int, epochs: bool, shuffle_rows: int,
-                  seed: int) -> Iterator[tuple[dict[str, np.ndarray], float]]:
+                  seed: int) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
     """(batch, seconds waited for it) from this worker's rows; loops over epochs when training on a store."""
     epoch = 0
     while True:
@@ -155,26 +162,28 @@ def train(state: WorkerState) -> int:
     return state.step
 
 
-def train_step(state: WorkerState, rows: dict[str, np.ndarray], wait_s: float, meter: Meter) -> bool:
-    """One micro-step; True when it applied an optimizer update (the end of a `grad_accum` window)."""
+def train_step(state: WorkerState, tensors: dict[str, torch.Tensor], wait_s: float, meter: Meter) -> bool:
+    """One micro-step on a ready batch; True when it applied an optimizer update (the end of a `grad_accum`
+    window). Nothing here waits for the device: the loss is only read at reports."""
     t0 = time.perf_counter()
-    batch = state.objective.make_batch(rows, state.plan.per_caption, state.parts, state.rng)
-    t1 = time.perf_counter()
+    batch = state.objective.make_batch(tensors, state.rng).to(state.device)
     engine = state.engine
-    loss = state.objective.loss(engine, state.augment, batch.to(state.device), state.cfg.train)
+    loss = state.objective.loss(engine, state.augment, batch, state.cfg.train)
     boundary = engine.is_gradient_accumulation_boundary()  # asked before step(): afterwards it is the next one's
     engine.backward(loss)
     engine.step()
-    meter.losses.append(mean_over_ranks(loss))
-    meter.wait_s += wait_s + (t1 - t0)
-    meter.busy_s += time.perf_counter() - t1
+    meter.add(loss)
+    meter.wait_s += wait_s
+    meter.busy_s += time.perf_counter() - t0
     meter.images += batch.num_images * state.objective.views
     return bool(boundary)
 
 
-def mean_over_ranks(loss: torch.Tensor) -> float:
-    """The full-batch loss for logging: the ranks' losses averaged."""
-    logged = loss.detach().clone()
+def mean_over_ranks(value: torch.Tensor | None) -> float:
+    """A per-rank sum averaged over ranks, as a number (an all-reduce and a host sync: reports only)."""
+    if value is None:
+        return float("nan")
+    logged = value.detach().clone()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(logged)
         logged /= torch.distributed.get_world_size()
@@ -198,7 +207,8 @@ def log_and_checkpoint(state: WorkerState, meter: Meter) -> Meter:
 
 def finish_early(state: WorkerState, meter: Meter) -> None:
     """The stream ran out before the step budget: a last checkpoint with the export, marked as ended early."""
-    metrics = meter.report(state.step, current_lr(state), state.ctx.world_size) if meter.losses else state.last_metrics
+    metrics = meter.report(state.step, current_lr(state), state.ctx.world_size) if meter.micro_steps \
+        else state.last_metrics
     save_checkpoint(state, {**metrics, "step": state.step, "ended_early": True}, export=True)
 
 
@@ -244,4 +254,5 @@ def unwrap(engine: Any) -> nn.Module:
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: config = {"cfg": the run config as a dict, "plan": a TrainPlan}."""
     cfg = RunConfig.model_validate(config["cfg"])
-    train(setup(cfg, config["plan"], RayTrainContext()))
+    ctx = RayTrainContext(cfg.train.prefetch_batches, pin_memory=cfg.train.use_gpu)
+    train(setup(cfg, config["plan"], ctx))

@@ -1,0 +1,93 @@
+"""Bench (f): peak object-store and driver memory of stream mode at N and at 4N captions.
+
+The stream is synray's own (planned rows -> captions -> images -> row preprocessing) of the config's
+generation setup, read by a training-speed consumer through `streaming_split` as Ray Train reads it.
+A thread on the driver samples the object stores' bytes in use and the driver's resident memory.
+Bounded streaming means both peaks stay flat when the stream is 4 times longer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psutil
+import ray
+
+from synray.bench.report import Ratio
+from synray.config import RunConfig
+from synray.plan import derive_config, plan_run
+from synray.programs.run import training_dataset
+from synray.programs.session import ObjectStoreProbe
+
+__all__ = ["bench_memory"]
+
+GOAL = 1.2
+SAMPLE_S = 0.2
+#: the consumer's time per row (a training step of a few rows), so that the stream backs up behind it
+CONSUMER_S_PER_ROW = 0.004
+
+
+class PeakSampler:
+    """Samples object-store bytes and this process's RSS in a thread; keeps the peaks."""
+
+    def __init__(self) -> None:
+        self.probe, self.proc = ObjectStoreProbe(), psutil.Process()
+        self.store_peak = self.rss_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.store_peak = max(self.store_peak, self.probe.used_bytes())
+            self.rss_peak = max(self.rss_peak, self.proc.memory_info().rss)
+            self._stop.wait(SAMPLE_S)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@ray.remote(num_cpus=0.5)
+class Consumer:
+    """Reads a training shard as a worker does (tensor batches of fixed size) at a training-like pace."""
+
+    def run(self, shard: Any, rows: int) -> int:
+        seen = 0
+        for batch in shard.iter_torch_batches(batch_size=rows, drop_last=True, prefetch_batches=2):
+            n = len(next(iter(batch.values())))
+            time.sleep(CONSUMER_S_PER_ROW * n)
+            seen += n
+        return seen
+
+
+def stream_peaks(cfg: RunConfig, captions: int) -> dict[str, Any]:
+    run_cfg = derive_config(cfg, {"data.num_captions": captions, "data.mode": "stream", "data.store_dir": None,
+                                  "train.num_workers": 1, "eval.enabled": False})
+    plan = plan_run(run_cfg)
+    ds = training_dataset(plan, None)
+    consumer = Consumer.remote()
+    start, baseline = time.perf_counter(), ObjectStoreProbe().used_bytes()
+    with PeakSampler() as peaks:
+        seen = ray.get(consumer.run.remote(ds.streaming_split(1, equal=True)[0], run_cfg.train.captions_per_worker))
+    ray.kill(consumer)
+    return {"captions": captions, "rows_seen": seen, "elapsed_s": time.perf_counter() - start,
+            "store_peak_bytes": peaks.store_peak, "store_before_bytes": baseline, "driver_rss_peak_bytes": peaks.rss_peak}
+
+
+def bench_memory(cfg: RunConfig, quick: bool) -> list[Ratio]:
+    """(f): peaks at 4N / peaks at N in stream mode."""
+    n = 768 if quick else 8192
+    small, large = stream_peaks(cfg, n), stream_peaks(cfg, 4 * n)
+    detail = {"n": small, "4n": large}
+    return [Ratio("f.object_store", f"peak object-store bytes in stream mode, {4 * n} / {n} captions",
+                  large["store_peak_bytes"] / max(1, small["store_peak_bytes"]), GOAL, higher_is_better=False,
+                  detail=detail),
+            Ratio("f.driver_memory", f"peak driver RSS in stream mode, {4 * n} / {n} captions",
+                  large["driver_rss_peak_bytes"] / max(1, small["driver_rss_peak_bytes"]), GOAL,
+                  higher_is_better=False, detail=detail)]

@@ -1,0 +1,39 @@
+"""Last-mile preprocessing as a Ray Data stage: rows -> the objective's fixed-shape arrays, on CPU actors off
+the training loop (decoding, resizing, tokenising), so the workers only move ready tensors to their device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray.data
+import torch
+from ray.data import ActorPoolStrategy
+
+from synray.config import RunConfig
+from synray.train.objectives import get_objective
+from synray.train.spec import TrainPlan
+
+__all__ = ["RowPreprocessor", "add_preprocessing"]
+
+
+class RowPreprocessor:
+    """Ray Data UDF (one per actor): what the objective's `preprocess` makes of a batch of rows."""
+
+    def __init__(self, cfg: RunConfig, plan: TrainPlan) -> None:
+        torch.set_num_threads(1)
+        self.cfg, self.plan = cfg, plan
+        self.objective = get_objective(plan.objective)
+        self.state = self.objective.preprocess_setup(cfg, plan)
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:
+        return self.objective.preprocess(rows, self.cfg, self.plan, self.state)
+
+
+def add_preprocessing(ds: ray.data.Dataset, cfg: RunConfig, plan: TrainPlan) -> ray.data.Dataset:
+    """The rows training reads -> ready arrays, by a fixed pool of `data.preprocess_actors` CPU actors."""
+    d = cfg.data
+    return ds.select_columns(list(plan.columns)).map_batches(
+        RowPreprocessor, fn_constructor_kwargs={"cfg": cfg, "plan": plan}, batch_format="numpy",
+        batch_size=d.preprocess_batch_rows, compute=ActorPoolStrategy(size=d.preprocess_actors),
+        num_cpus=d.preprocess_cpus)

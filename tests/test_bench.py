@@ -1,0 +1,86 @@
+"""`synray bench`: ratios and goals, the plain reference loss, the simulated splits, the memory probe, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from synray.bench.cluster import SPLITS
+from synray.bench.report import BenchReport, Ratio
+from synray.bench.training import plain_multi_positive
+from synray.train.losses import multi_positive_contrastive
+
+
+def test_a_ratio_holds_against_its_goal_in_its_direction():
+    assert Ratio("x", "faster", 0.95, 0.9).holds and not Ratio("x", "faster", 0.85, 0.9).holds
+    assert Ratio("y", "memory", 1.1, 1.2, higher_is_better=False).holds
+    assert not Ratio("y", "memory", 1.3, 1.2, higher_is_better=False).holds
+
+
+def test_report_table_and_json_carry_every_ratio_and_skip(tmp_path: Path):
+    report = BenchReport("quick", None, [Ratio("a.x", "one", 1.5, 1.0), Ratio("e.y", "two", 2.0, 1.0, False)],
+                         skipped={"c": "no LLM"})
+    table = report.table()
+    assert "| a.x | one | 1.500 | >= 1 | yes |" in table and "| e.y | two | 2.000 | <= 1 | no |" in table
+    assert "| c | skipped: no LLM |" in table
+    saved = json.loads(report.write(tmp_path / "bench.json").read_text())
+    assert [r["holds"] for r in saved["ratios"]] == [True, False] and saved["machine"]["cpu_cores"] >= 1
+
+
+def test_the_plain_reference_loss_equals_multi_positive_contrastive():
+    features = torch.randn(24, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(6).repeat_interleave(4)
+    a, b = features.clone().requires_grad_(True), features.clone().requires_grad_(True)
+    ours, plain = multi_positive_contrastive(a, labels, 0.1, same_size=True), plain_multi_positive(b, labels, 0.1)
+    ours.backward()
+    plain.backward()
+    assert torch.allclose(ours, plain, atol=1e-5) and torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_an_anchor_without_positive_contributes_zero_in_both_losses():
+    features = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 0, 1, 1, 2])  # the last anchor has no positive
+    ours = multi_positive_contrastive(features, labels, 0.1)
+    assert torch.allclose(ours, plain_multi_positive(features, labels, 0.1), atol=1e-5)
+    assert torch.isfinite(ours)
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=[s.name for s in SPLITS])
+def test_each_split_is_bound_where_it_says_and_alone_keeps_one_cost(split):
+    slowest = min(split.stages, key=lambda s: s.capacity)
+    assert (slowest.name == "train") == (split.name == "training-bound")
+    alone = split.only(slowest.name)
+    assert [s.seconds_per_row() > 0 for s in alone.stages] == [s.name == slowest.name for s in alone.stages]
+    assert [s.actors for s in alone.stages] == [s.actors for s in split.stages]
+
+
+def test_peak_sampler_sees_an_object_put_in_the_store(ray_cluster: str):
+    import ray
+
+    from synray.bench.memory import PeakSampler
+
+    with PeakSampler() as peaks:
+        ref = ray.put(np.ones(16 * 2**20, dtype=np.uint8))
+        time.sleep(1.0)
+        del ref
+    assert peaks.store_peak >= 16 * 2**20 and peaks.rss_peak > 0
+
+
+def test_cli_bench_writes_the_loss_ratios(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "synray.cli", "bench", "--quick", "--only", "e", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    assert sorted(x["key"] for x in saved["ratios"]) == ["e.loss_1024x4", "e.loss_256x4"]
+    for x in saved["ratios"]:
+        assert x["value"] > 0 and x["holds"] == (x["value"] <= x["goal"])
+        assert abs(x["detail"]["loss_ours"] - x["detail"]["loss_plain"]) < 1e-4
+    assert "e.loss_256x4" in r.stdout and saved["mode"] == "quick"
