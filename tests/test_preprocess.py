@@ -25,7 +25,7 @@ def _rows() -> dict[str, np.ndarray]:
     renderer = ProceduralRenderer(ImagesConfig(backend="procedural", per_caption=M, resolution=32, output_size=32),
                                   None, run_seed=5)
     out = renderer({"caption": np.asarray(CAPTIONS, dtype=object),
-                    "caption_id": np.asarray([f"{i:016x}" for i in range(1, n + 1)], dtype=object),
+                    "caption_id": np.asarray([f"{i:03x}" + "0" * 13 for i in range(1, n + 1)], dtype=object),
                     "label": np.arange(n, dtype=np.int64) % 8})
     return {k: out[k] for k in ("caption_id", "label", "caption", "images")}
 
