@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,9 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from synray.train.batches import caption_ok, pick_pairs
 from synray.train.losses import (clip_loss, dist_rank_world, gather_no_grad, gather_rows, gather_with_grad, info_nce,
                                  multi_positive_contrastive, supervised_ce)
-from synray.train.text import pick_caption
 
 
 # ----------------------------------------------------------------------------- references
@@ -166,19 +165,28 @@ def test_bad_shapes() -> None:
 
 
 # ----------------------------------------------------------------------------- captions
-def test_pick_caption() -> None:
+def test_pick_pairs_draws_captions_uniformly_with_laclips_fallback() -> None:
     caps = ["a dog on grass", "a puppy lying on a lawn", "dog", "", "a brown dog outdoors"]
-    rng = random.Random(0)
-    picks = [pick_caption(caps, rng) for _ in range(2000)]
+    n = 2000  # one draw per row
+
+    def rows(options: list[str], count: int) -> dict[str, torch.Tensor]:
+        k = len(options)
+        return {"images": torch.zeros(count, 1, 3, 2, 2, dtype=torch.uint8),
+                "input_ids": torch.arange(k).repeat(count, 1)[..., None],
+                "attention_mask": torch.ones(count, k, 1, dtype=torch.int64),
+                "caption_ok": torch.tensor([[caption_ok(c) for c in options]] * count, dtype=torch.bool)}
+
+    pairs = pick_pairs(rows(caps, n), np.random.default_rng(0))
+    picks = [caps[i] for i in pairs.caption_index.tolist()]
+    assert pairs.input_ids[:, 0].tolist() == pairs.caption_index.tolist()  # the drawn caption's tokens
     assert set(picks) == {caps[0], caps[1], caps[4]}  # one-word and empty picks fall back
     counts = {c: picks.count(c) for c in set(picks)}
     assert counts[caps[1]] == pytest.approx(400, abs=80)  # uniform over the 5 entries
     assert counts[caps[0]] == pytest.approx(1200, abs=120)  # its own 1/5 plus the 2 fallbacks
-    npr = np.random.default_rng(0)
-    assert {pick_caption(caps, npr) for _ in range(200)} <= set(caps)
-    assert pick_caption(["only the original"], rng) == "only the original"
+    only = pick_pairs(rows(["only the original"], 4), np.random.default_rng(1))
+    assert only.caption_index.tolist() == [0] * 4
     with pytest.raises(ValueError):
-        pick_caption([], rng)
+        pick_pairs(rows([], 4), np.random.default_rng(1))
 
 
 # ----------------------------------------------------------------------------- two processes

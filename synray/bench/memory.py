@@ -34,6 +34,7 @@ class PeakSampler:
 
     def __init__(self) -> None:
         self.probe, self.proc = ObjectStoreProbe(), psutil.Process()
+        self.store_before = self.probe.used_bytes()
         self.store_peak = self.rss_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -72,12 +73,13 @@ def stream_peaks(cfg: RunConfig, captions: int) -> dict[str, Any]:
     plan = plan_run(run_cfg)
     ds = training_dataset(plan, None)
     consumer = Consumer.remote()
-    start, baseline = time.perf_counter(), ObjectStoreProbe().used_bytes()
+    start = time.perf_counter()
     with PeakSampler() as peaks:
         seen = ray.get(consumer.run.remote(ds.streaming_split(1, equal=True)[0], run_cfg.train.captions_per_worker))
     ray.kill(consumer)
     return {"captions": captions, "rows_seen": seen, "elapsed_s": time.perf_counter() - start,
-            "store_peak_bytes": peaks.store_peak, "store_before_bytes": baseline, "driver_rss_peak_bytes": peaks.rss_peak}
+            "store_peak_bytes": peaks.store_peak, "store_before_bytes": peaks.store_before,
+            "driver_rss_peak_bytes": peaks.rss_peak}
 
 
 def bench_memory(cfg: RunConfig, quick: bool) -> list[Ratio]:

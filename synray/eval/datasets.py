@@ -314,18 +314,21 @@ def _ordered() -> Iterator[None]:
 
 
 def add_extractors(ds: ray.data.Dataset, models: Mapping[str, str], image_size: int, outputs: Sequence[str],
-                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False) -> ray.data.Dataset:
-    """One pool of FeatureExtractor actors per model, each adding its outputs to the rows (images kept).
+                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False,
+                   drop_images: bool = False) -> ray.data.Dataset:
+    """One pool of FeatureExtractor actors per model, each adding its outputs to the rows.
 
     ``models`` maps a name to a model directory; the outputs of model ``name`` get the columns
-    ``name/output`` (a model named "" keeps the plain output names).
+    ``name/output`` (a model named "" keeps the plain output names). With ``drop_images`` the last
+    pool drops the encoded images from its output.
     """
-    for name, model_dir in models.items():
+    for i, (name, model_dir) in enumerate(models.items()):
         ds = ds.map_batches(
             FeatureExtractor, batch_format="numpy", batch_size=batch_size,
             fn_constructor_kwargs={"model_dir": model_dir, "image_size": image_size, "batch_size": batch_size,
                                    "device": "cuda" if use_gpu else "cpu", "outputs": tuple(outputs),
-                                   "prefix": f"{name}/" if name else ""},
+                                   "prefix": f"{name}/" if name else "",
+                                   "drop_images": drop_images and i == len(models) - 1},
             compute=ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0)
     return ds
 
@@ -353,6 +356,7 @@ def model_rows(rows: Sequence[Mapping[str, Any]], name: str, outputs: Sequence[s
 def extract_arrays(source: EvalSource, model_dir: str, image_size: int, outputs: Sequence[str],
                    batch_size: int = 64, actors: int = 1, use_gpu: bool = False) -> EvalArrays:
     """Read ``source`` through Ray Data and extract ``outputs`` once with a pool of FeatureExtractor actors."""
-    ds = add_extractors(source_dataset(source), {"": model_dir}, image_size, outputs, batch_size, actors, use_gpu)
-    rows = collect_rows(ds.drop_columns(["images"]), source.path)
+    ds = add_extractors(source_dataset(source), {"": model_dir}, image_size, outputs, batch_size, actors, use_gpu,
+                        drop_images=True)
+    rows = collect_rows(ds, source.path)
     return rows_to_arrays(rows, image_size, outputs, source.class_names, source.has_labels)

@@ -148,7 +148,8 @@ def render_row(pipe, caption: str, cap_id: str, run_seed: int, cfg: ImagesConfig
     return complete_row(pipe, caption, cap_id, run_seed, cfg, first, drops)
 
 
-def padded_call(captions: list[str], cap_ids: list[str], run_seed: int, cfg: ImagesConfig) -> tuple[list[str], list[list[int]]]:
+def padded_call(captions: list[str], cap_ids: list[str], run_seed: int,
+                cfg: ImagesConfig) -> tuple[list[str], list[list[int]]]:
     """A batched call's captions and seeds, padded to `images.batch_size` with copies of its last caption,
     so every call has one shape (torch.compile compiles once); the padding's images are dropped."""
     pad = cfg.batch_size - len(captions)

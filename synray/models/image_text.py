@@ -14,8 +14,8 @@ from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection
 
 from synray.models.backbone import Encoder, load_backbone, save_backbone
 
-__all__ = ["ImageTextModel", "TextTowerError", "load_text_tower", "load_tokenizer", "text_tower_config", "tokenize", "save_image_text",
-           "load_image_text", "is_image_text_dir", "TEXT_DIR"]
+__all__ = ["ImageTextModel", "TextTowerError", "load_text_tower", "load_tokenizer", "text_tower_config", "tokenize",
+           "save_image_text", "load_image_text", "is_image_text_dir", "TEXT_DIR"]
 
 #: sub-folder of an exported model directory holding the text tower and its tokenizer
 TEXT_DIR = "text"

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray.data
-
 import numpy as np
+import ray.data
 
 from synray.data.store import ParquetStore
 from synray.eval.datasets import add_extractors, collect_rows, model_rows, rows_to_arrays

@@ -139,6 +139,8 @@ def pick_pairs(tensors: dict[str, torch.Tensor], rng: np.random.Generator) -> Im
     images, ok = tensors["images"], tensors["caption_ok"]
     n, k_img = int(images.shape[0]), int(images.shape[1])
     k_cap = int(ok.shape[1])
+    if k_cap == 0:
+        raise ValueError("pick_pairs needs at least the original caption of each row")
     image_pick = rng.integers(k_img, size=n) if k_img > 1 else np.zeros(n, dtype=np.int64)
     caption_pick = rng.integers(k_cap, size=n) if k_cap > 1 else np.zeros(n, dtype=np.int64)
     rows = torch.arange(n, device=images.device)
