@@ -78,14 +78,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from synray.plan import load_run_config, plan_run
     from synray.programs.run import run_command
 
-    return run_command(plan_run(load_run_config(args.config, args.overrides)))
+    return run_command(plan_run(load_run_config(args.config, args.overrides), fresh=args.fresh))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from synray.plan import load_run_config, plan_run
     from synray.programs.run import run_command
 
-    return run_command(plan_run(load_run_config(args.config, args.overrides), data_dir=args.data))
+    return run_command(plan_run(load_run_config(args.config, args.overrides), data_dir=args.data, fresh=args.fresh))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -143,11 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the main job: generate -> train -> evaluate, into a run directory")
     _add_config_args(run, optional=True)
+    run.add_argument("--fresh", action="store_true", help="start a new run even if one of this config is unfinished")
     run.set_defaults(func=cmd_run)
 
     train = sub.add_parser("train", help="train from a stored dataset written by `synray generate`")
     _add_config_args(train)
     train.add_argument("--data", required=True, help="store directory")
+    train.add_argument("--fresh", action="store_true",
+                       help="start a new run even if one of this config is unfinished")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a saved backbone on a dataset: kNN, linear, zero-shot, segmentation")

@@ -287,6 +287,12 @@ class TrainConfig(Section):
     def _checks(self) -> "TrainConfig":
         if self.precision != "fp32" and not self.use_gpu:
             raise ValueError(f"precision {self.precision!r} needs use_gpu=true; use fp32 on the CPU")
+        if self.fail_at_step is not None and self.fail_at_step <= self.checkpoint_every:
+            raise ValueError(f"train.fail_at_step={self.fail_at_step} must be after the first checkpoint "
+                             f"(train.checkpoint_every={self.checkpoint_every}): a restart before it has no "
+                             "checkpoint to resume and would fail again")
+        if self.fail_at_step is not None and self.fail_at_step > self.steps:
+            raise ValueError(f"train.fail_at_step={self.fail_at_step} is past train.steps={self.steps}")
         return self
 
 

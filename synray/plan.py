@@ -106,6 +106,7 @@ class RunPlan:
     heldout: HeldoutPlan | None
     protocols: tuple[str, ...]
     stages: tuple[StageResources, ...]
+    fresh: bool = False                  # never continue an unfinished run of this config
 
     @property
     def objective(self) -> Objective:
@@ -170,10 +171,11 @@ def generation_stages(plan: GenerationPlan, keep_store: bool) -> list[StageResou
 
 
 # ---------------------------------------------------------------------------------------- run
-def plan_run(cfg: RunConfig, data_dir: str | None = None) -> RunPlan:
+def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -> RunPlan:
     """Resolve and check a whole run (`data_dir`: train from that store instead of generating).
 
     The cheap checks come first; models are resolved (tiny ones built) only for a run that passed them.
+    Unless `fresh`, an unfinished run of the same config (its driver died) is continued.
     """
     objective = get_objective(cfg.train.loss)
     protocols = check_eval_protocols(cfg)
@@ -197,7 +199,7 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None) -> RunPlan:
     t, d = cfg.train, cfg.data
     stages.append(StageResources("row preprocessing", d.preprocess_actors, d.preprocess_cpus))
     stages.append(StageResources("training workers", t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0))
-    return RunPlan(cfg, data, train, heldout, protocols, tuple(stages))
+    return RunPlan(cfg, data, train, heldout, protocols, tuple(stages), fresh)
 
 
 def _plan_store(cfg: RunConfig, objective: Objective, data_dir: str | None) -> tuple[str, tuple[str, ...], int]:

@@ -71,7 +71,7 @@ def stream_peaks(cfg: RunConfig, captions: int) -> dict[str, Any]:
     run_cfg = derive_config(cfg, {"data.num_captions": captions, "data.mode": "stream", "data.store_dir": None,
                                   "train.num_workers": 1, "eval.enabled": False})
     plan = plan_run(run_cfg)
-    ds = training_dataset(plan, None)
+    ds, _ = training_dataset(plan, None)
     consumer = Consumer.remote()
     start = time.perf_counter()
     with PeakSampler() as peaks:

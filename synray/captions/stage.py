@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 
 from synray.captions.cleanup import CaptionDeduper, RejectionCounter, clean_captions
 from synray.concepts import load_bank, plan_row
@@ -28,10 +29,12 @@ def llm_sampling(cfg: CaptionsConfig) -> dict[str, Any]:
 class PlanRows:
     """Row ids -> concept, template, prompt, prompt seed and the stable caption id of each row."""
 
-    def __init__(self, cfg: RunConfig, skip_ids: set[str] | None = None, stats_actor: Any | None = None) -> None:
+    def __init__(self, cfg: RunConfig, skip_ids: set[str] | None = None, stats_actor: Any | None = None,
+                 ledger: Any | None = None) -> None:
         self.cfg = cfg
         self.concepts = load_bank(cfg.concepts.bank, cfg.concepts.kinds, cfg.concepts.max_concepts)
         self.skip = skip_ids or set()
+        self.skip_rows = set(stream_view(ledger).skip_rows.tolist()) if ledger is not None else set()
         self.stats = StatsClient(stats_actor)
         cap = cfg.captions
         self.llm_model = cap.model if cap.backend == "vllm" else f"template:{cap.style}"
@@ -53,7 +56,7 @@ class PlanRows:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.time()
-        rows = [self.plan(int(i)) for i in batch["id"]]
+        rows = [self.plan(int(i)) for i in batch["id"] if int(i) not in self.skip_rows]
         rows = [r for r in rows if r["caption_id"] not in self.skip]
         self.stats.record("plan", len(rows), start)
         return _columns(rows, PLAN_COLUMNS)
@@ -97,13 +100,27 @@ def vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def stream_view(ledger: Any) -> Any:
+    """The `StreamView` of a training stream's ledger actor (one snapshot per worker-group start)."""
+    return ray.get(ledger.view.remote())
+
+
 class CleanCaptions:
-    """Keeps valid, new captions; counts rejections by reason. Run as ONE actor so dedupe is global."""
+    """Keeps valid, new captions; counts rejections by reason. Run as ONE actor so dedupe is global.
+
+    With a ledger (a training stream), the stored captions join the de-duplication and at most the rows still
+    missing of `wanted` pass (the count is exact here, where `Dataset.limit` only bounds a fresh run).
+    """
 
     def __init__(self, cfg: CaptionsConfig, existing: list[str] | None = None, stats_actor: Any | None = None,
-                 stage: str = "captions") -> None:
+                 stage: str = "captions", ledger: Any | None = None, wanted: int | None = None) -> None:
         self.cfg = cfg.cleanup
         self.dedupe = CaptionDeduper()
+        self.left: int | None = None
+        if ledger is not None:
+            view = stream_view(ledger)
+            existing = list(existing or []) + list(view.stored_captions)
+            self.left = view.remaining(wanted) if wanted is not None else None
         for cap in existing or []:
             self.dedupe.seen(cap)
         self.stats = StatsClient(stats_actor)
@@ -114,6 +131,9 @@ class CleanCaptions:
         reasons = RejectionCounter()
         cleaned = clean_captions([str(raw) for raw in batch["raw_caption"]], self.cfg, self.dedupe, reasons)
         keep = [i for i, cap in enumerate(cleaned) if cap is not None]
+        if self.left is not None:
+            keep = keep[:self.left]
+            self.left -= len(keep)
         captions = [cleaned[i] for i in keep]
         start = float(np.min(batch["t_llm_in"])) if "t_llm_in" in batch and len(batch["t_llm_in"]) else now
         out = {k: np.asarray(v)[keep] for k, v in batch.items() if k not in ("raw_caption", "t_llm_in")}

@@ -151,17 +151,41 @@ def to_row_table(batch: pa.Table | dict[str, Any]) -> pa.Table:
 
 
 class ShardWriter:
-    """Ray Data UDF: writes each batch as one shard; passes rows on (tee) or returns shard metadata."""
+    """Ray Data UDF: writes each batch as one shard; passes rows on (tee) or returns shard metadata.
+
+    A row whose caption id the store holds already is not written again (counted as `already_stored`): after a
+    restart, a writer of the previous execution may have committed a last shard after the new one was planned.
+    """
 
     def __init__(self, root: str, passthrough: bool = False, stats_actor: Any | None = None) -> None:
         self.store = ParquetStore(root)
         self.passthrough = passthrough
         self.stats = StatsClient(stats_actor)
+        self.known_shards: set[Path] = set()
+        self.known_ids: set[str] = set()
+
+    def _refresh(self) -> None:
+        for shard in self.store.shards():
+            if shard not in self.known_shards:
+                self.known_ids.update(pq.read_table(shard, columns=["caption_id"]).column(0).to_pylist())
+                self.known_shards.add(shard)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.time()
         table = to_row_table(batch)
+        self._refresh()
+        fresh, seen = [], set()
+        for i, cid in enumerate(table.column("caption_id").to_pylist()):
+            if cid not in self.known_ids and cid not in seen:
+                fresh.append(i)
+                seen.add(cid)
+        if len(fresh) < table.num_rows:
+            self.stats.reject("store", {"already_stored": table.num_rows - len(fresh)})
+            table = table.take(fresh)
         path = self.store.write_shard(table) if table.num_rows else None
+        if path is not None:
+            self.known_shards.add(path)
+            self.known_ids.update(table.column("caption_id").to_pylist())
         self.stats.record("store", table.num_rows, start)
         if self.passthrough:
             return batch

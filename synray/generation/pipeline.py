@@ -7,14 +7,17 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
+import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 
 from synray.captions.llm import build_llm_processor
 from synray.captions.stage import CleanCaptions, PlanRows, template_captions, vllm_postprocess, vllm_preprocess
 from synray.config import RunConfig
+from synray.data.ledger import replay_rows
 from synray.data.store import ShardWriter
 from synray.images.base import Renderer
 from synray.images.registry import get_renderer
@@ -65,15 +68,21 @@ def store_info(cfg: RunConfig) -> dict[str, Any]:
     return {"config_name": cfg.name, "config": cfg.to_dict()}
 
 
-def build_pipeline(plan: GenerationPlan, stats_actor: Any | None = None, row_offset: int = 0) -> ray.data.Dataset:
-    """The lazy Ray Dataset of finished rows (caption + m images + provenance)."""
+def build_pipeline(plan: GenerationPlan, stats_actor: Any | None = None, row_offset: int = 0,
+                   ledger: Any | None = None) -> ray.data.Dataset:
+    """The lazy Ray Dataset of finished rows (caption + m images + provenance).
+
+    With a `StreamLedger` actor (training streams), each execution of the dataset (the first, and one per
+    worker-group restart) skips the rows the ledger names (consumed by training, or already stored) and
+    generates only what is still missing of `plan.wanted`.
+    """
     cfg = plan.cfg
     blocks = max(1, plan.plan_rows // PLAN_ROWS_PER_BLOCK)
     ds = ray.data.range(plan.plan_rows, override_num_blocks=blocks)
     if row_offset:
         ds = ds.map_batches(lambda b: {"id": b["id"] + row_offset}, num_cpus=LIGHT_STAGE_CPUS)
     ds = ds.map_batches(PlanRows, fn_constructor_kwargs={"cfg": cfg, "skip_ids": plan.skip_ids,
-                                                         "stats_actor": stats_actor},
+                                                         "stats_actor": stats_actor, "ledger": ledger},
                         compute=ActorPoolStrategy(size=1), num_cpus=LIGHT_STAGE_CPUS)
     if plan.llm_path is not None:
         proc = build_llm_processor(cfg.captions, plan.llm_path, vllm_preprocess(cfg.captions), vllm_postprocess)
@@ -81,7 +90,8 @@ def build_pipeline(plan: GenerationPlan, stats_actor: Any | None = None, row_off
     else:
         ds = ds.map_batches(template_captions, num_cpus=LIGHT_STAGE_CPUS)
     ds = ds.map_batches(CleanCaptions, fn_constructor_kwargs={
-        "cfg": cfg.captions, "existing": plan.existing_captions, "stats_actor": stats_actor},
+        "cfg": cfg.captions, "existing": plan.existing_captions, "stats_actor": stats_actor, "ledger": ledger,
+        "wanted": plan.wanted},
         compute=ActorPoolStrategy(size=1), num_cpus=LIGHT_STAGE_CPUS)
     ds = ds.limit(plan.wanted)
     return add_image_stage(ds, plan, stats_actor)
@@ -96,6 +106,21 @@ def add_image_stage(ds: ray.data.Dataset, plan: GenerationPlan, stats_actor: Any
                                "stats_actor": stats_actor},
         compute=ActorPoolStrategy(size=img.pool_size), batch_size=img.batch_size,
         num_cpus=img.num_cpus, num_gpus=img.num_gpus or None)
+
+
+def replay_dataset(ledger: Any, columns: list[str]) -> ray.data.Dataset:
+    """The stored rows training has not consumed, read when an execution starts (stream+store restarts)."""
+    return ray.data.range(1, override_num_blocks=1).map_batches(
+        _replay_stored, fn_kwargs={"ledger": ledger, "columns": columns}, batch_format="pyarrow",
+        num_cpus=LIGHT_STAGE_CPUS)
+
+
+def _replay_stored(batch: Any, ledger: Any, columns: list[str]) -> Iterator[Any]:
+    view = ray.get(ledger.view.remote())
+    for shard in view.replay_shards:
+        table = replay_rows(shard, view.consumed, columns)
+        if table.num_rows:
+            yield table
 
 
 def add_store_stage(ds: ray.data.Dataset, root: str, passthrough: bool, rows_per_shard: int,

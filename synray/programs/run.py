@@ -15,10 +15,11 @@ from synray.data.store import ParquetStore
 from synray.eval.datasets import add_extractors, collect_rows, model_rows, rows_to_arrays
 from synray.eval.evaluate import resolve_image_text
 from synray.eval.protocols import outputs_for, run_protocols
-from synray.generation.pipeline import add_store_stage, build_pipeline, store_fingerprint, store_info
+from synray.data.ledger import ROW_ID
+from synray.generation.pipeline import add_store_stage, build_pipeline, replay_dataset, store_fingerprint, store_info
 from synray.plan import HeldoutPlan, RunPlan
 from synray.programs.rundir import RunDir
-from synray.programs.session import session, stage_stats, stats_summary
+from synray.programs.session import session, stage_stats, stats_summary, stream_ledger
 from synray.train.preprocess import add_preprocessing
 from synray.train.trainer import TrainResult, fit
 from synray.viz import loss_curve, sample_grid
@@ -33,18 +34,24 @@ HEADLINE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "seg
 CHANCE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy")
 
 
-def training_dataset(plan: RunPlan, stats_actor: Any) -> ray.data.Dataset:
-    """The Ray Dataset training reads: a store, or the live pipeline (teed into a store in stream+store mode),
-    turned into ready arrays by the preprocessing actors."""
+def training_dataset(plan: RunPlan, stats_actor: Any) -> tuple[ray.data.Dataset, Any]:
+    """The Ray Dataset training reads, turned into ready arrays by the preprocessing actors, and a stream's ledger.
+
+    A store is read in epochs. A stream is the live pipeline; in stream+store mode it is teed into the store,
+    and the stored rows training has not consumed are replayed first. Each execution (the first, and one per
+    worker-group restart) skips what the ledger names: rows the restored checkpoint consumed, rows stored.
+    """
     data, cfg = plan.data, plan.cfg
     if data.generation is None:
         ds = ParquetStore(data.store_dir).read_dataset(columns=list(plan.train.columns))
-        return add_preprocessing(ds.randomize_block_order(seed=cfg.seed), cfg, plan.train)
-    ds = build_pipeline(data.generation, stats_actor)
+        return add_preprocessing(ds.randomize_block_order(seed=cfg.seed), cfg, plan.train), None
+    ledger = stream_ledger(data.store_dir if data.mode == "stream+store" else None)
+    ds = build_pipeline(data.generation, stats_actor, ledger=ledger)
     if data.mode == "stream+store":
         ParquetStore(data.store_dir).open_for_writing(store_fingerprint(cfg), store_info(cfg))
         ds = add_store_stage(ds, data.store_dir, True, cfg.data.rows_per_shard, stats_actor)
-    return add_preprocessing(ds, cfg, plan.train)
+        ds = replay_dataset(ledger, list(plan.train.columns) + [ROW_ID]).union(ds)
+    return add_preprocessing(ds, cfg, plan.train, track_rows=True), ledger
 
 
 def heldout_dataset(heldout: HeldoutPlan) -> ray.data.Dataset:
@@ -104,7 +111,10 @@ def write_metrics(rd: RunDir, metrics: list[dict[str, Any]]) -> Path:
 def run(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
     """Generate (or read) -> train -> evaluate; everything lands in a new run directory."""
     cfg = plan.cfg
-    rd = RunDir.create(cfg)
+    rd = None if plan.fresh else RunDir.unfinished(cfg)
+    if rd is not None:
+        log.warning("continuing the unfinished run %s from its latest checkpoint (--fresh starts a new one)", rd.path)
+    rd = rd or RunDir.create(cfg)
     handler = rd.attach_log()
     start = time.time()
     for line in plan.describe():
@@ -114,7 +124,8 @@ def run(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
     try:
         with session(cfg.ray):
             stats = stage_stats()
-            result = fit(cfg, plan.train, training_dataset(plan, stats), rd.path / "train")
+            dataset, ledger = training_dataset(plan, stats)
+            result = fit(cfg, plan.train, dataset, rd.path / "train", ledger)
             summary.update(stats_summary(stats))
             summary["train"] = _train_summary(result)
             if plan.heldout is not None and result.backbone_dir:

@@ -34,6 +34,16 @@ class RunDir:
         atomic_write_text(rd.config_path, cfg.to_yaml())
         return rd
 
+    @classmethod
+    def unfinished(cls, cfg: RunConfig, root: str | None = None) -> "RunDir | None":
+        """The latest run directory of this exact config that trained but wrote no summary (its driver died):
+        `synray run` continues it, and Ray Train resumes from its latest checkpoint."""
+        base = Path(root or cfg.output_root)
+        text = cfg.to_yaml()
+        found = [p for p in base.glob(f"{cfg.name}-*") if (p / "train").is_dir() and not (p / "summary.json").exists()
+                 and (p / "config.yaml").is_file() and (p / "config.yaml").read_text() == text]
+        return cls(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
     @property
     def config_path(self) -> Path:
         return self.path / "config.yaml"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -42,6 +43,10 @@ class WorkerContext(Protocol):
     def wait_for_checkpoints(self) -> None:
         """Block until every checkpoint reported so far is registered (before a deliberate exit)."""
 
+    def start_stream(self, consumed: np.ndarray) -> None:
+        """Called by every rank before reading a row: the group starts from a checkpoint that consumed these
+        plan rows (a stream then skips them)."""
+
 
 class RayTrainContext:
     """A worker of a Ray Train run: its dataset shard ("train"), `ray.train.report` and Ray's checkpoints.
@@ -50,11 +55,12 @@ class RayTrainContext:
     in flight and pinned host memory on a GPU).
     """
 
-    def __init__(self, prefetch_batches: int, pin_memory: bool) -> None:
+    def __init__(self, prefetch_batches: int, pin_memory: bool, ledger: Any | None = None) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self._shard = ray.train.get_dataset_shard("train")
         self.prefetch_batches, self.pin_memory = prefetch_batches, pin_memory
+        self.ledger = ledger
 
     def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self._shard.iter_torch_batches(batch_size=rows, drop_last=True, device="auto",
@@ -77,6 +83,16 @@ class RayTrainContext:
 
     def wait_for_checkpoints(self) -> None:
         ray.train.get_all_reported_checkpoints()
+
+    def start_stream(self, consumed: np.ndarray) -> None:
+        """Rank 0 tells the stream's ledger what the restored checkpoint consumed; no rank reads a row before
+        (the stream's stages read the ledger when the dataset starts executing, at the first read)."""
+        if self.ledger is None:
+            return
+        if self.rank == 0:
+            ray.get(self.ledger.publish.remote(consumed))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
 
 
 class LocalContext:
@@ -128,6 +144,9 @@ class LocalContext:
 
     def wait_for_checkpoints(self) -> None:
         """Nothing to wait for: `report` returns once every rank has written its part."""
+
+    def start_stream(self, consumed: np.ndarray) -> None:
+        """Rows in memory: nothing to skip."""
 
     @staticmethod
     def read_reports(root: str | Path, rank: int = 0) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from synray.config import RunConfig
+from synray.data.ledger import ROW_ID
 from synray.train.objectives import get_objective
 from synray.train.spec import TrainPlan
 
@@ -27,13 +28,19 @@ class RowPreprocessor:
         self.state = self.objective.preprocess_setup(cfg, plan)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:
-        return self.objective.preprocess(rows, self.cfg, self.plan, self.state)
+        out = self.objective.preprocess(rows, self.cfg, self.plan, self.state)
+        if ROW_ID in rows:  # a stream: workers record the plan rows they train on (synray.data.ledger)
+            out[ROW_ID] = np.asarray(rows[ROW_ID], dtype=np.int64)
+        return out
 
 
-def add_preprocessing(ds: ray.data.Dataset, cfg: RunConfig, plan: TrainPlan) -> ray.data.Dataset:
-    """The rows training reads -> ready arrays, by a fixed pool of `data.preprocess_actors` CPU actors."""
+def add_preprocessing(ds: ray.data.Dataset, cfg: RunConfig, plan: TrainPlan,
+                      track_rows: bool = False) -> ray.data.Dataset:
+    """The rows training reads -> ready arrays, by a fixed pool of `data.preprocess_actors` CPU actors.
+    `track_rows`: also pass each row's `row_id`, so checkpoints record what training consumed."""
     d = cfg.data
-    return ds.select_columns(list(plan.columns)).map_batches(
+    columns = list(plan.columns) + ([ROW_ID] if track_rows and ROW_ID not in plan.columns else [])
+    return ds.select_columns(columns).map_batches(
         RowPreprocessor, fn_constructor_kwargs={"cfg": cfg, "plan": plan}, batch_format="numpy",
         batch_size=d.preprocess_batch_rows, compute=ActorPoolStrategy(size=d.preprocess_actors),
         num_cpus=d.preprocess_cpus)

@@ -87,8 +87,13 @@ def _init_checkpoint(result: Any) -> Any:
     return None
 
 
-def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path) -> TrainResult:
-    """Train on `dataset` (a Ray Dataset of caption rows) as planned; exports land beside `out_dir`."""
+def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: Any | None = None) -> TrainResult:
+    """Train on `dataset` (a Ray Dataset of caption rows) as planned; exports land beside `out_dir`.
+
+    A stream passes its `StreamLedger` actor: each worker group tells it what its checkpoint consumed before
+    reading. Ray Train keeps its state under `out_dir/train`: a second `fit` on the same `out_dir` (a rerun
+    after the driver died) starts from the latest checkpoint there.
+    """
     t = cfg.train
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +101,7 @@ def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path) -> TrainRe
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "plan": plan},
+        train_loop_config={"cfg": cfg.to_dict(), "plan": plan, "ledger": ledger},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         datasets={"train": dataset},

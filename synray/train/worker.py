@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from synray.config import RunConfig
+from synray.data.ledger import ROW_ID, load_consumed, save_consumed
 from synray.train import engine as ds_engine
 from synray.train.augment import Augment, build_augment
 from synray.train.context import RayTrainContext, WorkerContext
@@ -50,6 +51,8 @@ class WorkerState:
     rng: np.random.Generator
     step: int
     restarted: bool
+    consumed: np.ndarray                                # plan rows trained on up to the last checkpoint
+    pending_rows: list[torch.Tensor] = field(default_factory=list)   # rows trained on since (device tensors)
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -100,12 +103,15 @@ def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
         engine, _, scheduler = ds_engine.build_engine(model, t, micro_batch, ctx.world_size,
                                                       ds_engine.learning_rate(t, images_per_step))
         step = restore(engine, checkpoint, objective, cfg, plan)
+        consumed = load_consumed(checkpoint)
+    ctx.start_stream(consumed)  # a stream skips what the restored step has trained on (before any row is read)
     torch.manual_seed(cfg.seed * 7919 + ctx.rank * 104729 + step)  # augmentation stream per rank and restart
     augment = build_augment(t.augment, t.backbone.image_size, objective.default_augment).to(device)
     batches = timed_batches(ctx, t.captions_per_worker, plan.epochs, cfg.data.shuffle_buffer_rows,
                             cfg.seed * 31 + ctx.rank)
     return WorkerState(cfg, plan, objective, ctx, device, parts, engine, scheduler, augment, batches,
-                       rng=np.random.default_rng([cfg.seed, ctx.rank, step]), step=step, restarted=restarted)
+                       rng=np.random.default_rng([cfg.seed, ctx.rank, step]), step=step, restarted=restarted,
+                       consumed=consumed)
 
 
 def restore(engine: Any, checkpoint: Path | None, objective: Objective, cfg: RunConfig, plan: TrainPlan) -> int:
@@ -166,6 +172,8 @@ def train_step(state: WorkerState, tensors: dict[str, torch.Tensor], wait_s: flo
     """One micro-step on a ready batch; True when it applied an optimizer update (the end of a `grad_accum`
     window). Nothing here waits for the device: the loss is only read at reports."""
     t0 = time.perf_counter()
+    if ROW_ID in tensors:
+        state.pending_rows.append(tensors[ROW_ID])
     batch = state.objective.make_batch(tensors, state.rng).to(state.device)
     engine = state.engine
     loss = state.objective.loss(engine, state.augment, batch, state.cfg.train)
@@ -229,8 +237,12 @@ def current_lr(state: WorkerState) -> float:
 def save_checkpoint(state: WorkerState, metrics: dict[str, Any], export: bool = False) -> None:
     """Every rank writes its DeepSpeed shards (and rank 0 the export); the context merges them into one checkpoint."""
     rank = state.ctx.rank
+    if state.pending_rows:  # the one device-to-host copy of the row ids: at checkpoints only
+        state.consumed = np.union1d(state.consumed, torch.cat(state.pending_rows).cpu().numpy())
+        state.pending_rows.clear()
     with tempfile.TemporaryDirectory(prefix="synray-ckpt-") as tmp:
         ds_engine.save(state.engine, Path(tmp), state.step, state.objective.fingerprint(state.cfg.train), rank)
+        save_consumed(Path(tmp), rank, state.consumed)
         if export and rank == 0:
             state.objective.export(unwrap(state.engine), Path(tmp) / BACKBONE_DIR, state.parts, state.cfg.train)
         state.ctx.report({**metrics, CHECKPOINT_SCORE: float(state.step)}, Path(tmp))
@@ -252,7 +264,8 @@ def unwrap(engine: Any) -> nn.Module:
 
 # ---------------------------------------------------------------------------------- Ray Train
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function: config = {"cfg": the run config as a dict, "plan": a TrainPlan}."""
+    """Ray Train's per-worker function: config = {"cfg": the run config as a dict, "plan": a TrainPlan,
+    "ledger": the stream's StreamLedger actor, or None}."""
     cfg = RunConfig.model_validate(config["cfg"])
-    ctx = RayTrainContext(cfg.train.prefetch_batches, pin_memory=cfg.train.use_gpu)
+    ctx = RayTrainContext(cfg.train.prefetch_batches, pin_memory=cfg.train.use_gpu, ledger=config.get("ledger"))
     train(setup(cfg, config["plan"], ctx))
