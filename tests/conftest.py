@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -59,6 +62,24 @@ def small_config(*overrides: str):
             "train.captions_per_worker=2", "train.log_every=1", "train.checkpoint_every=2",
             "eval.heldout_captions=12"]
     return load_run_config("local", base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_models: dict[str, str]) -> Iterator[Any]:
+    """One offline vLLM engine over the tiny LLM with the caption stage's settings, shared by the suite."""
+    from vllm import LLM
+
+    from synray.captions.llm import engine_kwargs
+
+    start = time.monotonic()
+    llm = LLM(model=tiny_models["llm"], seed=0, **engine_kwargs(small_config().captions))
+    print(f"vLLM engine start: {time.monotonic() - start:.1f} s")
+    yield llm
+    client = getattr(llm.llm_engine, "engine_core", None)
+    if client is not None and hasattr(client, "shutdown"):
+        client.shutdown()
+    del llm
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,7 @@ def test_with_overrides_for_tune_trials():
     ("images.dtype=float16", "needs device 'cuda'"),
     ("train.steps", "must look like key.path=value"),
     ("train.steps.x=1", "train.steps is a value, not a section"),
+    ("train.fail_at_step=5", "train.fail_at_step=5 must be after the first checkpoint (train.checkpoint_every=10"),
 ])
 def test_invalid_overrides_name_the_key(override: str, needle: str):
     with pytest.raises(ConfigError) as e:

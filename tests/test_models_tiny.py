@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import multiprocessing as mp
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,24 +82,6 @@ def test_llm_transformers_writes_captions(tiny_models: dict[str, str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ vLLM
-@pytest.fixture(scope="module")
-def vllm_engine(tiny_models: dict[str, str]) -> Iterator[Any]:
-    from vllm import LLM
-
-    from conftest import small_config
-    from synray.captions.llm import engine_kwargs
-
-    start = time.monotonic()  # the engine settings of the caption stage (the local config's)
-    llm = LLM(model=tiny_models["llm"], seed=0, **engine_kwargs(small_config().captions))
-    print(f"vLLM engine start: {time.monotonic() - start:.1f} s")
-    yield llm
-    client = getattr(llm.llm_engine, "engine_core", None)
-    if client is not None and hasattr(client, "shutdown"):
-        client.shutdown()
-    del llm
-    gc.collect()
-
-
 @pytest.mark.slow
 def test_vllm_generates_captions(vllm_engine: Any) -> None:
     from vllm import SamplingParams

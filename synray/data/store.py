@@ -181,7 +181,7 @@ class ShardWriter:
                 seen.add(cid)
         if len(fresh) < table.num_rows:
             self.stats.reject("store", {"already_stored": table.num_rows - len(fresh)})
-            table = table.take(fresh)
+            table = table.take(pa.array(fresh, type=pa.int64()))
         path = self.store.write_shard(table) if table.num_rows else None
         if path is not None:
             self.known_shards.add(path)

@@ -114,6 +114,8 @@ def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: An
             callbacks=[_metrics_callback(str(metrics_path))]),
     )
     start = time.time()
+    with open(metrics_path, "a") as f:  # a rerun after the driver died appends to the same log
+        f.write(json.dumps({"event": "fit_start", "time": start}) + "\n")
     result = trainer.fit()
     elapsed = time.time() - start
     rows = read_metrics(metrics_path)
