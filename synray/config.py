@@ -107,7 +107,17 @@ class EngineConfig(Section):
     num_cpus: float = Field(1.0, gt=0, description="CPUs per engine bundle")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per engine (0 on CPU machines)")
     max_concurrent_batches: int = Field(4, ge=1)
+    batch_invariant: bool = Field(False, description="vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1, CUDA "
+                                  "engines): a seeded caption no longer depends on the requests batched with it")
     extra: dict[str, Any] = Field(default_factory=dict, description="further vLLM engine kwargs")
+
+    @model_validator(mode="after")
+    def _invariance_needs_cuda(self) -> "EngineConfig":
+        if self.batch_invariant and self.num_gpus == 0:
+            raise ValueError("batch_invariant needs GPU engines (num_gpus > 0): vLLM's batch-invariant kernels are "
+                             "CUDA-only; on the CPU backend a seeded caption was measured independent of its "
+                             "batch already (README: Reproducibility)")
+        return self
 
 
 class CleanupConfig(Section):

@@ -58,6 +58,7 @@ def test_with_overrides_for_tune_trials():
     ("images.dtype=float16", "needs device 'cuda'"),
     ("train.steps", "must look like key.path=value"),
     ("train.steps.x=1", "train.steps is a value, not a section"),
+    ("captions.engine.batch_invariant=true", "batch_invariant needs GPU engines (num_gpus > 0)"),
     ("train.fail_at_step=5", "train.fail_at_step=5 must be after the first checkpoint (train.checkpoint_every=10"),
 ])
 def test_invalid_overrides_name_the_key(override: str, needle: str):
@@ -88,6 +89,14 @@ def test_missing_and_malformed_files(tmp_path: Path):
         load_config(str(scalar))
     with pytest.raises(ConfigError, match="unknown config 'nosuchconfig'"):
         load_config("nosuchconfig")
+
+
+def test_batch_invariant_engines_get_the_vllm_switch():
+    from synray.captions.llm import engine_env
+
+    cfg = load_config("local", ["captions.engine.num_gpus=1", "captions.engine.batch_invariant=true"])
+    assert engine_env(cfg.captions) == {"VLLM_BATCH_INVARIANT": "1"}
+    assert engine_env(load_config("local").captions) == {}
 
 
 def test_store_fingerprint_ignores_pool_sizes():

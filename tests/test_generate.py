@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -58,34 +55,6 @@ def test_rerun_of_a_finished_store_adds_nothing(generated_store: dict):
     assert plan.wanted == 0 and len(plan.skip_ids) == 16
     again = generate_to_store(plan, generated_store["dir"])
     assert again["rows_written"] == 0 and again["rows_total"] == 16
-
-
-def _generate_cmd(out: Path, n: int) -> list[str]:
-    return [sys.executable, "-m", "synray.cli", "generate", "local", "--out", str(out),
-            "--set", "captions.backend=template", "--set", "captions.style=clip_templates",
-            "--set", f"data.num_captions={n}", "--set", "data.rows_per_shard=4",
-            "--set", "images.batch_size=2", "--set", "images.steps=20", "--set", "images.per_caption=2"]
-
-
-def test_killed_generation_resumes_with_every_id_once(ray_cluster: str, tmp_path: Path):
-    out = tmp_path / "store"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    proc = subprocess.Popen(_generate_cmd(out, 40), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(ParquetStore(out).shards()) < 2:
-        time.sleep(0.2)
-    assert proc.poll() is None, "generation finished before it could be killed; make it longer"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = ParquetStore(out).num_rows()
-    assert 0 < partial < 40
-    done = subprocess.run(_generate_cmd(out, 40), env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ids = [r["caption_id"] for r in _rows(str(out))]
-    assert len(ids) == 40 and len(set(ids)) == 40
-    summary = json.loads((out / "_summary.json").read_text())
-    assert summary["rows_before"] == partial and summary["rows_written"] == 40 - partial
 
 
 @pytest.mark.parametrize("overrides, needle", [

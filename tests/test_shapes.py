@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_shapes_run_reports_every_probe(ray_cluster: str, tmp_path):
+def test_shapes_run_lowers_its_loss_and_reports_every_probe(ray_cluster: str, tmp_path):
     from synray.plan import load_run_config, plan_run
     from synray.programs.run import run
 
@@ -20,6 +20,7 @@ def test_shapes_run_reports_every_probe(ray_cluster: str, tmp_path):
         "eval.heldout_captions=36", "eval.linear_epochs=5", "eval.segmentation_epochs=3"])
     rd, summary = run(plan_run(cfg))
     assert summary["train"]["steps"] == 6 and summary["per_caption"] == 4
+    assert summary["train"]["final_loss"] < summary["train"]["first_loss"]  # the contrastive loss went down
     assert summary["stages"]["images"]["rows"] >= 48
     ev = json.loads(rd.summary_path.read_text())["eval"]
     assert ev["heldout_rows"] == 36

@@ -36,6 +36,11 @@ def engine_kwargs(cfg: CaptionsConfig) -> dict[str, Any]:
     return kwargs
 
 
+def engine_env(cfg: CaptionsConfig) -> dict[str, str]:
+    """Environment variables of the engine actors (vLLM reads some settings only from its environment)."""
+    return {"VLLM_BATCH_INVARIANT": "1"} if cfg.engine.batch_invariant else {}
+
+
 def placement_bundles(cfg: CaptionsConfig) -> list[dict[str, float]]:
     """One bundle per tensor-parallel rank of an engine."""
     e = cfg.engine
@@ -61,6 +66,7 @@ def build_llm_processor(cfg: CaptionsConfig, model_path: str, preprocess: Callab
         detokenize_stage=False,
         log_engine_metrics=False,    # metrics export needs ray.serve
         placement_group_config={"bundles": placement_bundles(cfg)},
+        **({"runtime_env": {"env_vars": env}} if (env := engine_env(cfg)) else {}),
     )
     cpu_stage = {"num_cpus": CPU_STAGE_CPUS}
     return build_processor(proc_cfg, preprocess=preprocess, postprocess=postprocess,
