@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - bad input is reported in one line, anything else re-raised
         message = bad_input_message(e)
         if message is None:
             raise

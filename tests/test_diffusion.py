@@ -66,3 +66,26 @@ def test_per_caption_rows_regenerate_on_their_own(tiny_models: dict[str, str]):
     rows = _render(DiffusionRenderer(_cfg("per_caption"), tiny_models["sd"], RUN_SEED))
     assert [r["caption"] for r in rows] == CAPTIONS and all(r["render_group"] is None for r in rows)
     assert regenerate_images(rows[1]) == list(rows[1]["images"])
+
+
+def test_a_model_that_gives_nan_for_every_seed_stops_the_run(tiny_models: dict[str, str], tmp_path):
+    """A real pipeline whose VAE decoder weights are NaN: every image of every seed is non-finite. The renderer
+    drops and counts them, and after FAIL_FAST_ROWS captions without one usable image it raises a clear error
+    instead of writing an empty dataset."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from synray.images.base import FAIL_FAST_ROWS, RendererError
+
+    broken = tmp_path / "sd-nan"
+    shutil.copytree(tiny_models["sd"], broken)
+    (weights,) = (broken / "vae").glob("*.safetensors")
+    state = load_file(weights)
+    save_file({k: v.fill_(float("nan")) if "decoder.conv_out" in k else v for k, v in state.items()}, weights)
+    renderer = DiffusionRenderer(_cfg("batched"), str(broken), RUN_SEED)
+    assert _render(renderer) == []              # the first 3 captions: dropped, not failed yet
+    assert renderer.rows_failed == 3 and renderer.early_drops["nonfinite"] == 3 * 2 * 2   # m first + m extra seeds
+    with pytest.raises(RendererError, match=f"no usable image for any of the first {FAIL_FAST_ROWS + 1} captions"):
+        for _ in range(3):
+            _render(renderer)

@@ -9,8 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from synray.data.ledger import (StreamLedger, decode_rows, encode_rows, load_consumed, replay_rows,
-                                save_consumed)
+from synray.data.ledger import StreamLedger, decode_rows, encode_rows, load_consumed, replay_rows, save_consumed
 from synray.data.store import ParquetStore, ShardWriter, to_row_table
 
 

@@ -275,3 +275,20 @@ def test_generated_llm_captions_regenerate_from_their_rows(vllm_engine: Any, gen
     same = [a == r["caption"] for a, r in zip(again, rows)]
     print(f"{sum(same)} of {len(rows)} captions regenerated exactly")
     assert all(same), [(r["caption"], a) for a, r in zip(again, rows) if a != r["caption"]]
+
+
+def test_pickle_only_model_directories_are_refused(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    import shutil
+
+    from synray.captions.llm import engine_kwargs
+    from synray.config import CaptionsConfig
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_models["llm"], pickled)
+    for weights in pickled.glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ModelError, match="only as pickle files \\(model.bin\\); synray loads safetensors only"):
+        resolve_model(str(pickled))
+    assert resolve_model(tiny_models["llm"]) == tiny_models["llm"]     # safetensors: fine
+    assert resolve_model(tiny_models["sd"]) == tiny_models["sd"]       # components one level down
+    assert engine_kwargs(CaptionsConfig())["load_format"] == "safetensors"  # vLLM never unpickles either

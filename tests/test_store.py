@@ -139,3 +139,14 @@ def test_webdataset_export(tmp_path: Path):
                 if member.name.endswith(".png"):
                     Image.open(io.BytesIO(tar.extractfile(member).read())).verify()
     assert len(names) == 5 * 2 * 3  # image + txt + json per image
+
+
+def test_a_damaged_shard_is_named_before_anything_reads_it(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    store.open_for_writing("fp", {})
+    store.write_shard(to_row_table(_rows(2)))
+    bad = store.write_shard(to_row_table(_rows(2, start=2)))
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])   # damaged after it was committed
+    for read in (store.check_readable, store.existing_ids, store.num_rows):
+        with pytest.raises(StoreError, match=f"store shard {bad} is not a readable Parquet file.*delete it"):
+            read()

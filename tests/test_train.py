@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import small_config
 
 pytestmark = pytest.mark.slow
@@ -81,10 +80,12 @@ def test_bad_training_input_fails_before_training(tmp_path: Path):
 def test_run_local_end_to_end(ray_cluster: str, tmp_path: Path):
     """`synray run local` (shrunk) through the CLI: stream from vLLM + diffusers into DeepSpeed workers, keeping
     the streamed rows in a store (stream+store). The stream ends before the step budget: every stored row is
-    trained on exactly once (but the last partial batch), and every caption id is stored once."""
+    trained on exactly once (but the last partial batch), and every caption id is stored once. Secrets in the
+    environment reach no output: not the run directory, the store, the logs or the console."""
     from synray.data.ledger import load_consumed
 
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    canary = "hf_synrayCanary0123456789secret"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "HF_TOKEN": canary, "AWS_SECRET_ACCESS_KEY": canary}
     store = tmp_path / "kept"
     args = ["data.num_captions=16", "data.mode=stream+store", f"data.store_dir={store}", "data.rows_per_shard=4",
             "train.steps=50", "train.captions_per_worker=2", "train.log_every=1", "train.checkpoint_every=50",
@@ -108,6 +109,9 @@ def test_run_local_end_to_end(ray_cluster: str, tmp_path: Path):
     rows_per_step = 2 * 2
     assert len(consumed) == t["steps"] * rows_per_step                         # no row trained on twice
     assert consumed <= stored_rows and len(stored_rows - consumed) < rows_per_step   # all but a partial batch
+    assert canary not in r.stdout + r.stderr
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and canary.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
 
 def test_clip_training_on_a_laclip_rewrite_store(generated_store: dict, tmp_path: Path):

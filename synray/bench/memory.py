@@ -35,6 +35,7 @@ class PeakSampler:
     def __init__(self) -> None:
         self.probe, self.proc = ObjectStoreProbe(), psutil.Process()
         self.store_before = self.probe.used_bytes()
+        self.rss_before = self.proc.memory_info().rss
         self.store_peak = self.rss_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -79,7 +80,7 @@ def stream_peaks(cfg: RunConfig, captions: int) -> dict[str, Any]:
     ray.kill(consumer)
     return {"captions": captions, "rows_seen": seen, "elapsed_s": time.perf_counter() - start,
             "store_peak_bytes": peaks.store_peak, "store_before_bytes": peaks.store_before,
-            "driver_rss_peak_bytes": peaks.rss_peak}
+            "driver_rss_peak_bytes": peaks.rss_peak, "driver_rss_before_bytes": peaks.rss_before}
 
 
 def bench_memory(cfg: RunConfig, quick: bool) -> list[Ratio]:

@@ -26,6 +26,7 @@ def engine_kwargs(cfg: CaptionsConfig) -> dict[str, Any]:
         "dtype": e.dtype,
         "tensor_parallel_size": e.tensor_parallel_size,
         "trust_remote_code": cfg.trust_remote_code,
+        "load_format": "safetensors",  # never unpickle weights
     }
     if e.num_gpus == 0:
         kwargs.update(CPU_ENGINE_KWARGS)

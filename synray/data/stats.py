@@ -67,3 +67,9 @@ class StatsClient:
             self.actor.reject.remote(stage, dict(reasons))
         else:
             self.local.reject(stage, reasons)
+
+
+def rejections_text(rejected: dict[str, dict[str, int]]) -> str:
+    """`{"captions": {"too_short": 3}}` -> "captions: too_short=3" (stages with rejections only)."""
+    return "; ".join(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items()))
+                     for stage, reasons in rejected.items() if reasons)

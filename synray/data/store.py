@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -86,20 +87,33 @@ class ParquetStore:
     def shards(self) -> list[Path]:
         return sorted(self.root.glob(f"{SHARD_PREFIX}*.parquet"))
 
+    def read_column(self, shard: Path, column: str) -> list[Any]:
+        """One column of one shard; StoreError naming the shard when it cannot be read."""
+        try:
+            return pq.read_table(shard, columns=[column]).column(0).to_pylist()
+        except (OSError, pa.ArrowException) as e:
+            raise StoreError(corrupt_shard_message(shard, e)) from e
+
     def existing_ids(self) -> set[str]:
         ids: set[str] = set()
         for shard in self.shards():
-            ids.update(pq.read_table(shard, columns=["caption_id"]).column(0).to_pylist())
+            ids.update(self.read_column(shard, "caption_id"))
         return ids
 
     def existing_captions(self) -> list[str]:
         out: list[str] = []
         for shard in self.shards():
-            out.extend(pq.read_table(shard, columns=["caption"]).column(0).to_pylist())
+            out.extend(self.read_column(shard, "caption"))
         return out
 
+    def footer(self, shard: Path) -> pq.FileMetaData:
+        try:
+            return pq.ParquetFile(shard).metadata
+        except (OSError, pa.ArrowException) as e:
+            raise StoreError(corrupt_shard_message(shard, e)) from e
+
     def num_rows(self) -> int:
-        return sum(pq.ParquetFile(s).metadata.num_rows for s in self.shards())
+        return sum(self.footer(s).num_rows for s in self.shards())
 
     def check_readable(self, required: tuple[str, ...] = TRAIN_COLUMNS) -> list[Path]:
         """The shard list, after checking the store exists and has the columns training needs."""
@@ -108,6 +122,8 @@ class ParquetStore:
         shards = self.shards()
         if not shards:
             raise StoreError(f"dataset directory {self.root} holds no {SHARD_PREFIX}*.parquet shards")
+        for shard in shards:  # every footer, so a damaged shard is named now, not mid-training
+            self.footer(shard)
         names = set(pq.read_schema(shards[0]).names)
         missing = [c for c in required if c not in names]
         if missing:
@@ -133,11 +149,24 @@ class ParquetStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StoreError(f"no space left writing a shard of {len(ids)} rows into {self.root} ({e.strerror}); "
+                                 "the store holds only whole shards: free space and run the same command again "
+                                 "to resume") from e
+            raise
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(self.root)
         return final
+
+
+def corrupt_shard_message(shard: Path, error: Exception) -> str:
+    return (f"store shard {shard} is not a readable Parquet file ({type(error).__name__}: {error}); shards are "
+            f"only ever renamed into place whole, so it was damaged afterwards: delete it and run `synray generate` "
+            f"with the same config again to regenerate its rows")
 
 
 def to_row_table(batch: pa.Table | dict[str, Any]) -> pa.Table:

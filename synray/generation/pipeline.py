@@ -6,8 +6,8 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray

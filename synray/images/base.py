@@ -25,6 +25,10 @@ __all__ = ["Rendered", "Renderer", "RendererError"]
 ROW_IDENTITY = ("backend", "model", "per_caption")
 
 
+#: a renderer that drops this many captions before rendering any stops the run (a broken model)
+FAIL_FAST_ROWS = 8
+
+
 class RendererError(ValueError):
     """Image settings or a model that a backend cannot render with."""
 
@@ -63,6 +67,9 @@ class Renderer:
         self.run_seed = run_seed
         self.stats = StatsClient(stats_actor)
         self.params_json = json.dumps(self.params(cfg), sort_keys=True)
+        self.rows_done = 0      # rows this actor rendered
+        self.rows_failed = 0    # rows it dropped (no m good images) before rendering any
+        self.early_drops: Counter[str] = Counter()   # images dropped by reason meanwhile
 
     # ------------------------------------------------------------------ what a backend declares
     @classmethod
@@ -105,12 +112,26 @@ class Renderer:
         """Every caption of a batch; one call per caption unless a backend batches them."""
         return [self.render_caption(c, i, drops) for c, i in zip(captions, cap_ids)]
 
+    def check_not_broken(self, failed: int, done: int, drops: Counter[str]) -> None:
+        """RendererError when the first FAIL_FAST_ROWS captions this actor rendered all failed: a model that
+        returns only black or non-finite images stops the run instead of writing an empty dataset."""
+        self.rows_done += done
+        if self.rows_done == 0:
+            self.rows_failed += failed
+            self.early_drops.update(drops)
+        if self.rows_done == 0 and self.rows_failed >= FAIL_FAST_ROWS:
+            raise RendererError(
+                f"images.model={self.cfg.model!r} gave no usable image for any of the first {self.rows_failed} "
+                f"captions (dropped images by reason: {dict(self.early_drops)}, every seed of each); check the model and "
+                f"images.dtype={self.cfg.dtype!r} (float16 on a model that needs float32 gives NaN)")
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         start = time.time()
         drops: Counter[str] = Counter()
         results = self.render_batch([str(c) for c in batch["caption"]], [str(i) for i in batch["caption_id"]], drops)
         keep = [i for i, r in enumerate(results) if r is not None]
         done = [r for r in results if r is not None]
+        self.check_not_broken(len(results) - len(keep), len(keep), drops)
         out = {k: np.asarray(v)[keep] for k, v in batch.items()}
         n = len(keep)
         out["images"] = object_array([r.images for r in done])

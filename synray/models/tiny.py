@@ -103,6 +103,21 @@ def _looks_like_path(name: str) -> bool:
     return any(s in name for s in seps) and not _HUB_ID.match(name)
 
 
+#: weight files that are Python pickles (loading one can run code); synray loads safetensors only
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_safetensors(path: Path) -> None:
+    """ModelError for a model directory whose weights exist only as pickles (looked for two levels deep,
+    where diffusers keeps its components)."""
+    files = [p for p in list(path.glob("*")) + list(path.glob("*/*")) if p.is_file()]
+    pickles = sorted(str(p.relative_to(path)) for p in files if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not any(p.suffix == ".safetensors" for p in files):
+        raise ModelError(f"model directory {path} holds its weights only as pickle files ({', '.join(pickles[:3])}"
+                         f"{', ...' if len(pickles) > 3 else ''}); synray loads safetensors only, since loading a "
+                         "pickle can run code: save the model with save_pretrained(safe_serialization=True)")
+
+
 def resolve_model(name: str, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> str:
     """A loadable model reference: a local dir for tiny names and paths, else the name (a hub id)."""
     if not isinstance(name, str) or not name.strip():
@@ -113,6 +128,7 @@ def resolve_model(name: str, cache_dir: str | os.PathLike[str] | None = None, se
         return str(_build_cached(name.split(":", 1)[1], default_cache_dir(cache_dir), seed))
     path = Path(name).expanduser()
     if path.is_dir():
+        check_safetensors(path)
         return str(path.resolve())
     if path.exists():
         raise ModelError(f"model path is not a directory: {name}")

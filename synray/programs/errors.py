@@ -8,10 +8,31 @@ from synray.config import ConfigError
 EXIT_BAD_INPUT = 2
 
 
+def _is_synray_error(e: BaseException) -> bool:
+    return isinstance(e, ValueError) and any(c.__module__.startswith("synray") for c in type(e).__mro__)
+
+
+def _chain(e: BaseException):
+    """e, then what caused it: `__cause__`/`__context__`, and the `cause` a Ray task error carries from a worker."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        cur = todo.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        todo += [cur.__cause__, cur.__context__, getattr(cur, "cause", None)]
+
+
 def bad_input_message(e: BaseException) -> str | None:
-    """What to print for input the user must fix: synray's own errors and missing files; None for anything else."""
+    """What to print for input the user must fix: synray's own errors (also when raised inside a Ray worker and
+    wrapped by Ray) and missing files; None for anything else."""
     if isinstance(e, ConfigError):
         return f"synray: {e}"
-    if isinstance(e, FileNotFoundError) or (isinstance(e, ValueError) and type(e).__module__.startswith("synray")):
+    if isinstance(e, FileNotFoundError):
         return f"synray: error: {e}"
+    for cur in _chain(e):
+        if _is_synray_error(cur) and not isinstance(getattr(cur, "cause", None), BaseException):
+            return f"synray: error: {cur}"   # (a Ray wrapper's own text is a traceback: its cause is used)
     return None

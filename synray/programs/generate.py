@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from synray.data.files import write_json
-from synray.data.store import SUMMARY_FILE, ParquetStore
+from synray.data.stats import rejections_text
+from synray.data.store import SUMMARY_FILE, ParquetStore, StoreError
 from synray.generation.pipeline import GenerationPlan, add_store_stage, build_pipeline, store_fingerprint, store_info
 from synray.programs.session import session, stage_stats, stats_summary
 
@@ -41,6 +42,10 @@ def generate_to_store(plan: GenerationPlan, out: str) -> dict[str, Any]:
         "images_per_row": cfg.images.per_caption, "elapsed_s": round(time.time() - start, 2), **stats,
     }
     write_json(Path(out) / SUMMARY_FILE, summary)
+    if plan.wanted and not rows:
+        rejected = rejections_text(stats.get("rejected", {}))
+        raise StoreError(f"no row passed generation ({rejected or 'nothing generated'}); the store {out} has no "
+                         "new rows: check the caption and image settings (summary: " + SUMMARY_FILE + ")")
     return summary
 
 

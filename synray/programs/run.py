@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import ray.data
 
+from synray.data.ledger import ROW_ID
+from synray.data.stats import rejections_text
 from synray.data.store import ParquetStore
 from synray.eval.datasets import add_extractors, collect_rows, model_rows, rows_to_arrays
 from synray.eval.evaluate import resolve_image_text
 from synray.eval.protocols import outputs_for, run_protocols
-from synray.data.ledger import ROW_ID
 from synray.generation.pipeline import add_store_stage, build_pipeline, replay_dataset, store_fingerprint, store_info
 from synray.plan import HeldoutPlan, RunPlan
 from synray.programs.rundir import RunDir
@@ -128,6 +129,7 @@ def run(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
             result = fit(cfg, plan.train, dataset, rd.path / "train", ledger)
             summary.update(stats_summary(stats))
             summary["train"] = _train_summary(result)
+            check_trained(summary)
             if plan.heldout is not None and result.backbone_dir:
                 summary["eval"], samples = evaluate(plan, result)
                 sample_grid(samples, rd.path / "samples.png")
@@ -141,6 +143,20 @@ def run(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
     finally:
         logging.getLogger("synray").removeHandler(handler)
     return rd, summary
+
+
+class EmptyStreamError(ValueError):
+    """Training got not one batch: the data gave no usable rows."""
+
+
+def check_trained(summary: dict[str, Any]) -> None:
+    """EmptyStreamError when training ended at step 0 for lack of data, naming what the stages rejected."""
+    t = summary["train"]
+    if t["ended_early"] and not t["steps"]:
+        rejected = rejections_text(summary.get("rejected", {}))
+        raise EmptyStreamError("training got no full batch: the data ran out before step 1 ("
+                               + (f"rows rejected by {rejected}" if rejected else "no rows") + "); check the "
+                               "caption and image settings, or raise data.num_captions")
 
 
 def _train_summary(result: TrainResult) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 #: a local Ray gets at least this many logical CPUs, so that stage actors and training workers
 #: can all be placed on a 2-core laptop (they time-share the cores).
 MIN_LOCAL_CPUS = 4
+#: how long a connection to a configured Ray address may take before the address counts as unreachable
+CONNECT_TIMEOUT_S = 5.0
 
 
 def ray_address(cfg: RayConfig) -> str | None:
@@ -52,12 +55,33 @@ def runtime_env() -> dict[str, Any]:
     return {"env_vars": env}
 
 
+class RayAddressError(ValueError):
+    """The configured Ray cluster cannot be reached."""
+
+
+def check_reachable(address: str, source: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """RayAddressError, quickly, when nothing listens at a host:port address (ray.init would retry for minutes)."""
+    if address == "auto" or address.startswith("local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayAddressError(f"Ray address {address!r} (from {source}) is not host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayAddressError(f"cannot reach Ray at {address} (from {source}): {e.strerror or e}; start the cluster "
+                              "(`ray start --head` or `ray up cluster.yaml`), fix the address, or unset it to run "
+                              "a local Ray") from None
+
+
 def init(cfg: RayConfig) -> bool:
     """Connect to Ray; returns True when this call started it (and so must shut it down)."""
     if ray.is_initialized():
         return False
     address = ray_address(cfg)
     if address:
+        check_reachable(address, "ray.address" if cfg.address else "$RAY_ADDRESS")
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env=runtime_env())
     else:
