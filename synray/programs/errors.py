@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 from synray.config import ConfigError
 
 #: exit status of a command or job refused for bad input (a config, a path, a model, a store)
 EXIT_BAD_INPUT = 2
+
+
+#: the last line of a synray error's traceback inside a Ray worker's error text
+_REMOTE_ERROR = re.compile(r"^\s*synray\.[\w.]+Error: (.+)$", re.MULTILINE)
 
 
 def _is_synray_error(e: BaseException) -> bool:
@@ -32,7 +38,12 @@ def bad_input_message(e: BaseException) -> str | None:
         return f"synray: {e}"
     if isinstance(e, FileNotFoundError):
         return f"synray: error: {e}"
-    for cur in _chain(e):
+    chain = list(_chain(e))
+    for cur in chain:
         if _is_synray_error(cur) and not isinstance(getattr(cur, "cause", None), BaseException):
             return f"synray: error: {cur}"   # (a Ray wrapper's own text is a traceback: its cause is used)
+    for cur in chain:  # raised in a Ray worker and wrapped again there: only its traceback text came back
+        found = _REMOTE_ERROR.search(str(cur))
+        if found:
+            return f"synray: error: {found.group(1)}"
     return None
