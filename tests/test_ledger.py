@@ -1,4 +1,4 @@
-"""What a restarted stream skips and replays (synray.data.ledger), and the store writer that never writes an id twice."""
+"""What a restarted stream skips and replays (synray.data.ledger); the store writer never writes an id twice."""
 
 from __future__ import annotations
 

@@ -59,16 +59,16 @@ class PeakSampler:
 class Consumer:
     """Reads a training shard as a worker does (tensor batches of fixed size) at a training-like pace."""
 
-    def run(self, shard: Any, rows: int) -> int:
+    def run(self, shard: Any, rows: int, s_per_row: float = CONSUMER_S_PER_ROW) -> int:
         seen = 0
         for batch in shard.iter_torch_batches(batch_size=rows, drop_last=True, prefetch_batches=2):
             n = len(next(iter(batch.values())))
-            time.sleep(CONSUMER_S_PER_ROW * n)
+            time.sleep(s_per_row * n)
             seen += n
         return seen
 
 
-def stream_peaks(cfg: RunConfig, captions: int) -> dict[str, Any]:
+def stream_peaks(cfg: RunConfig, captions: int, s_per_row: float = CONSUMER_S_PER_ROW) -> dict[str, Any]:
     run_cfg = derive_config(cfg, {"data.num_captions": captions, "data.mode": "stream", "data.store_dir": None,
                                   "train.num_workers": 1, "eval.enabled": False})
     plan = plan_run(run_cfg)
@@ -76,7 +76,8 @@ def stream_peaks(cfg: RunConfig, captions: int) -> dict[str, Any]:
     consumer = Consumer.remote()
     start = time.perf_counter()
     with PeakSampler() as peaks:
-        seen = ray.get(consumer.run.remote(ds.streaming_split(1, equal=True)[0], run_cfg.train.captions_per_worker))
+        seen = ray.get(consumer.run.remote(ds.streaming_split(1, equal=True)[0], run_cfg.train.captions_per_worker,
+                                           s_per_row))
     ray.kill(consumer)
     return {"captions": captions, "rows_seen": seen, "elapsed_s": time.perf_counter() - start,
             "store_peak_bytes": peaks.store_peak, "store_before_bytes": peaks.store_before,

@@ -122,8 +122,8 @@ class Renderer:
         if self.rows_done == 0 and self.rows_failed >= FAIL_FAST_ROWS:
             raise RendererError(
                 f"images.model={self.cfg.model!r} gave no usable image for any of the first {self.rows_failed} "
-                f"captions (dropped images by reason: {dict(self.early_drops)}, every seed of each); check the model and "
-                f"images.dtype={self.cfg.dtype!r} (float16 on a model that needs float32 gives NaN)")
+                f"captions (dropped images by reason: {dict(self.early_drops)}, every seed of each); check the model "
+                f"and images.dtype={self.cfg.dtype!r} (float16 on a model that needs float32 gives NaN)")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         start = time.time()
