@@ -19,6 +19,7 @@ from synray.captions.llm import CPU_STAGE_CPUS
 from synray.captions.rewrite import check_source, rewrite_fingerprint
 from synray.concepts import load_bank
 from synray.config import ConfigError, RunConfig, load_config, with_overrides
+from synray.data.ledger import ROW_ID
 from synray.data.store import ParquetStore, StoreError
 from synray.eval.datasets import inspect_dataset
 from synray.eval.errors import EvalError
@@ -193,8 +194,10 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -
         if cfg.train.resume_from else None
     data = DataPlan("stored" if stored else cfg.data.mode, store_dir, None if stored else plan_generation(cfg))
     heldout = _plan_heldout(cfg) if protocols else None
+    tracks = not stored or _store_has_row_ids(store_dir)
     train = TrainPlan(objective.name, per_caption, num_classes, epochs=stored, columns=columns,
-                      text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step)
+                      text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step,
+                      tracks_rows=tracks)
     stages = generation_stages(data.generation, data.mode == "stream+store") if data.generation else []
     t, d = cfg.train, cfg.data
     stages.append(StageResources("row preprocessing", d.preprocess_actors, d.preprocess_cpus))
@@ -220,6 +223,11 @@ def _plan_stream(cfg: RunConfig, objective: Objective) -> tuple[str | None, tupl
         ParquetStore(cfg.data.store_dir).check_writable(store_fingerprint(cfg))
     return cfg.data.store_dir if cfg.data.mode == "stream+store" else None, tuple(objective.columns(None)), \
         cfg.images.per_caption
+
+
+def _store_has_row_ids(store_dir: str) -> bool:
+    """Whether a store's rows carry the plan-row id (synray stores do; imported image-text stores may not)."""
+    return ROW_ID in pq.read_schema(ParquetStore(store_dir).shards()[0]).names
 
 
 def stored_per_caption(shard: Path) -> int:

@@ -74,3 +74,16 @@ def test_shard_writer_never_writes_a_caption_id_twice(tmp_path: Path):
     ids = [i for s in store.shards() for i in pq.read_table(s, columns=["caption_id"]).column(0).to_pylist()]
     assert sorted(ids) == [f"{i:016x}" for i in range(4)]
     assert writer.stats.local.rejected["store"]["already_stored"] == 4
+
+
+def test_a_checkpoint_records_its_epoch_and_a_store_epoch_skips_what_it_consumed(tmp_path: Path):
+    from synray.data.ledger import SkipConsumed, load_epoch, save_epoch
+
+    assert load_epoch(tmp_path) == 0 and load_epoch(None) == 0   # a stream, or an older checkpoint
+    save_epoch(tmp_path, 3)
+    assert load_epoch(tmp_path) == 3
+    skip = SkipConsumed.__new__(SkipConsumed)   # the actor's filter, with the set its ledger view would give
+    skip.consumed = pa.array([1, 3], type=pa.int64())
+    assert skip(_rows([0, 1, 2, 3])).column("row_id").to_pylist() == [0, 2]
+    skip.consumed = pa.array([], type=pa.int64())
+    assert skip(_rows([0, 1])).num_rows == 2

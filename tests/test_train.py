@@ -43,12 +43,19 @@ def test_train_from_store_writes_the_run_directory(stored_run):
 
 def test_killed_worker_restarts_from_checkpoint(stored_run):
     """The fault drill (`train.fail_at_step=3`, a checkpoint every 2 steps): the worker exits at step 3, the
-    group restarts from the step-2 checkpoint, and steps 3, 4, 5 follow."""
+    group restarts from the step-2 checkpoint, steps 3, 4, 5 follow, and the epoch goes on where it stopped."""
     rd, summary = stored_run
     log = [json.loads(line) for line in (rd.path / "train" / "metrics.jsonl").read_text().splitlines()]
     events = [r.get("event") or r["step"] for r in log if r.get("event") != "fit_start" and "init_export" not in r]
     assert events == [1, 2, "worker_failure", 3, 4, 5], events  # step 3 died before its report
     assert summary["train"]["worker_failures"] == 1 and summary["train"]["steps"] == 5
+    # the store's 16 rows make an epoch of 4 steps: the restarted group read the 8 rows the step-2 checkpoint
+    # had not trained on, so epoch 0 saw every row once; step 5 began epoch 1
+    from synray.data.ledger import load_consumed, load_epoch
+
+    kept = {load_epoch(c): load_consumed(c) for c in (rd.path / "train" / "train").glob("checkpoint_*")
+            if any(c.glob("consumed-rank*"))}
+    assert sorted(kept) == [0, 1] and len(kept[0]) == 16 and len(kept[1]) == 4
 
 
 def test_checkpoint_of_another_config_is_refused(stored_run, generated_store: dict):

@@ -11,16 +11,20 @@ still to be generated.
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 CONSUMED_PREFIX = "consumed-rank"
+EPOCH_FILE = "stream-epoch.json"
 #: the plan-row column a training stream carries to the workers
 ROW_ID = "row_id"
 
@@ -48,6 +52,18 @@ def save_consumed(directory: Path, rank: int, row_ids: np.ndarray) -> Path:
     path = Path(directory) / f"{CONSUMED_PREFIX}{rank}.bin"
     path.write_bytes(encode_rows(row_ids))
     return path
+
+
+def save_epoch(directory: Path, epoch: int) -> Path:
+    """The epoch a checkpoint's consumed rows belong to (a store is read in epochs; a stream is epoch 0)."""
+    path = Path(directory) / EPOCH_FILE
+    path.write_text(json.dumps({"epoch": int(epoch)}))
+    return path
+
+
+def load_epoch(directory: Path | None) -> int:
+    path = Path(directory) / EPOCH_FILE if directory is not None else None
+    return int(json.loads(path.read_text())["epoch"]) if path is not None and path.is_file() else 0
 
 
 def load_consumed(directory: Path | None) -> np.ndarray:
@@ -117,3 +133,16 @@ def replay_rows(shard: str, consumed: np.ndarray, columns: list[str] | None = No
     table = pq.read_table(shard, columns=columns)
     keep = pc.invert(pc.is_in(table.column("row_id"), value_set=pa.array(consumed, type=pa.int64())))
     return table.filter(keep)
+
+
+class SkipConsumed:
+    """Ray Data UDF over stored rows read in epochs: drops the rows the restored checkpoint's epoch trained on.
+    Built anew for every epoch's execution, it reads the ledger then (empty after the first epoch)."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.consumed = pa.array(ray.get(ledger.view.remote()).consumed, type=pa.int64())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if not len(self.consumed):
+            return batch
+        return batch.filter(pc.invert(pc.is_in(batch.column(ROW_ID), value_set=self.consumed)))

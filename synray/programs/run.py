@@ -10,14 +10,16 @@ from typing import Any
 
 import numpy as np
 import ray.data
+from ray.data import ActorPoolStrategy
 
-from synray.data.ledger import ROW_ID
+from synray.data.ledger import ROW_ID, SkipConsumed
 from synray.data.stats import rejections_text
 from synray.data.store import ParquetStore
 from synray.eval.datasets import add_extractors, collect_rows, model_rows, rows_to_arrays
 from synray.eval.evaluate import resolve_image_text
 from synray.eval.protocols import outputs_for, run_protocols
-from synray.generation.pipeline import add_store_stage, build_pipeline, replay_dataset, store_fingerprint, store_info
+from synray.generation.pipeline import (LIGHT_STAGE_CPUS, add_store_stage, build_pipeline, replay_dataset,
+                                        store_fingerprint, store_info)
 from synray.plan import HeldoutPlan, RunPlan
 from synray.programs.rundir import RunDir
 from synray.programs.session import session, stage_stats, stats_summary, stream_ledger
@@ -38,14 +40,21 @@ CHANCE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy")
 def training_dataset(plan: RunPlan, stats_actor: Any) -> tuple[ray.data.Dataset, Any]:
     """The Ray Dataset training reads, turned into ready arrays by the preprocessing actors, and a stream's ledger.
 
-    A store is read in epochs. A stream is the live pipeline; in stream+store mode it is teed into the store,
+    A store is read in epochs (its rows trained on in the restored checkpoint's epoch skipped, when they carry
+    `row_id`). A stream is the live pipeline; in stream+store mode it is teed into the store,
     and the stored rows training has not consumed are replayed first. Each execution (the first, and one per
     worker-group restart) skips what the ledger names: rows the restored checkpoint consumed, rows stored.
     """
     data, cfg = plan.data, plan.cfg
+    tracks = plan.train.tracks_rows
     if data.generation is None:
-        ds = ParquetStore(data.store_dir).read_dataset(columns=list(plan.train.columns))
-        return add_preprocessing(ds.randomize_block_order(seed=cfg.seed), cfg, plan.train), None
+        ledger = stream_ledger(None) if tracks else None
+        columns = list(plan.train.columns) + ([ROW_ID] if tracks and ROW_ID not in plan.train.columns else [])
+        ds = ParquetStore(data.store_dir).read_dataset(columns=columns).randomize_block_order(seed=cfg.seed)
+        if tracks:
+            ds = ds.map_batches(SkipConsumed, fn_constructor_kwargs={"ledger": ledger}, batch_format="pyarrow",
+                                compute=ActorPoolStrategy(size=1), num_cpus=LIGHT_STAGE_CPUS)
+        return add_preprocessing(ds, cfg, plan.train, track_rows=tracks), ledger
     ledger = stream_ledger(data.store_dir if data.mode == "stream+store" else None)
     ds = build_pipeline(data.generation, stats_actor, ledger=ledger)
     if data.mode == "stream+store":

@@ -19,3 +19,5 @@ class TrainPlan:
     text_model: str | None = None    # image-text objectives: the resolved text tower (name or directory)
     resume_from: str | None = None   # a checkpoint of an earlier run to start from
     resume_step: int | None = None   # the step that checkpoint holds
+    tracks_rows: bool = False        # rows carry row_id: checkpoints record what was trained on (streams, and
+                                     # stores written by synray), so a restart skips it

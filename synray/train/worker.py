@@ -6,7 +6,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from synray.config import RunConfig
-from synray.data.ledger import ROW_ID, load_consumed, save_consumed
+from synray.data.ledger import ROW_ID, load_consumed, load_epoch, save_consumed, save_epoch
 from synray.train import engine as ds_engine
 from synray.train.augment import Augment, build_augment
 from synray.train.context import RayTrainContext, WorkerContext
@@ -51,8 +51,9 @@ class WorkerState:
     rng: np.random.Generator
     step: int
     restarted: bool
-    consumed: np.ndarray                                # plan rows trained on up to the last checkpoint
+    consumed: np.ndarray                                # rows of this epoch trained on up to the last checkpoint
     pending_rows: list[torch.Tensor] = field(default_factory=list)   # rows trained on since (device tensors)
+    epoch: int = 0                                      # the epoch of a store being read (a stream: 0)
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -103,15 +104,24 @@ def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
         engine, _, scheduler = ds_engine.build_engine(model, t, micro_batch, ctx.world_size,
                                                       ds_engine.learning_rate(t, images_per_step))
         step = restore(engine, checkpoint, objective, cfg, plan)
-        consumed = load_consumed(checkpoint)
-    ctx.start_stream(consumed)  # a stream skips what the restored step has trained on (before any row is read)
+        consumed, epoch = load_consumed(checkpoint), load_epoch(checkpoint)
+    ctx.start_stream(consumed)  # the data skips what the restored epoch trained on (before any row is read)
     torch.manual_seed(cfg.seed * 7919 + ctx.rank * 104729 + step)  # augmentation stream per rank and restart
     augment = build_augment(t.augment, t.backbone.image_size, objective.default_augment).to(device)
-    batches = timed_batches(ctx, t.captions_per_worker, plan.epochs, cfg.data.shuffle_buffer_rows,
-                            cfg.seed * 31 + ctx.rank)
-    return WorkerState(cfg, plan, objective, ctx, device, parts, engine, scheduler, augment, batches,
-                       rng=np.random.default_rng([cfg.seed, ctx.rank, step]), step=step, restarted=restarted,
-                       consumed=consumed)
+    state = WorkerState(cfg, plan, objective, ctx, device, parts, engine, scheduler, augment, iter(()),
+                        rng=np.random.default_rng([cfg.seed, ctx.rank, step]), step=step, restarted=restarted,
+                        consumed=consumed, epoch=epoch)
+    state.batches = timed_batches(ctx, t.captions_per_worker, plan.epochs, cfg.data.shuffle_buffer_rows,
+                                  cfg.seed * 31 + ctx.rank, first_epoch=epoch,
+                                  on_new_epoch=lambda e: start_epoch(state, e))
+    return state
+
+
+def start_epoch(state: WorkerState, epoch: int) -> None:
+    """A new epoch of a store: nothing of it is consumed yet, and its execution must skip nothing."""
+    state.epoch, state.consumed = epoch, np.zeros(0, dtype=np.int64)
+    state.pending_rows.clear()
+    state.ctx.start_stream(state.consumed)
 
 
 def restore(engine: Any, checkpoint: Path | None, objective: Objective, cfg: RunConfig, plan: TrainPlan) -> int:
@@ -126,12 +136,16 @@ def restore(engine: Any, checkpoint: Path | None, objective: Objective, cfg: Run
     return 0  # a fresh run, or a restart before the first training checkpoint
 
 
-def timed_batches(ctx: WorkerContext, rows: int, epochs: bool, shuffle_rows: int,
-                  seed: int) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
-    """(batch, seconds waited for it) from this worker's rows; loops over epochs when training on a store."""
-    epoch = 0
+def timed_batches(ctx: WorkerContext, rows: int, epochs: bool, shuffle_rows: int, seed: int,
+                  first_epoch: int = 0, on_new_epoch: Callable[[int], None] | None = None,
+                  ) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+    """(batch, seconds waited for it) from this worker's rows; loops over epochs when training on a store,
+    from `first_epoch` (a restored checkpoint's), calling `on_new_epoch` before each later one."""
+    epoch = first_epoch
     while True:
         got = 0
+        if epoch != first_epoch and on_new_epoch is not None:
+            on_new_epoch(epoch)
         it = ctx.batches(rows, epoch, shuffle_rows, seed)
         epoch += 1
         while True:
@@ -243,6 +257,8 @@ def save_checkpoint(state: WorkerState, metrics: dict[str, Any], export: bool = 
     with tempfile.TemporaryDirectory(prefix="synray-ckpt-") as tmp:
         ds_engine.save(state.engine, Path(tmp), state.step, state.objective.fingerprint(state.cfg.train), rank)
         save_consumed(Path(tmp), rank, state.consumed)
+        if rank == 0:
+            save_epoch(Path(tmp), state.epoch)
         if export and rank == 0:
             state.objective.export(unwrap(state.engine), Path(tmp) / BACKBONE_DIR, state.parts, state.cfg.train)
         state.ctx.report({**metrics, CHECKPOINT_SCORE: float(state.step)}, Path(tmp))
