@@ -101,7 +101,8 @@ def test_generate_survives_killed_engine_renderer_and_driver(ray_cluster: str, t
 
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     store = tmp_path / "store"
-    overrides = ["data.num_captions=64", "data.rows_per_shard=4", "images.per_caption=2", "images.steps=4"]
+    wanted = 96
+    overrides = [f"data.num_captions={wanted}", "data.rows_per_shard=4", "images.per_caption=2", "images.steps=4"]
     cmd = cli(["generate", "local", "--out", str(store)], overrides)
     proc = start(cmd, env, tmp_path / "first.log")
     wait_until(lambda: bool(ray_processes("vLLMEngineStageUDF")), proc, "the vLLM engine actor")
@@ -110,22 +111,25 @@ def test_generate_survives_killed_engine_renderer_and_driver(ray_cluster: str, t
     wait_until(lambda: len(list(store.glob("shard-*.parquet"))) >= 1, proc, "the first shard")
     kill_one("DiffusionRenderer")
     shards_at_restart = len(list(store.glob("shard-*.parquet")))
-    wait_until(lambda: len(list(store.glob("shard-*.parquet"))) >= shards_at_restart + 2, proc,
-               "two shards after the diffusion actor's restart")
+    wait_until(lambda: len(list(store.glob("shard-*.parquet"))) > shards_at_restart, proc,
+               "a shard after the diffusion actor's restart")
     kill_driver(proc)
+    settle_deadline = time.monotonic() + WAIT_S  # the job's actors die after their driver; a writer may commit
+    while ray_processes("ShardWriter") and time.monotonic() < settle_deadline:  # one last whole shard
+        time.sleep(0.5)
     before = len(stored_rows(store, ["caption_id"]))
-    assert 0 < before < 64, "the driver was to die in the middle of the work"
+    assert 0 < before < wanted, "the driver was to die in the middle of the work"
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=WAIT_S)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     summary = json.loads((store / "_summary.json").read_text())
-    assert summary["rows_before"] == before and summary["rows_total"] == 64
+    assert summary["rows_before"] == before and summary["rows_total"] == wanted
 
     rows = stored_rows(store)
     ids = [r["caption_id"] for r in rows]
-    assert len(ids) == 64 and len(set(ids)) == 64, "every caption id exactly once"
+    assert len(ids) == wanted and len(set(ids)) == wanted, "every caption id exactly once"
     cleanup = small_config().captions.cleanup
-    for row in rows[::8]:  # rows of both runs, from either side of every kill
+    for row in rows[::12]:  # rows of both runs, from either side of every kill
         assert regenerate_images(row) == list(row["images"])
     again = [clean_caption(regenerate_caption(row, vllm_engine), cleanup)[0] for row in rows]
     assert again == [row["caption"] for row in rows]
