@@ -176,8 +176,12 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -
     """Resolve and check a whole run (`data_dir`: train from that store instead of generating).
 
     The cheap checks come first; models are resolved (tiny ones built) only for a run that passed them.
-    Unless `fresh`, an unfinished run of the same config (its driver died) is continued.
+    Unless `fresh`, an unfinished run of the same config (its driver died) is continued; `data_dir` becomes
+    part of the config (data.mode=stored, data.store_dir), so the run directory records where its data came
+    from and a run on another store is never continued.
     """
+    if data_dir is not None:
+        cfg = derive_config(cfg, {"data.mode": "stored", "data.store_dir": str(data_dir)})
     objective = get_objective(cfg.train.loss)
     protocols = check_eval_protocols(cfg)
     stored = data_dir is not None or cfg.data.mode == "stored"
