@@ -23,6 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from synray.data.store import ParquetStore
+
 CONSUMED_PREFIX = "consumed-rank"
 EPOCH_FILE = "stream-epoch.json"
 #: the plan-row column a training stream carries to the workers
@@ -117,7 +119,7 @@ class StreamLedger:
         shards: list[str] = []
         captions: list[str] = []
         if self.store_dir and Path(self.store_dir).is_dir():
-            for shard in sorted(Path(self.store_dir).glob("shard-*.parquet")):
+            for shard in ParquetStore(self.store_dir).shards():
                 table = pq.read_table(shard, columns=["row_id", "caption"])
                 rows = table.column("row_id").to_numpy().astype(np.int64)
                 stored_rows = np.concatenate([stored_rows, rows])

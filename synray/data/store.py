@@ -196,7 +196,7 @@ class ShardWriter:
     def _refresh(self) -> None:
         for shard in self.store.shards():
             if shard not in self.known_shards:
-                self.known_ids.update(pq.read_table(shard, columns=["caption_id"]).column(0).to_pylist())
+                self.known_ids.update(self.store.read_column(shard, "caption_id"))
                 self.known_shards.add(shard)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
