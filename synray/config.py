@@ -220,6 +220,9 @@ class DataConfig(Section):
                                    "(a Ray Data stage before the trainer)")
     preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per preprocessing actor")
     preprocess_batch_rows: int = Field(16, ge=1, description="rows per preprocessing call")
+    stream_buffer_mb: float | None = Field(
+        None, gt=0, description="object-store MiB the training dataset's stages may hold ahead of the trainer "
+        "(Ray Data's resource limit; a slow trainer then pauses generation); null: Ray Data's default share")
 
 
 # --------------------------------------------------------------------------------------- train

@@ -73,6 +73,19 @@ def test_peak_sampler_sees_an_object_put_in_the_store(ray_cluster: str):
     assert peaks.store_peak >= 16 * 2**20 and peaks.rss_peak > 0
 
 
+def test_stream_memory_at_4n_captions_stays_within_1_2x_of_n_with_a_slow_consumer(ray_cluster: str):
+    from synray.bench.memory import stream_peaks
+    from synray.plan import load_run_config
+
+    # the consumer (50 rows/s) is slower than the stream, so without a bound the backlog grows with N
+    cfg = load_run_config("shapes")
+    assert cfg.data.stream_buffer_mb == 4
+    small, large = stream_peaks(cfg, 512, s_per_row=0.02), stream_peaks(cfg, 2048, s_per_row=0.02)
+    assert (small["rows_seen"], large["rows_seen"]) == (512, 2048)
+    assert large["store_peak_bytes"] <= 1.2 * small["store_peak_bytes"], (small, large)
+    assert large["driver_rss_peak_bytes"] <= 1.2 * small["driver_rss_peak_bytes"], (small, large)
+
+
 def test_cli_bench_writes_the_loss_ratios(tmp_path: Path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "synray.cli", "bench", "--quick", "--only", "e", "--out", str(out)],

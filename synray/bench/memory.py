@@ -3,7 +3,9 @@
 The stream is synray's own (planned rows -> captions -> images -> row preprocessing) of the config's
 generation setup, read by a training-speed consumer through `streaming_split` as Ray Train reads it.
 A thread on the driver samples the object stores' bytes in use and the driver's resident memory.
-Bounded streaming means both peaks stay flat when the stream is 4 times longer.
+Bounded streaming means both peaks stay flat when the stream is 4 times longer: the consumer is slower than
+the stream, and `data.stream_buffer_mb` caps what Ray Data holds ahead of it (without a cap, the backlog
+grows with N up to Ray Data's default share of the object store).
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ from synray.config import RunConfig
 from synray.plan import derive_config, plan_run
 from synray.programs.run import training_dataset
 from synray.programs.session import ObjectStoreProbe
+from synray.train.preprocess import ingest_options
 
 __all__ = ["bench_memory"]
 
 GOAL = 1.2
 SAMPLE_S = 0.2
-#: the consumer's time per row (a training step of a few rows), so that the stream backs up behind it
-CONSUMER_S_PER_ROW = 0.004
+#: the consumer's time per row: slower than the shapes stream on 2 cores, so that the stream backs up behind it
+CONSUMER_S_PER_ROW = 0.02
+#: data.stream_buffer_mb when the config sets none
+BENCH_BUFFER_MB = 4.0
+#: object-store bytes in use that count as drained between two measurements, and how long to wait for it
+DRAINED_BYTES = 2**20
+DRAIN_TIMEOUT_S = 20.0
 
 
 class PeakSampler:
@@ -68,11 +76,20 @@ class Consumer:
         return seen
 
 
+def wait_for_store_to_drain(probe: ObjectStoreProbe, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Wait (up to timeout_s) until the blocks of a previous measurement are freed, so peaks do not add up."""
+    deadline = time.monotonic() + timeout_s
+    while probe.used_bytes() > DRAINED_BYTES and time.monotonic() < deadline:
+        time.sleep(SAMPLE_S)
+
+
 def stream_peaks(cfg: RunConfig, captions: int, s_per_row: float = CONSUMER_S_PER_ROW) -> dict[str, Any]:
     run_cfg = derive_config(cfg, {"data.num_captions": captions, "data.mode": "stream", "data.store_dir": None,
                                   "train.num_workers": 1, "eval.enabled": False})
     plan = plan_run(run_cfg)
     ds, _ = training_dataset(plan, None)
+    ds.context.execution_options = ingest_options(run_cfg.data)  # as Ray Train's DataConfig sets it
+    wait_for_store_to_drain(ObjectStoreProbe())
     consumer = Consumer.remote()
     start = time.perf_counter()
     with PeakSampler() as peaks:
@@ -85,10 +102,13 @@ def stream_peaks(cfg: RunConfig, captions: int, s_per_row: float = CONSUMER_S_PE
 
 
 def bench_memory(cfg: RunConfig, quick: bool) -> list[Ratio]:
-    """(f): peaks at 4N / peaks at N in stream mode."""
-    n = 768 if quick else 8192
+    """(f): peaks at 4N / peaks at N in stream mode, under the config's data.stream_buffer_mb (else
+    BENCH_BUFFER_MB), with a consumer slower than the stream."""
+    n = 512 if quick else 1024
+    buffer_mb = cfg.data.stream_buffer_mb or BENCH_BUFFER_MB
+    cfg = derive_config(cfg, {"data.stream_buffer_mb": buffer_mb})
     small, large = stream_peaks(cfg, n), stream_peaks(cfg, 4 * n)
-    detail = {"n": small, "4n": large}
+    detail = {"n": small, "4n": large, "stream_buffer_mb": buffer_mb, "consumer_s_per_row": CONSUMER_S_PER_ROW}
     return [Ratio("f.object_store", f"peak object-store bytes in stream mode, {4 * n} / {n} captions",
                   large["store_peak_bytes"] / max(1, small["store_peak_bytes"]), GOAL, higher_is_better=False,
                   detail=detail),

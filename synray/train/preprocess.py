@@ -7,15 +7,16 @@ from typing import Any
 
 import numpy as np
 import ray.data
+import ray.train
 import torch
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, ExecutionOptions
 
-from synray.config import RunConfig
+from synray.config import DataConfig, RunConfig
 from synray.data.ledger import ROW_ID
 from synray.train.objectives import get_objective
 from synray.train.spec import TrainPlan
 
-__all__ = ["RowPreprocessor", "add_preprocessing"]
+__all__ = ["RowPreprocessor", "add_preprocessing", "ingest_options"]
 
 
 class RowPreprocessor:
@@ -44,3 +45,12 @@ def add_preprocessing(ds: ray.data.Dataset, cfg: RunConfig, plan: TrainPlan,
         RowPreprocessor, fn_constructor_kwargs={"cfg": cfg, "plan": plan}, batch_format="numpy",
         batch_size=d.preprocess_batch_rows, compute=ActorPoolStrategy(size=d.preprocess_actors),
         num_cpus=d.preprocess_cpus)
+
+
+def ingest_options(data: DataConfig) -> ExecutionOptions:
+    """Ray Data's options for the training dataset: Ray Train's defaults, with the object store bytes its stages
+    may hold capped at `data.stream_buffer_mb` (the bound that keeps a long stream's memory flat)."""
+    opts = ray.train.DataConfig.default_ingest_options()
+    if data.stream_buffer_mb is not None:
+        opts.resource_limits = opts.resource_limits.copy(object_store_memory=data.stream_buffer_mb * 2**20)
+    return opts

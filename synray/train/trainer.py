@@ -13,6 +13,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from synray.config import RunConfig
+from synray.train.preprocess import ingest_options
 from synray.train.spec import TrainPlan
 from synray.train.worker import BACKBONE_DIR, CHECKPOINT_SCORE, INIT_DIR, train_worker
 
@@ -105,6 +106,7 @@ def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: An
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg.data)),
         run_config=ray.train.RunConfig(
             name="train", storage_path=str(out_dir),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
