@@ -5,7 +5,7 @@
 with one plain diffusers call on the same captions and per-image seeds. (c) runs the caption stage
 (`ray.data.llm` processor with its engine pool) over planned rows and measures its output rate after
 the first block (the engines' start-up excluded); the bare engine runs in a Ray task on the same
-resources, with and without prefix caching.
+resources, with and without prefix caching, and (GPU engines) with and without vLLM's batch-invariant mode.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from synray.images.diffusion import DiffusionRenderer, first_seeds
 __all__ = ["bench_diffusion", "bench_captions"]
 
 DIFFUSION_GOAL, CAPTIONS_GOAL = 0.95, 0.9
+#: what batch-invariant captions may cost: at least half the default rate
+INVARIANT_GOAL = 0.5
 
 
 # ------------------------------------------------------------------------------------------- (b)
@@ -81,14 +83,15 @@ def planned_rows(cfg: RunConfig, n: int) -> list[dict[str, Any]]:
 
 
 def bare_generate(model_path: str, kwargs: dict[str, Any], prompts: list[str], seeds: list[int],
-                  sampling: dict[str, Any], repeats: int = 3) -> dict[bool, dict[str, Any]]:
+                  sampling: dict[str, Any], repeats: int = 3,
+                  caching_modes: tuple[bool, ...] = (True, False)) -> dict[bool, dict[str, Any]]:
     """The reference: `vllm.LLM.generate` on every prompt, with prefix caching on and then off (one engine
     after the other, in one process). Each: a small warm-up call, then the median of `repeats` calls."""
     from vllm import LLM, SamplingParams
 
     params = [SamplingParams(**sampling, seed=int(s)) for s in seeds]
     out: dict[bool, dict[str, Any]] = {}
-    for caching in (True, False):
+    for caching in caching_modes:
         llm = LLM(model=model_path, **{**kwargs, "enable_prefix_caching": caching})
         llm.generate(prompts[:8], params[:8], use_tqdm=False)
         times = []
@@ -103,6 +106,20 @@ def bare_generate(model_path: str, kwargs: dict[str, Any], prompts: list[str], s
         del llm
         gc.collect()
     return out
+
+
+def batch_invariant_cost(cfg: RunConfig, llm_path: str, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Bare captions/s with vLLM's batch-invariant mode on and off (GPU engines; one fresh process each, as
+    the mode is read when vLLM starts), at the config's prefix caching."""
+    c = cfg.captions
+    out = {}
+    for flag in ("1", "0"):
+        task = ray.remote(num_cpus=c.engine.num_cpus, num_gpus=c.engine.num_gpus, max_calls=1,
+                          runtime_env={"env_vars": {"VLLM_BATCH_INVARIANT": flag}})(bare_generate)
+        caching = c.engine.enable_prefix_caching
+        out[flag] = ray.get(task.remote(llm_path, engine_kwargs(c), prompts, seeds, llm_sampling(c),
+                                        caching_modes=(caching,)))[caching]
+    return {"invariant": out["1"], "default": out["0"]}
 
 
 def stage_rate(cfg: RunConfig, llm_path: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -131,4 +148,12 @@ def bench_captions(cfg: RunConfig, llm_path: str, quick: bool) -> list[Ratio]:
     return [Ratio("c.captions", "caption stage captions/s per engine / bare vllm.LLM.generate, same prompts and "
                   "sampling", per_engine / with_cache["rows_per_s"], CAPTIONS_GOAL, detail=detail),
             Ratio("c.prefix_caching", "bare vllm.LLM.generate captions/s with / without prefix caching (gain)",
-                  bare[True]["rows_per_s"] / bare[False]["rows_per_s"], 1.0, detail=detail)]
+                  bare[True]["rows_per_s"] / bare[False]["rows_per_s"], 1.0, detail=detail)] + \
+        (_invariant_ratio(cfg, llm_path, prompts, seeds) if c.engine.num_gpus else [])
+
+
+def _invariant_ratio(cfg: RunConfig, llm_path: str, prompts: list[str], seeds: list[int]) -> list[Ratio]:
+    cost = batch_invariant_cost(cfg, llm_path, prompts, seeds)
+    return [Ratio("c.batch_invariant", "bare vllm.LLM.generate captions/s with / without batch-invariant mode "
+                  "(its cost)", cost["invariant"]["rows_per_s"] / cost["default"]["rows_per_s"],
+                  INVARIANT_GOAL, detail=cost)]
