@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from synray.config import EVAL_PROTOCOLS, builtin_configs
+from synray.config import EVAL_PROTOCOLS, TUNE_METRICS, builtin_configs
 from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
 
 
@@ -104,6 +104,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                        only=only, out=args.out))
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from synray.plan import load_run_config
+    from synray.programs.sweep import sweep_command
+    from synray.sweep.planning import plan_sweep
+    from synray.sweep.report import SWEEP_CONFIG
+
+    if args.resume:  # the sweep's own saved config, so every trial is the one it was
+        cfg = load_run_config(str(Path(args.resume) / SWEEP_CONFIG), args.overrides)
+        return sweep_command(plan_sweep(cfg, root=args.resume), resume=True)
+    if not args.config:
+        raise SystemExit("synray sweep: give a CONFIG, or --resume SWEEP_DIR")
+    return sweep_command(plan_sweep(load_run_config(args.config, args.overrides), root=args.out))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from synray.sweep.report import write_report
+
+    report = write_report(Path(args.sweep_dir), args.metric)
+    for message in report.messages:
+        print(f"note: {message}")
+    for path in report.files:
+        print(f"wrote {path}")
+    return 0 if report.rows else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="synray",
@@ -165,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(ev, "eval.knn_k=10")
     ev.add_argument("--out", help="output directory (default: <output_root>/eval-<UTC timestamp>)")
     ev.set_defaults(func=cmd_eval)
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep over the config's tune.space (data scale, loss, ...), "
+                                         "then its report")
+    sweep.add_argument("config", nargs="?", help="built-in config name or YAML file with a tune section")
+    _add_overrides(sweep, "tune.num_samples=2")
+    sweep.add_argument("--out", help="sweep directory (default: tune.storage, else <output_root>/sweeps/<name>)")
+    sweep.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep from its directory")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="a sweep's results table, scaling plots and power-law fits")
+    report.add_argument("sweep_dir", help="a directory written by `synray sweep`")
+    report.add_argument("--metric", choices=TUNE_METRICS, help="the figure to fit (default: the sweep's tune.metric)")
+    report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="throughput and memory ratios measured side by side -> bench.json")
     bench.add_argument("--quick", action="store_true", help="short measurements (minutes on a laptop CPU)")

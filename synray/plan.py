@@ -86,6 +86,8 @@ class DataPlan:
     mode: str                            # stream, stored or stream+store
     store_dir: str | None
     generation: GenerationPlan | None    # the live pipeline (stream modes)
+    max_row_id: int | None = None        # stored: only rows up to this plan row (the store's first data.first_rows)
+    first_images: int | None = None      # stored: only the first m images of each row
 
 
 @dataclass(frozen=True)
@@ -196,9 +198,16 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -
     objective.check(cfg, per_caption, text_model)
     resume_step = check_compatible(cfg.train.resume_from, objective.fingerprint(cfg.train)) \
         if cfg.train.resume_from else None
-    data = DataPlan("stored" if stored else cfg.data.mode, store_dir, None if stored else plan_generation(cfg))
-    heldout = _plan_heldout(cfg) if protocols else None
     tracks = not stored or _store_has_row_ids(store_dir)
+    max_row_id = _subset_bound(cfg, store_dir, tracks) if stored and cfg.data.first_rows else None
+    first_images = cfg.data.first_images if stored else None
+    if first_images is not None and per_caption < first_images:
+        raise StoreError(f"data.first_images={first_images}, but rows of {store_dir} hold as few as {per_caption} "
+                         "images")
+    per_caption = first_images or per_caption
+    data = DataPlan("stored" if stored else cfg.data.mode, store_dir, None if stored else plan_generation(cfg),
+                    max_row_id, first_images)
+    heldout = _plan_heldout(cfg) if protocols else None
     train = TrainPlan(objective.name, per_caption, num_classes, epochs=stored, columns=columns,
                       text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step,
                       tracks_rows=tracks)
@@ -227,6 +236,14 @@ def _plan_stream(cfg: RunConfig, objective: Objective) -> tuple[str | None, tupl
         ParquetStore(cfg.data.store_dir).check_writable(store_fingerprint(cfg))
     return cfg.data.store_dir if cfg.data.mode == "stream+store" else None, tuple(objective.columns(None)), \
         cfg.images.per_caption
+
+
+def _subset_bound(cfg: RunConfig, store_dir: str, has_row_ids: bool) -> int:
+    """The plan row up to which a store's first data.first_rows rows go (nested subsets need row ids)."""
+    if not has_row_ids:
+        raise StoreError(f"data.first_rows needs a store whose rows carry {ROW_ID} (plan-row order); {store_dir} "
+                         "has none")
+    return ParquetStore(store_dir).first_rows_bound(cfg.data.first_rows, ROW_ID)
 
 
 def _store_has_row_ids(store_dir: str) -> bool:

@@ -185,3 +185,35 @@ def compare_bars(results: Mapping[str, Mapping[str, Mapping[str, float]]], metri
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path, dpi)
+
+
+def scaling_plot(fits: Mapping[str, Any], path: str | Path, error: str, unit: str, title: str = "",
+                 dpi: int = 100) -> Path:
+    """Error against data scale on log axes, one colour per method: its trials as points and its fitted power
+    law as a line, labelled with the exponent k and its interval.
+
+    ``fits``: method -> a fit with ``scales``, ``errors``, ``law`` (callable, with ``k``), ``form``, ``k_low``
+    and ``k_high`` (`synray.sweep.fit.ScalingFit`).
+    """
+    if not fits:
+        raise ValueError("nothing to plot: no fitted method")
+    fig = _figure((6.0, 4.2))
+    ax = fig.subplots()
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for i, (name, fit) in enumerate(fits.items()):
+        color = colors[i % len(colors)]
+        ns = np.asarray(fit.scales, dtype=float)
+        ax.scatter(ns, fit.errors, color=color, s=18, zorder=3)
+        grid = np.geomspace(ns.min(), ns.max(), 100)
+        ax.plot(grid, fit.law(grid), color=color, linewidth=1.2,
+                label=f"{name}: k = {fit.law.k:.2f} [{fit.k_low:.2f}, {fit.k_high:.2f}], {fit.form}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"data scale ({'captions x images per caption' if unit == 'images' else 'captions'})")
+    ax.set_ylabel(f"error ({error})")
+    ax.grid(which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, dpi)

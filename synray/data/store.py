@@ -106,6 +106,15 @@ class ParquetStore:
             out.extend(self.read_column(shard, "caption"))
         return out
 
+    def first_rows_bound(self, n: int, column: str = "row_id") -> int:
+        """The largest `column` value among the store's n smallest: rows up to it are its first n in plan-row
+        order. StoreError when the store holds fewer than n rows."""
+        values = sorted(v for shard in self.shards() for v in self.read_column(shard, column))
+        if len(values) < n:
+            raise StoreError(f"store {self.root} holds {len(values)} rows; the first {n} were asked for "
+                             "(a data scale larger than its pool)")
+        return int(values[n - 1])
+
     def footer(self, shard: Path) -> pq.FileMetaData:
         try:
             return pq.ParquetFile(shard).metadata

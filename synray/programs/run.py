@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray.data
 from ray.data import ActorPoolStrategy
+from ray.data.expressions import col, lit
 
 from synray.data.ledger import ROW_ID, SkipConsumed
 from synray.data.stats import rejections_text
@@ -50,7 +53,8 @@ def training_dataset(plan: RunPlan, stats_actor: Any) -> tuple[ray.data.Dataset,
     if data.generation is None:
         ledger = stream_ledger(None) if tracks else None
         columns = list(plan.train.columns) + ([ROW_ID] if tracks and ROW_ID not in plan.train.columns else [])
-        ds = ParquetStore(data.store_dir).read_dataset(columns=columns).randomize_block_order(seed=cfg.seed)
+        ds = ParquetStore(data.store_dir).read_dataset(columns=columns)
+        ds = subset(ds, data.max_row_id, data.first_images).randomize_block_order(seed=cfg.seed)
         if tracks:
             ds = ds.map_batches(SkipConsumed, fn_constructor_kwargs={"ledger": ledger}, batch_format="pyarrow",
                                 compute=ActorPoolStrategy(size=1), num_cpus=LIGHT_STAGE_CPUS)
@@ -62,6 +66,26 @@ def training_dataset(plan: RunPlan, stats_actor: Any) -> tuple[ray.data.Dataset,
         ds = add_store_stage(ds, data.store_dir, True, cfg.data.rows_per_shard, stats_actor)
         ds = replay_dataset(ledger, list(plan.train.columns) + [ROW_ID]).union(ds)
     return add_preprocessing(ds, cfg, plan.train, track_rows=True), ledger
+
+
+def subset(ds: ray.data.Dataset, max_row_id: int | None, first_images: int | None) -> ray.data.Dataset:
+    """A store's nested subset: rows up to plan row `max_row_id` (filtered in the Parquet scan), and the first
+    `first_images` images (and masks) of each."""
+    if max_row_id is not None:
+        ds = ds.filter(expr=col(ROW_ID) <= lit(max_row_id))
+    if first_images is not None:
+        ds = ds.map_batches(first_items, fn_kwargs={"m": first_images}, batch_format="pyarrow",
+                            num_cpus=LIGHT_STAGE_CPUS)
+    return ds
+
+
+def first_items(batch: pa.Table, m: int) -> pa.Table:
+    """The first m entries of the per-image list columns (images, masks) of each row."""
+    for name in ("images", "masks"):
+        if name in batch.column_names:
+            i = batch.column_names.index(name)
+            batch = batch.set_column(i, name, pc.list_slice(batch.column(name), 0, m))
+    return batch
 
 
 def heldout_dataset(heldout: HeldoutPlan) -> ray.data.Dataset:
@@ -137,7 +161,7 @@ def run(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
             dataset, ledger = training_dataset(plan, stats)
             result = fit(cfg, plan.train, dataset, rd.path / "train", ledger)
             summary.update(stats_summary(stats))
-            summary["train"] = _train_summary(result)
+            summary["train"] = train_summary(result)
             check_trained(summary)
             if plan.heldout is not None and result.backbone_dir:
                 summary["eval"], samples = evaluate(plan, result)
@@ -168,7 +192,7 @@ def check_trained(summary: dict[str, Any]) -> None:
                                "caption and image settings, or raise data.num_captions")
 
 
-def _train_summary(result: TrainResult) -> dict[str, Any]:
+def train_summary(result: TrainResult) -> dict[str, Any]:
     last = result.metrics[-1] if result.metrics else {}
     waits = [m["data_wait_fraction"] for m in result.metrics if "data_wait_fraction" in m]
     return {

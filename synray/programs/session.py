@@ -112,6 +112,11 @@ def stream_ledger(store_dir: str | None) -> Any:
     return ray.remote(num_cpus=0)(StreamLedger).remote(store_dir)
 
 
+def cluster_resources() -> dict[str, float]:
+    """The connected cluster's total resources (CPU, GPU, custom ones)."""
+    return dict(ray.cluster_resources())
+
+
 def stats_summary(actor: Any) -> dict[str, Any]:
     """Rows, rates and rejections the stages reported to a StageStats actor."""
     return ray.get(actor.summary.remote())

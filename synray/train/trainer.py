@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,14 @@ def _init_checkpoint(result: Any) -> Any:
     return None
 
 
-def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: Any | None = None) -> TrainResult:
+def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: Any | None = None,
+        callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train on `dataset` (a Ray Dataset of caption rows) as planned; exports land beside `out_dir`.
 
     A stream passes its `StreamLedger` actor: each worker group tells it what its checkpoint consumed before
     reading. Ray Train keeps its state under `out_dir/train`: a second `fit` on the same `out_dir` (a rerun
-    after the driver died) starts from the latest checkpoint there.
+    after the driver died) starts from the latest checkpoint there. `callbacks`: more Ray Train callbacks (a sweep
+    trial forwards its metrics to Tune with them).
     """
     t = cfg.train
     out_dir = out_dir.resolve()
@@ -113,7 +116,7 @@ def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: An
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT,
                                                          checkpoint_score_attribute=CHECKPOINT_SCORE,
                                                          checkpoint_score_order="max"),
-            callbacks=[_metrics_callback(str(metrics_path))]),
+            callbacks=[_metrics_callback(str(metrics_path)), *callbacks]),
     )
     start = time.time()
     with open(metrics_path, "a") as f:  # a rerun after the driver died appends to the same log

@@ -1,46 +1,19 @@
-"""The run configuration: typed sections, YAML loading, built-in configs and `--set` overrides."""
+"""The typed sections of a run configuration (ray, concepts, captions, images, data, train, eval, tune) and RunConfig."""
 
 from __future__ import annotations
 
-import copy
-import json
-from collections.abc import Collection, Mapping
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from synray.config.base import Section, _registered
+from synray.config.tune import TuneConfig
 
-class ConfigError(ValueError):
-    """A run configuration that cannot be used; the message names the key and what is allowed."""
-
-
-class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# `train.loss` and `images.backend` name entries of registries that live above this module (the
-# objectives of synray.train, the renderers of synray.images). Validation checks them when the caller
-# passes the registries' names as `choices` (synray.plan.load_run_config does); see `validate`.
-
-
-def _one_of(allowed: Collection[str]) -> str:
-    """The names as pydantic words a Literal's choices: 'a', 'b' or 'c'."""
-    names = [repr(a) for a in allowed]
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-
-
-def _registered(key: str, value: str, info: ValidationInfo) -> str:
-    """The value, after checking it against the registry names given in the validation context."""
-    choices: Mapping[str, Collection[str]] = (info.context or {}).get("choices") or {}
-    allowed = choices.get(key)
-    if allowed is not None and value not in allowed:
-        raise ValueError(f"must be one of {_one_of(allowed)}")
-    return value
+__all__ = ["RayConfig", "TemplateWeights", "RELATIONS", "ConceptsConfig", "SamplingConfig", "EngineConfig",
+           "CleanupConfig", "RewriteConfig", "CaptionsConfig", "ImagesConfig", "DataConfig", "BackboneConfig",
+           "HeadConfig", "AugmentConfig", "TextTowerConfig", "TrainConfig", "EvalProtocol", "EVAL_PROTOCOLS",
+           "EvalConfig", "RunConfig"]
 
 
 # ----------------------------------------------------------------------------------------- ray
@@ -223,6 +196,15 @@ class DataConfig(Section):
     stream_buffer_mb: float | None = Field(
         None, gt=0, description="object-store MiB the training dataset's stages may hold ahead of the trainer "
         "(Ray Data's resource limit; a slow trainer then pauses generation); null: Ray Data's default share")
+    first_rows: int | None = Field(None, ge=1, description="stored mode: train on the store's first N rows in "
+                                   "plan-row order (nested subsets: a smaller N's rows are among a larger one's)")
+    first_images: int | None = Field(None, ge=1, description="stored mode: train on the first m images of each row")
+
+    @model_validator(mode="after")
+    def _subsets_read_stores(self) -> "DataConfig":
+        if (self.first_rows or self.first_images) and self.mode != "stored":
+            raise ValueError("first_rows and first_images select from a store: they need mode=stored")
+        return self
 
 
 # --------------------------------------------------------------------------------------- train
@@ -367,143 +349,10 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    tune: TuneConfig = TuneConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# ------------------------------------------------------------------------------------- loading
-def builtin_names() -> list[str]:
-    root = resources.files("synray") / "configs"
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def builtin_configs() -> list[tuple[str, str]]:
-    """(name, one-line description) of every built-in config."""
-    out = []
-    for name in builtin_names():
-        raw = _read_yaml(resources.files("synray") / "configs" / f"{name}.yaml", name)
-        out.append((name, str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""))
-    return out
-
-
-def _read_yaml(path: Any, label: str) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {label}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config {label}: {e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"malformed YAML in {label}: {e}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {label} must be a mapping of sections, got {type(raw).__name__}")
-    return raw
-
-
-def load_raw(name_or_path: str | None) -> dict[str, Any]:
-    """The YAML mapping of a built-in config name or a file path (no validation yet)."""
-    if name_or_path is None:
-        name_or_path = "local"
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in name_or_path:
-        return _read_yaml(p, str(p))
-    if name_or_path in builtin_names():
-        return _read_yaml(resources.files("synray") / "configs" / f"{name_or_path}.yaml", name_or_path)
-    raise ConfigError(f"unknown config {name_or_path!r}: not a file, and not a built-in config "
-                      f"(built-in: {', '.join(builtin_names())})")
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a","b","c"], typed value); the value is read as YAML (1, 0.5, true, [1,2])."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key.path=value")
-    key, _, text = item.partition("=")
-    path = [k for k in key.strip().split(".")]
-    if not key.strip() or any(not k for k in path):
-        raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    return path, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    out = copy.deepcopy(raw)
-    for item in overrides or []:
-        path, value = parse_override(item)
-        node = out
-        for i, k in enumerate(path[:-1]):
-            nxt = node.get(k)
-            if nxt is None:
-                nxt = node[k] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(path[:i + 1])} is a value, not a section")
-            node = nxt
-        node[path[-1]] = value
-    return out
-
-
-def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            parent = _section_at(e["loc"][:-1])
-            allowed = ", ".join(parent.model_fields) if parent else ""
-            lines.append(f"  {loc}: unknown key" + (f" (allowed here: {allowed})" if allowed else ""))
-            continue
-        value = e.get("input")
-        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-        msg = e["msg"].removeprefix("Value error, ")
-        if kind == "literal_error":
-            msg = "must be one of " + msg.removeprefix("Input should be ")
-        lines.append(f"  {loc}: {shown} is not allowed: {msg}")
-    return "invalid configuration:\n" + "\n".join(lines)
-
-
-def _section_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
-    for key in loc:
-        field = model.model_fields.get(str(key))
-        if field is None:
-            return None
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
-            return None
-    return model
-
-
-Choices = Mapping[str, Collection[str]]
-
-
-def validate(raw: dict[str, Any], choices: Choices | None = None) -> RunConfig:
-    """The typed config; `choices` ({"train.loss": names, ...}, see REGISTERED_KEYS) are checked too."""
-    try:
-        return RunConfig.model_validate(raw, context={"choices": dict(choices or {})})
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, raw)) from None
-
-
-def load_config(name_or_path: str | None = None, overrides: list[str] | None = None,
-                choices: Choices | None = None) -> RunConfig:
-    """Load a built-in config or YAML file, apply `key.path=value` overrides, and validate it."""
-    return validate(apply_overrides(load_raw(name_or_path), overrides), choices)
-
-
-def with_overrides(cfg: RunConfig, overrides: dict[str, Any], choices: Choices | None = None) -> RunConfig:
-    """A copy of cfg with {"a.b": value} applied and validated (derived configs, sweep trials)."""
-    raw = cfg.to_dict()
-    items = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
-    return validate(apply_overrides(raw, items), choices)

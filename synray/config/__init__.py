@@ -1,0 +1,12 @@
+"""The run configuration: typed sections, YAML loading, built-in configs and `--set` overrides."""
+
+from synray.config.base import ConfigError, Section
+from synray.config.loading import (Choices, apply_overrides, builtin_configs, builtin_names, load_config, load_raw,
+                                   parse_override, validate, with_overrides)
+from synray.config.sections import *  # noqa: F403 (every section class and its constants)
+from synray.config.sections import __all__ as _sections
+from synray.config.tune import SPACE_KINDS, TUNE_METRICS, SpaceSpec, TuneConfig
+
+__all__ = ["ConfigError", "Section", "Choices", "apply_overrides", "builtin_configs", "builtin_names", "load_config",
+           "load_raw", "parse_override", "validate", "with_overrides", "SPACE_KINDS", "TUNE_METRICS", "SpaceSpec",
+           "TuneConfig", *_sections]

@@ -1,0 +1,132 @@
+"""`synray sweep`: execute a SweepPlan with Ray Tune. The data pools and the held-out set are generated once, then
+each trial (a Tune function) fits synray's TorchTrainer on its pool's nested subset and scores it."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from synray.config import ConfigError
+from synray.data.files import atomic_write_text, write_json
+from synray.data.store import ParquetStore
+from synray.plan import plan_generation, plan_run
+from synray.programs.generate import generate_to_store
+from synray.programs.run import evaluate, train_summary, training_dataset
+from synray.programs.session import cluster_resources, session, stage_stats
+from synray.sweep.planning import LOSS_METRIC, SweepPlan
+from synray.sweep.pools import trial_config
+from synray.sweep.report import SWEEP_CONFIG, TRIAL_FILE, TRIALS_DIR, SweepReport, write_report
+from synray.sweep.space import trial_overrides
+from synray.train.trainer import fit
+
+__all__ = ["TUNE_DIR", "prepare_data", "run_trial", "sweep", "sweep_command"]
+
+log = logging.getLogger(__name__)
+
+#: Ray Tune's experiment folder inside the sweep directory (what --resume restores)
+TUNE_DIR = "tune"
+
+
+def prepare_data(plan: SweepPlan) -> None:
+    """Generate every pool and the held-out set once (resumable stores: a rerun only fills what is missing)."""
+    todo = [(p.cfg, p.path) for p in plan.data.pools.values()]
+    if plan.data.heldout_cfg is not None:
+        todo.append((plan.data.heldout_cfg, plan.data.heldout_path))
+    for cfg, path in todo:
+        summary = generate_to_store(plan_generation(cfg, ParquetStore(path)), path)
+        log.info("pool %s: %d rows (%d new)", path, summary["rows_total"], summary["rows_written"])
+
+
+def _numbers(d: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
+    """One trial (the Tune function): its config, its nested subset, fit with metrics forwarded to Tune, then
+    its probes. The Train run lives at trials/<trial id>/train, so a restarted trial resumes its checkpoints."""
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(plan.cfg, plan.space, plan.data, params)
+    run_plan = plan_run(cfg, fresh=True)
+    out = plan.root / TRIALS_DIR / trial_id
+    dataset, ledger = training_dataset(run_plan, stage_stats())
+    result = fit(cfg, run_plan.train, dataset, out / "train", ledger, callbacks=[TuneReportCallback()])
+    train = train_summary(result)
+    record: dict[str, Any] = {"trial_id": trial_id, "params": params,
+                              "overrides": trial_overrides(plan.space, params), "captions": cfg.data.first_rows,
+                              "images_per_caption": run_plan.train.per_caption, "steps": train["steps"],
+                              "train": train, "trained": {}, "init": {}}
+    final: dict[str, Any] = {"step": train["steps"], LOSS_METRIC: train["final_loss"]}
+    if run_plan.heldout is not None and result.backbone_dir:
+        figures, _ = evaluate(run_plan, result)
+        record["trained"], record["init"] = _numbers(figures["trained"]), _numbers(figures["init"])
+        final.update(record["trained"])
+    write_json(out / TRIAL_FILE, record)
+    tune.report({k: v for k, v in final.items() if v is not None and not (isinstance(v, float) and math.isnan(v))})
+
+
+def _scheduler(plan: SweepPlan) -> Any:
+    t = plan.cfg.tune
+    if t.scheduler == "asha":
+        return ASHAScheduler(time_attr="step", metric=LOSS_METRIC, mode="min", max_t=plan.cfg.train.steps,
+                             grace_period=t.asha_grace_steps, reduction_factor=t.asha_reduction_factor)
+    return None
+
+
+def _tuner(plan: SweepPlan, resume: bool, concurrency: int) -> tune.Tuner:
+    t = plan.cfg.tune
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.resources.driver)
+    path = plan.root / TUNE_DIR
+    if resume and tune.Tuner.can_restore(str(path)):
+        return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable, param_space=plan.space.param_space(),
+        tune_config=tune.TuneConfig(num_samples=t.num_samples, max_concurrent_trials=concurrency,
+                                    scheduler=_scheduler(plan),
+                                    search_alg=BasicVariantGenerator(random_state=plan.cfg.seed)),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(plan.root),
+                                  failure_config=tune.FailureConfig(max_failures=t.max_trial_failures)))
+
+
+def sweep(plan: SweepPlan, resume: bool = False) -> SweepReport:
+    """Generate the pools, run every trial (or the unfinished ones of an interrupted sweep), write the report."""
+    root = plan.root
+    if not resume and (root / TUNE_DIR).exists():
+        raise ConfigError(f"{root} holds a sweep already: continue it with `synray sweep --resume {root}`, "
+                          "or set tune.storage to another folder")
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / SWEEP_CONFIG).exists():
+        atomic_write_text(root / SWEEP_CONFIG, plan.cfg.to_yaml())
+    for line in plan.describe():
+        log.info("plan: %s", line)
+    with session(plan.cfg.ray):
+        prepare_data(plan)
+        concurrency = plan.cfg.tune.max_concurrent_trials or plan.resources.concurrency(cluster_resources())
+        log.info("running up to %d trial(s) at once", concurrency)
+        results = _tuner(plan, resume, concurrency).fit()
+    failed = [r for r in results if r.error is not None]
+    for r in failed:
+        log.error("trial %s failed: %s", Path(r.path).name, r.error)
+    report = write_report(root)
+    if failed:
+        report.messages.append(f"{len(failed)} trial(s) failed; `synray sweep --resume {root}` retries them")
+    return report
+
+
+def sweep_command(plan: SweepPlan, resume: bool = False) -> int:
+    report = sweep(plan, resume)
+    print(f"sweep directory: {plan.root}")
+    print(f"  {len(report.rows)} finished trial(s)")
+    for name, g in report.fits.get("groups", {}).items():
+        print(f"  {name}: k = {g['law']['k']:.3f} [{g['k_low']:.3f}, {g['k_high']:.3f}] ({g['form']})")
+    for message in report.messages:
+        print(f"  note: {message}")
+    for path in report.files:
+        print(f"  wrote {path}")
+    return 1 if any("failed" in m for m in report.messages) else 0

@@ -1,0 +1,119 @@
+"""The planning step of a sweep: the search space, the data pools, the trials' configs and what each trial asks of
+the cluster, all checked before Ray starts (`synray sweep` executes the plan)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from synray.config import ConfigError, RunConfig
+from synray.generation.pipeline import LIGHT_STAGE_CPUS
+from synray.plan import check_eval_protocols
+from synray.sweep.fit import MIN_SCALES
+from synray.sweep.pools import SweepData, plan_pools, trial_config
+from synray.sweep.space import SCALE_KEY, SearchSpace, check_space
+
+__all__ = ["SweepPlan", "TrialResources", "plan_sweep", "sweep_root", "LOSS_METRIC"]
+
+#: the metric every trial reports while it trains (ASHA stops on it)
+LOSS_METRIC = "loss"
+#: how much of tune.driver_resource a trial's driver takes
+DRIVER_RESOURCE_SHARE = 0.01
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial holds while it runs: its driver (the Tune function), its training workers and data stages."""
+
+    driver: dict[str, float]
+    cpus: float
+    gpus: float
+
+    def concurrency(self, cluster: dict[str, float]) -> int:
+        """Trials that fit on `cluster` (Ray's total resources) at once; at least 1."""
+        fits = [cluster.get("CPU", 0.0) / self.cpus]
+        if self.gpus:
+            fits.append(cluster.get("GPU", 0.0) / self.gpus)
+        return max(1, math.floor(min(fits) + 1e-9))
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Everything `synray sweep` does, decided before Ray starts."""
+
+    cfg: RunConfig
+    space: SearchSpace
+    data: SweepData
+    root: Path
+    resources: TrialResources
+
+    def describe(self) -> list[str]:
+        t = self.cfg.tune
+        lines = [f"sweep {self.cfg.name} -> {self.root}",
+                 f"search: {t.num_samples} sample(s) of {self.space.count_grid()} grid point(s), "
+                 f"scheduler {t.scheduler}, ranking {t.metric} ({t.mode})"]
+        lines += [f"  {line}" for line in self.space.describe()]
+        for p in self.data.pools.values():
+            lines.append(f"pool {p.fingerprint}: {p.captions} captions x {p.per_caption} images -> {p.path}")
+        if self.data.heldout_path:
+            lines.append(f"held-out set: {self.cfg.eval.heldout_captions} captions -> {self.data.heldout_path}")
+        r = self.resources
+        lines.append(f"each trial: {r.cpus:g} CPU" + (f" + {r.gpus:g} GPU" if r.gpus else "")
+                     + f" (its driver: {r.driver})")
+        return lines
+
+
+def sweep_root(cfg: RunConfig) -> Path:
+    """tune.storage, or `<output_root>/sweeps/<name>`."""
+    return Path(cfg.tune.storage or Path(cfg.output_root) / "sweeps" / cfg.name)
+
+
+def _check_metric(cfg: RunConfig) -> None:
+    t = cfg.tune
+    if t.metric == LOSS_METRIC:
+        if t.mode != "min":
+            raise ConfigError(f"tune.metric={LOSS_METRIC} is ranked with tune.mode=min")
+        return
+    protocols = check_eval_protocols(cfg)
+    if not protocols:
+        raise ConfigError(f"tune.metric={t.metric} is a probe figure, but eval.enabled is false; "
+                          f"enable evaluation or rank by tune.metric={LOSS_METRIC}")
+    protocol = t.metric.split("_")[0]
+    if protocol not in protocols:
+        raise ConfigError(f"tune.metric={t.metric} comes from the {protocol} probe, which eval.protocols "
+                          f"({', '.join(protocols)}) does not run")
+
+
+def _check_scales(cfg: RunConfig, space: SearchSpace) -> None:
+    """A swept data scale must give a fit at least MIN_SCALES points."""
+    d = space.dim(SCALE_KEY)
+    if d is None:
+        return
+    drawn = len(set(d.values)) if d.finite else cfg.tune.num_samples
+    if drawn < MIN_SCALES:
+        raise ConfigError(f"tune.space.{SCALE_KEY}: {drawn} data scale(s); a scaling fit needs at least "
+                          f"{MIN_SCALES} (give more values, or drop {SCALE_KEY} from tune.space)")
+
+
+def trial_resources(cfg: RunConfig) -> TrialResources:
+    """A trial's driver, training workers, preprocessing actors and the light stage that skips consumed rows."""
+    t, d = cfg.train, cfg.data
+    driver = {"CPU": cfg.tune.trial_cpus}
+    if cfg.tune.driver_resource:
+        driver[cfg.tune.driver_resource] = DRIVER_RESOURCE_SHARE
+    cpus = cfg.tune.trial_cpus + t.num_workers * t.cpus_per_worker + d.preprocess_actors * d.preprocess_cpus \
+        + LIGHT_STAGE_CPUS
+    return TrialResources(driver, cpus, float(t.num_workers) if t.use_gpu else 0.0)
+
+
+def plan_sweep(cfg: RunConfig, root: str | None = None) -> SweepPlan:
+    """Check a sweep (space, metric, scales, pools, every grid trial's config) without starting anything."""
+    _check_metric(cfg)
+    space = check_space(cfg)
+    _check_scales(cfg, space)
+    base = sweep_root(cfg) if root is None else Path(root)
+    data = plan_pools(cfg, space, str(base.resolve()))
+    for params in space.finite_points() or [{}]:
+        trial_config(cfg, space, data, params)  # every grid trial's config validates as it will run
+    return SweepPlan(cfg, space, data, base.resolve(), trial_resources(cfg))

@@ -1,0 +1,137 @@
+"""`synray report SWEEP_DIR`: the results table of a sweep (CSV and Markdown), scaling-law fits of error against
+data scale per swept method (PNG plots, a JSON of the fits with bootstrap intervals on the exponent)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from synray.config import RunConfig, load_config
+from synray.data.files import atomic_write_text, write_json
+from synray.sweep.fit import MIN_SCALES, ScalingFitError, fit_scaling
+from synray.sweep.space import SCALE_KEY, VARIANT_KEY
+
+__all__ = ["TRIALS_DIR", "TRIAL_FILE", "SweepReport", "load_trials", "write_report", "group_name"]
+
+TRIALS_DIR = "trials"
+#: what each trial writes into its folder when it finishes: its parameters, config paths and figures
+TRIAL_FILE = "trial.json"
+SWEEP_CONFIG = "config.yaml"
+#: the per-trial figures the table shows, when the trials have them
+TABLE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou")
+
+
+@dataclass
+class SweepReport:
+    """What `write_report` wrote and found."""
+
+    rows: list[dict[str, Any]]
+    files: list[Path] = field(default_factory=list)
+    fits: dict[str, Any] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+
+def load_trials(root: Path) -> list[dict[str, Any]]:
+    """Every finished trial's record, in trial-id order."""
+    files = sorted((root / TRIALS_DIR).glob(f"*/{TRIAL_FILE}"))
+    return [json.loads(f.read_text()) for f in files]
+
+
+def group_name(params: dict[str, Any]) -> str:
+    """A trial's method: its variant and swept values other than the data scale."""
+    parts = [str(params[VARIANT_KEY])] if VARIANT_KEY in params else []
+    parts += [f"{k}={params[k]}" for k in sorted(params) if k not in (VARIANT_KEY, SCALE_KEY)]
+    return ", ".join(parts) or "all trials"
+
+
+def _scale(trial: dict[str, Any], unit: str) -> float:
+    return float(trial["captions"] * (trial["images_per_caption"] if unit == "images" else 1))
+
+
+def _table_rows(trials: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"trial": t["trial_id"], **{k: v for k, v in sorted(t["params"].items())},
+                               "captions": t["captions"], "images_per_caption": t["images_per_caption"],
+                               "steps": t.get("steps")}
+        for m in dict.fromkeys((metric, *TABLE_METRICS)):
+            if m in t.get("trained", {}):
+                row[m] = t["trained"][m]
+                row[f"{m} (init)"] = t.get("init", {}).get(m)
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _write_tables(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    csv_path, md_path = out / "results.csv", out / "results.md"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
+    return [csv_path, md_path]
+
+
+def _groups(trials: list[dict[str, Any]], metric: str, unit: str, mode: str) -> dict[str, tuple[list, list]]:
+    """method -> (data scales, errors): error is 1 - metric for accuracies (mode max), the metric itself for min."""
+    out: dict[str, tuple[list, list]] = {}
+    for t in trials:
+        value = t.get("trained", {}).get(metric)
+        if value is None or not math.isfinite(value):
+            continue
+        n, e = out.setdefault(group_name(t["params"]), ([], []))
+        n.append(_scale(t, unit))
+        e.append(1.0 - value if mode == "max" else value)
+    return out
+
+
+def write_report(root: Path, metric: str | None = None) -> SweepReport:
+    """Write results.csv/.md, scaling plots and fits.json under root/report; returns what was found."""
+    from synray.viz import scaling_plot  # matplotlib only when a report is written
+
+    cfg: RunConfig = load_config(str(root / SWEEP_CONFIG))
+    metric = metric or cfg.tune.metric
+    trials = load_trials(root)
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    report = SweepReport(_table_rows(trials, metric))
+    if not trials:
+        report.messages.append(f"no finished trial under {root / TRIALS_DIR}")
+        return report
+    report.files += _write_tables(report.rows, out)
+    unit = cfg.tune.scale
+    error = f"1 - {metric}" if cfg.tune.mode == "max" else metric
+    fits, curves = {}, {}
+    for name, (n, err) in sorted(_groups(trials, metric, unit, cfg.tune.mode).items()):
+        scales = len(set(n))
+        if scales < MIN_SCALES:
+            report.messages.append(f"{name}: {scales} data scale(s); a power-law fit needs at least {MIN_SCALES} "
+                                   f"(sweep {SCALE_KEY} over {MIN_SCALES} or more values); the table is written")
+            continue
+        try:
+            fit = fit_scaling(n, err, seed=cfg.seed)
+        except ScalingFitError as e:
+            report.messages.append(f"{name}: {e}")
+            continue
+        fits[name] = fit.to_dict()
+        curves[name] = fit
+        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()[:60]
+        report.files.append(scaling_plot({name: fit}, out / f"scaling-{slug}.png", error, unit))
+    if curves:
+        report.files.append(scaling_plot(curves, out / "scaling.png", error, unit, title=cfg.name))
+    report.fits = {"metric": metric, "error": error,
+                   "scale": unit, "groups": fits}
+    write_json(out / "fits.json", report.fits)
+    report.files.append(out / "fits.json")
+    return report

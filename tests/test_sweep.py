@@ -1,0 +1,137 @@
+"""Sweeps: search-space checks, data pools and nested subsets, the power-law fit and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synray.config import ConfigError
+from synray.plan import load_run_config
+from synray.sweep.fit import ScalingFitError, fit_power_law, fit_scaling
+from synray.sweep.planning import plan_sweep
+from synray.sweep.pools import trial_config
+from synray.sweep.report import SWEEP_CONFIG, TRIAL_FILE, TRIALS_DIR, write_report
+from synray.sweep.space import check_space, trial_overrides
+
+SCALES = "tune.space={data.num_captions: {grid: [40, 80, 160]}}"
+
+
+def sweep_config(*overrides: str):
+    return load_run_config("scaling-local", list(overrides))
+
+
+# ------------------------------------------------------------------------------------ space
+@pytest.mark.parametrize("override, needle", [
+    ("tune.space={train.temprature: {grid: [0.1]}}", "tune.space.train.temprature: invalid configuration"),
+    ("tune.space={train.temperature: {grid: [0.1, -1]}}", "tune.space.train.temperature=-1"),
+    ("tune.space={ray.num_cpus: {grid: [2, 4]}}", "ray.num_cpus cannot be swept"),
+    ("tune.space={train.lr: {loguniform: [0.1, 0.01]}}", "loguniform needs low < high"),
+    ("tune.space={train.lr: {grid: [0.1], choice: [0.2]}}", "give exactly one of"),
+    ("tune.space={data.num_captions: {grid: [40, 80, 160]}, train.loss: {grid: [stablerep, dino]}}",
+     'tune.space.train.loss=\'dino\''),
+])
+def test_a_bad_search_space_is_refused_naming_its_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        plan_sweep(sweep_config(override), root="/nonexistent/sweep")
+    assert needle in str(e.value)
+
+
+def test_a_range_over_a_setting_that_changes_the_images_is_refused():
+    cfg = sweep_config("tune.space={images.jpeg_quality: {randint: [50, 90]}}")
+    with pytest.raises(ConfigError, match="changes the images needs a data pool per drawn value"):
+        plan_sweep(cfg, root="/nonexistent/sweep")
+
+
+def test_fewer_than_3_data_scales_and_a_pool_smaller_than_a_scale_are_refused():
+    with pytest.raises(ConfigError, match="2 data scale.*at least 3"):
+        plan_sweep(sweep_config("tune.space={data.num_captions: {grid: [40, 80]}}"), root="/x")
+    with pytest.raises(ConfigError, match="cannot be larger than its pool"):
+        plan_sweep(sweep_config(SCALES, "tune.pool_captions=100"), root="/x")
+
+
+def test_a_probe_metric_needs_its_probe():
+    with pytest.raises(ConfigError, match="eval.enabled is false"):
+        plan_sweep(sweep_config(SCALES, "eval.enabled=false"), root="/x")
+    with pytest.raises(ConfigError, match="segmentation probe"):
+        plan_sweep(sweep_config(SCALES, "tune.metric=segmentation_miou", "eval.protocols=[knn]"), root="/x")
+
+
+def test_variants_and_grid_make_one_trial_config_per_point_with_its_overrides():
+    cfg = sweep_config(SCALES)
+    space = check_space(cfg)
+    points = space.finite_points()
+    assert len(points) == 3 * len(cfg.tune.variants) == space.count_grid()
+    for p in points:
+        o = trial_overrides(space, p)
+        assert o["data.num_captions"] == p["data.num_captions"]
+        assert {k: v for k, v in o.items() if k != "data.num_captions"} == cfg.tune.variants[p["variant"]]
+
+
+def test_one_pool_per_image_setting_of_the_largest_scale_and_trials_read_nested_subsets(tmp_path: Path):
+    cfg = sweep_config("tune.space={data.num_captions: {grid: [40, 80, 160]}, images.image_format: {grid: [png, jpeg]}}")
+    plan = plan_sweep(cfg, root=str(tmp_path))
+    pools = list(plan.data.pools.values())
+    assert len(pools) == 2 and {p.captions for p in pools} == {160}
+    assert {p.per_caption for p in pools} == {max(cfg.images.per_caption, 1)}
+    trials = [trial_config(cfg, plan.space, plan.data, p) for p in plan.space.finite_points()]
+    for t in trials:
+        assert t.data.mode == "stored" and t.data.first_rows == t.data.num_captions
+        assert t.data.store_dir in {p.path for p in pools} and t.train.steps == cfg.train.steps
+        assert t.eval.dataset == plan.data.heldout_path
+    simclr = [t for t in trials if t.train.loss == "simclr"]
+    assert simclr and all(t.data.first_images == 1 for t in simclr)
+
+
+# -------------------------------------------------------------------------------------- fit
+def test_the_fit_recovers_a_known_exponent_with_an_interval_around_it():
+    n = np.geomspace(1e3, 6.4e4, 7)
+    exact = fit_scaling(list(n), list(2.0 * n ** -0.3 + 0.05))
+    assert exact.law.k == pytest.approx(0.3, abs=0.01) and exact.law.c == pytest.approx(0.05, abs=0.005)
+    rng = np.random.default_rng(0)
+    nn = np.repeat(n, 3)
+    noisy = fit_scaling(list(nn), list((2.0 * nn ** -0.3 + 0.05) * np.exp(rng.normal(0, 0.02, nn.size))))
+    assert noisy.k_low < 0.3 < noisy.k_high and noisy.k_high - noisy.k_low < 0.2
+    assert noisy.interval.startswith("trials resampled")
+
+
+def test_three_scales_fit_without_offset_and_two_are_refused():
+    law = fit_power_law(np.array([100, 400, 1600]), 3.0 * np.array([100, 400, 1600]) ** -0.5)
+    assert law.c == 0 and law.k == pytest.approx(0.5)
+    with pytest.raises(ScalingFitError, match="at least 3"):
+        fit_power_law(np.array([100, 400]), np.array([0.5, 0.4]))
+
+
+# ----------------------------------------------------------------------------------- report
+def _fake_sweep(root: Path, scales: list[int], k: float) -> None:
+    cfg = sweep_config(SCALES)
+    root.mkdir(parents=True)
+    (root / SWEEP_CONFIG).write_text(cfg.to_yaml())
+    for i, (variant, n) in enumerate((v, n) for v in ("a", "b") for n in scales):
+        d = root / TRIALS_DIR / f"t{i:02d}"
+        d.mkdir(parents=True)
+        err = 3.0 * (n * 4) ** -(k if variant == "a" else k / 2)
+        d.joinpath(TRIAL_FILE).write_text(json.dumps({
+            "trial_id": d.name, "params": {"variant": variant, "data.num_captions": n}, "captions": n,
+            "images_per_caption": 4, "steps": 10, "trained": {"knn_accuracy": 1 - err}, "init": {"knn_accuracy": 0.1}}))
+
+
+def test_report_writes_the_table_plots_and_fits_per_method(tmp_path: Path):
+    _fake_sweep(tmp_path / "s", [40, 80, 160, 320], 0.4)
+    report = write_report(tmp_path / "s")
+    names = {p.name for p in report.files}
+    assert {"results.csv", "results.md", "fits.json", "scaling.png", "scaling-a.png", "scaling-b.png"} <= names
+    assert len(report.rows) == 8 and not report.messages
+    assert report.fits["groups"]["a"]["law"]["k"] == pytest.approx(0.4, abs=0.02)
+    assert report.fits["groups"]["b"]["law"]["k"] == pytest.approx(0.2, abs=0.02)
+    assert (tmp_path / "s" / "report" / "results.csv").read_text().count("\n") == 9
+
+
+def test_report_with_two_scales_says_why_and_still_writes_the_table(tmp_path: Path):
+    _fake_sweep(tmp_path / "s", [40, 80], 0.4)
+    report = write_report(tmp_path / "s")
+    assert {p.name for p in report.files} == {"results.csv", "results.md", "fits.json"}
+    assert report.fits["groups"] == {} and len(report.rows) == 4
+    assert any("2 data scale(s)" in m and "at least 3" in m for m in report.messages)
