@@ -9,6 +9,7 @@ computes what each stage asks of the cluster. Programs (`synray run`, `train`, `
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,8 @@ from synray.train.objectives import OBJECTIVES, Objective, TrainSetupError, get_
 from synray.train.spec import TrainPlan
 
 __all__ = ["StageResources", "DataPlan", "HeldoutPlan", "RunPlan", "RewritePlan", "registry_choices",
-           "load_run_config", "derive_config", "heldout_config", "check_eval_protocols", "plan_generation",
-           "plan_run", "plan_eval", "plan_rewrite"]
+           "load_run_config", "derive_config", "heldout_config", "check_eval_protocols", "check_subset_fills_a_batch",
+           "plan_generation", "plan_run", "plan_eval", "plan_rewrite"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class DataPlan:
     generation: GenerationPlan | None    # the live pipeline (stream modes)
     max_row_id: int | None = None        # stored: only rows up to this plan row (the store's first data.first_rows)
     first_images: int | None = None      # stored: only the first m images of each row
+    passes: int = 1                      # stored subsets: times the subset is read in one execution (one epoch)
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -
                          "images")
     per_caption = first_images or per_caption
     data = DataPlan("stored" if stored else cfg.data.mode, store_dir, None if stored else plan_generation(cfg),
-                    max_row_id, first_images)
+                    max_row_id, first_images, _subset_passes(cfg) if max_row_id is not None else 1)
     heldout = _plan_heldout(cfg) if protocols else None
     train = TrainPlan(objective.name, per_caption, num_classes, epochs=stored, columns=columns,
                       text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step,
@@ -238,8 +240,23 @@ def _plan_stream(cfg: RunConfig, objective: Objective) -> tuple[str | None, tupl
         cfg.images.per_caption
 
 
+def check_subset_fills_a_batch(cfg: RunConfig) -> None:
+    """A store's first data.first_rows rows must fill one global batch (each epoch drops its partial batch)."""
+    t, n = cfg.train, cfg.data.first_rows
+    if n is not None and n < t.captions_per_worker * t.num_workers:
+        raise TrainSetupError(f"data.first_rows={n} cannot fill one global batch of train.captions_per_worker="
+                              f"{t.captions_per_worker} x train.num_workers={t.num_workers} rows")
+
+
+def _subset_passes(cfg: RunConfig) -> int:
+    """How many times a subset of data.first_rows rows is read so that one execution covers train.steps."""
+    t = cfg.train
+    return max(1, math.ceil(t.steps * t.grad_accum * t.captions_per_worker * t.num_workers / cfg.data.first_rows))
+
+
 def _subset_bound(cfg: RunConfig, store_dir: str, has_row_ids: bool) -> int:
     """The plan row up to which a store's first data.first_rows rows go (nested subsets need row ids)."""
+    check_subset_fills_a_batch(cfg)
     if not has_row_ids:
         raise StoreError(f"data.first_rows needs a store whose rows carry {ROW_ID} (plan-row order); {store_dir} "
                          "has none")

@@ -52,6 +52,20 @@ def test_fewer_than_3_data_scales_and_a_pool_smaller_than_a_scale_are_refused():
         plan_sweep(sweep_config(SCALES, "tune.pool_captions=100"), root="/x")
 
 
+def test_a_cloud_uri_as_sweep_directory_is_refused_with_what_to_give_instead():
+    with pytest.raises(ConfigError, match="cloud URIs are not supported yet.*every node mounts"):
+        plan_sweep(sweep_config(SCALES), root="s3://bucket/sweeps")
+
+
+def test_the_tune_param_space_is_keyed_by_config_paths_with_a_variant_grid():
+    space = check_space(sweep_config("tune.space={data.num_captions: {grid: [40, 80, 160]}, "
+                                     "train.lr: {loguniform: [0.0001, 0.01]}}"))
+    param = space.param_space()
+    assert param["data.num_captions"] == {"grid_search": [40, 80, 160]}
+    assert param["variant"] == {"grid_search": ["SimCLR m=1", "multi-positive m=4"]}
+    assert param["train.lr"].lower == 0.0001 and param["train.lr"].upper == 0.01
+
+
 def test_a_probe_metric_needs_its_probe():
     with pytest.raises(ConfigError, match="eval.enabled is false"):
         plan_sweep(sweep_config(SCALES, "eval.enabled=false"), root="/x")
@@ -135,3 +149,28 @@ def test_report_with_two_scales_says_why_and_still_writes_the_table(tmp_path: Pa
     assert {p.name for p in report.files} == {"results.csv", "results.md", "fits.json"}
     assert report.fits["groups"] == {} and len(report.rows) == 4
     assert any("2 data scale(s)" in m and "at least 3" in m for m in report.messages)
+
+
+# ---------------------------------------------------------------------------------- subsets
+def test_nested_subsets_are_the_first_n_rows_in_plan_order_with_the_first_m_images(generated_store: dict):
+    import pyarrow.parquet as pq
+
+    from synray.data.store import ParquetStore, StoreError
+
+    store = ParquetStore(generated_store["dir"])
+    stored = {r["row_id"]: r for s in store.shards() for r in pq.read_table(s).to_pylist()}
+    order = sorted(stored)
+
+    def read(n: int, m: int, passes: int = 1) -> list[dict]:
+        return store.read_subset(["caption_id", "images"], store.first_rows_bound(n), m, passes).take_all()
+
+    small, large = read(6, 2), read(12, 2)
+    assert sorted(r["row_id"] for r in small) == order[:6] and sorted(r["row_id"] for r in large) == order[:12]
+    for r in large:
+        assert list(r["images"]) == list(stored[r["row_id"]]["images"][:2])
+    thrice = read(6, 1, passes=3)
+    stride = order[5] + 1
+    assert len({r["row_id"] for r in thrice}) == 18
+    assert sorted(r["row_id"] % stride for r in thrice) == sorted(order[:6] * 3)
+    with pytest.raises(StoreError, match="larger than its pool"):
+        store.first_rows_bound(len(order) + 1)

@@ -1,4 +1,4 @@
-"""The typed sections of a run configuration (ray, concepts, captions, images, data, train, eval, tune) and RunConfig."""
+"""The typed sections of a run configuration (ray, concepts, captions, ... eval, tune) and RunConfig."""
 
 from __future__ import annotations
 

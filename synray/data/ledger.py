@@ -23,12 +23,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from synray.data.store import ParquetStore
+from synray.data.store import ROW_ID, ParquetStore
 
 CONSUMED_PREFIX = "consumed-rank"
 EPOCH_FILE = "stream-epoch.json"
 #: the plan-row column a training stream carries to the workers
-ROW_ID = "row_id"
 
 
 # ------------------------------------------------------------------------------- consumed rows

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
@@ -25,6 +26,12 @@ META_FILE = "_store.json"
 SUMMARY_FILE = "_summary.json"
 SHARD_PREFIX = "shard-"
 TMP_PREFIX = ".tmp-"
+#: the plan-row id column (see synray.data.ledger) and the per-image list columns a subset slices
+ROW_ID = "row_id"
+PER_IMAGE_COLUMNS = ("images", "masks")
+SUBSET_READ_CPUS = 0.25
+#: subset reads in flight at once (each reads a shard): enough to stay ahead of training, few enough to leave it CPUs
+SUBSET_READ_TASKS = 2
 
 
 class StoreError(ValueError):
@@ -145,6 +152,22 @@ class ParquetStore:
         ds = ray.data.read_parquet([str(s) for s in shards])
         return ds.select_columns(columns) if columns else ds
 
+    def read_subset(self, columns: list[str], max_row_id: int | None, first_images: int | None,
+                    passes: int = 1) -> ray.data.Dataset:
+        """A nested subset of the store as a Ray Dataset: rows up to plan row `max_row_id`, the first
+        `first_images` images (and masks) of each, read `passes` times in one execution (a small subset then
+        feeds a whole step budget without restarting its pipeline). Each pass offsets `row_id` by the pass
+        number x (max_row_id + 1), so every row a run trains on has its own id for the stream ledger."""
+        ids = {s: self.read_column(s, ROW_ID) for s in self.check_readable(tuple(columns))}
+        if max_row_id is not None:  # only the shards holding some of the subset's rows
+            ids = {s: v for s, v in ids.items() if v and min(v) <= max_row_id}
+        stride = (max_row_id if max_row_id is not None else max(max(v, default=0) for v in ids.values())) + 1
+        work = [{"shard": str(s), "offset": k * stride} for k in range(passes) for s in ids]
+        return ray.data.from_items(work, override_num_blocks=len(work)).map_batches(
+            _read_subset_block, batch_size=1, batch_format="pyarrow", num_cpus=SUBSET_READ_CPUS,
+            concurrency=SUBSET_READ_TASKS,
+            fn_kwargs={"columns": columns, "max_row_id": max_row_id, "first_images": first_images})
+
     # ---------------------------------------------------------------- writing
     def write_shard(self, table: pa.Table) -> Path:
         """Write one shard atomically; its name is derived from the caption ids it holds."""
@@ -170,6 +193,28 @@ class ParquetStore:
             raise
         _fsync_dir(self.root)
         return final
+
+
+def first_items(table: pa.Table, m: int) -> pa.Table:
+    """The first m entries of each row's per-image list columns (images, masks)."""
+    for name in PER_IMAGE_COLUMNS:
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, pc.list_slice(table.column(name), 0, m))
+    return table
+
+
+def _read_subset_block(work: pa.Table, columns: list[str], max_row_id: int | None,
+                       first_images: int | None) -> pa.Table:
+    """One (shard, pass) of `ParquetStore.read_subset`: filtered in the Parquet scan, sliced, ids offset."""
+    shard, offset = work.column("shard")[0].as_py(), work.column("offset")[0].as_py()
+    read = list(dict.fromkeys([*columns, ROW_ID]))
+    table = pq.read_table(shard, columns=read, filters=None if max_row_id is None else [(ROW_ID, "<=", max_row_id)])
+    if first_images is not None:
+        table = first_items(table, first_images)
+    if offset:
+        ids = pc.add(table.column(ROW_ID), pa.scalar(offset, table.schema.field(ROW_ID).type))
+        table = table.set_column(table.column_names.index(ROW_ID), ROW_ID, ids)
+    return table.select([c for c in read if c in columns or c == ROW_ID])
 
 
 def corrupt_shard_message(shard: Path, error: Exception) -> str:

@@ -1,1 +1,1 @@
-"""The run programs (run, train, generate, rewrite, eval): each executes a plan inside the one Ray session."""
+"""The run programs (run, train, generate, rewrite, eval, sweep): each executes a plan inside the one Ray session."""

@@ -9,11 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray.data
 from ray.data import ActorPoolStrategy
-from ray.data.expressions import col, lit
 
 from synray.data.ledger import ROW_ID, SkipConsumed
 from synray.data.stats import rejections_text
@@ -53,8 +50,12 @@ def training_dataset(plan: RunPlan, stats_actor: Any) -> tuple[ray.data.Dataset,
     if data.generation is None:
         ledger = stream_ledger(None) if tracks else None
         columns = list(plan.train.columns) + ([ROW_ID] if tracks and ROW_ID not in plan.train.columns else [])
-        ds = ParquetStore(data.store_dir).read_dataset(columns=columns)
-        ds = subset(ds, data.max_row_id, data.first_images).randomize_block_order(seed=cfg.seed)
+        store = ParquetStore(data.store_dir)
+        if data.max_row_id is None and data.first_images is None:
+            ds = store.read_dataset(columns=columns)
+        else:  # a nested subset (sweep trials), read in passes that cover the step budget
+            ds = store.read_subset(columns, data.max_row_id, data.first_images, data.passes)
+        ds = ds.randomize_block_order(seed=cfg.seed)
         if tracks:
             ds = ds.map_batches(SkipConsumed, fn_constructor_kwargs={"ledger": ledger}, batch_format="pyarrow",
                                 compute=ActorPoolStrategy(size=1), num_cpus=LIGHT_STAGE_CPUS)
@@ -66,26 +67,6 @@ def training_dataset(plan: RunPlan, stats_actor: Any) -> tuple[ray.data.Dataset,
         ds = add_store_stage(ds, data.store_dir, True, cfg.data.rows_per_shard, stats_actor)
         ds = replay_dataset(ledger, list(plan.train.columns) + [ROW_ID]).union(ds)
     return add_preprocessing(ds, cfg, plan.train, track_rows=True), ledger
-
-
-def subset(ds: ray.data.Dataset, max_row_id: int | None, first_images: int | None) -> ray.data.Dataset:
-    """A store's nested subset: rows up to plan row `max_row_id` (filtered in the Parquet scan), and the first
-    `first_images` images (and masks) of each."""
-    if max_row_id is not None:
-        ds = ds.filter(expr=col(ROW_ID) <= lit(max_row_id))
-    if first_images is not None:
-        ds = ds.map_batches(first_items, fn_kwargs={"m": first_images}, batch_format="pyarrow",
-                            num_cpus=LIGHT_STAGE_CPUS)
-    return ds
-
-
-def first_items(batch: pa.Table, m: int) -> pa.Table:
-    """The first m entries of the per-image list columns (images, masks) of each row."""
-    for name in ("images", "masks"):
-        if name in batch.column_names:
-            i = batch.column_names.index(name)
-            batch = batch.set_column(i, name, pc.list_slice(batch.column(name), 0, m))
-    return batch
 
 
 def heldout_dataset(heldout: HeldoutPlan) -> ray.data.Dataset:

@@ -89,7 +89,8 @@ def _tuner(plan: SweepPlan, resume: bool, concurrency: int) -> tune.Tuner:
         trainable, param_space=plan.space.param_space(),
         tune_config=tune.TuneConfig(num_samples=t.num_samples, max_concurrent_trials=concurrency,
                                     scheduler=_scheduler(plan),
-                                    search_alg=BasicVariantGenerator(random_state=plan.cfg.seed)),
+                                    search_alg=BasicVariantGenerator(max_concurrent=concurrency,
+                                                                     random_state=plan.cfg.seed)),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(plan.root),
                                   failure_config=tune.FailureConfig(max_failures=t.max_trial_failures)))
 
@@ -106,8 +107,13 @@ def sweep(plan: SweepPlan, resume: bool = False) -> SweepReport:
     for line in plan.describe():
         log.info("plan: %s", line)
     with session(plan.cfg.ray):
+        cluster = cluster_resources()
+        missing = [k for k in plan.resources.driver if k not in cluster]
+        if missing:
+            raise ConfigError(f"tune.driver_resource={missing[0]}: no node of this cluster declares it (it has "
+                              f"{', '.join(sorted(cluster))}); declare it on the CPU nodes, or unset it")
         prepare_data(plan)
-        concurrency = plan.cfg.tune.max_concurrent_trials or plan.resources.concurrency(cluster_resources())
+        concurrency = plan.cfg.tune.max_concurrent_trials or plan.resources.concurrency(cluster)
         log.info("running up to %d trial(s) at once", concurrency)
         results = _tuner(plan, resume, concurrency).fit()
     failed = [r for r in results if r.error is not None]

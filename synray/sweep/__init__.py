@@ -1,0 +1,1 @@
+"""Sweeps: search spaces checked against the run config, data pools with nested subsets, scaling-law fits, reports."""

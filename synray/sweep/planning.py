@@ -9,7 +9,7 @@ from pathlib import Path
 
 from synray.config import ConfigError, RunConfig
 from synray.generation.pipeline import LIGHT_STAGE_CPUS
-from synray.plan import check_eval_protocols
+from synray.plan import check_eval_protocols, check_subset_fills_a_batch
 from synray.sweep.fit import MIN_SCALES
 from synray.sweep.pools import SweepData, plan_pools, trial_config
 from synray.sweep.space import SCALE_KEY, SearchSpace, check_space
@@ -64,9 +64,13 @@ class SweepPlan:
         return lines
 
 
-def sweep_root(cfg: RunConfig) -> Path:
-    """tune.storage, or `<output_root>/sweeps/<name>`."""
-    return Path(cfg.tune.storage or Path(cfg.output_root) / "sweeps" / cfg.name)
+def sweep_root(cfg: RunConfig, root: str | None = None) -> Path:
+    """`root`, tune.storage, or `<output_root>/sweeps/<name>`: a directory every node of the cluster sees."""
+    path = root or cfg.tune.storage or str(Path(cfg.output_root) / "sweeps" / cfg.name)
+    if "://" in path:
+        raise ConfigError(f"sweep directory {path}: cloud URIs are not supported yet; give a directory on storage "
+                          "every node mounts (e.g. /mnt/cluster_storage/sweeps/<name>)")
+    return Path(path).resolve()
 
 
 def _check_metric(cfg: RunConfig) -> None:
@@ -112,8 +116,11 @@ def plan_sweep(cfg: RunConfig, root: str | None = None) -> SweepPlan:
     _check_metric(cfg)
     space = check_space(cfg)
     _check_scales(cfg, space)
-    base = sweep_root(cfg) if root is None else Path(root)
-    data = plan_pools(cfg, space, str(base.resolve()))
+    base = sweep_root(cfg, root)
+    data = plan_pools(cfg, space, str(base))
     for params in space.finite_points() or [{}]:
-        trial_config(cfg, space, data, params)  # every grid trial's config validates as it will run
-    return SweepPlan(cfg, space, data, base.resolve(), trial_resources(cfg))
+        try:  # every grid trial's config validates as it will run, and fills a batch
+            check_subset_fills_a_batch(trial_config(cfg, space, data, params))
+        except ValueError as e:
+            raise ConfigError(f"tune trial {params}: {e}") from None
+    return SweepPlan(cfg, space, data, base, trial_resources(cfg))
