@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
 from synray.data.codecs import decode_image
 
@@ -188,7 +189,7 @@ def compare_bars(results: Mapping[str, Mapping[str, Mapping[str, float]]], metri
 
 
 def scaling_plot(fits: Mapping[str, Any], path: str | Path, error: str, unit: str, title: str = "",
-                 dpi: int = 100) -> Path:
+                 reference: float | None = None, dpi: int = 100) -> Path:
     """Error against data scale on log axes, one colour per method: its trials as points and its fitted power
     law as a line, labelled with the exponent k and its interval.
 
@@ -207,8 +208,14 @@ def scaling_plot(fits: Mapping[str, Any], path: str | Path, error: str, unit: st
         grid = np.geomspace(ns.min(), ns.max(), 100)
         ax.plot(grid, fit.law(grid), color=color, linewidth=1.2,
                 label=f"{name}: k = {fit.law.k:.2f} [{fit.k_low:.2f}, {fit.k_high:.2f}], {fit.form}")
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle=":", linewidth=1,
+                   label=f"same network at initialisation ({reference:.3f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel(f"data scale ({'captions x images per caption' if unit == 'images' else 'captions'})")
     ax.set_ylabel(f"error ({error})")
     ax.grid(which="both", alpha=0.3)

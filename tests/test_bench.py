@@ -73,6 +73,7 @@ def test_peak_sampler_sees_an_object_put_in_the_store(ray_cluster: str):
     assert peaks.store_peak >= 16 * 2**20 and peaks.rss_peak > 0
 
 
+@pytest.mark.slow
 def test_stream_memory_at_4n_captions_stays_within_1_2x_of_n_with_a_slow_consumer(ray_cluster: str):
     from synray.bench.memory import stream_peaks
     from synray.plan import load_run_config

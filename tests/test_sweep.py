@@ -99,6 +99,16 @@ def test_one_pool_per_image_setting_of_the_largest_scale_and_trials_read_nested_
     assert simclr and all(t.data.first_images == 1 for t in simclr)
 
 
+def test_the_built_in_sweeps_plan_one_pool_per_guidance_scale_of_the_largest_scale(tmp_path: Path):
+    local = plan_sweep(sweep_config(), root=str(tmp_path / "local"))
+    assert len(local.data.pools) == 1 and local.space.count_grid() == 6
+    gpu = plan_sweep(load_run_config("scaling-supervised"), root=str(tmp_path / "gpu"))
+    pools = sorted(gpu.data.pools.values(), key=lambda p: p.cfg.images.guidance_scale)
+    assert [p.cfg.images.guidance_scale for p in pools] == [2.0, 7.5]
+    assert {p.captions * p.per_caption for p in pools} == {4_000_000} and gpu.space.count_grid() == 12
+    assert gpu.resources.gpus == 8 and gpu.resources.driver == {"CPU": 0.25, "cpu_node": 0.01}
+
+
 # -------------------------------------------------------------------------------------- fit
 def test_the_fit_recovers_a_known_exponent_with_an_interval_around_it():
     n = np.geomspace(1e3, 6.4e4, 7)
@@ -152,6 +162,7 @@ def test_report_with_two_scales_says_why_and_still_writes_the_table(tmp_path: Pa
 
 
 # ---------------------------------------------------------------------------------- subsets
+@pytest.mark.slow  # the suite's generated store starts the tiny vLLM engine
 def test_nested_subsets_are_the_first_n_rows_in_plan_order_with_the_first_m_images(generated_store: dict):
     import pyarrow.parquet as pq
 

@@ -12,12 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from synray.sweep.report import TRIAL_FILE, TRIALS_DIR
 
 SETS = ["tune.variants={}", "tune.space={train.temperature: {grid: [0.1, 0.2]}}", "data.num_captions=32",
         "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.warmup_steps=1",
         "eval.heldout_captions=24", "eval.linear_epochs=5", "tune.max_concurrent_trials=1"]
 START_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.slow
 
 
 def _sweep(*args: str) -> list[str]:

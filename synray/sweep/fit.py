@@ -59,6 +59,8 @@ class ScalingFit:
         out = asdict(self)
         out["law"] = asdict(self.law)
         out["confidence"] = CONFIDENCE
+        out["points"] = len(self.scales)
+        out["residual_dof"] = len(self.scales) - (3 if self.law.c > 0 or "+ c" in self.form else 2)
         return out
 
 

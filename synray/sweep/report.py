@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from synray.config import RunConfig, load_config
 from synray.data.files import atomic_write_text, write_json
 from synray.sweep.fit import MIN_SCALES, ScalingFitError, fit_scaling
@@ -112,6 +113,9 @@ def write_report(root: Path, metric: str | None = None) -> SweepReport:
     report.files += _write_tables(report.rows, out)
     unit = cfg.tune.scale
     error = f"1 - {metric}" if cfg.tune.mode == "max" else metric
+    inits = [t["init"][metric] for t in trials if metric in t.get("init", {})]
+    init = float(np.mean(inits)) if inits else None
+    reference = None if init is None else (1.0 - init if cfg.tune.mode == "max" else init)
     fits, curves = {}, {}
     for name, (n, err) in sorted(_groups(trials, metric, unit, cfg.tune.mode).items()):
         scales = len(set(n))
@@ -127,9 +131,11 @@ def write_report(root: Path, metric: str | None = None) -> SweepReport:
         fits[name] = fit.to_dict()
         curves[name] = fit
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()[:60]
-        report.files.append(scaling_plot({name: fit}, out / f"scaling-{slug}.png", error, unit))
+        report.files.append(scaling_plot({name: fit}, out / f"scaling-{slug}.png", error, unit,
+                                         reference=reference))
     if curves:
-        report.files.append(scaling_plot(curves, out / "scaling.png", error, unit, title=cfg.name))
+        report.files.append(scaling_plot(curves, out / "scaling.png", error, unit, title=cfg.name,
+                                         reference=reference))
     report.fits = {"metric": metric, "error": error,
                    "scale": unit, "groups": fits}
     write_json(out / "fits.json", report.fits)
