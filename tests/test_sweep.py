@@ -85,7 +85,8 @@ def test_variants_and_grid_make_one_trial_config_per_point_with_its_overrides():
 
 
 def test_one_pool_per_image_setting_of_the_largest_scale_and_trials_read_nested_subsets(tmp_path: Path):
-    cfg = sweep_config("tune.space={data.num_captions: {grid: [40, 80, 160]}, images.image_format: {grid: [png, jpeg]}}")
+    cfg = sweep_config("tune.space={data.num_captions: {grid: [40, 80, 160]}, "
+                       "images.image_format: {grid: [png, jpeg]}}")
     plan = plan_sweep(cfg, root=str(tmp_path))
     pools = list(plan.data.pools.values())
     assert len(pools) == 2 and {p.captions for p in pools} == {160}
