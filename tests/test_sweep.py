@@ -110,6 +110,22 @@ def test_the_built_in_sweeps_plan_one_pool_per_guidance_scale_of_the_largest_sca
     assert gpu.resources.gpus == 8 and gpu.resources.driver == {"CPU": 0.25, "cpu_node": 0.01}
 
 
+def test_an_epoch_budget_gives_each_scale_its_own_steps_and_a_step_budget_the_same(tmp_path: Path):
+    from synray.sweep.pools import trial_steps
+
+    fixed = sweep_config(SCALES)
+    assert {trial_steps(derive(fixed, n)) for n in (40, 160)} == {fixed.train.steps}
+    epochs = sweep_config(SCALES, "tune.budget=epochs", "tune.epochs=2")
+    per_step = epochs.train.captions_per_worker * epochs.train.num_workers
+    assert [trial_steps(derive(epochs, n)) for n in (40, 160)] == [-(-80 // per_step), -(-320 // per_step)]
+
+
+def derive(cfg, captions: int):
+    from synray.plan import derive_config
+
+    return derive_config(cfg, {"data.num_captions": captions})
+
+
 # -------------------------------------------------------------------------------------- fit
 def test_the_fit_recovers_a_known_exponent_with_an_interval_around_it():
     n = np.geomspace(1e3, 6.4e4, 7)

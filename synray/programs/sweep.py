@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 TUNE_DIR = "tune"
 
 
+class TrainingReportCallback(TuneReportCallback):
+    """Forwards rank 0's training reports to Tune, but not the step-0 export (it has no loss for a scheduler)."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and LOSS_METRIC in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
 def prepare_data(plan: SweepPlan) -> None:
     """Generate every pool and the held-out set once (resumable stores: a rerun only fills what is missing)."""
     todo = [(p.cfg, p.path) for p in plan.data.pools.values()]
@@ -56,7 +64,7 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     run_plan = plan_run(cfg, fresh=True)
     out = plan.root / TRIALS_DIR / trial_id
     dataset, ledger = training_dataset(run_plan, stage_stats())
-    result = fit(cfg, run_plan.train, dataset, out / "train", ledger, callbacks=[TuneReportCallback()])
+    result = fit(cfg, run_plan.train, dataset, out / "train", ledger, callbacks=[TrainingReportCallback()])
     train = train_summary(result)
     record: dict[str, Any] = {"trial_id": trial_id, "params": params,
                               "overrides": trial_overrides(plan.space, params), "captions": cfg.data.first_rows,
@@ -74,7 +82,8 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
 def _scheduler(plan: SweepPlan) -> Any:
     t = plan.cfg.tune
     if t.scheduler == "asha":
-        return ASHAScheduler(time_attr="step", metric=LOSS_METRIC, mode="min", max_t=plan.cfg.train.steps,
+        # max_t past the last step: ASHA stops a trial that reaches max_t, before its evaluation would run
+        return ASHAScheduler(time_attr="step", metric=LOSS_METRIC, mode="min", max_t=plan.cfg.train.steps + 1,
                              grace_period=t.asha_grace_steps, reduction_factor=t.asha_reduction_factor)
     return None
 
