@@ -64,10 +64,13 @@ class ScalingFit:
         return out
 
 
-def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Least squares y = b0 + b1 x -> (b0, b1, rmse)."""
-    b1, b0 = np.polyfit(x, y, 1)
-    return float(b0), float(b1), float(np.sqrt(np.mean((b0 + b1 * x - y) ** 2)))
+def _lines(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least squares ys[j] = b0[j] + b1[j] x for every row j of ys -> (b0, b1, rmse), in closed form."""
+    xc = x - x.mean()
+    b1 = (ys - ys.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)
+    b0 = ys.mean(axis=1) - b1 * x.mean()
+    rmse = np.sqrt(np.mean((b0[:, None] + b1[:, None] * x[None, :] - ys) ** 2, axis=1))
+    return b0, b1, rmse
 
 
 def fit_power_law(n: np.ndarray, err: np.ndarray, offset: bool | None = None) -> PowerLaw:
@@ -79,13 +82,9 @@ def fit_power_law(n: np.ndarray, err: np.ndarray, offset: bool | None = None) ->
         offset = len(np.unique(n)) >= OFFSET_MIN_SCALES
     x = np.log(n)
     offsets = np.linspace(0.0, err.min() * (1 - 1e-3), OFFSET_GRID) if offset else np.zeros(1)
-    best: PowerLaw | None = None
-    for c in offsets:
-        b0, b1, rmse = _line(x, np.log(err - c))
-        if best is None or rmse < best.rmse_log:
-            best = PowerLaw(a=float(np.exp(b0)), k=float(-b1), c=float(c), rmse_log=rmse)
-    assert best is not None
-    return best
+    b0, b1, rmse = _lines(x, np.log(err[None, :] - offsets[:, None]))  # one least-squares line per offset
+    i = int(np.argmin(rmse))
+    return PowerLaw(a=float(np.exp(b0[i])), k=float(-b1[i]), c=float(offsets[i]), rmse_log=float(rmse[i]))
 
 
 def bootstrap_exponent(n: np.ndarray, err: np.ndarray, law: PowerLaw, offset: bool, seed: int = 0,
