@@ -170,6 +170,22 @@ def test_report_writes_the_table_plots_and_fits_per_method(tmp_path: Path):
     assert (tmp_path / "s" / "report" / "results.csv").read_text().count("\n") == 9
 
 
+def test_report_lists_a_trial_stopped_early_with_its_last_step_and_fits_only_finished_ones(tmp_path: Path):
+    from synray.sweep.report import START_FILE
+
+    _fake_sweep(tmp_path / "s", [40, 80, 160], 0.4)
+    d = tmp_path / "s" / TRIALS_DIR / "t99"
+    (d / "train").mkdir(parents=True)
+    params = {"variant": "a", "data.num_captions": 320}
+    d.joinpath(START_FILE).write_text(json.dumps({"trial_id": "t99", "params": params, "captions": 320,
+                                                  "images_per_caption": 4}))
+    d.joinpath("train", "metrics.jsonl").write_text('{"event": "fit_start"}\n{"step": 7, "loss": 3.5}\n')
+    report = write_report(tmp_path / "s")
+    stopped = [r for r in report.rows if r["trial"] == "t99"]
+    assert stopped == [{**stopped[0], "status": "unfinished", "steps": 7, "final_loss": 3.5}]
+    assert "knn_accuracy" not in stopped[0] and report.fits["groups"]["a"]["points"] == 3
+
+
 def test_report_with_two_scales_says_why_and_still_writes_the_table(tmp_path: Path):
     _fake_sweep(tmp_path / "s", [40, 80], 0.4)
     report = write_report(tmp_path / "s")

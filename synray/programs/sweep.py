@@ -22,7 +22,7 @@ from synray.programs.run import evaluate, train_summary, training_dataset
 from synray.programs.session import cluster_resources, session, stage_stats
 from synray.sweep.planning import LOSS_METRIC, SweepPlan
 from synray.sweep.pools import trial_config
-from synray.sweep.report import SWEEP_CONFIG, TRIAL_FILE, TRIALS_DIR, SweepReport, write_report
+from synray.sweep.report import SWEEP_CONFIG, START_FILE, TRIAL_FILE, TRIALS_DIR, SweepReport, write_report
 from synray.sweep.space import trial_overrides
 from synray.train.trainer import fit
 
@@ -63,13 +63,13 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     cfg = trial_config(plan.cfg, plan.space, plan.data, params)
     run_plan = plan_run(cfg, fresh=True)
     out = plan.root / TRIALS_DIR / trial_id
+    started = {"trial_id": trial_id, "params": params, "overrides": trial_overrides(plan.space, params),
+               "captions": cfg.data.first_rows, "images_per_caption": run_plan.train.per_caption}
+    write_json(out / START_FILE, started)
     dataset, ledger = training_dataset(run_plan, stage_stats())
     result = fit(cfg, run_plan.train, dataset, out / "train", ledger, callbacks=[TrainingReportCallback()])
     train = train_summary(result)
-    record: dict[str, Any] = {"trial_id": trial_id, "params": params,
-                              "overrides": trial_overrides(plan.space, params), "captions": cfg.data.first_rows,
-                              "images_per_caption": run_plan.train.per_caption, "steps": train["steps"],
-                              "train": train, "trained": {}, "init": {}}
+    record: dict[str, Any] = {**started, "steps": train["steps"], "train": train, "trained": {}, "init": {}}
     final: dict[str, Any] = {"step": train["steps"], LOSS_METRIC: train["final_loss"]}
     if run_plan.heldout is not None and result.backbone_dir:
         figures, _ = evaluate(run_plan, result)
@@ -137,7 +137,8 @@ def sweep(plan: SweepPlan, resume: bool = False) -> SweepReport:
 def sweep_command(plan: SweepPlan, resume: bool = False) -> int:
     report = sweep(plan, resume)
     print(f"sweep directory: {plan.root}")
-    print(f"  {len(report.rows)} finished trial(s)")
+    finished = sum(1 for r in report.rows if r["status"] == "finished")
+    print(f"  {finished} finished trial(s), {len(report.rows) - finished} unfinished")
     for name, g in report.fits.get("groups", {}).items():
         print(f"  {name}: k = {g['law']['k']:.3f} [{g['k_low']:.3f}, {g['k_high']:.3f}] ({g['form']})")
     for message in report.messages:

@@ -16,11 +16,13 @@ from synray.data.files import atomic_write_text, write_json
 from synray.sweep.fit import MIN_SCALES, ScalingFitError, fit_scaling
 from synray.sweep.space import SCALE_KEY, VARIANT_KEY
 
-__all__ = ["TRIALS_DIR", "TRIAL_FILE", "SweepReport", "load_trials", "write_report", "group_name"]
+__all__ = ["TRIALS_DIR", "TRIAL_FILE", "START_FILE", "SweepReport", "load_trials", "write_report", "group_name"]
 
 TRIALS_DIR = "trials"
 #: what each trial writes into its folder when it finishes: its parameters, config paths and figures
 TRIAL_FILE = "trial.json"
+#: what each trial writes when it starts (its parameters and data scale), so an unfinished one is reported too
+START_FILE = "started.json"
 SWEEP_CONFIG = "config.yaml"
 #: the per-trial figures the table shows, when the trials have them
 TABLE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou")
@@ -37,9 +39,29 @@ class SweepReport:
 
 
 def load_trials(root: Path) -> list[dict[str, Any]]:
-    """Every finished trial's record, in trial-id order."""
-    files = sorted((root / TRIALS_DIR).glob(f"*/{TRIAL_FILE}"))
-    return [json.loads(f.read_text()) for f in files]
+    """Every trial's record, in trial-id order: finished ones from their TRIAL_FILE, the others (stopped early by
+    the scheduler, failed or interrupted) from their START_FILE and the last step their training logged."""
+    out = []
+    for d in sorted(p for p in (root / TRIALS_DIR).glob("*") if p.is_dir()):
+        if (d / TRIAL_FILE).exists():
+            out.append({**json.loads((d / TRIAL_FILE).read_text()), "status": "finished"})
+        elif (d / START_FILE).exists():
+            logged = [json.loads(line) for line in (d / "train" / "metrics.jsonl").read_text().splitlines()
+                      if line.strip()] if (d / "train" / "metrics.jsonl").exists() else []
+            last = next((m for m in reversed(logged) if "loss" in m), {})
+            out.append({**json.loads((d / START_FILE).read_text()), "status": "unfinished",
+                        "steps": last.get("step", 0), "train": {"final_loss": last.get("loss")},
+                        "trained": {}, "init": {}})
+    return out
+
+
+def _value(trial: dict[str, Any], metric: str) -> float | None:
+    """A finished trial's figure: a probe's (trained), or its final training loss."""
+    if trial.get("status") != "finished":
+        return None
+    if metric == "loss":
+        return trial.get("train", {}).get("final_loss")
+    return trial.get("trained", {}).get(metric)
 
 
 def group_name(params: dict[str, Any]) -> str:
@@ -57,8 +79,9 @@ def _table_rows(trials: list[dict[str, Any]], metric: str) -> list[dict[str, Any
     rows = []
     for t in trials:
         row: dict[str, Any] = {"trial": t["trial_id"], **{k: v for k, v in sorted(t["params"].items())},
-                               "captions": t["captions"], "images_per_caption": t["images_per_caption"],
-                               "steps": t.get("steps")}
+                               "status": t["status"], "captions": t["captions"],
+                               "images_per_caption": t["images_per_caption"], "steps": t.get("steps"),
+                               "final_loss": t.get("train", {}).get("final_loss")}
         for m in dict.fromkeys((metric, *TABLE_METRICS)):
             if m in t.get("trained", {}):
                 row[m] = t["trained"][m]
@@ -88,7 +111,7 @@ def _groups(trials: list[dict[str, Any]], metric: str, unit: str, mode: str) -> 
     """method -> (data scales, errors): error is 1 - metric for accuracies (mode max), the metric itself for min."""
     out: dict[str, tuple[list, list]] = {}
     for t in trials:
-        value = t.get("trained", {}).get(metric)
+        value = _value(t, metric)
         if value is None or not math.isfinite(value):
             continue
         n, e = out.setdefault(group_name(t["params"]), ([], []))
