@@ -30,6 +30,7 @@ def sweep_config(*overrides: str):
     ("tune.space={ray.num_cpus: {grid: [2, 4]}}", "ray.num_cpus cannot be swept"),
     ("tune.space={train.lr: {loguniform: [0.1, 0.01]}}", "loguniform needs low < high"),
     ("tune.space={train.lr: {grid: [0.1], choice: [0.2]}}", "give exactly one of"),
+    ("tune.space={train.steps: {loguniform: [100, 1000]}}", "tune.space.train.steps="),
     ("tune.space={data.num_captions: {grid: [40, 80, 160]}, train.loss: {grid: [stablerep, dino]}}",
      'tune.space.train.loss=\'dino\''),
 ])

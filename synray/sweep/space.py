@@ -22,6 +22,8 @@ SCALE_KEY = "data.num_captions"
 FORBIDDEN_PREFIXES = ("tune", "ray", "name", "description", "output_root", "model_cache")
 #: grid combinations checked one by one before a sweep starts
 MAX_CHECKED_COMBINATIONS = 4096
+#: where inside a real-valued range a value is checked (not an integer for any sensible bounds)
+FRACTIONAL_PROBE = 0.3719
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,11 @@ class Dimension:
         return self.kind in ("grid", "choice")
 
     def probes(self) -> tuple[Any, ...]:
-        """The values checked against the config: every value, or a range's bounds."""
+        """The values checked against the config: every value, or a range's bounds (and, for a real-valued
+        range, a fractional value inside it, so an integer key refuses uniform and loguniform)."""
+        if self.kind in ("uniform", "loguniform"):
+            lo, hi = self.values
+            return (lo, hi, lo + (hi - lo) * FRACTIONAL_PROBE)
         return self.values
 
     def largest(self) -> Any:
