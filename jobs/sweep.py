@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from synray.plan import load_run_config
 from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
 from synray.programs.sweep import sweep_command
-from synray.sweep.planning import plan_sweep
-from synray.sweep.report import SWEEP_CONFIG
+from synray.sweep.planning import plan_sweep_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,17 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # validated and planned before any cluster resource is asked for
-        if args.resume:
-            cfg = load_run_config(str(Path(args.resume) / SWEEP_CONFIG), args.overrides)
-            plan, resume = plan_sweep(cfg, root=args.resume), True
-        else:
-            plan, resume = plan_sweep(load_run_config(args.config, args.overrides), root=args.out), False
+        plan = plan_sweep_command(args.config, args.overrides, out=args.out, resume=args.resume)
     except (FileNotFoundError, ValueError) as e:
         if bad_input_message(e) is None:
             raise
         print(bad_input_message(e), file=sys.stderr)
         return EXIT_BAD_INPUT
-    return sweep_command(plan, resume)
+    return sweep_command(plan, resume=bool(args.resume))
 
 
 if __name__ == "__main__":

@@ -105,19 +105,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from synray.plan import load_run_config
     from synray.programs.sweep import sweep_command
-    from synray.sweep.planning import plan_sweep
-    from synray.sweep.report import SWEEP_CONFIG
+    from synray.sweep.planning import plan_sweep_command
 
-    if args.resume:  # the sweep's own saved config, so every trial is the one it was
-        cfg = load_run_config(str(Path(args.resume) / SWEEP_CONFIG), args.overrides)
-        return sweep_command(plan_sweep(cfg, root=args.resume), resume=True)
-    if not args.config:
-        raise SystemExit("synray sweep: give a CONFIG, or --resume SWEEP_DIR")
-    return sweep_command(plan_sweep(load_run_config(args.config, args.overrides), root=args.out))
+    plan = plan_sweep_command(args.config, args.overrides, out=args.out, resume=args.resume)
+    return sweep_command(plan, resume=bool(args.resume))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

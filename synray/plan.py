@@ -90,6 +90,7 @@ class DataPlan:
     max_row_id: int | None = None        # stored: only rows up to this plan row (the store's first data.first_rows)
     first_images: int | None = None      # stored: only the first m images of each row
     passes: int = 1                      # stored subsets: times the subset is read in one execution (one epoch)
+    subset_shards: tuple[str, ...] = ()  # stored subsets: the shards holding the subset's rows
 
 
 @dataclass(frozen=True)
@@ -201,14 +202,14 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -
     resume_step = check_compatible(cfg.train.resume_from, objective.fingerprint(cfg.train)) \
         if cfg.train.resume_from else None
     tracks = not stored or _store_has_row_ids(store_dir)
-    max_row_id = _subset_bound(cfg, store_dir, tracks) if stored and cfg.data.first_rows else None
+    max_row_id, subset_shards = _subset(cfg, store_dir, tracks) if stored else (None, ())
     first_images = cfg.data.first_images if stored else None
     if first_images is not None and per_caption < first_images:
         raise StoreError(f"data.first_images={first_images}, but rows of {store_dir} hold as few as {per_caption} "
                          "images")
     per_caption = first_images or per_caption
     data = DataPlan("stored" if stored else cfg.data.mode, store_dir, None if stored else plan_generation(cfg),
-                    max_row_id, first_images, _subset_passes(cfg) if max_row_id is not None else 1)
+                    max_row_id, first_images, _subset_passes(cfg) if max_row_id is not None else 1, subset_shards)
     heldout = _plan_heldout(cfg) if protocols else None
     train = TrainPlan(objective.name, per_caption, num_classes, epochs=stored, columns=columns,
                       text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step,
@@ -254,13 +255,18 @@ def _subset_passes(cfg: RunConfig) -> int:
     return max(1, math.ceil(t.steps * t.grad_accum * t.captions_per_worker * t.num_workers / cfg.data.first_rows))
 
 
-def _subset_bound(cfg: RunConfig, store_dir: str, has_row_ids: bool) -> int:
-    """The plan row up to which a store's first data.first_rows rows go (nested subsets need row ids)."""
+def _subset(cfg: RunConfig, store_dir: str, has_row_ids: bool) -> tuple[int | None, tuple[str, ...]]:
+    """A nested subset of a store (data.first_rows, data.first_images): the plan row up to which its first rows
+    go (they need row ids) and the shards to read; (None, ()) when the whole store is read."""
+    store = ParquetStore(store_dir)
+    if not cfg.data.first_rows:
+        return None, tuple(str(s) for s in store.shards()) if cfg.data.first_images else ()
     check_subset_fills_a_batch(cfg)
     if not has_row_ids:
         raise StoreError(f"data.first_rows needs a store whose rows carry {ROW_ID} (plan-row order); {store_dir} "
                          "has none")
-    return ParquetStore(store_dir).first_rows_bound(cfg.data.first_rows, ROW_ID)
+    bound, shards = store.first_rows(cfg.data.first_rows)
+    return bound, tuple(str(s) for s in shards)
 
 
 def _store_has_row_ids(store_dir: str) -> bool:

@@ -207,7 +207,8 @@ def test_nested_subsets_are_the_first_n_rows_in_plan_order_with_the_first_m_imag
     order = sorted(stored)
 
     def read(n: int, m: int, passes: int = 1) -> list[dict]:
-        return store.read_subset(["caption_id", "images"], store.first_rows_bound(n), m, passes).take_all()
+        bound, shards = store.first_rows(n)
+        return store.read_subset(["caption_id", "images"], shards, bound, m, passes).take_all()
 
     small, large = read(6, 2), read(12, 2)
     assert sorted(r["row_id"] for r in small) == order[:6] and sorted(r["row_id"] for r in large) == order[:12]
@@ -218,4 +219,4 @@ def test_nested_subsets_are_the_first_n_rows_in_plan_order_with_the_first_m_imag
     assert len({r["row_id"] for r in thrice}) == 18
     assert sorted(r["row_id"] % stride for r in thrice) == sorted(order[:6] * 3)
     with pytest.raises(StoreError, match="larger than its pool"):
-        store.first_rows_bound(len(order) + 1)
+        store.first_rows(len(order) + 1)

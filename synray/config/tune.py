@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -12,8 +12,9 @@ __all__ = ["SpaceSpec", "TuneConfig", "SPACE_KINDS", "TUNE_METRICS"]
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 #: what a sweep ranks trials by: a probe figure (maximised) or the final training loss (minimised)
-TUNE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou",
-                "segmentation_pixel_accuracy", "loss")
+TuneMetric = Literal["knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou",
+                     "segmentation_pixel_accuracy", "loss"]
+TUNE_METRICS: tuple[str, ...] = get_args(TuneMetric)
 
 
 class SpaceSpec(Section):
@@ -54,8 +55,7 @@ class TuneConfig(Section):
         default_factory=dict, description="named groups of config-path overrides swept together (methods, e.g. "
         "SimCLR: {train.loss: simclr, images.per_caption: 1}); crossed with the space")
     num_samples: int = Field(1, ge=1, description="trials per grid point (random search: values drawn)")
-    metric: Literal["knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou",
-                    "segmentation_pixel_accuracy", "loss"] = "knn_accuracy"
+    metric: TuneMetric = "knn_accuracy"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["none", "asha"] = Field("none", description="asha: stop trials early on their training "
                                                "loss at the same step (comparable within one objective only)")

@@ -27,7 +27,6 @@ from synray.data.store import ROW_ID, ParquetStore
 
 CONSUMED_PREFIX = "consumed-rank"
 EPOCH_FILE = "stream-epoch.json"
-#: the plan-row column a training stream carries to the workers
 
 
 # ------------------------------------------------------------------------------- consumed rows
@@ -131,9 +130,14 @@ class StreamLedger:
 
 def replay_rows(shard: str, consumed: np.ndarray, columns: list[str] | None = None) -> pa.Table:
     """A stored shard's rows that training has not consumed (a pyarrow table)."""
-    table = pq.read_table(shard, columns=columns)
-    keep = pc.invert(pc.is_in(table.column("row_id"), value_set=pa.array(consumed, type=pa.int64())))
-    return table.filter(keep)
+    return without_rows(pq.read_table(shard, columns=columns), pa.array(consumed, type=pa.int64()))
+
+
+def without_rows(table: pa.Table, row_ids: pa.Array) -> pa.Table:
+    """The rows of `table` whose `row_id` is not among `row_ids`."""
+    if not len(row_ids):
+        return table
+    return table.filter(pc.invert(pc.is_in(table.column(ROW_ID), value_set=row_ids)))
 
 
 class SkipConsumed:
@@ -144,6 +148,4 @@ class SkipConsumed:
         self.consumed = pa.array(ray.get(ledger.view.remote()).consumed, type=pa.int64())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if not len(self.consumed):
-            return batch
-        return batch.filter(pc.invert(pc.is_in(batch.column(ROW_ID), value_set=self.consumed)))
+        return without_rows(batch, self.consumed)

@@ -113,14 +113,16 @@ class ParquetStore:
             out.extend(self.read_column(shard, "caption"))
         return out
 
-    def first_rows_bound(self, n: int, column: str = "row_id") -> int:
-        """The largest `column` value among the store's n smallest: rows up to it are its first n in plan-row
-        order. StoreError when the store holds fewer than n rows."""
-        values = sorted(v for shard in self.shards() for v in self.read_column(shard, column))
+    def first_rows(self, n: int) -> tuple[int, list[Path]]:
+        """The store's first n rows in plan-row order: the largest `row_id` among them, and the shards that hold
+        some of them. StoreError when the store holds fewer than n rows."""
+        ids = {shard: self.read_column(shard, ROW_ID) for shard in self.shards()}
+        values = sorted(v for shard_ids in ids.values() for v in shard_ids)
         if len(values) < n:
             raise StoreError(f"store {self.root} holds {len(values)} rows; the first {n} were asked for "
                              "(a data scale larger than its pool)")
-        return int(values[n - 1])
+        bound = int(values[n - 1])
+        return bound, [shard for shard, shard_ids in ids.items() if shard_ids and min(shard_ids) <= bound]
 
     def footer(self, shard: Path) -> pq.FileMetaData:
         try:
@@ -152,17 +154,17 @@ class ParquetStore:
         ds = ray.data.read_parquet([str(s) for s in shards])
         return ds.select_columns(columns) if columns else ds
 
-    def read_subset(self, columns: list[str], max_row_id: int | None, first_images: int | None,
-                    passes: int = 1) -> ray.data.Dataset:
-        """A nested subset of the store as a Ray Dataset: rows up to plan row `max_row_id`, the first
-        `first_images` images (and masks) of each, read `passes` times in one execution (a small subset then
-        feeds a whole step budget without restarting its pipeline). Each pass offsets `row_id` by the pass
-        number x (max_row_id + 1), so every row a run trains on has its own id for the stream ledger."""
-        ids = {s: self.read_column(s, ROW_ID) for s in self.check_readable(tuple(columns))}
-        if max_row_id is not None:  # only the shards holding some of the subset's rows
-            ids = {s: v for s, v in ids.items() if v and min(v) <= max_row_id}
-        stride = (max_row_id if max_row_id is not None else max(max(v, default=0) for v in ids.values())) + 1
-        work = [{"shard": str(s), "offset": k * stride} for k in range(passes) for s in ids]
+    def read_subset(self, columns: list[str], shards: list[str | Path], max_row_id: int | None,
+                    first_images: int | None, passes: int = 1) -> ray.data.Dataset:
+        """A nested subset of the store as a Ray Dataset: from `shards` (those `first_rows` names), rows up to
+        plan row `max_row_id`, the first `first_images` images (and masks) of each, read `passes` times in one
+        execution (a small subset then feeds a whole step budget without restarting its pipeline). Each pass
+        offsets `row_id` by the pass number x (max_row_id + 1), so every row a run trains on has its own id for
+        the stream ledger."""
+        if passes > 1 and max_row_id is None:
+            raise ValueError("reading a subset in passes needs its max_row_id (the ids of each pass are offset by it)")
+        stride = 0 if max_row_id is None else max_row_id + 1
+        work = [{"shard": str(s), "offset": k * stride} for k in range(passes) for s in shards]
         return ray.data.from_items(work, override_num_blocks=len(work)).map_batches(
             _read_subset_block, batch_size=1, batch_format="pyarrow", num_cpus=SUBSET_READ_CPUS,
             concurrency=SUBSET_READ_TASKS,

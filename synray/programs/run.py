@@ -51,10 +51,10 @@ def training_dataset(plan: RunPlan, stats_actor: Any) -> tuple[ray.data.Dataset,
         ledger = stream_ledger(None) if tracks else None
         columns = list(plan.train.columns) + ([ROW_ID] if tracks and ROW_ID not in plan.train.columns else [])
         store = ParquetStore(data.store_dir)
-        if data.max_row_id is None and data.first_images is None:
+        if data.subset_shards:  # a nested subset (sweep trials), read in passes that cover the step budget
+            ds = store.read_subset(columns, list(data.subset_shards), data.max_row_id, data.first_images, data.passes)
+        else:
             ds = store.read_dataset(columns=columns)
-        else:  # a nested subset (sweep trials), read in passes that cover the step budget
-            ds = store.read_subset(columns, data.max_row_id, data.first_images, data.passes)
         ds = ds.randomize_block_order(seed=cfg.seed)
         if tracks:
             ds = ds.map_batches(SkipConsumed, fn_constructor_kwargs={"ledger": ledger}, batch_format="pyarrow",

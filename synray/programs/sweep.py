@@ -129,6 +129,7 @@ def sweep(plan: SweepPlan, resume: bool = False) -> SweepReport:
     for r in failed:
         log.error("trial %s failed: %s", Path(r.path).name, r.error)
     report = write_report(root)
+    report.failed = len(failed)
     if failed:
         report.messages.append(f"{len(failed)} trial(s) failed; `synray sweep --resume {root}` retries them")
     return report
@@ -145,4 +146,4 @@ def sweep_command(plan: SweepPlan, resume: bool = False) -> int:
         print(f"  note: {message}")
     for path in report.files:
         print(f"  wrote {path}")
-    return 1 if any("failed" in m for m in report.messages) else 0
+    return 1 if report.failed else 0

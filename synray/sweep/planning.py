@@ -9,12 +9,13 @@ from pathlib import Path
 
 from synray.config import ConfigError, RunConfig
 from synray.generation.pipeline import LIGHT_STAGE_CPUS
-from synray.plan import check_eval_protocols, check_subset_fills_a_batch
+from synray.plan import check_eval_protocols, check_subset_fills_a_batch, load_run_config
 from synray.sweep.fit import MIN_SCALES
 from synray.sweep.pools import SweepData, plan_pools, trial_config
+from synray.sweep.report import SWEEP_CONFIG
 from synray.sweep.space import SCALE_KEY, SearchSpace, check_space
 
-__all__ = ["SweepPlan", "TrialResources", "plan_sweep", "sweep_root", "LOSS_METRIC"]
+__all__ = ["SweepPlan", "TrialResources", "plan_sweep", "plan_sweep_command", "sweep_root", "LOSS_METRIC"]
 
 #: the metric every trial reports while it trains (ASHA stops on it)
 LOSS_METRIC = "loss"
@@ -111,6 +112,17 @@ def trial_resources(cfg: RunConfig) -> TrialResources:
     return TrialResources(driver, cpus, float(t.num_workers) if t.use_gpu else 0.0)
 
 
+def plan_sweep_command(config: str | None, overrides: list[str], out: str | None = None,
+                       resume: str | None = None) -> SweepPlan:
+    """The plan of `synray sweep CONFIG` / `jobs/sweep.py`: a config with overrides, or with `resume`, the
+    sweep directory's own saved config (so every trial is the one it was)."""
+    if resume:
+        return plan_sweep(load_run_config(str(Path(resume) / SWEEP_CONFIG), overrides), root=resume)
+    if not config:
+        raise ConfigError("sweep needs a CONFIG, or --resume SWEEP_DIR")
+    return plan_sweep(load_run_config(config, overrides), root=out)
+
+
 def plan_sweep(cfg: RunConfig, root: str | None = None) -> SweepPlan:
     """Check a sweep (space, metric, scales, pools, every grid trial's config) without starting anything."""
     _check_metric(cfg)
@@ -118,7 +130,7 @@ def plan_sweep(cfg: RunConfig, root: str | None = None) -> SweepPlan:
     _check_scales(cfg, space)
     base = sweep_root(cfg, root)
     data = plan_pools(cfg, space, str(base))
-    for params in space.finite_points() or [{}]:
+    for params in space.finite_points():
         try:  # every grid trial's config validates as it will run, and fills a batch
             check_subset_fills_a_batch(trial_config(cfg, space, data, params))
         except ValueError as e:

@@ -88,7 +88,7 @@ def plan_pools(base: RunConfig, space: SearchSpace, root: str) -> SweepData:
     captions = _largest_scale(base, space)
     _check_continuous(base, space, per_caption)
     pools: dict[str, Pool] = {}
-    for params in space.finite_points() or [{}]:
+    for params in space.finite_points():
         cfg = _pool_config(derive_config(base, trial_overrides(space, params)), captions, per_caption)
         fp = store_fingerprint(cfg)
         pools.setdefault(fp, Pool(fp, cfg, f"{root}/{POOLS_DIR}/{fp}"))

@@ -36,6 +36,7 @@ class SweepReport:
     files: list[Path] = field(default_factory=list)
     fits: dict[str, Any] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    failed: int = 0                  # trials Tune reports as errored (set by the sweep program)
 
 
 def load_trials(root: Path) -> list[dict[str, Any]]:
@@ -107,8 +108,13 @@ def _write_tables(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return [csv_path, md_path]
 
 
+def _error(value: float, mode: str) -> float:
+    """The error a figure stands for: 1 - metric for accuracies (mode max), the metric itself for min."""
+    return 1.0 - value if mode == "max" else value
+
+
 def _groups(trials: list[dict[str, Any]], metric: str, unit: str, mode: str) -> dict[str, tuple[list, list]]:
-    """method -> (data scales, errors): error is 1 - metric for accuracies (mode max), the metric itself for min."""
+    """method -> (data scales, errors)."""
     out: dict[str, tuple[list, list]] = {}
     for t in trials:
         value = _value(t, metric)
@@ -116,7 +122,7 @@ def _groups(trials: list[dict[str, Any]], metric: str, unit: str, mode: str) -> 
             continue
         n, e = out.setdefault(group_name(t["params"]), ([], []))
         n.append(_scale(t, unit))
-        e.append(1.0 - value if mode == "max" else value)
+        e.append(_error(value, mode))
     return out
 
 
@@ -137,9 +143,8 @@ def write_report(root: Path, metric: str | None = None) -> SweepReport:
     unit = cfg.tune.scale
     error = f"1 - {metric}" if cfg.tune.mode == "max" else metric
     inits = [t["init"][metric] for t in trials if metric in t.get("init", {})]
-    init = float(np.mean(inits)) if inits else None
-    reference = None if init is None else (1.0 - init if cfg.tune.mode == "max" else init)
-    fits, curves = {}, {}
+    reference = _error(float(np.mean(inits)), cfg.tune.mode) if inits else None
+    curves = {}
     for name, (n, err) in sorted(_groups(trials, metric, unit, cfg.tune.mode).items()):
         scales = len(set(n))
         if scales < MIN_SCALES:
@@ -151,7 +156,6 @@ def write_report(root: Path, metric: str | None = None) -> SweepReport:
         except ScalingFitError as e:
             report.messages.append(f"{name}: {e}")
             continue
-        fits[name] = fit.to_dict()
         curves[name] = fit
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()[:60]
         report.files.append(scaling_plot({name: fit}, out / f"scaling-{slug}.png", error, unit,
@@ -159,8 +163,8 @@ def write_report(root: Path, metric: str | None = None) -> SweepReport:
     if curves:
         report.files.append(scaling_plot(curves, out / "scaling.png", error, unit, title=cfg.name,
                                          reference=reference))
-    report.fits = {"metric": metric, "error": error,
-                   "scale": unit, "groups": fits}
+    report.fits = {"metric": metric, "error": error, "scale": unit,
+                   "groups": {name: fit.to_dict() for name, fit in curves.items()}}
     write_json(out / "fits.json", report.fits)
     report.files.append(out / "fits.json")
     return report

@@ -90,10 +90,9 @@ class SearchSpace:
             space[VARIANT_KEY] = tune.grid_search(sorted(self.variants))
         return space
 
-    def finite_points(self, keys: list[str] | None = None) -> list[dict[str, Any]]:
-        """Every combination of the finite dimensions (all, or those in keys) and variants, as trial params."""
-        dims = [d for d in self.dims if d.finite and (keys is None or d.key in keys)]
-        axes = [[(d.key, v) for v in d.values] for d in dims]
+    def finite_points(self) -> list[dict[str, Any]]:
+        """Every combination of the finite dimensions and variants, as trial params ([{}] when there are none)."""
+        axes = [[(d.key, v) for v in d.values] for d in self.dims if d.finite]
         if self.variants:
             axes.append([(VARIANT_KEY, name) for name in sorted(self.variants)])
         return [dict(c) for c in itertools.product(*axes)]
