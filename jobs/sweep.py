@@ -8,10 +8,9 @@ then the report (results table, scaling plots, power-law fits).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
+from synray.programs.errors import exit_status, job_logging
 from synray.programs.sweep import sweep_command
 from synray.sweep.planning import plan_sweep_command
 
@@ -23,15 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="sweep directory (default: tune.storage)")
     parser.add_argument("--resume", default=None, metavar="SWEEP_DIR", help="continue an interrupted sweep")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:  # validated and planned before any cluster resource is asked for
+    job_logging()
+
+    def job() -> int:  # validated and planned before any cluster resource is asked for
         plan = plan_sweep_command(args.config, args.overrides, out=args.out, resume=args.resume)
-    except (FileNotFoundError, ValueError) as e:
-        if bad_input_message(e) is None:
-            raise
-        print(bad_input_message(e), file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return sweep_command(plan, resume=bool(args.resume))
+        return sweep_command(plan, resume=bool(args.resume))
+
+    return exit_status(job)
 
 
 if __name__ == "__main__":

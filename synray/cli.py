@@ -7,12 +7,11 @@ without loading torch, Ray and the models; the library modules themselves import
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 
 from synray.config import EVAL_PROTOCOLS, TUNE_METRICS, builtin_configs
-from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
+from synray.programs.errors import exit_status, job_logging
 
 
 def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -48,6 +47,13 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
     for kind, path in paths.items():
         print(f"{kind}\t{path}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from synray.plan import load_run_config
+    from synray.programs.planview import plan_command
+
+    return plan_command(load_run_config(args.config, args.overrides), args.cluster, args.address)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -145,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_models_tiny)
 
+    plan = sub.add_parser("plan", help="print a run's stages, resources, data flow, storage and the nodes it needs, "
+                                       "checked (against a running cluster too), without starting anything")
+    _add_config_args(plan, optional=True)
+    plan.add_argument("--cluster", help="a Ray cluster-launcher YAML or KubeRay RayJob/RayCluster manifest to pack the "
+                                        "stages on (default: ./cluster.yaml when present)")
+    plan.add_argument("--address", help="also check against this running cluster (default: ray.address, "
+                                        "$RAY_ADDRESS)")
+    plan.set_defaults(func=cmd_plan)
+
     gen = sub.add_parser("generate", help="concepts -> captions -> images -> Parquet store (resumable)")
     _add_config_args(gen)
     gen.add_argument("--out", required=True, help="store directory")
@@ -213,17 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except Exception as e:  # noqa: BLE001 - bad input is reported in one line, anything else re-raised
-        message = bad_input_message(e)
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return exit_status(lambda: func(args))  # bad input is reported in one line (exit 2), anything else re-raised
 
 
 if __name__ == "__main__":

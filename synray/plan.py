@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from synray.captions.files import CaptionFileError, read_caption_file
 from synray.captions.llm import CPU_STAGE_CPUS
 from synray.captions.rewrite import check_source, rewrite_fingerprint
 from synray.concepts import load_bank
@@ -29,13 +30,14 @@ from synray.eval.report import EvalPlan, check_request, model_image_size
 from synray.generation.pipeline import LIGHT_STAGE_CPUS, GenerationPlan, store_fingerprint
 from synray.images.registry import RENDERERS, get_renderer, renderer_names
 from synray.models.tiny import ModelError, resolve_model
+from synray.placement import EVAL_PHASE, TRAINING_PHASE, ClusterSpec, Placement, StageResources, pack
 from synray.train.engine import check_compatible
 from synray.train.objectives import OBJECTIVES, Objective, TrainSetupError, get_objective, objective_names
 from synray.train.spec import TrainPlan
 
 __all__ = ["StageResources", "DataPlan", "HeldoutPlan", "RunPlan", "RewritePlan", "registry_choices",
            "load_run_config", "derive_config", "heldout_config", "check_eval_protocols", "check_subset_fills_a_batch",
-           "plan_generation", "plan_run", "plan_eval", "plan_rewrite"]
+           "plan_generation", "generation_stages", "run_stages", "plan_run", "plan_eval", "plan_rewrite"]
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +68,6 @@ def heldout_config(cfg: RunConfig) -> RunConfig:
 
 
 # -------------------------------------------------------------------------------------- plans
-@dataclass(frozen=True)
-class StageResources:
-    """A stage's actors (or workers) and what each asks of the cluster."""
-
-    stage: str
-    actors: int
-    cpus: float
-    gpus: float = 0.0
-
-    def describe(self) -> str:
-        each = f"{self.cpus:g} CPU" + (f" + {self.gpus:g} GPU" if self.gpus else "")
-        return f"{self.stage}: {self.actors} x ({each})"
-
-
 @dataclass(frozen=True)
 class DataPlan:
     """Where training rows come from: a live generation stream, or a store (read, or kept while streaming)."""
@@ -118,6 +106,17 @@ class RunPlan:
     def objective(self) -> Objective:
         return get_objective(self.train.objective)
 
+    def phases(self) -> dict[str, tuple[StageResources, ...]]:
+        """The stages that hold resources at the same time, per phase (training, then evaluation)."""
+        out: dict[str, tuple[StageResources, ...]] = {}
+        for s in self.stages:
+            out[s.phase] = out.get(s.phase, ()) + (s,)
+        return out
+
+    def place(self, cluster: ClusterSpec) -> list[Placement]:
+        """Each phase packed on the cluster's nodes; PlacementError (naming the settings) when one never fits."""
+        return [pack(stages, cluster, phase) for phase, stages in self.phases().items()]
+
     def describe(self) -> list[str]:
         """One line per fact a user checks before paying for a run."""
         lines = [f"data: {self.data.mode}" + (f" ({self.data.store_dir})" if self.data.store_dir else ""),
@@ -145,6 +144,11 @@ class RewritePlan:
 def plan_generation(cfg: RunConfig, store: ParquetStore | None = None) -> GenerationPlan:
     """Check the generation stages and resolve their models; with a store, read what it already holds."""
     load_bank(cfg.concepts.bank, cfg.concepts.kinds, cfg.concepts.max_concepts)
+    if cfg.captions.style == "file":
+        held = len(read_caption_file(cfg.captions.source))
+        if cfg.data.num_captions > held:
+            raise CaptionFileError(f"data.num_captions={cfg.data.num_captions}, but captions.source="
+                                   f"{cfg.captions.source} holds {held} captions (row i renders caption i)")
     renderer = get_renderer(cfg.images.backend)
     renderer.check(cfg.images)
     llm = resolve_model(cfg.captions.model, cfg.model_cache) if cfg.captions.backend == "vllm" else None
@@ -157,23 +161,48 @@ def plan_generation(cfg: RunConfig, store: ParquetStore | None = None) -> Genera
     return plan
 
 
-def generation_stages(plan: GenerationPlan, keep_store: bool) -> list[StageResources]:
-    """The stream's stages, as `synray.generation.pipeline.build_pipeline` lays them out."""
-    cfg = plan.cfg
-    out = [StageResources("plan rows", 1, LIGHT_STAGE_CPUS)]
-    if plan.llm_path is not None:
-        e = cfg.captions.engine
-        out += [StageResources("caption pre/post-processing", 2, CPU_STAGE_CPUS),
-                StageResources("vLLM engines", e.pool_size, e.num_cpus * e.tensor_parallel_size,
-                               e.num_gpus * e.tensor_parallel_size)]
+def generation_stages(cfg: RunConfig, keep_store: bool, phase: str = TRAINING_PHASE,
+                      prefix: str = "") -> list[StageResources]:
+    """The stream's stages, as `synray.generation.pipeline.build_pipeline` lays them out (an engine's
+    tensor-parallel bundles counted as one request: they go on one node)."""
+    out = [StageResources(f"{prefix}plan rows", 1, LIGHT_STAGE_CPUS, phase=phase)]
+    if cfg.captions.backend == "vllm":
+        e, engine = cfg.captions.engine, "captions.engine."
+        tp = e.tensor_parallel_size
+        out += [StageResources(f"{prefix}caption pre/post-processing", 2, CPU_STAGE_CPUS, phase=phase, tasks=True),
+                StageResources(f"{prefix}vLLM engines", e.pool_size, e.num_cpus * tp, e.num_gpus * tp,
+                               {k: v * tp for k, v in e.resources.items()},
+                               (f"{engine}pool_size", f"{engine}num_cpus", f"{engine}num_gpus"), phase)]
     else:
-        out.append(StageResources("template captions", 1, LIGHT_STAGE_CPUS))
-    out += [StageResources("caption clean-up", 1, LIGHT_STAGE_CPUS),
-            StageResources(f"{plan.renderer.name} renderers", cfg.images.pool_size, cfg.images.num_cpus,
-                           cfg.images.num_gpus)]
+        out.append(StageResources(f"{prefix}template captions", 1, LIGHT_STAGE_CPUS, phase=phase, tasks=True))
+    out += [StageResources(f"{prefix}caption clean-up", 1, LIGHT_STAGE_CPUS, phase=phase),
+            StageResources(f"{prefix}{cfg.images.backend} renderers", cfg.images.pool_size, cfg.images.num_cpus,
+                           cfg.images.num_gpus, cfg.images.resources,
+                           ("images.pool_size", "images.num_cpus", "images.num_gpus"), phase)]
     if keep_store:
-        out.append(StageResources("store writer", 1, LIGHT_STAGE_CPUS))
+        out.append(StageResources(f"{prefix}store writer", 1, LIGHT_STAGE_CPUS, phase=phase))
     return out
+
+
+def run_stages(cfg: RunConfig, protocols: tuple[str, ...]) -> tuple[StageResources, ...]:
+    """What a run holds at once while training (its stream's stages, preprocessing, the workers) and then while
+    evaluating (the held-out stream and two pools of feature actors: trained and initial backbones); from the
+    config alone, so that `synray plan` shows it before the inputs of a run exist."""
+    t, d = cfg.train, cfg.data
+    stages = generation_stages(cfg, d.mode == "stream+store") if d.mode != "stored" else []
+    stages.append(StageResources("row preprocessing", d.preprocess_actors, d.preprocess_cpus, 0.0,
+                                 d.preprocess_resources, ("data.preprocess_actors", "data.preprocess_cpus")))
+    stages.append(StageResources("training workers", t.num_workers, t.cpus_per_worker,
+                                 t.gpus_per_worker if t.use_gpu else 0.0, t.resources,
+                                 ("train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker")))
+    if protocols:
+        if not cfg.eval.dataset:
+            stages += generation_stages(heldout_config(cfg), False, EVAL_PHASE, "held-out ")
+        stages.append(StageResources("feature extractors", 2 * cfg.eval.feature_actors, 1.0,
+                                     1.0 if cfg.eval.use_gpu else 0.0, cfg.eval.resources,
+                                     ("eval.feature_actors", "", "eval.use_gpu"),
+                                     EVAL_PHASE))
+    return tuple(stages)
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -208,17 +237,19 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -
         raise StoreError(f"data.first_images={first_images}, but rows of {store_dir} hold as few as {per_caption} "
                          "images")
     per_caption = first_images or per_caption
+    draw = cfg.train.images_per_row is not None and cfg.train.images_per_row < per_caption
+    if cfg.train.images_per_row is not None:
+        if cfg.train.images_per_row > per_caption:
+            raise TrainSetupError(f"train.images_per_row={cfg.train.images_per_row}, but rows hold {per_caption} "
+                                  "images")
+        per_caption = cfg.train.images_per_row
     data = DataPlan("stored" if stored else cfg.data.mode, store_dir, None if stored else plan_generation(cfg),
                     max_row_id, first_images, _subset_passes(cfg) if max_row_id is not None else 1, subset_shards)
     heldout = _plan_heldout(cfg) if protocols else None
     train = TrainPlan(objective.name, per_caption, num_classes, epochs=stored, columns=columns,
                       text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step,
-                      tracks_rows=tracks)
-    stages = generation_stages(data.generation, data.mode == "stream+store") if data.generation else []
-    t, d = cfg.train, cfg.data
-    stages.append(StageResources("row preprocessing", d.preprocess_actors, d.preprocess_cpus))
-    stages.append(StageResources("training workers", t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0))
-    return RunPlan(cfg, data, train, heldout, protocols, tuple(stages), fresh)
+                      tracks_rows=tracks, draw_images=draw)
+    return RunPlan(cfg, data, train, heldout, protocols, run_stages(cfg, protocols), fresh)
 
 
 def _plan_store(cfg: RunConfig, objective: Objective, data_dir: str | None) -> tuple[str, tuple[str, ...], int]:
@@ -306,6 +337,10 @@ def check_eval_protocols(cfg: RunConfig) -> tuple[str, ...]:
     if not cfg.eval.enabled:
         return ()
     todo = check_protocols(cfg.eval.protocols)
+    if cfg.captions.style == "file" and not cfg.eval.dataset:
+        raise EvalError("captions.style=file: rows of a caption file carry no class labels, so there is no held-out "
+                        "set to generate; set eval.dataset (a labelled set, e.g. ImageNet val as Parquet) or "
+                        "eval.enabled=false")
     if "zeroshot" in todo and not get_objective(cfg.train.loss).image_text:
         names = "/".join(o.name for o in OBJECTIVES.values() if o.image_text)
         raise EvalError(f"eval.protocols has zeroshot, which needs an image-text model (train.loss={names}); "

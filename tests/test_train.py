@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -82,43 +79,6 @@ def test_bad_training_input_fails_before_training(tmp_path: Path):
     pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "bad" / "shard-0.parquet")
     with pytest.raises(StoreError, match="lacks the columns"):
         plan_run(small_config(), data_dir=str(tmp_path / "bad"))
-
-
-def test_run_local_end_to_end(ray_cluster: str, tmp_path: Path):
-    """`synray run local` (shrunk) through the CLI: stream from vLLM + diffusers into DeepSpeed workers, keeping
-    the streamed rows in a store (stream+store). The stream ends before the step budget: every stored row is
-    trained on exactly once (but the last partial batch), and every caption id is stored once. Secrets in the
-    environment reach no output: not the run directory, the store, the logs or the console."""
-    from synray.data.ledger import load_consumed
-
-    canary = "hf_synrayCanary0123456789secret"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "HF_TOKEN": canary, "AWS_SECRET_ACCESS_KEY": canary}
-    store = tmp_path / "kept"
-    args = ["data.num_captions=16", "data.mode=stream+store", f"data.store_dir={store}", "data.rows_per_shard=4",
-            "train.steps=50", "train.captions_per_worker=2", "train.log_every=1", "train.checkpoint_every=50",
-            "eval.heldout_captions=12", f"output_root={tmp_path}"]
-    r = subprocess.run([sys.executable, "-m", "synray.cli", "run", "local"] + [a for x in args for a in ("--set", x)],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    (run_dir,) = list(tmp_path.glob("local-*"))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    t = summary["train"]
-    assert summary["mode"] == "stream+store" and t["ended_early"] and t["steps"] >= 2
-    ev = summary["eval"]
-    assert ev["heldout_rows"] == 12 and 0 <= ev["trained"]["knn_accuracy"] <= 1
-    assert (run_dir / "backbone" / "config.json").exists()
-    assert "run directory:" in r.stdout
-    stored = [row for s in sorted(store.glob("shard-*.parquet"))
-              for row in pq.read_table(s, columns=["caption_id", "row_id"]).to_pylist()]
-    assert len({row["caption_id"] for row in stored}) == len(stored) >= 12   # each caption id stored once
-    consumed = set(load_consumed(Path(t["checkpoint"])).tolist())
-    stored_rows = {row["row_id"] for row in stored}
-    rows_per_step = 2 * 2
-    assert len(consumed) == t["steps"] * rows_per_step                         # no row trained on twice
-    assert consumed <= stored_rows and len(stored_rows - consumed) < rows_per_step   # all but a partial batch
-    assert canary not in r.stdout + r.stderr
-    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and canary.encode() in p.read_bytes()]
-    assert not leaked, leaked
 
 
 def test_clip_training_on_a_laclip_rewrite_store(generated_store: dict, tmp_path: Path):

@@ -48,6 +48,7 @@ def placement_bundles(cfg: CaptionsConfig) -> list[dict[str, float]]:
     bundle: dict[str, float] = {"CPU": e.num_cpus}
     if e.num_gpus:
         bundle["GPU"] = e.num_gpus
+    bundle.update(e.resources)
     return [dict(bundle) for _ in range(e.tensor_parallel_size)]
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import ray
 
 from synray.captions.cleanup import CaptionDeduper, RejectionCounter, clean_captions
+from synray.captions.files import read_caption_file
 from synray.concepts import load_bank, plan_row
 from synray.config import CaptionsConfig, RunConfig
 from synray.data.schema import caption_id, prompt_seed
@@ -38,10 +39,20 @@ class PlanRows:
         self.stats = StatsClient(stats_actor)
         cap = cfg.captions
         self.llm_model = cap.model if cap.backend == "vllm" else f"template:{cap.style}"
+        self.file = read_caption_file(cap.source) if cap.style == "file" else None
+        if self.file is not None:
+            self.llm_model = f"file:{cap.source}"
         self.sampling_json = json.dumps(llm_sampling(cap) if cap.backend == "vllm" else {}, sort_keys=True)
 
-    def plan(self, row_id: int) -> dict[str, Any]:
+    def plan(self, row_id: int) -> dict[str, Any] | None:
         cfg, seed = self.cfg, self.cfg.seed
+        if self.file is not None:  # row i renders the file's caption i; no concept, no label
+            if row_id >= len(self.file):
+                return None
+            prompt = self.file[row_id]
+            return {"row_id": row_id, "caption_id": caption_id(seed, row_id, prompt), "label": -1, "concept": "",
+                    "kind": "caption", "template": "file", "prompt": prompt, "prompt_seed": prompt_seed(seed, row_id),
+                    "run_seed": seed, "llm_model": self.llm_model, "llm_sampling": self.sampling_json}
         plan = plan_row(self.concepts, cfg.concepts, seed, row_id)
         if cfg.captions.backend == "vllm":
             prompt = synclr_prompt(plan, seed, row_id, cfg.captions.num_examples)
@@ -57,7 +68,7 @@ class PlanRows:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.time()
         rows = [self.plan(int(i)) for i in batch["id"] if int(i) not in self.skip_rows]
-        rows = [r for r in rows if r["caption_id"] not in self.skip]
+        rows = [r for r in rows if r is not None and r["caption_id"] not in self.skip]
         self.stats.record("plan", len(rows), start)
         return _columns(rows, PLAN_COLUMNS)
 

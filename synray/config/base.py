@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 
 class ConfigError(ValueError):
@@ -15,6 +16,46 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+#: Ray's own resource names: a stage asks for them through its dedicated keys (num_cpus, num_gpus, ...)
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(v: dict[str, float]) -> dict[str, float]:
+    builtin = sorted(set(v) & set(RAY_BUILTIN_RESOURCES))
+    if builtin:
+        raise ValueError(f"{', '.join(builtin)} {'is' if len(builtin) == 1 else 'are'} set by the stage's own "
+                         "num_cpus/num_gpus keys; list custom resources only (those a cluster's node types declare)")
+    bad = sorted(k for k, x in v.items() if not x > 0)
+    if bad:
+        raise ValueError(f"amounts must be > 0; not for {', '.join(bad)}")
+    return v
+
+
+#: custom Ray resources a stage's actors (or workers) ask for, each: the node types that declare them are the only
+#: ones the stage lands on (cluster.yaml and the RayJob declare one per stage: llm_node, diffusion_node, ...)
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources),
+                            Field(default_factory=dict, description="custom Ray resources each actor asks for, "
+                                  "e.g. {diffusion_node: 0.001}: the stage runs only on nodes that declare them")]
+
+
+def _mounted_path(v: str | None) -> str | None:
+    if v is not None and "://" in v:
+        raise ValueError(f"{v}: cloud URIs (s3://, gs://) are not read or written by synray yet; give a directory "
+                         "that every node mounts (e.g. /mnt/cluster_storage on EFS, Filestore or NFS)")
+    return v
+
+
+#: a file or directory path that every node must see: a local path or a shared mount, not a URI
+MountedPath = Annotated[str, AfterValidator(_mounted_path)]
+
+
+def check_gpu_share(v: float) -> float:
+    """Ray places a fraction of one GPU (< 1) or whole GPUs; 1.5 can never be placed."""
+    if v > 1 and v != int(v):
+        raise ValueError(f"a GPU share is a fraction of one GPU (< 1) or a whole number of GPUs; not {v}")
+    return v
 
 
 # `train.loss` and `images.backend` name entries of registries that live above this module (the

@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from synray.config.base import Section, _registered
+from synray.config.base import CustomResources, MountedPath, Section, _registered, check_gpu_share
 from synray.config.tune import TuneConfig
 
 __all__ = ["RayConfig", "TemplateWeights", "RELATIONS", "ConceptsConfig", "SamplingConfig", "EngineConfig",
@@ -79,10 +79,13 @@ class EngineConfig(Section):
     enforce_eager: bool = Field(False, description="skip graph compilation (faster start, slower decode)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per engine bundle")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per engine (0 on CPU machines)")
+    resources: CustomResources
     max_concurrent_batches: int = Field(4, ge=1)
     batch_invariant: bool = Field(False, description="vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1, CUDA "
                                   "engines): a seeded caption no longer depends on the requests batched with it")
     extra: dict[str, Any] = Field(default_factory=dict, description="further vLLM engine kwargs")
+
+    _gpu_share = field_validator("num_gpus")(check_gpu_share)
 
     @model_validator(mode="after")
     def _invariance_needs_cuda(self) -> "EngineConfig":
@@ -107,7 +110,7 @@ class RewriteConfig(Section):
     """LaCLIP: k rewrites per caption of an existing image-text dataset."""
 
     enabled: bool = False
-    source: str | None = Field(None, description="Parquet dir/file or WebDataset tar(s) with image+caption")
+    source: MountedPath | None = Field(None, description="Parquet dir/file or WebDataset tar(s) with image+caption")
     num_rewrites: int = Field(4, ge=1, le=16)
     sampling: SamplingConfig = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=77)
 
@@ -115,8 +118,11 @@ class RewriteConfig(Section):
 class CaptionsConfig(Section):
     backend: Literal["vllm", "template"] = "vllm"
     model: str = Field("tiny:llm", description="tiny:llm, a HF model name or a local directory")
-    style: Literal["synclr", "classname", "clip_templates", "concept_background", "shapes"] = Field(
-        "synclr", description="synclr needs the vllm backend; the others are model-free templates")
+    style: Literal["synclr", "classname", "clip_templates", "concept_background", "shapes", "file"] = Field(
+        "synclr", description="synclr needs the vllm backend; the others are model-free templates; file: the "
+        "captions of captions.source, in order (StableRep on CC12M-style captions)")
+    source: MountedPath | None = Field(None, description="style=file: a text file (one caption per line) or "
+                                       "Parquet with a caption column; row i gets caption i")
     num_examples: int = Field(3, ge=0, le=16, description="in-context examples per prompt")
     sampling: SamplingConfig = SamplingConfig()
     engine: EngineConfig = EngineConfig()
@@ -130,7 +136,9 @@ class CaptionsConfig(Section):
     def _style_needs_backend(self) -> "CaptionsConfig":
         if self.style == "synclr" and self.backend != "vllm":
             raise ValueError("style 'synclr' needs backend 'vllm'; template styles: classname, "
-                             "clip_templates, concept_background, shapes")
+                             "clip_templates, concept_background, shapes, file")
+        if (self.style == "file") != (self.source is not None):
+            raise ValueError("style 'file' and source go together: style=file reads its captions from source")
         return self
 
 
@@ -156,8 +164,12 @@ class ImagesConfig(Section):
         "to one shape; a row regenerates exactly by re-rendering its call (render_group). per_caption: one call "
         "per caption; every row regenerates on its own, at lower GPU throughput")
     num_cpus: float = Field(1.0, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per diffusion actor; a fraction shares a GPU (with "
+                            "training workers when train.gpus_per_worker is a fraction too)")
+    resources: CustomResources
     negative_prompt: str | None = None
+
+    _gpu_share = field_validator("num_gpus")(check_gpu_share)
 
     @field_validator("backend")
     @classmethod
@@ -186,12 +198,13 @@ class ImagesConfig(Section):
 class DataConfig(Section):
     num_captions: int = Field(128, ge=1, description="captions (rows) to generate")
     mode: Literal["stream", "stored", "stream+store"] = "stream"
-    store_dir: str | None = Field(None, description="Parquet store (stored / stream+store modes)")
+    store_dir: MountedPath | None = Field(None, description="Parquet store (stored / stream+store modes)")
     rows_per_shard: int = Field(64, ge=1)
     shuffle_buffer_rows: int = Field(0, ge=0, description="local shuffle buffer for stored mode")
     preprocess_actors: int = Field(2, ge=1, description="CPU actors that decode rows into training tensors "
                                    "(a Ray Data stage before the trainer)")
     preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per preprocessing actor")
+    preprocess_resources: CustomResources
     preprocess_batch_rows: int = Field(16, ge=1, description="rows per preprocessing call")
     stream_buffer_mb: float | None = Field(
         None, gt=0, description="object-store MiB the training dataset's stages may hold ahead of the trainer "
@@ -250,8 +263,13 @@ class TrainConfig(Section):
                                "initial value of the learnable one (CLIP: 0.07)")
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu; a fraction (0.5) lets "
+                                   "one GPU serve training and diffusion actors together")
     cpus_per_worker: float = Field(0.5, gt=0)
+    resources: CustomResources
     captions_per_worker: int = Field(8, ge=1, description="n: rows (captions) per worker micro-batch")
+    images_per_row: int | None = Field(None, ge=1, description="images of each row a step uses, drawn anew among "
+                                       "the row's images each time it is read (StableRep: 6 of 10); default: all")
     grad_accum: int = Field(1, ge=1)
     lr: float | None = Field(None, gt=0, description="default: base_lr x images per step / 256")
     base_lr: float = Field(2e-4, gt=0)
@@ -269,7 +287,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
-    resume_from: str | None = Field(None, description="a checkpoint directory of an earlier run to start from")
+    resume_from: MountedPath | None = Field(None, description="a checkpoint directory of an earlier run to start from")
     fail_at_step: int | None = Field(None, ge=1, description="fault drill: the last worker dies at this step "
                                      "unless it was restarted from a checkpoint")
 
@@ -278,10 +296,14 @@ class TrainConfig(Section):
     def _loss_registered(cls, v: str, info: ValidationInfo) -> str:
         return _registered("train.loss", v, info)
 
+    _gpu_share = field_validator("gpus_per_worker")(check_gpu_share)
+
     @model_validator(mode="after")
     def _checks(self) -> "TrainConfig":
         if self.precision != "fp32" and not self.use_gpu:
             raise ValueError(f"precision {self.precision!r} needs use_gpu=true; use fp32 on the CPU")
+        if "gpus_per_worker" in self.model_fields_set and self.gpus_per_worker != 1 and not self.use_gpu:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker:g} needs use_gpu=true")
         if self.fail_at_step is not None and self.fail_at_step <= self.checkpoint_every:
             raise ValueError(f"train.fail_at_step={self.fail_at_step} must be after the first checkpoint "
                              f"(train.checkpoint_every={self.checkpoint_every}): a restart before it has no "
@@ -324,7 +346,8 @@ class EvalConfig(Section):
     batch_size: int = Field(256, ge=1, description="images per encoder forward when extracting features")
     feature_actors: int = Field(1, ge=1, description="`synray eval`: Ray Data feature-extraction actors")
     use_gpu: bool = Field(False, description="`synray eval`: one GPU per feature-extraction actor")
-    dataset: str | None = Field(None, description="evaluate on this dataset instead of a held-out set")
+    resources: CustomResources
+    dataset: MountedPath | None = Field(None, description="evaluate on this dataset instead of a held-out set")
 
     @field_validator("zeroshot_templates")
     @classmethod
@@ -340,8 +363,8 @@ class RunConfig(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    output_root: str = Field("runs", description="run directories go under this folder")
-    model_cache: str | None = Field(None, description="where tiny:* models are built (default ~/.cache/synray)")
+    output_root: MountedPath = Field("runs", description="run directories go under this folder")
+    model_cache: MountedPath | None = Field(None, description="where tiny:* models are built (default ~/.cache/synray)")
     ray: RayConfig = RayConfig()
     concepts: ConceptsConfig = ConceptsConfig()
     captions: CaptionsConfig = CaptionsConfig()

@@ -38,6 +38,10 @@ class StoreError(ValueError):
     """A store directory that cannot be used as asked."""
 
 
+class StoreMissingError(StoreError):
+    """A store to read that holds no data yet (an earlier job, `synray generate` or `rewrite`, makes it)."""
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -136,10 +140,10 @@ class ParquetStore:
     def check_readable(self, required: tuple[str, ...] = TRAIN_COLUMNS) -> list[Path]:
         """The shard list, after checking the store exists and has the columns training needs."""
         if not self.root.is_dir():
-            raise StoreError(f"dataset directory {self.root} does not exist")
+            raise StoreMissingError(f"dataset directory {self.root} does not exist")
         shards = self.shards()
         if not shards:
-            raise StoreError(f"dataset directory {self.root} holds no {SHARD_PREFIX}*.parquet shards")
+            raise StoreMissingError(f"dataset directory {self.root} holds no {SHARD_PREFIX}*.parquet shards")
         for shard in shards:  # every footer, so a damaged shard is named now, not mid-training
             self.footer(shard)
         names = set(pq.read_schema(shards[0]).names)

@@ -315,7 +315,7 @@ def _ordered() -> Iterator[None]:
 
 def add_extractors(ds: ray.data.Dataset, models: Mapping[str, str], image_size: int, outputs: Sequence[str],
                    batch_size: int = 64, actors: int = 1, use_gpu: bool = False,
-                   drop_images: bool = False) -> ray.data.Dataset:
+                   drop_images: bool = False, resources: Mapping[str, float] | None = None) -> ray.data.Dataset:
     """One pool of FeatureExtractor actors per model, each adding its outputs to the rows.
 
     ``models`` maps a name to a model directory; the outputs of model ``name`` get the columns
@@ -329,7 +329,8 @@ def add_extractors(ds: ray.data.Dataset, models: Mapping[str, str], image_size: 
                                    "device": "cuda" if use_gpu else "cpu", "outputs": tuple(outputs),
                                    "prefix": f"{name}/" if name else "",
                                    "drop_images": drop_images and i == len(models) - 1},
-            compute=ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0)
+            compute=ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0,
+            **({"resources": dict(resources)} if resources else {}))
     return ds
 
 
@@ -354,9 +355,10 @@ def model_rows(rows: Sequence[Mapping[str, Any]], name: str, outputs: Sequence[s
 
 
 def extract_arrays(source: EvalSource, model_dir: str, image_size: int, outputs: Sequence[str],
-                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False) -> EvalArrays:
+                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False,
+                   resources: Mapping[str, float] | None = None) -> EvalArrays:
     """Read ``source`` through Ray Data and extract ``outputs`` once with a pool of FeatureExtractor actors."""
     ds = add_extractors(source_dataset(source), {"": model_dir}, image_size, outputs, batch_size, actors, use_gpu,
-                        drop_images=True)
+                        drop_images=True, resources=resources)
     rows = collect_rows(ds, source.path)
     return rows_to_arrays(rows, image_size, outputs, source.class_names, source.has_labels)

@@ -73,7 +73,8 @@ def evaluate_dataset(plan: EvalPlan, cfg: RunConfig) -> dict[str, Any]:
     log.info("extracting %s of %s (%s, %d files) at %dpx", ", ".join(outputs_for(todo)), plan.dataset,
              plan.source.kind, len(plan.source.files), plan.image_size)
     arrays = extract_arrays(plan.source, plan.model_dir, plan.image_size, outputs_for(todo),
-                            batch_size=cfg.eval.batch_size, actors=cfg.eval.feature_actors, use_gpu=cfg.eval.use_gpu)
+                            batch_size=cfg.eval.batch_size, actors=cfg.eval.feature_actors, use_gpu=cfg.eval.use_gpu,
+                            resources=cfg.eval.resources)
     log.info("running %s on %d images", ", ".join(todo), len(arrays))
     results = run_protocols(arrays, todo, cfg.eval, seed=cfg.seed, image_text=image_text)
     return {"model_dir": str(Path(plan.model_dir).resolve()), "dataset": str(Path(plan.dataset).resolve()),

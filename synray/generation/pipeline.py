@@ -105,7 +105,7 @@ def add_image_stage(ds: ray.data.Dataset, plan: GenerationPlan, stats_actor: Any
         fn_constructor_kwargs={"cfg": img, "model_path": plan.t2i_path, "run_seed": plan.cfg.seed,
                                "stats_actor": stats_actor},
         compute=ActorPoolStrategy(size=img.pool_size), batch_size=img.batch_size,
-        num_cpus=img.num_cpus, num_gpus=img.num_gpus or None)
+        num_cpus=img.num_cpus, num_gpus=img.num_gpus or None, **({"resources": img.resources} if img.resources else {}))
 
 
 def replay_dataset(ledger: Any, columns: list[str]) -> ray.data.Dataset:

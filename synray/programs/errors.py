@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
+from collections.abc import Callable
 
 from synray.config import ConfigError
 
@@ -47,3 +50,22 @@ def bad_input_message(e: BaseException) -> str | None:
         if found:
             return f"synray: error: {found.group(1)}"
     return None
+
+
+def exit_status(fn: Callable[[], int]) -> int:
+    """fn()'s exit status; bad input, found while planning or while running, is printed in one line and gives
+    EXIT_BAD_INPUT. Anything else (a bug, a crash) propagates with its traceback."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - only bad input is turned into a message
+        message = bad_input_message(e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def job_logging(verbose: bool = False) -> None:
+    """The log format of the `synray` command and the `jobs/` entrypoints."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -22,7 +22,7 @@ from synray.generation.pipeline import (LIGHT_STAGE_CPUS, add_store_stage, build
                                         store_fingerprint, store_info)
 from synray.plan import HeldoutPlan, RunPlan
 from synray.programs.rundir import RunDir
-from synray.programs.session import session, stage_stats, stats_summary, stream_ledger
+from synray.programs.session import cluster_spec, session, stage_stats, stats_summary, stream_ledger
 from synray.train.preprocess import add_preprocessing
 from synray.train.trainer import TrainResult, fit
 from synray.viz import loss_curve, sample_grid
@@ -100,7 +100,7 @@ def evaluate(plan: RunPlan, result: TrainResult) -> tuple[dict[str, Any], list[d
     models = {"trained": result.backbone_dir, "init": result.init_dir}
     fraction = min(1.0, 4 * GRID_ROWS / max(1, cfg.eval.heldout_captions))
     ds = add_extractors(heldout_dataset(plan.heldout), models, size, outputs, cfg.eval.batch_size,
-                        cfg.eval.feature_actors, cfg.eval.use_gpu)
+                        cfg.eval.feature_actors, cfg.eval.use_gpu, resources=cfg.eval.resources)
     rows = collect_rows(ds.map_batches(keep_sample_images, fn_kwargs={"fraction": fraction}, batch_format="numpy"),
                         plan.heldout.dataset or "the held-out set")
     rows.sort(key=lambda r: str(r.get("caption_id", "")))  # the reference/query split then repeats across runs
@@ -124,7 +124,17 @@ def write_metrics(rd: RunDir, metrics: list[dict[str, Any]]) -> Path:
 
 
 def run(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
-    """Generate (or read) -> train -> evaluate; everything lands in a new run directory."""
+    """Generate (or read) -> train -> evaluate; everything lands in a new run directory.
+
+    The plan is first placed on the cluster it joins (PlacementError, before any directory or actor exists, when
+    a phase can never fit)."""
+    with session(plan.cfg.ray):
+        for placement in plan.place(cluster_spec()):
+            log.info("placement (%s): %s", placement.phase, placement.describe())
+        return _run_in_session(plan)
+
+
+def _run_in_session(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
     cfg = plan.cfg
     rd = None if plan.fresh else RunDir.unfinished(cfg)
     if rd is not None:
@@ -137,16 +147,15 @@ def run(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
     summary: dict[str, Any] = {"name": cfg.name, "run_dir": str(rd.path.resolve()), "mode": plan.data.mode,
                                "per_caption": plan.train.per_caption}
     try:
-        with session(cfg.ray):
-            stats = stage_stats()
-            dataset, ledger = training_dataset(plan, stats)
-            result = fit(cfg, plan.train, dataset, rd.path / "train", ledger)
-            summary.update(stats_summary(stats))
-            summary["train"] = train_summary(result)
-            check_trained(summary)
-            if plan.heldout is not None and result.backbone_dir:
-                summary["eval"], samples = evaluate(plan, result)
-                sample_grid(samples, rd.path / "samples.png")
+        stats = stage_stats()
+        dataset, ledger = training_dataset(plan, stats)
+        result = fit(cfg, plan.train, dataset, rd.path / "train", ledger)
+        summary.update(stats_summary(stats))
+        summary["train"] = train_summary(result)
+        check_trained(summary)
+        if plan.heldout is not None and result.backbone_dir:
+            summary["eval"], samples = evaluate(plan, result)
+            sample_grid(samples, rd.path / "samples.png")
         if result.metrics:
             write_metrics(rd, result.metrics)
             loss_curve(result.metrics, rd.path / "loss_curve.png")

@@ -14,6 +14,7 @@ import ray
 from synray.config import RayConfig
 from synray.data.ledger import StreamLedger
 from synray.data.stats import StageStats
+from synray.placement import ClusterSpec, NodeType
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,23 @@ def stream_ledger(store_dir: str | None) -> Any:
 def cluster_resources() -> dict[str, float]:
     """The connected cluster's total resources (CPU, GPU, custom ones)."""
     return dict(ray.cluster_resources())
+
+
+def cluster_spec() -> ClusterSpec:
+    """The connected cluster as node types: each running node, plus the node groups its autoscaler may add (up to
+    their maximum counts; Ray publishes them in the GCS). A local Ray has no autoscaler: its nodes are all it has."""
+    from ray._private.state import state  # Ray Train reads the autoscaler's limits the same way
+
+    types = [NodeType(f"node {n['NodeManagerAddress']}",
+                      {k: float(v) for k, v in n["Resources"].items() if not k.startswith("node:")}, existing=1,
+                      max_workers=1)
+             for n in ray.nodes() if n["Alive"]]
+    config = state.get_cluster_config()
+    for group in (config.node_group_configs if config is not None else []):
+        if group.max_count != 0:
+            types.append(NodeType(f"node group {group.name}", dict(group.resources), group.min_count,
+                                  None if group.max_count < 0 else group.max_count))
+    return ClusterSpec(f"the Ray cluster at {ray.get_runtime_context().gcs_address}", tuple(types))
 
 
 def stats_summary(actor: Any) -> dict[str, Any]:

@@ -26,16 +26,20 @@ def _chw(arrays: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
 
 
-def decode_rows(batch: dict[str, np.ndarray], per_caption: int) -> dict[str, np.ndarray]:
-    """Caption rows -> `images` uint8 [n, m, 3, H, W] (the first m images of each row), `caption_id` (the
-    multi-positive group, int64 [n]) and `label` (int64 [n]). A row stays whole: its m images travel together."""
+def decode_rows(batch: dict[str, np.ndarray], per_caption: int,
+                rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Caption rows -> `images` uint8 [n, m, 3, H, W] (the first m images of each row, or m drawn without
+    replacement by `rng`), `caption_id` (the multi-positive group, int64 [n]) and `label` (int64 [n]). A row
+    stays whole: its m images travel together."""
     images = []
     for row_images, cid in zip(batch["images"], batch["caption_id"]):
         imgs = list(row_images)
         if len(imgs) < per_caption:
             raise BatchError(f"row {cid} holds {len(imgs)} images but training uses images.per_caption="
                              f"{per_caption}; generate with that many images per caption")
-        decoded = [decode_image(data) for data in imgs[:per_caption]]
+        picked = (imgs[:per_caption] if rng is None or len(imgs) == per_caption
+                  else [imgs[i] for i in sorted(rng.choice(len(imgs), per_caption, replace=False))])
+        decoded = [decode_image(data) for data in picked]
         if len({a.shape for a in decoded}) != 1:
             raise BatchError(f"the images of row {cid} differ in size: {sorted({a.shape for a in decoded})}")
         images.append(_chw(decoded))

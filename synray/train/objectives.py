@@ -57,6 +57,8 @@ class Objective:
     default_augment: ClassVar[str] = "strong"
     #: trains a text tower too; its export then serves zero-shot evaluation
     image_text: ClassVar[bool] = False
+    #: learns from the rows' concept labels (rows of a caption file have none)
+    needs_labels: ClassVar[bool] = False
 
     # -------------------------------------------------------------------------- what it needs
     def images_per_row(self, per_caption: int) -> int:
@@ -73,6 +75,9 @@ class Objective:
 
     def check(self, cfg: RunConfig, per_caption: int, text_model: str | None) -> None:
         """TrainSetupError for a setup this objective cannot train (nothing is started or loaded)."""
+        if self.needs_labels and cfg.captions.style == "file" and cfg.data.mode != "stored":
+            raise TrainSetupError(f"train.loss={self.name} learns concept labels, which rows of a caption file "
+                                  "(captions.style=file) do not have")
         if per_caption < self.min_images_per_caption:
             raise TrainSetupError(
                 f"train.loss={self.name} needs at least {self.min_images_per_caption} images per caption "
@@ -90,13 +95,14 @@ class Objective:
 
     # --------------------------------------------------------------- in Ray Data, on CPUs
     def preprocess_setup(self, cfg: RunConfig, plan: TrainPlan) -> Any:
-        """What a preprocessing actor loads once (a tokenizer, ...); nothing by default."""
-        return None
+        """What a preprocessing actor loads once (a tokenizer, ...): by default the generator that draws a row's
+        images when it holds more than a step uses (train.images_per_row), fresh on each actor."""
+        return np.random.default_rng() if plan.draw_images else None
 
     def preprocess(self, rows: dict[str, np.ndarray], cfg: RunConfig, plan: TrainPlan,
                    state: Any) -> dict[str, np.ndarray]:
         """Rows -> fixed-shape arrays, one entry per row (so a caption's m images stay together)."""
-        return decode_rows(rows, plan.per_caption)
+        return decode_rows(rows, plan.per_caption, state)
 
     # ---------------------------------------------------------------------- on the device
     def make_batch(self, tensors: dict[str, Tensor], rng: np.random.Generator) -> ImageBatch | ImageTextBatch:
@@ -146,6 +152,7 @@ class Supervised(Objective):
     """Cross-entropy over the concept labels (the supervised baseline)."""
 
     name: ClassVar[str] = "supervised"
+    needs_labels: ClassVar[bool] = True
 
     def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
         return ModelParts(build_classifier(cfg.train.backbone, num_classes))

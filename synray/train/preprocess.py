@@ -44,7 +44,7 @@ def add_preprocessing(ds: ray.data.Dataset, cfg: RunConfig, plan: TrainPlan,
     return ds.select_columns(columns).map_batches(
         RowPreprocessor, fn_constructor_kwargs={"cfg": cfg, "plan": plan}, batch_format="numpy",
         batch_size=d.preprocess_batch_rows, compute=ActorPoolStrategy(size=d.preprocess_actors),
-        num_cpus=d.preprocess_cpus)
+        num_cpus=d.preprocess_cpus, **({"resources": d.preprocess_resources} if d.preprocess_resources else {}))
 
 
 def ingest_options(data: DataConfig) -> ExecutionOptions:

@@ -21,3 +21,4 @@ class TrainPlan:
     resume_step: int | None = None   # the step that checkpoint holds
     tracks_rows: bool = False        # rows carry row_id: checkpoints record what was trained on (streams, and
                                      # stores written by synray), so a restart skips it
+    draw_images: bool = False        # rows hold more images than per_caption: each read draws per_caption of them

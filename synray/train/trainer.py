@@ -102,7 +102,7 @@ def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: An
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_FILE
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {}), **t.resources}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "plan": plan, "ledger": ledger},

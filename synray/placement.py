@@ -1,0 +1,279 @@
+"""Where a plan's stages land: node types (a cluster file, a KubeRay manifest or a running cluster), bin-packed.
+
+A run holds its stages' actors in phases: while training, every generation stage of a stream, the
+preprocessing pool and the training workers hold their resources at once (pools are fixed-size and
+Ray Train gang-schedules its workers); evaluation comes after. `pack` places one phase's actors on
+a cluster's node types, first-fit decreasing, opening nodes up to each type's maximum, and raises
+`PlacementError` naming the stages and settings to change when a phase can never be placed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["StageResources", "NodeType", "ClusterSpec", "Placement", "PlacementError", "pack", "phase_totals",
+           "load_cluster_file", "TRAINING_PHASE", "EVAL_PHASE"]
+
+TRAINING_PHASE = "training"
+EVAL_PHASE = "evaluation"
+#: amounts below this are rounding (Ray keeps resources to 1e-4)
+EPS = 1e-6
+
+
+class PlacementError(ValueError):
+    """A plan whose stages can never be placed on the cluster at once."""
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """A stage's actors (or workers), what each asks of the cluster, and the config keys that size it."""
+
+    stage: str
+    actors: int
+    cpus: float
+    gpus: float = 0.0
+    custom: Mapping[str, float] = field(default_factory=dict)
+    keys: tuple[str, ...] = ()   # the config keys of (the actor count, CPUs per actor, GPUs per actor)
+    phase: str = TRAINING_PHASE
+    tasks: bool = False   # short tasks, not actors: they need room on some node now and then, and hold nothing
+
+    def bundle(self) -> dict[str, float]:
+        """One actor's resource request, as Ray sees it."""
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {}), **self.custom}
+
+    def total(self, key: str) -> float:
+        """What the stage holds of one resource while it runs (tasks hold nothing for long)."""
+        return 0.0 if self.tasks else self.actors * self.bundle().get(key, 0.0)
+
+    def describe(self) -> str:
+        each = f"{self.cpus:g} CPU" + (f" + {self.gpus:g} GPU" if self.gpus else "")
+        each += "".join(f" + {v:g} {k}" for k, v in self.custom.items())
+        kind = " tasks" if self.tasks else ""
+        keys = ", ".join(k for k in self.keys if k)
+        return f"{self.stage}: {self.actors}{kind} x ({each})" + (f"  [{keys}]" if keys else "")
+
+    def keys_for(self, resource: str) -> list[str]:
+        """The settings that decide how much of `resource` the stage holds: its actor count and per-actor amount."""
+        per_actor = {"CPU": 1, "GPU": 2}.get(resource)
+        return [k for i, k in enumerate(self.keys) if k and (i == 0 or i == per_actor)]
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A kind of node: its resources, how many run now and how many the autoscaler may have (None: no limit)."""
+
+    name: str
+    resources: Mapping[str, float]
+    min_workers: int = 0
+    max_workers: int | None = None
+    existing: int = 0
+
+    def fits(self, bundle: Mapping[str, float]) -> bool:
+        return all(self.resources.get(k, 0.0) + EPS >= v for k, v in bundle.items() if v > 0)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The node types a plan may use, and where they were read from."""
+
+    source: str
+    node_types: tuple[NodeType, ...]
+
+    def max_total(self, key: str) -> float:
+        """The most of one resource the cluster can ever hold (inf when a type carrying it has no maximum)."""
+        total = 0.0
+        for t in self.node_types:
+            amount = t.resources.get(key, 0.0)
+            if amount > 0:
+                total += math.inf if t.max_workers is None else amount * t.max_workers
+        return total
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A phase's actors on nodes: how many nodes of each type it needs at once."""
+
+    phase: str
+    nodes: Mapping[str, int]
+    stages_on: Mapping[str, tuple[str, ...]]
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} x{n} ({', '.join(self.stages_on[name])})" for name, n in self.nodes.items())
+
+
+@dataclass
+class _Node:
+    type: NodeType
+    free: dict[str, float]
+    stages: list[str]
+
+    def fits(self, bundle: Mapping[str, float]) -> bool:
+        return all(self.free.get(k, 0.0) + EPS >= v for k, v in bundle.items() if v > 0)
+
+    def take(self, bundle: Mapping[str, float], stage: str) -> None:
+        for k, v in bundle.items():
+            self.free[k] = self.free.get(k, 0.0) - v
+        if stage not in self.stages:
+            self.stages.append(stage)
+
+
+def _gpu_waste(node_type: NodeType, bundle: Mapping[str, float]) -> bool:
+    """A bundle that needs no GPU placed on a GPU node: allowed, but other nodes are preferred."""
+    return not bundle.get("GPU") and node_type.resources.get("GPU", 0.0) > 0
+
+
+def phase_totals(stages: Sequence[StageResources]) -> dict[str, float]:
+    """What one phase's stages ask for at once, per resource."""
+    keys = sorted({k for s in stages if not s.tasks for k in s.bundle()}, key=lambda k: (k not in ("CPU", "GPU"), k))
+    return {k: sum(s.total(k) for s in stages) for k in keys}
+
+
+def pack(stages: Sequence[StageResources], cluster: ClusterSpec, phase: str = TRAINING_PHASE) -> Placement:
+    """Place one phase's actors on the cluster's nodes (running ones first, then new ones of the smallest type
+    that fits); PlacementError, naming the stages and the settings that size them, when they cannot all fit."""
+    _check_totals(stages, cluster, phase)
+    nodes = [_Node(t, dict(t.resources), []) for t in cluster.node_types for _ in range(t.existing)]
+    opened = {t.name: t.existing for t in cluster.node_types}
+    for s in (s for s in stages if s.tasks):
+        if not any(t.fits(s.bundle()) for t in cluster.node_types):
+            raise PlacementError(_cannot_place(s, stages, cluster, phase))
+    order = sorted((s for s in stages if not s.tasks), key=lambda s: (-s.gpus, -len(s.custom), -s.cpus))
+    for s in order:
+        bundle = s.bundle()
+        for placed in range(s.actors):
+            node = min((n for n in nodes if n.fits(bundle)), key=lambda n: _gpu_waste(n.type, bundle), default=None)
+            if node is None or _gpu_waste(node.type, bundle):  # a new node, unless only a GPU node would do
+                new = _open(cluster, opened, bundle, avoid_gpus=node is not None)
+                if new is not None:
+                    nodes.append(new)
+                    node = new
+            if node is None:
+                raise PlacementError(_cannot_place(s, stages, cluster, phase, placed))
+            node.take(bundle, s.stage)
+    counts: dict[str, int] = {}
+    on: dict[str, list[str]] = {}
+    for n in nodes:
+        if n.stages:
+            counts[n.type.name] = counts.get(n.type.name, 0) + 1
+            on.setdefault(n.type.name, [])
+            on[n.type.name] += [x for x in n.stages if x not in on[n.type.name]]
+    return Placement(phase, counts, {k: tuple(v) for k, v in on.items()})
+
+
+def _open(cluster: ClusterSpec, opened: dict[str, int], bundle: Mapping[str, float],
+          avoid_gpus: bool = False) -> _Node | None:
+    """A new node of the smallest type that fits the bundle and is below its maximum (with `avoid_gpus`, only a
+    type that spares GPUs the bundle does not use), or None."""
+    room = [t for t in cluster.node_types
+            if t.fits(bundle) and (t.max_workers is None or opened[t.name] < t.max_workers)
+            and not (avoid_gpus and _gpu_waste(t, bundle))]
+    if not room:
+        return None
+    t = min(room, key=lambda t: (_gpu_waste(t, bundle), t.resources.get("GPU", 0.0), t.resources.get("CPU", 0.0)))
+    opened[t.name] += 1
+    return _Node(t, dict(t.resources), [])
+
+
+def _check_totals(stages: Sequence[StageResources], cluster: ClusterSpec, phase: str) -> None:
+    """PlacementError when a phase asks for more of a resource at once than the whole cluster can ever hold."""
+    for key, need in phase_totals(stages).items():
+        have = cluster.max_total(key)
+        if need > have + EPS:
+            users = [s for s in stages if s.total(key) > 0]
+            parts = "; ".join(f"{s.stage}: {s.actors} x {s.bundle()[key]:g} ({', '.join(s.keys_for(key))})"
+                              for s in users)
+            raise PlacementError(
+                f"the {phase} phase holds {need:g} {key} at once ({parts}), but {cluster.source} has at most "
+                f"{have:g} {key}. {_advice(key, users, have)}")
+
+
+def _cannot_place(stage: StageResources, stages: Sequence[StageResources], cluster: ClusterSpec, phase: str,
+                  placed: int = 0) -> str:
+    bundle = stage.bundle()
+    if not any(t.fits(bundle) for t in cluster.node_types):
+        shapes = "; ".join(f"{t.name}: {_fmt(t.resources)}" for t in cluster.node_types)
+        keys = ", ".join(k for k in stage.keys if k)
+        return (f"{stage.stage}: one actor asks for {_fmt(bundle)} ({keys}), which no node of {cluster.source} holds "
+                f"({shapes}). Lower the per-actor amounts, or add a node type that has them.")
+    keys = ", ".join(k for k in stage.keys if k)
+    hosts = ", ".join(f"{t.name} (at most {t.max_workers})" for t in cluster.node_types if t.fits(bundle))
+    return (f"the {phase} phase does not fit the nodes of {cluster.source}: {placed} of the {stage.actors} "
+            f"{stage.stage} ({keys}) found room on the nodes that can hold one ({hosts}) next to the stages placed "
+            "before them. Lower the count or the per-actor amounts, or raise those nodes' maximum.")
+
+
+def _advice(key: str, users: Sequence[StageResources], have: float) -> str:
+    keys = ", ".join(k for s in users for k in s.keys_for(key))
+    text = f"Change {keys}, or add nodes." if keys else "Add nodes."
+    names = {s.stage for s in users}
+    actors = sum(s.actors for s in users)
+    share = math.floor(100 * have / actors) / 100 if actors else 0.0
+    if key == "GPU" and "training workers" in names and len(names) > 1 and share >= 0.01:
+        fractions = " and ".join(f"{s.keys[2]}={share:g}" for s in users if len(s.keys) > 2)
+        text += (f" Generation and training run at the same time in the stream modes: share the GPUs ({fractions} "
+                 f"fits {actors} GPU actors on {have:g} GPU), or generate first (`synray generate`) and train with "
+                 "data.mode=stored.")
+    return text
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items() if v)
+
+
+# ------------------------------------------------------------------------------ cluster files
+def load_cluster_file(path: str | Path) -> ClusterSpec:
+    """Node types from a Ray cluster-launcher YAML (available_node_types) or a KubeRay RayJob/RayCluster manifest."""
+    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if isinstance(d, dict)]
+    for doc in docs:
+        if "available_node_types" in doc:
+            return _from_launcher(doc, str(path))
+        if doc.get("kind") in ("RayJob", "RayCluster"):
+            return _from_kuberay(doc, str(path))
+    raise PlacementError(f"{path}: neither a Ray cluster-launcher file (available_node_types) nor a KubeRay "
+                         "RayJob/RayCluster manifest")
+
+
+def _from_launcher(doc: dict[str, Any], source: str) -> ClusterSpec:
+    head = doc.get("head_node_type")
+    types = []
+    for name, spec in doc["available_node_types"].items():
+        resources = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+        if "CPU" not in resources:
+            raise PlacementError(f"{source}: node type {name} declares no CPU in resources; declare CPU and GPU "
+                                 "so that plans can be checked without launching it")
+        if name == head:
+            types.append(NodeType(name, resources, 1, 1, existing=1))
+        else:
+            types.append(NodeType(name, resources, int(spec.get("min_workers", 0)), spec.get("max_workers")))
+    return ClusterSpec(source, tuple(types))
+
+
+def _from_kuberay(doc: dict[str, Any], source: str) -> ClusterSpec:
+    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    head = spec["headGroupSpec"]
+    types = [NodeType("head", _ray_start_resources(head), 1, 1, existing=1)]
+    for group in spec.get("workerGroupSpecs", []):
+        types.append(NodeType(group["groupName"], _ray_start_resources(group), int(group.get("minReplicas", 0)),
+                              group.get("maxReplicas")))
+    return ClusterSpec(source, tuple(types))
+
+
+def _ray_start_resources(group: dict[str, Any]) -> dict[str, float]:
+    """A KubeRay group's resources: rayStartParams (num-cpus, num-gpus, resources), else the container's limits."""
+    params = group.get("rayStartParams") or {}
+    limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+    cpus = params.get("num-cpus", limits.get("cpu", 0))
+    gpus = params.get("num-gpus", limits.get("nvidia.com/gpu", 0))
+    out = {"CPU": float(cpus), **({"GPU": float(gpus)} if float(gpus) else {})}
+    custom: Any = params.get("resources")
+    while isinstance(custom, str) and custom:  # KubeRay wants a quoted JSON string: '"{\"train_node\": 1}"'
+        custom = json.loads(custom)
+    out.update({k: float(v) for k, v in (custom or {}).items()})
+    return out

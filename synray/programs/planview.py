@@ -1,0 +1,146 @@
+"""`synray plan`: what a run will ask for (stages, resources, data flow, storage, nodes), checked, before it starts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synray.config import RunConfig
+from synray.data.store import StoreMissingError
+from synray.images.registry import get_renderer
+from synray.placement import ClusterSpec, Placement, PlacementError, StageResources, load_cluster_file, pack, \
+    phase_totals
+from synray.plan import check_eval_protocols, plan_run, run_stages
+from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
+from synray.programs.session import cluster_spec, ray_address, session
+
+log = logging.getLogger(__name__)
+
+#: the cluster file `synray plan` reads when none is named and one lies in the working directory
+DEFAULT_CLUSTER_FILE = "cluster.yaml"
+
+
+@dataclass
+class PlanView:
+    """The printed plan and its verdict: problems refuse the run; inputs are what earlier jobs must make first."""
+
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+
+
+def data_flow(cfg: RunConfig, protocols: Sequence[str]) -> str:
+    """The path of a row, stage by stage, with the settings that shape it."""
+    c, i, d, t = cfg.captions, cfg.images, cfg.data, cfg.train
+    steps = []
+    if d.mode == "stored":
+        steps.append(f"store {d.store_dir}")
+    else:
+        caption = (f"vLLM {c.model}, engines: {c.engine.pool_size}" if c.backend == "vllm"
+                   else f"{c.style} templates")
+        renderer = f"{i.backend} {i.model}" if get_renderer(i.backend).needs_model else i.backend
+        steps += [f"concepts {cfg.concepts.bank}", f"captions: {caption}",
+                  f"images: {renderer}, {i.per_caption} per caption, actors: {i.pool_size}"]
+        if d.mode == "stream+store":
+            steps.append(f"tee into store {d.store_dir}")
+    steps += [f"preprocessing, actors: {d.preprocess_actors}",
+              f"training: {t.loss}, {t.num_workers} workers x {t.captions_per_worker} captions, {t.steps} steps"]
+    if protocols:
+        steps.append(f"evaluation: {', '.join(protocols)} on "
+                     + (cfg.eval.dataset or f"{cfg.eval.heldout_captions} held-out captions"))
+    return " -> ".join(steps)
+
+
+def storage_lines(cfg: RunConfig) -> list[str]:
+    out = [f"run directories: {cfg.output_root}/{cfg.name}-<UTC time>/ (output_root): config, log, metrics, "
+           "checkpoints (train/), backbone/, summary.json"]
+    if cfg.data.store_dir and cfg.data.mode != "stream":
+        out.append(f"store: {cfg.data.store_dir} (data.store_dir, {cfg.data.mode})")
+    if cfg.eval.dataset:
+        out.append(f"evaluation dataset: {cfg.eval.dataset}")
+    out.append(f"model cache: {cfg.model_cache or '~/.cache/synray (SYNRAY_CACHE)'} (tiny models; hub models: "
+               "the Hugging Face cache of each node)")
+    return out
+
+
+def stage_lines(stages: Sequence[StageResources]) -> list[str]:
+    out: list[str] = []
+    for phase in dict.fromkeys(s.phase for s in stages):
+        members = [s for s in stages if s.phase == phase]
+        out.append(f"{phase} phase (held at once):")
+        out += [f"  {s.describe()}" for s in members]
+        totals = phase_totals(members)
+        out.append("  total: " + ", ".join(f"{totals[k]:g} {k}" for k in ("CPU", "GPU") if totals.get(k)))
+    out.append("memory: not reserved per stage (Ray schedules CPUs and GPUs); each node's object store buffers "
+               "the stream (data.stream_buffer_mb caps it)")
+    return out
+
+
+def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec) -> tuple[list[str], list[str]]:
+    """The nodes each phase needs on the cluster's node types, and the phases that can never be placed."""
+    lines, problems = [f"nodes on {cluster.source}:"], []
+    placements: list[Placement] = []
+    for phase in dict.fromkeys(s.phase for s in stages):
+        try:
+            placements.append(pack([s for s in stages if s.phase == phase], cluster, phase))
+        except PlacementError as e:
+            problems.append(str(e))
+    for p in placements:
+        lines.append(f"  {p.phase}: {p.describe()}")
+    if placements:
+        peak: dict[str, int] = {}
+        for p in placements:
+            for name, n in p.nodes.items():
+                peak[name] = max(peak.get(name, 0), n)
+        lines.append("  at most: " + ", ".join(f"{name} x{n}" for name, n in peak.items()))
+        running = [f"{t.name} x{t.existing}" for t in cluster.node_types if t.existing]
+        grows = [t.name for t in cluster.node_types if not t.existing]
+        lines.append("  to start: " + (", ".join(running) or "nothing") + (
+            f"; {', '.join(grows)} are added on demand" if grows else "; a fixed cluster, nothing is added"))
+    return lines, problems
+
+
+def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None) -> PlanView:
+    view = PlanView()
+    protocols = check_eval_protocols(cfg)
+    stages = run_stages(cfg, protocols)
+    view.lines += [f"plan: {cfg.name}" + (f" - {cfg.description}" if cfg.description else ""),
+                   f"data flow: {data_flow(cfg, protocols)}", "stages:"]
+    view.lines += [f"  {line}" for line in stage_lines(stages)]
+    view.lines += ["storage:"] + [f"  {line}" for line in storage_lines(cfg)]
+    try:
+        plan_run(cfg)
+    except StoreMissingError as e:
+        view.inputs.append(str(e))
+    except Exception as e:  # noqa: BLE001 - bad input is a problem to print; anything else is a bug
+        if bad_input_message(e) is None:
+            raise
+        view.problems.append(str(e))
+    if cluster_file:
+        lines, problems = cluster_lines(stages, load_cluster_file(cluster_file))
+        view.lines += lines
+        view.problems += problems
+    if address:
+        with session(cfg.ray.model_copy(update={"address": address})):
+            lines, problems = cluster_lines(stages, cluster_spec())
+        view.lines += lines
+        view.problems += problems
+    return view
+
+
+def plan_command(cfg: RunConfig, cluster_file: str | None = None, address: str | None = None) -> int:
+    """Print the plan; exit 2 when it can never run as configured (bad input, or a phase that cannot be placed)."""
+    address = address or ray_address(cfg.ray)
+    if cluster_file is None and address is None and Path(DEFAULT_CLUSTER_FILE).is_file():
+        cluster_file = DEFAULT_CLUSTER_FILE
+    view = plan_view(cfg, cluster_file, address)
+    print("\n".join(view.lines))
+    for line in view.inputs:
+        print(f"to make first: {line} (an earlier job writes it: `synray generate` or `synray rewrite`)")
+    for line in view.problems:
+        print(f"refused: {line}")
+    if not view.problems:
+        print("checks: ok")
+    return EXIT_BAD_INPUT if view.problems else 0

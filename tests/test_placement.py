@@ -1,0 +1,110 @@
+"""Placement: a plan's phases packed on node types, and the refusals that name the settings to change."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import small_config
+
+from synray.placement import ClusterSpec, NodeType, PlacementError, StageResources, pack
+
+
+def one_gpu_machine() -> ClusterSpec:
+    return ClusterSpec("one machine", (NodeType("box", {"CPU": 16, "GPU": 1}, existing=1, max_workers=1),))
+
+
+def stream_stages(image_gpus: float, train_gpus: float, workers: int = 1) -> list[StageResources]:
+    return [StageResources("diffusers renderers", 1, 1, image_gpus, keys=("images.pool_size", "images.num_cpus",
+                                                                           "images.num_gpus")),
+            StageResources("row preprocessing", 2, 1, keys=("data.preprocess_actors", "data.preprocess_cpus")),
+            StageResources("training workers", workers, 2, train_gpus,
+                           keys=("train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker"))]
+
+
+def test_one_gpu_stream_plan_is_refused_naming_the_settings():
+    with pytest.raises(PlacementError) as e:
+        pack(stream_stages(1.0, 1.0), one_gpu_machine())
+    text = str(e.value)
+    assert "holds 2 GPU at once" in text and "has at most 1 GPU" in text
+    for key in ("images.num_gpus", "train.gpus_per_worker", "data.mode=stored"):
+        assert key in text, key
+    assert "images.num_gpus=0.5 and train.gpus_per_worker=0.5" in text   # a share that fits, computed
+
+
+def test_fractional_gpus_share_one_gpu():
+    placed = pack(stream_stages(0.5, 0.5), one_gpu_machine())
+    assert placed.nodes == {"box": 1}
+    assert set(placed.stages_on["box"]) == {"diffusers renderers", "row preprocessing", "training workers"}
+    with pytest.raises(PlacementError):  # three actors at 0.5 do not
+        pack(stream_stages(0.5, 0.5, workers=2), one_gpu_machine())
+
+
+def test_custom_resources_steer_stages_to_their_node_types():
+    cluster = ClusterSpec("c", (
+        NodeType("head", {"CPU": 8}, existing=1, max_workers=1),
+        NodeType("diffusion", {"CPU": 16, "GPU": 4, "diffusion_node": 1}, max_workers=4),
+        NodeType("train", {"CPU": 32, "GPU": 8, "train_node": 1}, max_workers=2)))
+    stages = [StageResources("renderers", 6, 2, 1, {"diffusion_node": 0.001}),
+              StageResources("workers", 8, 3, 1, {"train_node": 0.001}),
+              StageResources("preprocessing", 8, 1, 0, {"train_node": 0.001}),
+              StageResources("plan rows", 1, 0.25)]
+    placed = pack(stages, cluster)
+    assert placed.nodes == {"head": 1, "diffusion": 2, "train": 1}   # 6 renderers need 2 nodes of 4 GPUs
+    assert set(placed.stages_on["train"]) == {"workers", "preprocessing"}  # preprocessing joins the workers' node
+    assert placed.stages_on["head"] == ("plan rows",)
+
+
+def test_cpu_stages_prefer_nodes_without_gpus():
+    cluster = ClusterSpec("c", (NodeType("gpu", {"CPU": 32, "GPU": 8}, max_workers=2),
+                                NodeType("cpu", {"CPU": 8}, max_workers=4)))
+    placed = pack([StageResources("workers", 2, 4, 1), StageResources("light", 4, 1)], cluster)
+    assert placed.stages_on == {"gpu": ("workers",), "cpu": ("light",)}
+
+
+def test_a_stage_without_its_node_type_is_refused():
+    cluster = ClusterSpec("c", (NodeType("head", {"CPU": 8}, existing=1, max_workers=1),))
+    with pytest.raises(PlacementError, match="holds 0.001 llm_node at once"):
+        pack([StageResources("vLLM engines", 1, 4, 0, {"llm_node": 0.001})], cluster)
+    two = ClusterSpec("c", (NodeType("cpu", {"CPU": 8}, max_workers=2),))   # 16 CPUs, but 8 on a node
+    with pytest.raises(PlacementError, match=r"one actor asks for 12 CPU \(train.num_workers, train.cpus_per_worker"
+                                             r"\), which no node of c holds"):
+        pack([StageResources("workers", 1, 12, keys=("train.num_workers", "train.cpus_per_worker"))], two)
+
+
+def test_node_maximums_bound_the_packing():
+    cluster = ClusterSpec("c", (NodeType("gpu", {"CPU": 16, "GPU": 2}, max_workers=2),))
+    assert pack([StageResources("w", 4, 4, 1)], cluster).nodes == {"gpu": 2}
+    with pytest.raises(PlacementError, match="has at most 4 GPU"):
+        pack([StageResources("w", 5, 4, 1)], cluster)
+
+
+def test_tasks_hold_nothing_but_need_a_node_that_fits():
+    cluster = ClusterSpec("c", (NodeType("box", {"CPU": 2}, existing=1, max_workers=1),))
+    stages = [StageResources("actors", 2, 1), StageResources("tasks", 4, 0.25, tasks=True)]
+    assert pack(stages, cluster).nodes == {"box": 1}
+
+
+def test_run_plan_phases_follow_the_data_mode():
+    from synray.plan import run_stages
+
+    stream = run_stages(small_config(), ("knn",))
+    names = {s.phase: [x.stage for x in stream if x.phase == s.phase] for s in stream}
+    assert "vLLM engines" in names["training"] and "training workers" in names["training"]
+    assert "feature extractors" in names["evaluation"] and "held-out diffusers renderers" in names["evaluation"]
+    stored = run_stages(small_config("data.mode=stored", "data.store_dir=/nowhere", "eval.dataset=/nowhere"),
+                        ("knn",))
+    assert [s.stage for s in stored if s.phase == "training"] == ["row preprocessing", "training workers"]
+    assert [s.stage for s in stored if s.phase == "evaluation"] == ["feature extractors"]
+    fractional = run_stages(small_config("train.use_gpu=true", "train.gpus_per_worker=0.25"), ())
+    assert [s.gpus for s in fractional if s.stage == "training workers"] == [0.25]
+
+
+def test_gpu_shares_and_custom_resources_are_validated():
+    from synray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="a fraction of one GPU .* or a whole number"):
+        small_config("train.use_gpu=true", "train.gpus_per_worker=1.5")
+    with pytest.raises(ConfigError, match="gpus_per_worker=0.5 needs use_gpu=true"):
+        small_config("train.gpus_per_worker=0.5")
+    with pytest.raises(ConfigError, match="GPU is set by the stage's own num_cpus/num_gpus keys"):
+        small_config("images.resources={GPU: 1}")
+    assert small_config("images.resources={diffusion_node: 0.001}").images.resources == {"diffusion_node": 0.001}
