@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from synray.cli import EXIT_BAD_INPUT, main
+from synray.cli import main
+from synray.programs.errors import EXIT_BAD_INPUT
 from synray.eval.report import format_table
 from synray.models.backbone import save_backbone
 
