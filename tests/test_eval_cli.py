@@ -12,14 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from eval_models import tiny_backbone
 from PIL import Image
 
 from synray.cli import main
-from synray.programs.errors import EXIT_BAD_INPUT
 from synray.eval.report import format_table
 from synray.models.backbone import save_backbone
-
-from eval_models import tiny_backbone
+from synray.programs.errors import EXIT_BAD_INPUT
 
 COLOURS = {"blue": (50, 80, 230), "green": (40, 200, 60), "red": (220, 40, 40)}
 
