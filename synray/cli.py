@@ -119,11 +119,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from synray.sweep.report import write_report
 
-    report = write_report(Path(args.sweep_dir), args.metric)
+    report = write_report(args.sweep_dir, args.metric)
     for message in report.messages:
         print(f"note: {message}")
     for path in report.files:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -305,7 +304,7 @@ def _store_has_row_ids(store_dir: str) -> bool:
     return ROW_ID in pq.read_schema(ParquetStore(store_dir).shards()[0]).names
 
 
-def stored_per_caption(shard: Path) -> int:
+def stored_per_caption(shard: str) -> int:
     """The fewest images a row of a stored shard holds."""
     lengths = pc.list_value_length(pq.read_table(shard, columns=["images"]).column("images"))
     return int(pc.min(lengths).as_py() or 0)

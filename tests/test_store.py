@@ -53,8 +53,8 @@ def test_write_shard_is_atomic_and_resume_reads_ids(tmp_path: Path):
     store = ParquetStore(tmp_path / "s")
     store.open_for_writing("fp1", {"config_name": "t"})
     path = store.write_shard(to_row_table(_rows(4)))
-    assert path.name.startswith("shard-") and path.exists()
-    assert not list(store.root.glob(f"{TMP_PREFIX}*"))
+    assert Path(path).name.startswith("shard-") and Path(path).exists()
+    assert not list(Path(store.root.path).glob(f"{TMP_PREFIX}*"))
     store.write_shard(to_row_table(_rows(3, start=4)))
     assert store.num_rows() == 7
     assert store.existing_ids() == set(_rows(7)["caption_id"])
@@ -73,16 +73,16 @@ def test_crash_mid_write_leaves_no_shard(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(OSError, match="disk full"):
         store.write_shard(to_row_table(_rows(2)))
     assert store.shards() == []
-    assert not list(store.root.glob(f"{TMP_PREFIX}*"))
+    assert not list(Path(store.root.path).glob(f"{TMP_PREFIX}*"))
 
 
 def test_stale_temp_files_are_removed_and_never_read(tmp_path: Path):
     store = ParquetStore(tmp_path / "s")
     store.open_for_writing("fp1", {})
-    (store.root / f"{TMP_PREFIX}dead.parquet").write_bytes(b"PAR1 torn")
+    (Path(store.root.path) / f"{TMP_PREFIX}dead.parquet").write_bytes(b"PAR1 torn")
     assert store.shards() == []
     store.open_for_writing("fp1", {})
-    assert not list(store.root.glob(f"{TMP_PREFIX}*"))
+    assert not list(Path(store.root.path).glob(f"{TMP_PREFIX}*"))
 
 
 def test_store_of_another_config_is_refused(tmp_path: Path):
@@ -145,7 +145,7 @@ def test_a_damaged_shard_is_named_before_anything_reads_it(tmp_path: Path):
     store = ParquetStore(tmp_path)
     store.open_for_writing("fp", {})
     store.write_shard(to_row_table(_rows(2)))
-    bad = store.write_shard(to_row_table(_rows(2, start=2)))
+    bad = Path(store.write_shard(to_row_table(_rows(2, start=2))))
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])   # damaged after it was committed
     for read in (store.check_readable, store.existing_ids, store.num_rows):
         with pytest.raises(StoreError, match=f"store shard {bad} is not a readable Parquet file.*delete it"):

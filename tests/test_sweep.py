@@ -53,9 +53,11 @@ def test_fewer_than_3_data_scales_and_a_pool_smaller_than_a_scale_are_refused():
         plan_sweep(sweep_config(SCALES, "tune.pool_captions=100"), root="/x")
 
 
-def test_a_cloud_uri_as_sweep_directory_is_refused_with_what_to_give_instead():
-    with pytest.raises(ConfigError, match="cloud URIs are not supported yet.*every node mounts"):
-        plan_sweep(sweep_config(SCALES), root="s3://bucket/sweeps")
+def test_a_cloud_uri_as_sweep_directory_puts_pools_and_held_out_set_under_it():
+    plan = plan_sweep(sweep_config(SCALES), root="s3://bucket/sweeps")
+    assert plan.root.uri == "s3://bucket/sweeps" and not plan.root.is_local
+    assert all(p.path.startswith("s3://bucket/sweeps/pools/") for p in plan.data.pools.values())
+    assert plan.data.heldout_path == "s3://bucket/sweeps/heldout"
 
 
 def test_the_tune_param_space_is_keyed_by_config_paths_with_a_variant_grid():

@@ -42,8 +42,9 @@ CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources),
 
 def _mounted_path(v: str | None) -> str | None:
     if v is not None and "://" in v:
-        raise ValueError(f"{v}: cloud URIs (s3://, gs://) are not read or written by synray yet; give a directory "
-                         "that every node mounts (e.g. /mnt/cluster_storage on EFS, Filestore or NFS)")
+        raise ValueError(f"{v}: this path is read from a local or mounted directory only (e.g. /mnt/cluster_storage "
+                         "on EFS, Filestore or NFS); cloud URIs are taken by output_root, data.store_dir, "
+                         "eval.dataset and tune.storage")
     return v
 
 

@@ -198,7 +198,8 @@ class ImagesConfig(Section):
 class DataConfig(Section):
     num_captions: int = Field(128, ge=1, description="captions (rows) to generate")
     mode: Literal["stream", "stored", "stream+store"] = "stream"
-    store_dir: MountedPath | None = Field(None, description="Parquet store (stored / stream+store modes)")
+    store_dir: str | None = Field(None, description="Parquet store (stored / stream+store modes): a directory "
+                                  "every node sees, or a cloud URI (s3://bucket/path, gs://...)")
     rows_per_shard: int = Field(64, ge=1)
     shuffle_buffer_rows: int = Field(0, ge=0, description="local shuffle buffer for stored mode")
     preprocess_actors: int = Field(2, ge=1, description="CPU actors that decode rows into training tensors "
@@ -347,7 +348,7 @@ class EvalConfig(Section):
     feature_actors: int = Field(1, ge=1, description="`synray eval`: Ray Data feature-extraction actors")
     use_gpu: bool = Field(False, description="`synray eval`: one GPU per feature-extraction actor")
     resources: CustomResources
-    dataset: MountedPath | None = Field(None, description="evaluate on this dataset instead of a held-out set")
+    dataset: str | None = Field(None, description="evaluate on this dataset instead of a held-out set")
 
     @field_validator("zeroshot_templates")
     @classmethod
@@ -363,7 +364,8 @@ class RunConfig(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    output_root: MountedPath = Field("runs", description="run directories go under this folder")
+    output_root: str = Field("runs", description="run directories go under this folder: a directory, or a cloud URI "
+                             "(the driver stages its files locally and uploads them; checkpoints go straight there)")
     model_cache: MountedPath | None = Field(None, description="where tiny:* models are built (default ~/.cache/synray)")
     ray: RayConfig = RayConfig()
     concepts: ConceptsConfig = ConceptsConfig()

@@ -6,7 +6,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
-from synray.config.base import MountedPath, Section
+from synray.config.base import Section
 
 __all__ = ["SpaceSpec", "TuneConfig", "SPACE_KINDS", "TUNE_METRICS"]
 
@@ -70,7 +70,8 @@ class TuneConfig(Section):
                                       "data.num_captions a trial can ask for)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster holds")
     max_trial_failures: int = Field(1, ge=0, description="restarts of a failed trial (from its checkpoints)")
-    storage: MountedPath | None = Field(None, description="the sweep directory (default <output_root>/sweeps/<name>)")
+    storage: str | None = Field(None, description="the sweep directory, or a cloud URI (default "
+                                "<output_root>/sweeps/<name>)")
     trial_cpus: float = Field(0.25, gt=0, description="CPUs of each trial's driver (the Tune function)")
     driver_resource: str | None = Field(None, description="a custom resource only CPU nodes declare: trial "
                                         "drivers then stay off the GPU workers")

@@ -1,4 +1,4 @@
-"""The Parquet store: atomic shards, resume by caption id, read back as a Ray Dataset, WebDataset export."""
+"""The Parquet store (a local directory or a cloud URI): atomic shards, resume by caption id, Ray Dataset reads."""
 
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from synray.data.files import write_json
 from synray.data.schema import ROW_SCHEMA, TRAIN_COLUMNS
 from synray.data.stats import StatsClient
+from synray.data.storage import TMP_PREFIX, Location
 
 META_FILE = "_store.json"
 SUMMARY_FILE = "_summary.json"
 SHARD_PREFIX = "shard-"
-TMP_PREFIX = ".tmp-"
 #: the plan-row id column (see synray.data.ledger) and the per-image list columns a subset slices
 ROW_ID = "row_id"
 PER_IMAGE_COLUMNS = ("images", "masks")
@@ -42,40 +41,30 @@ class StoreMissingError(StoreError):
     """A store to read that holds no data yet (an earlier job, `synray generate` or `rewrite`, makes it)."""
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ParquetStore:
-    """A directory of `shard-*.parquet` files, each written whole under a temporary name and renamed."""
+    """A directory of `shard-*.parquet` files, on a local disk or under a cloud URI (s3://, gs://), each written
+    whole under a temporary name and moved into place (synray.data.storage)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike | Location) -> None:
+        self.root = Location.of(root)
 
     # ---------------------------------------------------------------- metadata
     @property
-    def meta_path(self) -> Path:
-        return self.root / META_FILE
+    def meta_path(self) -> Location:
+        return self.root.join(META_FILE)
 
     def meta(self) -> dict[str, Any] | None:
-        if not self.meta_path.exists():
+        if not self.meta_path.is_file():
             return None
         return json.loads(self.meta_path.read_text())
 
     def check_writable(self, fingerprint: str) -> bool:
         """Whether the store exists already; StoreError when it cannot take this config's rows (nothing is written)."""
-        if self.root.exists() and not self.root.is_dir():
+        if self.root.is_file():
             raise StoreError(f"output path {self.root} exists and is not a directory")
         meta = self.meta()
         if meta is None:
-            if self.root.exists() and any(self.root.glob(f"{SHARD_PREFIX}*.parquet")):
+            if self.shards():
                 raise StoreError(f"output directory {self.root} holds shards but no {META_FILE}; "
                                  "refusing to mix data of unknown origin")
             return False
@@ -89,16 +78,23 @@ class ParquetStore:
     def open_for_writing(self, fingerprint: str, info: dict[str, Any]) -> None:
         """Create the store, or check that it holds this config's data; then drop stale temp files."""
         if not self.check_writable(fingerprint):
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_json(self.meta_path, {"fingerprint": fingerprint, "created": time.time(), **info})
-        for tmp in self.root.glob(f"{TMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
+            self.root.mkdir()
+            self.meta_path.write_text(json.dumps({"fingerprint": fingerprint, "created": time.time(), **info},
+                                                 indent=2, sort_keys=True) + "\n")
+        for tmp in self.root.children(TMP_PREFIX):
+            tmp.delete()
+
+    def write_summary(self, summary: dict[str, Any]) -> Location:
+        path = self.root.join(SUMMARY_FILE)
+        path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+        return path
 
     # ---------------------------------------------------------------- reading
-    def shards(self) -> list[Path]:
-        return sorted(self.root.glob(f"{SHARD_PREFIX}*.parquet"))
+    def shards(self) -> list[str]:
+        """The committed shards, as paths or URIs that pyarrow and Ray Data read directly."""
+        return [s.uri for s in self.root.children(SHARD_PREFIX, ".parquet")]
 
-    def read_column(self, shard: Path, column: str) -> list[Any]:
+    def read_column(self, shard: str, column: str) -> list[Any]:
         """One column of one shard; StoreError naming the shard when it cannot be read."""
         try:
             return pq.read_table(shard, columns=[column]).column(0).to_pylist()
@@ -117,7 +113,7 @@ class ParquetStore:
             out.extend(self.read_column(shard, "caption"))
         return out
 
-    def first_rows(self, n: int) -> tuple[int, list[Path]]:
+    def first_rows(self, n: int) -> tuple[int, list[str]]:
         """The store's first n rows in plan-row order: the largest `row_id` among them, and the shards that hold
         some of them. StoreError when the store holds fewer than n rows."""
         ids = {shard: self.read_column(shard, ROW_ID) for shard in self.shards()}
@@ -128,16 +124,16 @@ class ParquetStore:
         bound = int(values[n - 1])
         return bound, [shard for shard, shard_ids in ids.items() if shard_ids and min(shard_ids) <= bound]
 
-    def footer(self, shard: Path) -> pq.FileMetaData:
+    def footer(self, shard: str) -> pq.FileMetaData:
         try:
-            return pq.ParquetFile(shard).metadata
+            return pq.read_metadata(shard)
         except (OSError, pa.ArrowException) as e:
             raise StoreError(corrupt_shard_message(shard, e)) from e
 
     def num_rows(self) -> int:
         return sum(self.footer(s).num_rows for s in self.shards())
 
-    def check_readable(self, required: tuple[str, ...] = TRAIN_COLUMNS) -> list[Path]:
+    def check_readable(self, required: tuple[str, ...] = TRAIN_COLUMNS) -> list[str]:
         """The shard list, after checking the store exists and has the columns training needs."""
         if not self.root.is_dir():
             raise StoreMissingError(f"dataset directory {self.root} does not exist")
@@ -155,10 +151,10 @@ class ParquetStore:
     def read_dataset(self, columns: list[str] | None = None):
         """The store as a Ray Dataset (only committed shards are read)."""
         shards = self.check_readable(tuple(columns) if columns else ())
-        ds = ray.data.read_parquet([str(s) for s in shards])
+        ds = ray.data.read_parquet(shards)
         return ds.select_columns(columns) if columns else ds
 
-    def read_subset(self, columns: list[str], shards: list[str | Path], max_row_id: int | None,
+    def read_subset(self, columns: list[str], shards: list[str], max_row_id: int | None,
                     first_images: int | None, passes: int = 1) -> ray.data.Dataset:
         """A nested subset of the store as a Ray Dataset: from `shards` (those `first_rows` names), rows up to
         plan row `max_row_id`, the first `first_images` images (and masks) of each, read `passes` times in one
@@ -175,30 +171,22 @@ class ParquetStore:
             fn_kwargs={"columns": columns, "max_row_id": max_row_id, "first_images": first_images})
 
     # ---------------------------------------------------------------- writing
-    def write_shard(self, table: pa.Table) -> Path:
+    def write_shard(self, table: pa.Table) -> str:
         """Write one shard atomically; its name is derived from the caption ids it holds."""
         ids = table.column("caption_id").to_pylist()
         name = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:20]
-        final = self.root / f"{SHARD_PREFIX}{name}.parquet"
-        tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}.parquet"
+        final = self.root.join(f"{SHARD_PREFIX}{name}.parquet")
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
         try:
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            final.write_bytes(buf.getvalue())
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise StoreError(f"no space left writing a shard of {len(ids)} rows into {self.root} ({e.strerror}); "
                                  "the store holds only whole shards: free space and run the same command again "
                                  "to resume") from e
             raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.root)
-        return final
+        return final.uri
 
 
 def first_items(table: pa.Table, m: int) -> pa.Table:
@@ -223,7 +211,7 @@ def _read_subset_block(work: pa.Table, columns: list[str], max_row_id: int | Non
     return table.select([c for c in read if c in columns or c == ROW_ID])
 
 
-def corrupt_shard_message(shard: Path, error: Exception) -> str:
+def corrupt_shard_message(shard: str, error: Exception) -> str:
     return (f"store shard {shard} is not a readable Parquet file ({type(error).__name__}: {error}); shards are "
             f"only ever renamed into place whole, so it was damaged afterwards: delete it and run `synray generate` "
             f"with the same config again to regenerate its rows")
@@ -250,7 +238,7 @@ class ShardWriter:
         self.store = ParquetStore(root)
         self.passthrough = passthrough
         self.stats = StatsClient(stats_actor)
-        self.known_shards: set[Path] = set()
+        self.known_shards: set[str] = set()
         self.known_ids: set[str] = set()
 
     def _refresh(self) -> None:

@@ -16,6 +16,7 @@ import ray.data
 import torch
 from ray.data import ActorPoolStrategy
 
+from synray.data.storage import Location, is_uri
 from synray.data.store import META_FILE, ParquetStore
 from synray.eval.errors import EvalError
 from synray.eval.evaluate import rows_to_masks
@@ -225,8 +226,27 @@ def _parquet_files(root: Path) -> tuple[str, list[str]]:
     return "parquet", sorted(str(p) for p in root.rglob("*.parquet") if not p.name.startswith("."))
 
 
+def _parquet_uri(uri: str) -> EvalSource:
+    """A dataset under a cloud URI: a Parquet file, or a directory of them (a synray store included)."""
+    where = Location.of(uri)
+    if where.is_file():
+        files = [where.uri]
+    else:
+        store = ParquetStore(where)
+        files = store.shards() or [f.uri for f in where.walk_files() if f.name.endswith(".parquet")
+                                   and not f.name.startswith(".")]
+    if not files:
+        raise EvalError(f"evaluation dataset {uri} holds no Parquet files (image folders are read from local or "
+                        "mounted paths only)")
+    schema = pq.read_schema(files[0])
+    kind = "synray-store" if ParquetStore(where).meta() is not None else "parquet"
+    return EvalSource(uri, kind, files, layout=parquet_layout(schema, files[0]), class_names=hf_label_names(schema))
+
+
 def inspect_dataset(path: str | Path) -> EvalSource:
-    """Find out what ``path`` holds: Parquet file(s), a synray store, or an image-folder tree."""
+    """Find out what ``path`` holds: Parquet file(s), a synray store, or an image-folder tree (local paths)."""
+    if is_uri(path):
+        return _parquet_uri(str(path))
     root = Path(path)
     if not root.exists():
         raise EvalError(f"evaluation dataset {root} does not exist")

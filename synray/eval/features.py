@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from synray.data.codecs import decode_image, resize_square
+from synray.data.storage import local_copy
 from synray.models.backbone import Encoder, load_backbone
 from synray.models.image_text import load_image_text
 from synray.models.preprocess import build_eval_transform
@@ -220,7 +221,7 @@ class FeatureExtractor:
                  device: str | torch.device = "cpu", drop_images: bool = False,
                  outputs: Sequence[str] = ("features",), prefix: str = "") -> None:
         self.prefix = prefix
-        self.model_dir = str(model_dir)
+        self.model_dir = local_copy(model_dir)   # a model under a cloud URI is downloaded once per actor
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         self.drop_images = drop_images

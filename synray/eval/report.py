@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from synray.config import RunConfig
-from synray.data.files import atomic_write_text, write_json
+from synray.data.storage import Location
 from synray.eval.datasets import EvalSource, extract_arrays
 from synray.eval.errors import EvalError
 from synray.eval.evaluate import resolve_image_text
@@ -77,7 +78,7 @@ def evaluate_dataset(plan: EvalPlan, cfg: RunConfig) -> dict[str, Any]:
                             resources=cfg.eval.resources)
     log.info("running %s on %d images", ", ".join(todo), len(arrays))
     results = run_protocols(arrays, todo, cfg.eval, seed=cfg.seed, image_text=image_text)
-    return {"model_dir": str(Path(plan.model_dir).resolve()), "dataset": str(Path(plan.dataset).resolve()),
+    return {"model_dir": str(Location.of(plan.model_dir)), "dataset": str(Location.of(plan.dataset)),
             "dataset_kind": plan.source.kind, "protocols": todo, "image_size": plan.image_size,
             "num_images": len(arrays), "seed": cfg.seed, "results": results,
             "eval_config": {**cfg.eval.model_dump(mode="json"), "protocols": todo},
@@ -116,18 +117,19 @@ def format_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write eval.json and eval.md into ``out_dir`` (created if needed); returns both paths."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[str, str]:
+    """Write eval.json and eval.md into ``out_dir`` (a directory, created if needed, or a cloud URI); returns
+    where both went."""
+    out = Location.of(out_dir)
+    if out.is_file():
         raise EvalError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / JSON_FILE, report)
-    atomic_write_text(out / TABLE_FILE, format_table(report))
-    return out / JSON_FILE, out / TABLE_FILE
+    out.mkdir()
+    out.join(JSON_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    out.join(TABLE_FILE).write_text(format_table(report))
+    return out.join(JSON_FILE).uri, out.join(TABLE_FILE).uri
 
 
-def default_out_dir(cfg: RunConfig, now: datetime | None = None) -> Path:
+def default_out_dir(cfg: RunConfig, now: datetime | None = None) -> str:
     """``<output_root>/eval-<UTC timestamp>``."""
     stamp = (now or datetime.now(timezone.utc)).strftime(TIMESTAMP_FORMAT)
-    return Path(cfg.output_root) / f"eval-{stamp}"
+    return Location.of(cfg.output_root).join(f"eval-{stamp}").uri

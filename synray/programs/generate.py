@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from synray.data.files import write_json
 from synray.data.stats import rejections_text
 from synray.data.store import SUMMARY_FILE, ParquetStore, StoreError
 from synray.generation.pipeline import GenerationPlan, add_store_stage, build_pipeline, store_fingerprint, store_info
@@ -37,11 +35,11 @@ def generate_to_store(plan: GenerationPlan, out: str) -> dict[str, Any]:
                 rows += int(sum(batch["rows"]))
             stats = stats_summary(actor)
     summary = {
-        "store": str(Path(out).resolve()), "rows_written": rows, "rows_before": len(plan.skip_ids),
+        "store": str(store.root), "rows_written": rows, "rows_before": len(plan.skip_ids),
         "rows_total": store.num_rows(), "rows_wanted": cfg.data.num_captions,
         "images_per_row": cfg.images.per_caption, "elapsed_s": round(time.time() - start, 2), **stats,
     }
-    write_json(Path(out) / SUMMARY_FILE, summary)
+    store.write_summary(summary)
     if plan.wanted and not rows:
         rejected = rejections_text(stats.get("rejected", {}))
         raise StoreError(f"no row passed generation ({rejected or 'nothing generated'}); the store {out} has no "
@@ -66,5 +64,5 @@ def format_summary(summary: dict[str, Any]) -> str:
 def generate_command(plan: GenerationPlan, out: str) -> int:
     summary = generate_to_store(plan, out)
     print(format_summary(summary))
-    print(f"summary: {Path(out) / SUMMARY_FILE}")
+    print(f"summary: {ParquetStore(out).root.join(SUMMARY_FILE)}")
     return 0

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from synray.captions.rewrite import collect_rewrites, explode, read_image_text, rewrite_processor, rewrite_table
-from synray.data.files import write_json
-from synray.data.store import SUMMARY_FILE, ParquetStore
+from synray.data.store import ParquetStore
 from synray.plan import RewritePlan
 from synray.programs.session import session
 
@@ -30,7 +28,7 @@ def rewrite_to_store(plan: RewritePlan) -> dict[str, Any]:
         store.write_shard(table.slice(i, cfg.data.rows_per_shard))
     summary = {"rows": table.num_rows, "rewrites_per_caption": cfg.captions.rewrite.num_rewrites,
                "rejected": dict(reasons), "elapsed_s": round(time.time() - start, 2)}
-    write_json(Path(plan.out) / SUMMARY_FILE, summary)
+    store.write_summary(summary)
     return summary
 
 

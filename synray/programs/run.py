@@ -88,7 +88,8 @@ def keep_sample_images(batch: dict[str, np.ndarray], fraction: float) -> dict[st
     return {**batch, "images": images}
 
 
-def evaluate(plan: RunPlan, result: TrainResult) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def evaluate(plan: RunPlan, result: TrainResult,
+             shared: dict[str, str | None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The run's protocols on the trained backbone and on the same network as the workers built it at step 0.
 
     The held-out images are encoded by both models in one pass through Ray Data (pools of feature
@@ -98,8 +99,9 @@ def evaluate(plan: RunPlan, result: TrainResult) -> tuple[dict[str, Any], list[d
     cfg = plan.cfg
     size, outputs = cfg.train.backbone.image_size, outputs_for(plan.protocols)
     models = {"trained": result.backbone_dir, "init": result.init_dir}
+    readable = {k: (shared or {}).get(k) or v for k, v in models.items()}   # where the feature actors load them
     fraction = min(1.0, 4 * GRID_ROWS / max(1, cfg.eval.heldout_captions))
-    ds = add_extractors(heldout_dataset(plan.heldout), models, size, outputs, cfg.eval.batch_size,
+    ds = add_extractors(heldout_dataset(plan.heldout), readable, size, outputs, cfg.eval.batch_size,
                         cfg.eval.feature_actors, cfg.eval.use_gpu, resources=cfg.eval.resources)
     rows = collect_rows(ds.map_batches(keep_sample_images, fn_kwargs={"fraction": fraction}, batch_format="numpy"),
                         plan.heldout.dataset or "the held-out set")
@@ -144,23 +146,25 @@ def _run_in_session(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
     start = time.time()
     for line in plan.describe():
         log.info("plan: %s", line)
-    summary: dict[str, Any] = {"name": cfg.name, "run_dir": str(rd.path.resolve()), "mode": plan.data.mode,
+    summary: dict[str, Any] = {"name": cfg.name, "run_dir": rd.where, "mode": plan.data.mode,
                                "per_caption": plan.train.per_caption}
     try:
         stats = stage_stats()
         dataset, ledger = training_dataset(plan, stats)
-        result = fit(cfg, plan.train, dataset, rd.path / "train", ledger)
+        result = fit(cfg, plan.train, dataset, rd.path / "train", ledger, storage=rd.train_storage)
+        rd.sync()   # a remote run: the exports go up now, where feature actors on other nodes read them
         summary.update(stats_summary(stats))
         summary["train"] = train_summary(result)
         check_trained(summary)
         if plan.heldout is not None and result.backbone_dir:
-            summary["eval"], samples = evaluate(plan, result)
+            shared = {"trained": rd.locate(result.backbone_dir), "init": rd.locate(result.init_dir)}
+            summary["eval"], samples = evaluate(plan, result, shared)
             sample_grid(samples, rd.path / "samples.png")
         if result.metrics:
             write_metrics(rd, result.metrics)
             loss_curve(result.metrics, rd.path / "loss_curve.png")
-        summary["backbone_dir"] = result.backbone_dir
-        summary["init_backbone_dir"] = result.init_dir
+        summary["backbone_dir"] = rd.locate(result.backbone_dir)
+        summary["init_backbone_dir"] = rd.locate(result.init_dir)
         summary["elapsed_s"] = round(time.time() - start, 2)
         rd.write_summary(summary)
     finally:
@@ -198,7 +202,7 @@ def train_summary(result: TrainResult) -> dict[str, Any]:
 
 def print_summary(rd: RunDir, summary: dict[str, Any]) -> None:
     t = summary.get("train", {})
-    print(f"run directory: {rd.path}")
+    print(f"run directory: {rd.where}")
     print(f"  trained {t.get('steps')} steps: loss {t.get('first_loss')} -> {t.get('final_loss')}, "
           f"data-wait fraction {t.get('data_wait_fraction')}")
     for stage, s in summary.get("stages", {}).items():
@@ -210,7 +214,7 @@ def print_summary(rd: RunDir, summary: dict[str, Any]) -> None:
             if key in ev["trained"]:
                 chance = f" (chance {ev['trained']['chance']:.3f})" if key in CHANCE_METRICS else ""
                 print(f"  {key}: trained {ev['trained'][key]:.3f} vs init {ev['init'][key]:.3f}{chance}")
-    print(f"  summary: {rd.summary_path}")
+    print(f"  summary: {rd.locate(rd.summary_path) if rd.remote else rd.summary_path}")
 
 
 def run_command(plan: RunPlan) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,12 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from synray.config import ConfigError
-from synray.data.files import atomic_write_text, write_json
+from synray.data.files import write_json
 from synray.data.store import ParquetStore
 from synray.plan import plan_generation, plan_run
 from synray.programs.generate import generate_to_store
 from synray.programs.run import evaluate, train_summary, training_dataset
+from synray.programs.rundir import RunDir
 from synray.programs.session import cluster_resources, session, stage_stats
 from synray.sweep.planning import LOSS_METRIC, SweepPlan
 from synray.sweep.pools import trial_config
@@ -62,21 +64,38 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(plan.cfg, plan.space, plan.data, params)
     run_plan = plan_run(cfg, fresh=True)
-    out = plan.root / TRIALS_DIR / trial_id
+    out = trial_dir(plan, trial_id)
     started = {"trial_id": trial_id, "params": params, "overrides": trial_overrides(plan.space, params),
                "captions": cfg.data.first_rows, "images_per_caption": run_plan.train.per_caption}
-    write_json(out / START_FILE, started)
+    _write_json(out, START_FILE, started)
     dataset, ledger = training_dataset(run_plan, stage_stats())
-    result = fit(cfg, run_plan.train, dataset, out / "train", ledger, callbacks=[TrainingReportCallback()])
+    result = fit(cfg, run_plan.train, dataset, out.path / "train", ledger, callbacks=[TrainingReportCallback()],
+                 storage=out.train_storage)
+    out.sync()   # under a cloud URI: the exports go up, where the feature actors read them
     train = train_summary(result)
     record: dict[str, Any] = {**started, "steps": train["steps"], "train": train, "trained": {}, "init": {}}
     final: dict[str, Any] = {"step": train["steps"], LOSS_METRIC: train["final_loss"]}
     if run_plan.heldout is not None and result.backbone_dir:
-        figures, _ = evaluate(run_plan, result)
+        shared = {"trained": out.locate(result.backbone_dir), "init": out.locate(result.init_dir)}
+        figures, _ = evaluate(run_plan, result, shared)
         record["trained"], record["init"] = _numbers(figures["trained"]), _numbers(figures["init"])
         final.update(record["trained"])
-    write_json(out / TRIAL_FILE, record)
+    _write_json(out, TRIAL_FILE, record)
     tune.report({k: v for k, v in final.items() if v is not None and not (isinstance(v, float) and math.isnan(v))})
+
+
+def trial_dir(plan: SweepPlan, trial_id: str) -> RunDir:
+    """A trial's folder, trials/<trial id>: on shared storage, written in place; under a cloud URI, staged on the
+    trial's node and uploaded, with Ray Train's checkpoints written to the URI directly."""
+    where = plan.root.join(TRIALS_DIR, trial_id)
+    if where.is_local:
+        return RunDir(Path(where.path))
+    return RunDir(Path(tempfile.mkdtemp(prefix=f"synray-trial-{trial_id}-")), where)
+
+
+def _write_json(out: RunDir, name: str, record: dict[str, Any]) -> None:
+    write_json(out.path / name, record)
+    out.sync(name)
 
 
 def _scheduler(plan: SweepPlan) -> Any:
@@ -91,28 +110,28 @@ def _scheduler(plan: SweepPlan) -> Any:
 def _tuner(plan: SweepPlan, resume: bool, concurrency: int) -> tune.Tuner:
     t = plan.cfg.tune
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.resources.driver)
-    path = plan.root / TUNE_DIR
-    if resume and tune.Tuner.can_restore(str(path)):
-        return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    path = plan.root.join(TUNE_DIR).uri
+    if resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_errored=True)
     return tune.Tuner(
         trainable, param_space=plan.space.param_space(),
         tune_config=tune.TuneConfig(num_samples=t.num_samples, max_concurrent_trials=concurrency,
                                     scheduler=_scheduler(plan),
                                     search_alg=BasicVariantGenerator(max_concurrent=concurrency,
                                                                      random_state=plan.cfg.seed)),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(plan.root),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=plan.root.uri,
                                   failure_config=tune.FailureConfig(max_failures=t.max_trial_failures)))
 
 
 def sweep(plan: SweepPlan, resume: bool = False) -> SweepReport:
     """Generate the pools, run every trial (or the unfinished ones of an interrupted sweep), write the report."""
     root = plan.root
-    if not resume and (root / TUNE_DIR).exists():
+    if not resume and root.join(TUNE_DIR).exists():
         raise ConfigError(f"{root} holds a sweep already: continue it with `synray sweep --resume {root}`, "
                           "or set tune.storage to another folder")
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / SWEEP_CONFIG).exists():
-        atomic_write_text(root / SWEEP_CONFIG, plan.cfg.to_yaml())
+    root.mkdir()
+    if not root.join(SWEEP_CONFIG).is_file():
+        root.join(SWEEP_CONFIG).write_text(plan.cfg.to_yaml())
     for line in plan.describe():
         log.info("plan: %s", line)
     with session(plan.cfg.ray):

@@ -4,10 +4,11 @@ the cluster, all checked before Ray starts (`synray sweep` executes the plan).""
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from synray.config import ConfigError, RunConfig
+from synray.data.storage import Location
 from synray.generation.pipeline import LIGHT_STAGE_CPUS
 from synray.plan import check_eval_protocols, check_subset_fills_a_batch, load_run_config
 from synray.sweep.fit import MIN_SCALES
@@ -46,7 +47,7 @@ class SweepPlan:
     cfg: RunConfig
     space: SearchSpace
     data: SweepData
-    root: Path
+    root: Location
     resources: TrialResources
 
     def describe(self) -> list[str]:
@@ -65,13 +66,10 @@ class SweepPlan:
         return lines
 
 
-def sweep_root(cfg: RunConfig, root: str | None = None) -> Path:
-    """`root`, tune.storage, or `<output_root>/sweeps/<name>`: a directory every node of the cluster sees."""
-    path = root or cfg.tune.storage or str(Path(cfg.output_root) / "sweeps" / cfg.name)
-    if "://" in path:
-        raise ConfigError(f"sweep directory {path}: cloud URIs are not supported yet; give a directory on storage "
-                          "every node mounts (e.g. /mnt/cluster_storage/sweeps/<name>)")
-    return Path(path).resolve()
+def sweep_root(cfg: RunConfig, root: str | None = None) -> Location:
+    """`root`, tune.storage, or `<output_root>/sweeps/<name>`: a directory every node of the cluster sees, or a
+    cloud URI."""
+    return Location.of(root or cfg.tune.storage or f"{cfg.output_root.rstrip('/')}/sweeps/{cfg.name}")
 
 
 def _check_metric(cfg: RunConfig) -> None:
@@ -109,7 +107,7 @@ def trial_resources(cfg: RunConfig) -> TrialResources:
         driver[cfg.tune.driver_resource] = DRIVER_RESOURCE_SHARE
     cpus = cfg.tune.trial_cpus + t.num_workers * t.cpus_per_worker + d.preprocess_actors * d.preprocess_cpus \
         + LIGHT_STAGE_CPUS
-    return TrialResources(driver, cpus, float(t.num_workers) if t.use_gpu else 0.0)
+    return TrialResources(driver, cpus, t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0)
 
 
 def plan_sweep_command(config: str | None, overrides: list[str], out: str | None = None,
@@ -117,7 +115,13 @@ def plan_sweep_command(config: str | None, overrides: list[str], out: str | None
     """The plan of `synray sweep CONFIG` / `jobs/sweep.py`: a config with overrides, or with `resume`, the
     sweep directory's own saved config (so every trial is the one it was)."""
     if resume:
-        return plan_sweep(load_run_config(str(Path(resume) / SWEEP_CONFIG), overrides), root=resume)
+        saved = Location.of(resume).join(SWEEP_CONFIG)
+        if saved.is_local:
+            return plan_sweep(load_run_config(saved.path, overrides), root=resume)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            f.write(saved.read_text())
+            f.flush()
+            return plan_sweep(load_run_config(f.name, overrides), root=resume)
     if not config:
         raise ConfigError("sweep needs a CONFIG, or --resume SWEEP_DIR")
     return plan_sweep(load_run_config(config, overrides), root=out)
@@ -129,7 +133,7 @@ def plan_sweep(cfg: RunConfig, root: str | None = None) -> SweepPlan:
     space = check_space(cfg)
     _check_scales(cfg, space)
     base = sweep_root(cfg, root)
-    data = plan_pools(cfg, space, str(base))
+    data = plan_pools(cfg, space, base.uri)
     for params in space.finite_points():
         try:  # every grid trial's config validates as it will run, and fills a batch
             check_subset_fills_a_batch(trial_config(cfg, space, data, params))

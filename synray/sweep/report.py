@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 from synray.config import RunConfig, load_config
 from synray.data.files import atomic_write_text, write_json
+from synray.data.storage import Location, copy_tree
 from synray.sweep.fit import MIN_SCALES, ScalingFitError, fit_scaling
 from synray.sweep.space import SCALE_KEY, VARIANT_KEY
 
@@ -33,27 +35,37 @@ class SweepReport:
     """What `write_report` wrote and found."""
 
     rows: list[dict[str, Any]]
-    files: list[Path] = field(default_factory=list)
+    files: list[Path | str] = field(default_factory=list)
     fits: dict[str, Any] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
     failed: int = 0                  # trials Tune reports as errored (set by the sweep program)
 
 
-def load_trials(root: Path) -> list[dict[str, Any]]:
+def load_trials(root: str | Path | Location) -> list[dict[str, Any]]:
     """Every trial's record, in trial-id order: finished ones from their TRIAL_FILE, the others (stopped early by
-    the scheduler, failed or interrupted) from their START_FILE and the last step their training logged."""
+    the scheduler, failed or interrupted) from their START_FILE and the last step their training logged (when
+    its log is on shared storage: a trial under a cloud URI keeps it on its driver's node)."""
     out = []
-    for d in sorted(p for p in (root / TRIALS_DIR).glob("*") if p.is_dir()):
-        if (d / TRIAL_FILE).exists():
-            out.append({**json.loads((d / TRIAL_FILE).read_text()), "status": "finished"})
-        elif (d / START_FILE).exists():
-            logged = [json.loads(line) for line in (d / "train" / "metrics.jsonl").read_text().splitlines()
-                      if line.strip()] if (d / "train" / "metrics.jsonl").exists() else []
+    for d in Location.of(root).join(TRIALS_DIR).children():
+        if d.join(TRIAL_FILE).is_file():
+            out.append({**json.loads(d.join(TRIAL_FILE).read_text()), "status": "finished"})
+        elif d.join(START_FILE).is_file():
+            log = d.join("train", "metrics.jsonl")
+            logged = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
+                if log.is_file() else []
             last = next((m for m in reversed(logged) if "loss" in m), {})
-            out.append({**json.loads((d / START_FILE).read_text()), "status": "unfinished",
+            out.append({**json.loads(d.join(START_FILE).read_text()), "status": "unfinished",
                         "steps": last.get("step", 0), "train": {"final_loss": last.get("loss")},
                         "trained": {}, "init": {}})
     return out
+
+
+def load_config_text(text: str) -> RunConfig:
+    """A sweep's recorded config (config.yaml beside its trials), read from its text."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return load_config(f.name)
 
 
 def _value(trial: dict[str, Any], metric: str) -> float | None:
@@ -126,18 +138,29 @@ def _groups(trials: list[dict[str, Any]], metric: str, unit: str, mode: str) -> 
     return out
 
 
-def write_report(root: Path, metric: str | None = None) -> SweepReport:
-    """Write results.csv/.md, scaling plots and fits.json under root/report; returns what was found."""
+def write_report(root: str | Path | Location, metric: str | None = None) -> SweepReport:
+    """Write results.csv/.md, scaling plots and fits.json under root/report (a sweep directory, or its cloud URI:
+    the report is made in a local folder and uploaded); returns what was found."""
+    where = Location.of(root)
+    if where.is_local:
+        return _write_report(where, Path(where.path) / "report", metric)
+    with tempfile.TemporaryDirectory(prefix="synray-report-") as tmp:
+        report = _write_report(where, Path(tmp), metric)
+        copy_tree(tmp, where.join("report"))
+    report.files = [where.join("report", Path(f).name).uri for f in report.files]
+    return report
+
+
+def _write_report(where: Location, out: Path, metric: str | None) -> SweepReport:
     from synray.viz import scaling_plot  # matplotlib only when a report is written
 
-    cfg: RunConfig = load_config(str(root / SWEEP_CONFIG))
+    cfg: RunConfig = load_config_text(where.join(SWEEP_CONFIG).read_text())
     metric = metric or cfg.tune.metric
-    trials = load_trials(root)
-    out = root / "report"
+    trials = load_trials(where)
     out.mkdir(parents=True, exist_ok=True)
     report = SweepReport(_table_rows(trials, metric))
     if not trials:
-        report.messages.append(f"no finished trial under {root / TRIALS_DIR}")
+        report.messages.append(f"no finished trial under {where.join(TRIALS_DIR)}")
         return report
     report.files += _write_tables(report.rows, out)
     unit = cfg.tune.scale

@@ -82,6 +82,15 @@ def copy_export(checkpoint: Any, name: str, dest: Path) -> str | None:
     return str(dest)
 
 
+def _checkpoint_uri(checkpoint: Any, storage: str | None) -> str:
+    """A checkpoint's path as users reach it: the local path, or its URI under a cloud storage path."""
+    if storage is None or "://" not in storage:
+        return checkpoint.path
+    scheme, rest = storage.split("://", 1)
+    base, sep, query = rest.partition("?")
+    return f"{scheme}://{checkpoint.path.lstrip('/')}{sep}{query}"
+
+
 def _init_checkpoint(result: Any) -> Any:
     for checkpoint, metrics in result.best_checkpoints or []:
         if metrics.get("init_export"):
@@ -90,13 +99,14 @@ def _init_checkpoint(result: Any) -> Any:
 
 
 def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: Any | None = None,
-        callbacks: Sequence[Any] = ()) -> TrainResult:
+        callbacks: Sequence[Any] = (), storage: str | None = None) -> TrainResult:
     """Train on `dataset` (a Ray Dataset of caption rows) as planned; exports land beside `out_dir`.
 
     A stream passes its `StreamLedger` actor: each worker group tells it what its checkpoint consumed before
     reading. Ray Train keeps its state under `out_dir/train`: a second `fit` on the same `out_dir` (a rerun
     after the driver died) starts from the latest checkpoint there. `callbacks`: more Ray Train callbacks (a sweep
-    trial forwards its metrics to Tune with them).
+    trial forwards its metrics to Tune with them). `storage`: Ray Train's storage path instead of `out_dir` (a
+    cloud URI: checkpoints go there; the metrics log and the exports stay in `out_dir`, on the driver's node).
     """
     t = cfg.train
     out_dir = out_dir.resolve()
@@ -111,7 +121,7 @@ def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: An
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg.data)),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=str(out_dir),
+            name="train", storage_path=storage or str(out_dir),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT,
                                                          checkpoint_score_attribute=CHECKPOINT_SCORE,
@@ -127,6 +137,6 @@ def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: An
     backbone = copy_export(result.checkpoint, BACKBONE_DIR, out_dir.parent / BACKBONE_DIR)
     init = copy_export(_init_checkpoint(result), INIT_DIR, out_dir.parent / INIT_DIR)
     return TrainResult(metrics=[r for r in rows if "loss" in r], final=dict(result.metrics or {}),
-                       checkpoint_dir=result.checkpoint.path if result.checkpoint else None,
+                       checkpoint_dir=_checkpoint_uri(result.checkpoint, storage) if result.checkpoint else None,
                        backbone_dir=backbone, init_dir=init, elapsed_s=elapsed,
                        failures=sum(1 for r in rows if r.get("event") == "worker_failure"))
