@@ -40,8 +40,41 @@ def tiny_models(synray_cache: str) -> dict[str, str]:
 RAY_TEST_CPUS = 8
 
 
+#: the bucket of the suite's local S3 server
+S3_BUCKET = "synray-test"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tiny_models: dict[str, str]) -> Iterator[str]:
+def s3_server() -> Iterator[dict[str, str]]:
+    """A local S3 endpoint (moto) with one bucket, for the whole session. Its endpoint and fake credentials are
+    in the environment before the suite's Ray starts, so Ray workers reach it as a cluster's nodes reach S3."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tiny_models: dict[str, str], s3_server: dict[str, str]) -> Iterator[str]:
     """One local Ray for the whole suite; yields its address (subprocesses join it via RAY_ADDRESS)."""
     import ray
 

@@ -4,50 +4,20 @@ resumes as on a local disk, and a whole run whose outputs and checkpoints land i
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
-from conftest import small_config
+from conftest import S3_BUCKET, small_config
 
-BUCKET = "synray-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BUCKET = S3_BUCKET
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[dict[str, str]]:
-    """A local S3 endpoint with one bucket; the environment pyarrow, Ray Data and Ray Train read it from."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    try:
-        yield env
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+@pytest.fixture
+def s3(s3_server: dict[str, str]) -> dict[str, str]:
+    """The suite's local S3 server (conftest): its endpoint and fake credentials are in the environment."""
+    return s3_server
 
 
 def objects(prefix: str) -> list[str]:
@@ -145,41 +115,38 @@ def test_a_sweep_report_under_s3_reads_its_trials_there_and_uploads_the_report(s
 
 
 @pytest.mark.slow
-def test_a_run_and_a_training_job_keep_everything_under_s3(s3, tmp_path: Path):
-    """`synray run shapes` with its run directory and its stream+store store under s3://, then `synray train` from
-    that store with the same store as its evaluation set: outputs, checkpoints and shards all land in the bucket."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}   # a local Ray of its own, with the env
+def test_a_run_and_a_training_job_keep_everything_under_s3(ray_cluster: str, s3, capsys):
+    """`synray run shapes` with its run directory and its stream+store store under s3://, then training from that
+    store with the same store as its evaluation set: outputs, checkpoints and shards all land in the bucket, and
+    the Ray workers (the renderers' store writer, Ray Train, the feature actors) reach it like cluster nodes."""
+    from synray.plan import load_run_config, plan_run
+    from synray.programs.run import print_summary, run
+
     small = ["train.steps=6", "train.captions_per_worker=4", "train.log_every=2", "train.checkpoint_every=3",
-             "data.num_captions=64", "eval.heldout_captions=48", "eval.protocols=[knn]", "ray.num_cpus=6"]
-    sets = [a for s in small for a in ("--set", s)]
+             "data.num_captions=64", "eval.protocols=[knn]"]
     store = f"s3://{BUCKET}/shapes-store"
-    r = subprocess.run([sys.executable, "-m", "synray.cli", "run", "shapes", *sets, "--set",
-                        f"output_root=s3://{BUCKET}/runs", "--set", "data.mode=stream+store", "--set",
-                        f"data.store_dir={store}"], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    (run,) = {p.split("/")[0] for p in objects("runs")}
-    assert f"run directory: s3://{BUCKET}/runs/{run}" in r.stdout
-    files = objects(f"runs/{run}")
-    for name in ("config.yaml", "summary.json", "metrics.csv", "run.log", "loss_curve.png", "samples.png",
-                 "backbone/config.json", "backbone_init/config.json", "train/metrics.jsonl"):
-        assert name in files, name
+    cfg = load_run_config("shapes", small + [f"output_root=s3://{BUCKET}/runs", "data.mode=stream+store",
+                                             f"data.store_dir={store}", "eval.enabled=false"])
+    rd, summary = run(plan_run(cfg))
+    print_summary(rd, summary)
+    (name,) = {p.split("/")[0] for p in objects("runs")}
+    assert f"run directory: s3://{BUCKET}/runs/{name}" in capsys.readouterr().out
+    files = objects(f"runs/{name}")
+    for f in ("config.yaml", "summary.json", "metrics.csv", "run.log", "loss_curve.png", "backbone/config.json",
+              "backbone_init/config.json", "train/metrics.jsonl"):
+        assert f in files, f
     assert any(f.startswith("train/train/checkpoint_") for f in files)   # Ray Train wrote its checkpoints there
     fs = pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
-    with fs.open_input_stream(f"{BUCKET}/runs/{run}/summary.json") as f:
-        summary = json.loads(f.read())
-    assert summary["run_dir"] == f"s3://{BUCKET}/runs/{run}" and summary["train"]["steps"] == 6
-    assert summary["backbone_dir"] == f"s3://{BUCKET}/runs/{run}/backbone"
-    assert summary["train"]["checkpoint"].startswith(f"s3://{BUCKET}/runs/{run}/train/train/checkpoint_")
-    assert 0 <= summary["eval"]["trained"]["knn_accuracy"] <= 1
-    shards = [f for f in objects("shapes-store") if f.startswith("shard-")]
-    assert shards and "_store.json" in objects("shapes-store")
+    with fs.open_input_stream(f"{BUCKET}/runs/{name}/summary.json") as f:
+        saved = json.loads(f.read())
+    assert saved["run_dir"] == f"s3://{BUCKET}/runs/{name}" and saved["train"]["steps"] == 6
+    assert saved["backbone_dir"] == f"s3://{BUCKET}/runs/{name}/backbone"
+    assert saved["train"]["checkpoint"].startswith(f"s3://{BUCKET}/runs/{name}/train/train/checkpoint_")
+    assert [f for f in objects("shapes-store") if f.startswith("shard-")] and "_store.json" in objects("shapes-store")
 
-    r = subprocess.run([sys.executable, "-m", "synray.cli", "train", "shapes", "--data", store, *sets, "--set",
-                        f"output_root=s3://{BUCKET}/runs2", "--set", f"eval.dataset={store}"],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    (run2,) = {p.split("/")[0] for p in objects("runs2")}
-    with fs.open_input_stream(f"{BUCKET}/runs2/{run2}/summary.json") as f:
-        trained = json.loads(f.read())
-    assert trained["mode"] == "stored" and trained["train"]["steps"] == 6
+    cfg = load_run_config("shapes", small + [f"output_root=s3://{BUCKET}/runs2", f"eval.dataset={store}"])
+    rd, trained = run(plan_run(cfg, data_dir=store))   # feature actors load both backbones from the bucket
+    assert trained["mode"] == "stored" and trained["train"]["steps"] == 6 and trained["run_dir"].startswith("s3://")
     assert trained["eval"]["heldout_rows"] >= 48                   # the S3 store, read as the evaluation set
+    assert 0 <= trained["eval"]["trained"]["knn_accuracy"] <= 1
+    assert "samples.png" in objects(f"runs2/{rd.remote.name}")
