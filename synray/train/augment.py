@@ -23,18 +23,18 @@ def blur_kernel_size(image_size: int) -> int:
     return k if k % 2 else k + 1
 
 
-def _ops(preset: str, image_size: int, scale_min: float) -> list[nn.Module]:
+def _ops(preset: str, image_size: int, scale_min: float, scale_max: float = 1.0) -> list[nn.Module]:
     size = (image_size, image_size)
     if preset == "strong":
         return [
-            K.RandomResizedCrop(size, scale=(scale_min, 1.0)),
+            K.RandomResizedCrop(size, scale=(scale_min, scale_max)),
             K.RandomHorizontalFlip(p=0.5),
             K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
             K.RandomGrayscale(p=0.2),
             K.RandomGaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0), p=0.5),
         ]
     if preset == "crop":
-        return [K.RandomResizedCrop(size, scale=(scale_min, 1.0))]
+        return [K.RandomResizedCrop(size, scale=(scale_min, scale_max))]
     if preset == "none":
         return [K.Resize(size, antialias=True)]
     raise ValueError(f"unknown augmentation preset {preset!r} ({', '.join(PRESETS)})")
@@ -49,12 +49,13 @@ class Augment(nn.Module):
     with ``s`` instead, leaving the global one untouched.
     """
 
-    def __init__(self, preset: str, image_size: int, crop_scale_min: float | None = None) -> None:
+    def __init__(self, preset: str, image_size: int, crop_scale_min: float | None = None,
+                 crop_scale_max: float = 1.0) -> None:
         super().__init__()
         if crop_scale_min is None:
             crop_scale_min = DEFAULT_CROP_SCALE_MIN.get(preset, 1.0)
         self.preset, self.image_size, self.crop_scale_min = preset, image_size, crop_scale_min
-        self.ops = nn.Sequential(*_ops(preset, image_size, crop_scale_min))
+        self.ops = nn.Sequential(*_ops(preset, image_size, crop_scale_min, crop_scale_max))
         self.normalize = imagenet_normalize()
 
     def forward(self, images: Tensor, seed: int | None = None) -> Tensor:

@@ -1,0 +1,153 @@
+"""SynCLR's training pieces: the EMA teacher and its schedules, multi-crop, iBOT masking and targets, the losses.
+
+Everything here runs on the worker's device without host syncs, and takes its distributed context
+from `synray.train.losses` (the gathers and reductions are no-ops on one process):
+
+* the teacher follows the student by an exponential moving average whose momentum rises on a
+  cosine from 0.994 to 1 (`ema_momentum`, `ema_update`);
+* the contrastive part is StableRep's multi-positive loss between student queries and teacher keys,
+  the keys gathered from every rank without gradient, the anchor's own key left out
+  (`multi_positive_keys_loss`);
+* the masked-image-modelling part (iBOT) masks a share of the global crops' patch tokens
+  (`mim_masks`); the teacher's prototype scores of the unmasked crop, centred by Sinkhorn-Knopp
+  (`sinkhorn_knopp`) at a temperature that warms up from 0.04 to 0.07 (`teacher_temperature`),
+  are the targets of the student's scores at the masked tokens (`ibot_loss`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from synray.train.augment import Augment
+from synray.train.losses import MASK_VALUE, dist_rank_world, equal_sizes, gather_rows
+
+__all__ = ["ema_momentum", "teacher_temperature", "ema_update", "sinkhorn_knopp", "mim_masks",
+           "multi_positive_keys_loss", "ibot_loss", "MultiCrop"]
+
+
+# ------------------------------------------------------------------------------ schedules
+def ema_momentum(step: int, total_steps: int, base: float = 0.994, final: float = 1.0) -> float:
+    """The teacher's momentum at `step`: `base` at step 0, rising on a half cosine to `final` at `total_steps`."""
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return final - (final - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.07) -> float:
+    """The teacher's prototype temperature: linear from `start` to `end` over `warmup_steps`, then `end`."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (buffers are copied)."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    if len(t_params) != len(s_params):
+        raise ValueError(f"teacher and student differ: {len(t_params)} vs {len(s_params)} parameters")
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        tb.copy_(sb)
+
+
+# ----------------------------------------------------------------------------- iBOT targets
+def _all_reduce(x: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
+    _, world = dist_rank_world()
+    if world > 1:
+        dist.all_reduce(x, op=op)
+    return x
+
+
+def _global_logsumexp(x: Tensor, dim: int) -> Tensor:
+    """logsumexp over `dim` spanning every rank's entries (`dim` holds this rank's share), keeping the dim."""
+    top = _all_reduce(x.max(dim=dim, keepdim=True).values.clone(), dist.ReduceOp.MAX)
+    return top + torch.log(_all_reduce((x - top).exp().sum(dim=dim, keepdim=True)))
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: Tensor, temperature: float, iterations: int = 3) -> Tensor:
+    """Teacher targets [B, K] from prototype scores [B, K] (SwAV/iBOT's centring): the softmax at `temperature`
+    balanced over the prototypes of the whole global batch (all ranks) by `iterations` alternate normalisations,
+    in log space (a sharp temperature underflows exp()). Each row of the result sums to 1; each prototype's
+    column, summed over every rank's rows, comes close to B/K."""
+    log_q = (teacher_logits.float() / temperature).T          # [K, B_local]
+    _, world = dist_rank_world()
+    k, b = log_q.shape[0], log_q.shape[1] * world
+    for _ in range(iterations):
+        log_q = log_q - _global_logsumexp(log_q, dim=1) - math.log(k)   # every prototype gets 1/K of the mass
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(b)   # every sample gets 1/B
+    return (log_q.exp() * b).T
+
+
+def mim_masks(batch: int, patches: int, image_share: float = 0.5, patch_share: float = 0.5,
+              generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """Which patch tokens the student sees as the mask token: bool [batch, patches]. round(batch x image_share)
+    images, drawn at random, each get round(patches x patch_share) masked tokens, drawn at random; the others none."""
+    n_images, n_tokens = round(batch * image_share), round(patches * patch_share)
+    image_rank = torch.rand(batch, generator=generator, device=device).argsort()
+    chosen = torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, image_rank[:n_images], True)
+    token_rank = torch.rand(batch, patches, generator=generator, device=device).argsort(dim=1).argsort(dim=1)
+    return (token_rank < n_tokens) & chosen[:, None]
+
+
+def ibot_loss(student_logits: Tensor, teacher_targets: Tensor, masks: Tensor, student_temperature: float = 0.1
+              ) -> Tensor:
+    """iBOT's masked-token loss on this rank: cross-entropy between the teacher's targets [B, P, K] and the student's
+    scores [B, P, K] at the masked tokens (masks [B, P]), averaged over each image's masked tokens, then over the
+    images that have any. 0 (with a gradient path) when no token is masked."""
+    log_p = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    per_token = -(teacher_targets.float() * log_p).sum(dim=-1)                 # [B, P]
+    weights = masks.float()
+    counts = weights.sum(dim=1)
+    per_image = (per_token * weights).sum(dim=1) / counts.clamp(min=1.0)
+    masked_images = (counts > 0).float()
+    return (per_image * masked_images).sum() / masked_images.sum().clamp(min=1.0)
+
+
+# ------------------------------------------------------------------------------ contrastive
+def multi_positive_keys_loss(queries: Tensor, keys: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
+    """SynCLR's contrastive part on this rank: each student query [n, D] against the teacher keys [n, D] of every
+    rank (gathered without gradient), its own key left out; the target is uniform over the keys of the same
+    caption (labels [n], global ids). Returns this rank's share of the full-batch mean (every rank holds n rows)."""
+    if queries.shape != keys.shape or labels.shape != queries.shape[:1]:
+        raise ValueError(f"expected queries and keys [n, D] and labels [n]; got {tuple(queries.shape)}, "
+                         f"{tuple(keys.shape)}, {tuple(labels.shape)}")
+    q = F.normalize(queries.float(), dim=-1)
+    sizes = equal_sizes(q.shape[0])
+    gk = gather_rows(F.normalize(keys.detach().float(), dim=-1), grad=False, sizes=sizes)
+    all_labels = gather_rows(labels, grad=False, sizes=sizes).tensor
+    n = q.shape[0]
+    rows = torch.arange(n, device=q.device)
+    own = (rows, rows + gk.offset)
+    logits = (q @ gk.tensor.T) / temperature
+    logits = logits.index_put(own, logits.new_full((n,), MASK_VALUE))
+    positives = (labels[:, None] == all_labels[None, :]).index_put(own, torch.zeros(n, dtype=torch.bool,
+                                                                                     device=q.device))
+    counts = positives.sum(dim=1)
+    per_anchor = torch.logsumexp(logits, dim=1) * (counts > 0) \
+        - (positives.float() * logits).sum(dim=1) / counts.clamp(min=1)
+    return per_anchor.mean()
+
+
+# ------------------------------------------------------------------------------- multi-crop
+class MultiCrop(nn.Module):
+    """SynCLR's views of a batch, made on its device: one global crop (area `global_scale`, side `global_size`) and
+    `local_crops` local ones (area `local_scale`, side `local_size`), each with the strong colour augmentation."""
+
+    def __init__(self, global_size: int, local_size: int, local_crops: int,
+                 global_scale: tuple[float, float] = (0.32, 1.0), local_scale: tuple[float, float] = (0.08, 0.32)
+                 ) -> None:
+        super().__init__()
+        self.local_crops = local_crops
+        self.global_view = Augment("strong", global_size, global_scale[0], global_scale[1])
+        self.local_view = Augment("strong", local_size, local_scale[0], local_scale[1])
+
+    def forward(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.global_view(images), [self.local_view(images) for _ in range(self.local_crops)]

@@ -1,0 +1,178 @@
+"""SynCLR's pieces: Sinkhorn-Knopp targets, the EMA teacher and its schedules, iBOT masks and loss, the
+teacher-key contrastive loss, multi-crop; and on 2 processes the same figures as on one with the whole batch."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from synray.train.losses import multi_positive_contrastive
+from synray.train.synclr import (
+    MultiCrop,
+    ema_momentum,
+    ema_update,
+    ibot_loss,
+    mim_masks,
+    multi_positive_keys_loss,
+    sinkhorn_knopp,
+    teacher_temperature,
+)
+
+WORLD = 2
+
+
+def _plain_sinkhorn(logits: torch.Tensor, temperature: float, iterations: int) -> torch.Tensor:
+    """SwAV/iBOT's published form (exp, then alternate normalisations), for mild logits where exp() is safe."""
+    q = torch.exp(logits / temperature).T
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).T
+
+
+def test_sinkhorn_knopp_rows_sum_to_one_and_prototype_columns_go_to_b_over_k():
+    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    q = sinkhorn_knopp(logits, temperature=0.1, iterations=3).double()
+    assert q.shape == (64, 16) and (q >= 0).all()
+    assert torch.allclose(q.sum(dim=1), torch.ones(64, dtype=torch.float64), atol=1e-5)   # each target sums to 1
+    assert torch.allclose(q, _plain_sinkhorn(logits, 0.1, 3), atol=1e-5)       # the published algorithm
+    spread = [(sinkhorn_knopp(logits, 0.1, n).sum(dim=0) - 64 / 16).abs().max().item() for n in (3, 10, 50)]
+    assert spread[0] > spread[1] > spread[2] and spread[2] < 0.05             # columns go to B/K = 4
+    sharp = torch.randn(64, 16, generator=torch.Generator().manual_seed(1)) * 20
+    assert torch.isfinite(sinkhorn_knopp(sharp, temperature=0.04)).all()      # log space: no exp() underflow
+
+
+def test_ema_momentum_rises_on_a_cosine_from_0_994_to_1_and_the_teacher_temperature_warms_up():
+    assert ema_momentum(0, 1000) == pytest.approx(0.994)
+    assert ema_momentum(500, 1000) == pytest.approx(0.997)
+    assert ema_momentum(1000, 1000) == pytest.approx(1.0) and ema_momentum(5000, 1000) == pytest.approx(1.0)
+    values = [ema_momentum(s, 100) for s in range(101)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert teacher_temperature(0, 30) == pytest.approx(0.04) and teacher_temperature(15, 30) == pytest.approx(0.055)
+    assert teacher_temperature(30, 30) == pytest.approx(0.07) and teacher_temperature(99, 30) == pytest.approx(0.07)
+
+
+def test_ema_update_moves_the_teacher_towards_the_student_by_one_minus_momentum():
+    torch.manual_seed(0)
+    student, teacher = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.Linear(4, 3),
+                                                                                           nn.BatchNorm1d(3))
+    student[1].running_mean.fill_(0.5)
+    before = [p.clone() for p in teacher.parameters()]
+    ema_update(teacher, student, momentum=0.9)
+    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * s)
+    assert torch.equal(teacher[1].running_mean, student[1].running_mean)       # buffers follow the student
+    frozen = [p.clone() for p in teacher.parameters()]
+    ema_update(teacher, student, momentum=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.parameters()))
+
+
+def test_mim_masks_mask_half_the_images_and_half_of_their_tokens():
+    g = torch.Generator().manual_seed(0)
+    m = mim_masks(10, 16, image_share=0.5, patch_share=0.5, generator=g)
+    per_image = m.sum(dim=1)
+    assert m.dtype == torch.bool and m.shape == (10, 16)
+    assert (per_image > 0).sum() == 5 and set(per_image.tolist()) == {0, 8}
+    other = mim_masks(10, 16, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(m, other)                                           # drawn, not fixed
+    assert mim_masks(4, 9, image_share=1.0, patch_share=0.3).sum(dim=1).tolist() == [3, 3, 3, 3]
+
+
+def _query_grad(q: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    q = q.clone().requires_grad_(True)
+    multi_positive_keys_loss(q, keys, labels, 0.1).backward()
+    return q.grad
+
+
+def test_the_anchors_own_key_is_left_out_and_keys_get_no_gradient():
+    torch.manual_seed(0)
+    q = torch.randn(8, 5)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    # with the queries as keys it is StableRep's multi-positive loss (which leaves each anchor's own column out)
+    assert multi_positive_keys_loss(q, q, labels, 0.1).item() == pytest.approx(
+        multi_positive_contrastive(q, labels, 0.1).item(), rel=1e-6)
+    # query i enters only anchor i's term: its gradient ignores key i, and not its positive's key
+    keys = torch.randn(8, 5)
+    own, other = keys.clone(), keys.clone()
+    own[0] += torch.randn(5) * 3
+    other[1] += torch.randn(5) * 3
+    base = _query_grad(q, keys, labels)
+    assert torch.allclose(_query_grad(q, own, labels)[0], base[0], atol=1e-7)
+    assert not torch.allclose(_query_grad(q, other, labels)[0], base[0], atol=1e-4)
+    k = keys.clone().requires_grad_(True)
+    multi_positive_keys_loss(q.clone().requires_grad_(True), k, labels, 0.1).backward()
+    assert k.grad is None                                                       # keys come from the teacher
+
+
+def test_ibot_loss_is_the_cross_entropy_at_masked_tokens_only():
+    torch.manual_seed(0)
+    student = torch.randn(3, 4, 6, requires_grad=True)
+    targets = torch.softmax(torch.randn(3, 4, 6), dim=-1)
+    masks = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    loss = ibot_loss(student, targets, masks, student_temperature=0.1)
+    ce = -(targets * torch.log_softmax(student.detach() / 0.1, dim=-1)).sum(-1)
+    expected = (ce[0, [0, 2]].mean() + ce[2].mean()) / 2                        # image 1 has no masked token
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    changed = student.detach().clone()
+    changed[0, 1] += 5                                                          # an unmasked token
+    assert ibot_loss(changed, targets, masks).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert ibot_loss(student, targets, torch.zeros_like(masks)).item() == 0.0
+
+
+def test_multi_crop_makes_one_global_and_several_local_views_on_the_device():
+    images = torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8)
+    global_view, local_views = MultiCrop(24, 12, local_crops=4)(images)
+    assert global_view.shape == (3, 3, 24, 24) and global_view.dtype == torch.float32
+    assert len(local_views) == 4 and all(v.shape == (3, 3, 12, 12) for v in local_views)
+    crops = MultiCrop(24, 12, 2)
+    assert tuple(crops.global_view.ops[0]._param_generator.scale) == pytest.approx((0.32, 1.0))
+    assert tuple(crops.local_view.ops[0]._param_generator.scale) == pytest.approx((0.08, 0.32))
+
+
+# ------------------------------------------------------------------------- two processes
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {"q": torch.randn(12, 6, generator=g), "k": torch.randn(12, 6, generator=g),
+            "labels": torch.arange(12) // 3, "logits": torch.randn(12, 10, generator=g) * 2}
+
+
+def _two_process_worker(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        b = {k: v.chunk(WORLD)[rank] for k, v in _batch().items()}
+        q = b["q"].clone().requires_grad_(True)
+        loss = multi_positive_keys_loss(q, b["k"], b["labels"], 0.1)
+        loss.backward()
+        targets = sinkhorn_knopp(b["logits"], 0.05, 3)
+        torch.save({"loss": loss.detach(), "grad": q.grad, "targets": targets}, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_give_the_single_process_loss_gradients_and_sinkhorn_targets(tmp_path: Path):
+    mp.spawn(_two_process_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    full = _batch()
+    q = full["q"].clone().requires_grad_(True)
+    loss = multi_positive_keys_loss(q, full["k"], full["labels"], 0.1)
+    loss.backward()
+    assert sum(r["loss"] for r in ranks).item() / WORLD == pytest.approx(loss.item(), rel=1e-6)
+    # each rank's gradient on its own queries, averaged over ranks (as DDP does), is the full batch's
+    grads = torch.cat([r["grad"] for r in ranks]) / WORLD
+    assert torch.allclose(grads, q.grad, atol=1e-7)
+    targets = torch.cat([r["targets"] for r in ranks])
+    assert torch.allclose(targets, sinkhorn_knopp(full["logits"], 0.05, 3), atol=1e-6)
+    assert math.isfinite(loss.item())
