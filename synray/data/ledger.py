@@ -116,8 +116,9 @@ class StreamLedger:
         stored_rows = np.zeros(0, dtype=np.int64)
         shards: list[str] = []
         captions: list[str] = []
-        if self.store_dir and ParquetStore(self.store_dir).root.is_dir():
-            for shard in ParquetStore(self.store_dir).shards():
+        store = ParquetStore(self.store_dir) if self.store_dir else None
+        if store is not None and store.root.is_dir():
+            for shard in store.shards():
                 table = pq.read_table(shard, columns=["row_id", "caption"])
                 rows = table.column("row_id").to_numpy().astype(np.int64)
                 stored_rows = np.concatenate([stored_rows, rows])

@@ -9,8 +9,10 @@ them from the environment (or the instance's role) of the process that needs the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-__all__ = ["Location", "is_uri", "TMP_PREFIX", "copy_tree", "fsync_dir", "local_copy"]
+__all__ = ["Location", "is_uri", "TMP_PREFIX", "copy_tree", "fsync_dir", "local_copy", "local_file"]
 
 #: names that writers own until they move them into place; readers never list them
 TMP_PREFIX = ".tmp-"
@@ -115,13 +117,6 @@ class Location:
         names = sorted(i.base_name for i in infos if i.base_name.startswith(prefix) and i.base_name.endswith(suffix))
         return [self.join(n) for n in names]
 
-    def size(self) -> int:
-        return int(self.fs.get_file_info(self.path).size or 0)
-
-    def mtime(self) -> float:
-        info = self.fs.get_file_info(self.path)
-        return info.mtime.timestamp() if info.mtime is not None else 0.0
-
     # ------------------------------------------------------------------ reading
     def read_bytes(self) -> bytes:
         with self.fs.open_input_stream(self.path) as f:
@@ -159,10 +154,6 @@ class Location:
 
     def delete(self) -> None:
         _delete_quietly(self.fs, self.path)
-
-    def delete_tree(self) -> None:
-        if self.is_dir():
-            self.fs.delete_dir(self.path)
 
     def walk_files(self) -> Iterator[Location]:
         """Every file below this directory."""
@@ -204,8 +195,19 @@ def local_copy(where: str | os.PathLike) -> str:
     (transformers' from_pretrained)."""
     if not is_uri(where):
         return str(where)
-    import tempfile
-
     dest = tempfile.mkdtemp(prefix="synray-download-")
     copy_tree(where, dest)
     return dest
+
+
+@contextlib.contextmanager
+def local_file(where: str | os.PathLike | Location) -> Iterator[str]:
+    """A file as a local path while the block runs: itself, or (under a URI) a temporary download of it."""
+    where = Location.of(where)
+    if where.is_local:
+        yield where.path
+        return
+    with tempfile.NamedTemporaryFile(suffix=f"-{where.name}") as f:
+        f.write(where.read_bytes())
+        f.flush()
+        yield f.name

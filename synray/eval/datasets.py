@@ -229,17 +229,17 @@ def _parquet_files(root: Path) -> tuple[str, list[str]]:
 def _parquet_uri(uri: str) -> EvalSource:
     """A dataset under a cloud URI: a Parquet file, or a directory of them (a synray store included)."""
     where = Location.of(uri)
+    store = ParquetStore(where)
     if where.is_file():
         files = [where.uri]
     else:
-        store = ParquetStore(where)
         files = store.shards() or [f.uri for f in where.walk_files() if f.name.endswith(".parquet")
                                    and not f.name.startswith(".")]
     if not files:
         raise EvalError(f"evaluation dataset {uri} holds no Parquet files (image folders are read from local or "
                         "mounted paths only)")
     schema = pq.read_schema(files[0])
-    kind = "synray-store" if ParquetStore(where).meta() is not None else "parquet"
+    kind = "synray-store" if store.meta() is not None else "parquet"
     return EvalSource(uri, kind, files, layout=parquet_layout(schema, files[0]), class_names=hf_label_names(schema))
 
 

@@ -214,7 +214,7 @@ def print_summary(rd: RunDir, summary: dict[str, Any]) -> None:
             if key in ev["trained"]:
                 chance = f" (chance {ev['trained']['chance']:.3f})" if key in CHANCE_METRICS else ""
                 print(f"  {key}: trained {ev['trained'][key]:.3f} vs init {ev['init'][key]:.3f}{chance}")
-    print(f"  summary: {rd.locate(rd.summary_path) if rd.remote else rd.summary_path}")
+    print(f"  summary: {rd.locate(rd.summary_path)}")
 
 
 def run_command(plan: RunPlan) -> int:

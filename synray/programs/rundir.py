@@ -37,22 +37,16 @@ class RunDir:
     @classmethod
     def create(cls, cfg: RunConfig, root: str | None = None, now: datetime | None = None) -> "RunDir":
         stamp = (now or datetime.now(timezone.utc)).strftime(TIMESTAMP_FORMAT)
-        base = root or cfg.output_root
-        if is_uri(base):
-            where = Location.of(base)
-            name, n = f"{cfg.name}-{stamp}", 1
-            while where.join(name).exists():
-                n += 1
-                name = f"{cfg.name}-{stamp}-{n}"
-            rd = cls(_staging(name), where.join(name))
+        where = Location.of(root or cfg.output_root)
+        name, n = f"{cfg.name}-{stamp}", 1
+        while where.join(name).exists():
+            n += 1
+            name = f"{cfg.name}-{stamp}-{n}"
+        if not is_uri(where.uri):
+            rd = cls(Path(root or cfg.output_root) / name)
+            rd.path.mkdir(parents=True)
         else:
-            path = Path(base) / f"{cfg.name}-{stamp}"
-            n = 1
-            while path.exists():
-                n += 1
-                path = Path(base) / f"{cfg.name}-{stamp}-{n}"
-            path.mkdir(parents=True)
-            rd = cls(path)
+            rd = cls.at(where.join(name))
         atomic_write_text(rd.config_path, cfg.to_yaml())
         rd.sync()
         return rd
@@ -70,7 +64,7 @@ class RunDir:
             if not found:
                 return None
             remote = max(found, key=lambda d: d.name)   # names carry the UTC start time
-            rd = cls(_staging(remote.name), remote)
+            rd = cls.at(remote)
             for f in remote.walk_files():   # the driver's own files come back; checkpoints stay in Ray Train's
                 rel = f.path[len(remote.path) + 1:]
                 if not rel.startswith(RAY_TRAIN_DIR + "/"):
@@ -82,6 +76,14 @@ class RunDir:
                  and not (p / SUMMARY_FILE).exists() and (p / CONFIG_FILE).is_file()
                  and (p / CONFIG_FILE).read_text() == text]
         return cls(max(local, key=lambda p: p.stat().st_mtime)) if local else None
+
+    @classmethod
+    def at(cls, where: Location) -> "RunDir":
+        """A run folder at `where`: written in place on a local or mounted disk; under a URI, staged in a fresh
+        local folder on this node and uploaded by `sync`."""
+        if not is_uri(where.uri):
+            return cls(Path(where.path))
+        return cls(Path(tempfile.mkdtemp(prefix=f"synray-{where.name}-")), where)
 
     @property
     def where(self) -> str:
@@ -135,8 +137,3 @@ class RunDir:
         logging.getLogger("synray").addHandler(handler)
         return handler
 
-
-def _staging(name: str) -> Path:
-    """A fresh local folder on the driver's node for a remote run's files."""
-    path = Path(tempfile.mkdtemp(prefix=f"synray-{name}-"))
-    return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +86,7 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
 def trial_dir(plan: SweepPlan, trial_id: str) -> RunDir:
     """A trial's folder, trials/<trial id>: on shared storage, written in place; under a cloud URI, staged on the
     trial's node and uploaded, with Ray Train's checkpoints written to the URI directly."""
-    where = plan.root.join(TRIALS_DIR, trial_id)
-    if where.is_local:
-        return RunDir(Path(where.path))
-    return RunDir(Path(tempfile.mkdtemp(prefix=f"synray-trial-{trial_id}-")), where)
+    return RunDir.at(plan.root.join(TRIALS_DIR, trial_id))
 
 
 def _write_json(out: RunDir, name: str, record: dict[str, Any]) -> None:

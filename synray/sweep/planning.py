@@ -4,11 +4,10 @@ the cluster, all checked before Ray starts (`synray sweep` executes the plan).""
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
 
 from synray.config import ConfigError, RunConfig
-from synray.data.storage import Location
+from synray.data.storage import Location, local_file
 from synray.generation.pipeline import LIGHT_STAGE_CPUS
 from synray.plan import check_eval_protocols, check_subset_fills_a_batch, load_run_config
 from synray.sweep.fit import MIN_SCALES
@@ -115,13 +114,8 @@ def plan_sweep_command(config: str | None, overrides: list[str], out: str | None
     """The plan of `synray sweep CONFIG` / `jobs/sweep.py`: a config with overrides, or with `resume`, the
     sweep directory's own saved config (so every trial is the one it was)."""
     if resume:
-        saved = Location.of(resume).join(SWEEP_CONFIG)
-        if saved.is_local:
-            return plan_sweep(load_run_config(saved.path, overrides), root=resume)
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-            f.write(saved.read_text())
-            f.flush()
-            return plan_sweep(load_run_config(f.name, overrides), root=resume)
+        with local_file(Location.of(resume).join(SWEEP_CONFIG)) as saved:
+            return plan_sweep(load_run_config(saved, overrides), root=resume)
     if not config:
         raise ConfigError("sweep needs a CONFIG, or --resume SWEEP_DIR")
     return plan_sweep(load_run_config(config, overrides), root=out)

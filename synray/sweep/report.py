@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from synray.config import RunConfig, load_config
 from synray.data.files import atomic_write_text, write_json
-from synray.data.storage import Location, copy_tree
+from synray.data.storage import Location, copy_tree, local_file
 from synray.sweep.fit import MIN_SCALES, ScalingFitError, fit_scaling
 from synray.sweep.space import SCALE_KEY, VARIANT_KEY
 
@@ -58,14 +58,6 @@ def load_trials(root: str | Path | Location) -> list[dict[str, Any]]:
                         "steps": last.get("step", 0), "train": {"final_loss": last.get("loss")},
                         "trained": {}, "init": {}})
     return out
-
-
-def load_config_text(text: str) -> RunConfig:
-    """A sweep's recorded config (config.yaml beside its trials), read from its text."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(text)
-        f.flush()
-        return load_config(f.name)
 
 
 def _value(trial: dict[str, Any], metric: str) -> float | None:
@@ -154,7 +146,8 @@ def write_report(root: str | Path | Location, metric: str | None = None) -> Swee
 def _write_report(where: Location, out: Path, metric: str | None) -> SweepReport:
     from synray.viz import scaling_plot  # matplotlib only when a report is written
 
-    cfg: RunConfig = load_config_text(where.join(SWEEP_CONFIG).read_text())
+    with local_file(where.join(SWEEP_CONFIG)) as path:
+        cfg: RunConfig = load_config(path)
     metric = metric or cfg.tune.metric
     trials = load_trials(where)
     out.mkdir(parents=True, exist_ok=True)

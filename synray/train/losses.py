@@ -33,6 +33,7 @@ __all__ = [
     "gather_with_grad",
     "gather_no_grad",
     "multi_positive_contrastive",
+    "multi_positive_terms",
     "info_nce",
     "clip_loss",
     "supervised_ce",
@@ -165,19 +166,25 @@ def multi_positive_contrastive(features: Tensor, labels: Tensor, temperature: fl
     z = F.normalize(_at_least_fp32(features), dim=-1)
     gz = gather_rows(z, grad=True, sizes=equal_sizes(z.shape[0]) if same_size else None)
     all_labels = gather_rows(labels, grad=False, sizes=gz.sizes).tensor
-    n, n_total = z.shape[0], gz.tensor.shape[0]
+    per_anchor = multi_positive_terms(z, gz, labels, all_labels, temperature)
+    return per_anchor.sum() * _ranks_scale(z.shape[0], gz.tensor.shape[0])
 
-    rows = torch.arange(n, device=z.device)
-    own = (rows, rows + gz.offset)  # each anchor's own column
-    logits = (z @ gz.tensor.T) / temperature
+
+def multi_positive_terms(anchors: Tensor, columns: Gathered, labels: Tensor, column_labels: Tensor,
+                         temperature: float) -> Tensor:
+    """Each local anchor's multi-positive term [n]: its L2-normalised row against every rank's `columns` (anchor i's
+    own column, at `columns.offset + i`, left out), the target uniform over the columns with its label."""
+    n = anchors.shape[0]
+    rows = torch.arange(n, device=anchors.device)
+    own = (rows, rows + columns.offset)  # each anchor's own column
+    logits = (anchors @ columns.tensor.T) / temperature
     logits = logits.index_put(own, logits.new_full((n,), MASK_VALUE))
-    positives = (labels[:, None] == all_labels[None, :]).index_put(own, torch.zeros(n, dtype=torch.bool,
-                                                                                     device=z.device))
+    positives = (labels[:, None] == column_labels[None, :]).index_put(own, torch.zeros(n, dtype=torch.bool,
+                                                                                        device=anchors.device))
     counts = positives.sum(dim=1)
     # -sum_j target_ij * log_softmax(logits)_ij with target_i uniform over i's positives (all zero without any)
-    per_anchor = torch.logsumexp(logits, dim=1) * (counts > 0) \
-        - (positives.to(z.dtype) * logits).sum(dim=1) / counts.clamp(min=1)
-    return per_anchor.sum() * _ranks_scale(n, n_total)
+    return torch.logsumexp(logits, dim=1) * (counts > 0) \
+        - (positives.to(anchors.dtype) * logits).sum(dim=1) / counts.clamp(min=1)
 
 
 def _rank_unique_ids(n: int, device: torch.device) -> Tensor:

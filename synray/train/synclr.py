@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from synray.train.augment import Augment
-from synray.train.losses import MASK_VALUE, dist_rank_world, equal_sizes, gather_rows
+from synray.train.losses import dist_rank_world, equal_sizes, gather_rows, multi_positive_terms
 
 __all__ = ["ema_momentum", "teacher_temperature", "ema_update", "sinkhorn_knopp", "mim_masks",
            "multi_positive_keys_loss", "ibot_loss", "MultiCrop"]
@@ -123,17 +123,7 @@ def multi_positive_keys_loss(queries: Tensor, keys: Tensor, labels: Tensor, temp
     sizes = equal_sizes(q.shape[0])
     gk = gather_rows(F.normalize(keys.detach().float(), dim=-1), grad=False, sizes=sizes)
     all_labels = gather_rows(labels, grad=False, sizes=sizes).tensor
-    n = q.shape[0]
-    rows = torch.arange(n, device=q.device)
-    own = (rows, rows + gk.offset)
-    logits = (q @ gk.tensor.T) / temperature
-    logits = logits.index_put(own, logits.new_full((n,), MASK_VALUE))
-    positives = (labels[:, None] == all_labels[None, :]).index_put(own, torch.zeros(n, dtype=torch.bool,
-                                                                                     device=q.device))
-    counts = positives.sum(dim=1)
-    per_anchor = torch.logsumexp(logits, dim=1) * (counts > 0) \
-        - (positives.float() * logits).sum(dim=1) / counts.clamp(min=1)
-    return per_anchor.mean()
+    return multi_positive_terms(q, gk, labels, all_labels, temperature).mean()
 
 
 # ------------------------------------------------------------------------------- multi-crop
