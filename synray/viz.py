@@ -165,7 +165,7 @@ def compare_bars(results: Mapping[str, Mapping[str, Mapping[str, float]]], metri
     fig = _figure((1.6 + 2.2 * len(keys), 3.8))
     ax = fig.subplots()
     width = 0.8 / len(variants)
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:cyan"]
     for i, v in enumerate(variants):
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(keys))]
         trained = [results[v]["trained"].get(k, np.nan) for k in keys]

@@ -20,8 +20,9 @@ def _program():
 
 def test_variants_see_the_same_images_per_step():
     base = load_run_config("shapes")
-    configs = {name: derive_config(base, o) for name, o in _program().variants(base).items()}
-    assert len(configs) == 3
+    configs = {name: derive_config(base, o)
+               for name, o in _program().variants(base, load_run_config("shapes-synclr")).items()}
+    assert len(configs) == 5
     per_step = set()
     for cfg in configs.values():
         plan = plan_run(cfg)  # every check of a run passes
@@ -32,4 +33,7 @@ def test_variants_see_the_same_images_per_step():
         rows_per_step = cfg.train.captions_per_worker * cfg.train.num_workers
         assert cfg.data.num_captions >= cfg.train.steps * rows_per_step
     assert per_step == {64}
-    assert {c.train.loss for c in configs.values()} == {"stablerep", "simclr", "supervised"}
+    assert {c.train.loss for c in configs.values()} == {"synclr", "stablerep", "simclr", "supervised"}
+    full, ema_only = [c for c in configs.values() if c.train.loss == "synclr"]
+    assert full.train.synclr == load_run_config("shapes-synclr").train.synclr   # the built-in's settings
+    assert ema_only.train.synclr.local_crops == 0 and ema_only.train.synclr.ibot_weight == 0

@@ -67,6 +67,32 @@ def test_invalid_overrides_name_the_key(override: str, needle: str):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.synclr.global_crop_scale=[0.5, 0.2]"], "global_crop_scale must be (low, high) with 0 < low <= high"),
+    (["train.synclr.ema_momentum_final=0.9"], "ema_momentum_final=0.9 is below ema_momentum=0.994"),
+    (["train.synclr.prototypes=1"], "train.synclr.prototypes: 1 is not allowed"),
+])
+def test_bad_synclr_settings_name_the_key(overrides: list[str], needle: str):
+    with pytest.raises(ConfigError) as e:
+        load_config("local", ["train.loss=synclr", *overrides])
+    assert needle in str(e.value)
+    assert load_config("local", ["train.loss=synclr"]).train.synclr.local_crop_size(
+        load_config("local").train.backbone) == 16   # 96/224 of 32 px, in whole 8-px patches
+
+
+@pytest.mark.parametrize("local_size, needle", [
+    (12, "train.synclr.local_size=12 must be a multiple of train.backbone.patch_size=8"),
+    (40, "and at most train.backbone.image_size=32"),
+])
+def test_synclr_local_crops_must_be_whole_patches_inside_the_image(local_size: int, needle: str):
+    from synray.plan import plan_run
+    from synray.train.objectives import TrainSetupError
+
+    with pytest.raises(TrainSetupError) as e:   # refused by the objective's check when the run is planned
+        plan_run(load_config("local", ["train.loss=synclr", f"train.synclr.local_size={local_size}"]))
+    assert needle in str(e.value)
+
+
 def test_unknown_key_lists_allowed_keys(tmp_path: Path):
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump({"train": {"stepz": 3}}))

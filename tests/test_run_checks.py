@@ -39,7 +39,7 @@ def test_unknown_objective_and_backend_are_refused_with_the_registry_names():
     from synray.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.loss: \"dino\" is not allowed: must be one of 'stablerep', "
-                                          "'simclr', 'clip' or 'supervised'"):
+                                          "'simclr', 'synclr', 'clip' or 'supervised'"):
         small_config("train.loss=dino")
     with pytest.raises(ConfigError, match="images.backend: \"gan\" is not allowed: must be one of 'diffusers' "
                                           "or 'procedural'"):

@@ -1,5 +1,6 @@
-"""The built-in `shapes` config end to end, shrunk: template captions -> procedural images with masks ->
-DeepSpeed training on the stream -> kNN, linear and segmentation probes against the network at initialisation."""
+"""The built-in `shapes` and `shapes-synclr` configs end to end, shrunk: template captions -> procedural images with
+masks -> DeepSpeed training on the stream -> kNN, linear and segmentation probes against the network at
+initialisation."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_shapes_run_lowers_its_loss_and_reports_every_probe(ray_cluster: str, tmp_path):
+@pytest.mark.parametrize("name", ["shapes", "shapes-synclr"])
+def test_shapes_run_lowers_its_loss_and_reports_every_probe(ray_cluster: str, tmp_path, name: str):
     from synray.plan import load_run_config, plan_run
     from synray.programs.run import run
 
-    cfg = load_run_config("shapes", [
+    cfg = load_run_config(name, [
         f"output_root={tmp_path}", "data.num_captions=120", "train.steps=6", "train.captions_per_worker=4",
         "train.warmup_steps=1", "train.log_every=2", "train.checkpoint_every=6", "train.backbone.size=tiny",
         "eval.heldout_captions=36", "eval.linear_epochs=5", "eval.segmentation_epochs=3"])

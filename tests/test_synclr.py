@@ -14,14 +14,18 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from synray.train.losses import multi_positive_contrastive
+from synray.models.heads import SynCLROutputs
 from synray.train.synclr import (
     MultiCrop,
     ema_momentum,
     ema_update,
     ibot_loss,
+    masked_positions,
+    mim_count,
     mim_masks,
     multi_positive_keys_loss,
     sinkhorn_knopp,
+    synclr_loss,
     teacher_temperature,
 )
 
@@ -117,17 +121,32 @@ def test_the_anchors_own_key_is_left_out_and_keys_get_no_gradient():
 
 def test_ibot_loss_is_the_cross_entropy_at_masked_tokens_only():
     torch.manual_seed(0)
-    student = torch.randn(3, 4, 6, requires_grad=True)
+    scores = torch.randn(3, 4, 6)
     targets = torch.softmax(torch.randn(3, 4, 6), dim=-1)
-    masks = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    loss = ibot_loss(student, targets, masks, student_temperature=0.1)
-    ce = -(targets * torch.log_softmax(student.detach() / 0.1, dim=-1)).sum(-1)
-    expected = (ce[0, [0, 2]].mean() + ce[2].mean()) / 2                        # image 1 has no masked token
+    masks = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    positions = masked_positions(masks, 4)
+    assert positions.tolist() == masks.flatten().nonzero().flatten().tolist()
+    student = scores.flatten(0, 1)[positions].requires_grad_(True)
+    loss = ibot_loss(student, targets.flatten(0, 1)[positions], student_temperature=0.1)
+    ce = -(targets * torch.log_softmax(scores / 0.1, dim=-1)).sum(-1)
+    expected = (ce[0, [0, 2]].mean() + ce[2, [0, 3]].mean()) / 2                # image 1 has no masked token
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    changed = student.detach().clone()
+    changed = scores.clone()
     changed[0, 1] += 5                                                          # an unmasked token
-    assert ibot_loss(changed, targets, masks).item() == pytest.approx(loss.item(), rel=1e-6)
-    assert ibot_loss(student, targets, torch.zeros_like(masks)).item() == 0.0
+    assert ibot_loss(changed.flatten(0, 1)[positions], targets.flatten(0, 1)[positions]).item() == \
+        pytest.approx(loss.item(), rel=1e-6)
+    nothing = torch.zeros(0, 6, requires_grad=True)
+    assert ibot_loss(nothing, torch.zeros(0, 6)).item() == 0.0
+    assert mim_count(10, 16) == 40 and mim_count(4, 9, 1.0, 0.3) == 12
+
+
+def test_each_view_of_the_queries_gets_its_own_loss_against_the_same_keys():
+    torch.manual_seed(0)
+    views, keys, labels = torch.randn(3, 8, 5), torch.randn(8, 5), torch.arange(8) // 2
+    per_view = multi_positive_keys_loss(views, keys, labels, 0.1)
+    assert per_view.shape == (3,)
+    for v in range(3):
+        assert per_view[v].item() == pytest.approx(multi_positive_keys_loss(views[v], keys, labels, 0.1).item())
 
 
 def test_multi_crop_makes_one_global_and_several_local_views_on_the_device():
@@ -142,9 +161,19 @@ def test_multi_crop_makes_one_global_and_several_local_views_on_the_device():
 
 # ------------------------------------------------------------------------- two processes
 def _batch() -> dict[str, torch.Tensor]:
+    """12 images of 4 captions, 3 views of queries; 2 masked tokens per image's prototype scores (K = 10)."""
     g = torch.Generator().manual_seed(3)
-    return {"q": torch.randn(12, 6, generator=g), "k": torch.randn(12, 6, generator=g),
-            "labels": torch.arange(12) // 3, "logits": torch.randn(12, 10, generator=g) * 2}
+    return {"q": torch.randn(3, 12, 6, generator=g), "k": torch.randn(12, 6, generator=g),
+            "labels": torch.arange(12) // 3, "logits": torch.randn(24, 10, generator=g) * 2,
+            "student": torch.randn(24, 10, generator=g)}
+
+
+def _synclr_loss(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SynCLR's whole loss on a batch (queries and student scores with gradient): (loss, their gradients)."""
+    q, student = b["q"].clone().requires_grad_(True), b["student"].clone().requires_grad_(True)
+    loss = synclr_loss(SynCLROutputs(q, b["k"], student, b["logits"]), b["labels"], 0.1, teacher_temp=0.05)
+    loss.backward()
+    return loss.detach(), q.grad, student.grad
 
 
 def _two_process_worker(rank: int, tmp: str) -> None:
@@ -152,27 +181,46 @@ def _two_process_worker(rank: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
     try:
-        b = {k: v.chunk(WORLD)[rank] for k, v in _batch().items()}
-        q = b["q"].clone().requires_grad_(True)
-        loss = multi_positive_keys_loss(q, b["k"], b["labels"], 0.1)
-        loss.backward()
+        b = {k: v.chunk(WORLD, dim=1 if k == "q" else 0)[rank] for k, v in _batch().items()}
+        loss, q_grad, s_grad = _synclr_loss(b)
         targets = sinkhorn_knopp(b["logits"], 0.05, 3)
-        torch.save({"loss": loss.detach(), "grad": q.grad, "targets": targets}, f"{tmp}/rank{rank}.pt")
+        torch.save({"loss": loss, "grad": q_grad, "student_grad": s_grad, "targets": targets}, f"{tmp}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_give_the_single_process_loss_gradients_and_sinkhorn_targets(tmp_path: Path):
+    """SynCLR's whole loss (3 views against the teacher keys, plus iBOT with Sinkhorn-Knopp targets)."""
     mp.spawn(_two_process_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     full = _batch()
-    q = full["q"].clone().requires_grad_(True)
-    loss = multi_positive_keys_loss(q, full["k"], full["labels"], 0.1)
-    loss.backward()
+    loss, q_grad, s_grad = _synclr_loss(full)
     assert sum(r["loss"] for r in ranks).item() / WORLD == pytest.approx(loss.item(), rel=1e-6)
-    # each rank's gradient on its own queries, averaged over ranks (as DDP does), is the full batch's
-    grads = torch.cat([r["grad"] for r in ranks]) / WORLD
-    assert torch.allclose(grads, q.grad, atol=1e-7)
+    # each rank's gradient on its own queries and scores, averaged over ranks (as DDP does), is the full batch's
+    assert torch.allclose(torch.cat([r["grad"] for r in ranks], dim=1) / WORLD, q_grad, atol=1e-7)
+    assert torch.allclose(torch.cat([r["student_grad"] for r in ranks]) / WORLD, s_grad, atol=1e-7)
     targets = torch.cat([r["targets"] for r in ranks])
     assert torch.allclose(targets, sinkhorn_knopp(full["logits"], 0.05, 3), atol=1e-6)
     assert math.isfinite(loss.item())
+
+
+def test_the_export_is_the_teachers_backbone_unless_the_student_is_asked_for(tmp_path: Path):
+    from synray.config import RunConfig, TrainConfig
+    from synray.models.backbone import load_backbone
+    from synray.train.objectives import get_objective
+
+    t = TrainConfig(loss="synclr", head={"hidden_dim": 32, "out_dim": 16},
+                    synclr={"prototypes": 8, "prototype_hidden_dim": 16, "prototype_bottleneck_dim": 8,
+                            "predictor_hidden_dim": 16})
+    objective = get_objective("synclr")
+    model = objective.build(RunConfig(train=t), 2, None).model
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)                                                         # the student moved, the teacher not
+    assert all(not p.requires_grad for p in model.teacher.parameters())         # the teacher is never optimised
+    for side, want in (("teacher", model.teacher.encoder), ("student", model.student.encoder)):
+        cfg = t.model_copy(update={"synclr": t.synclr.model_copy(update={"export": side})})
+        objective.export(model, tmp_path / side, None, cfg)
+        got = load_backbone(tmp_path / side)
+        assert all(torch.equal(a, b) for a, b in zip(got.parameters(), want.parameters())), side
+

@@ -1,5 +1,6 @@
 """The training worker's step on 2 gloo processes, without Ray: every objective learns a fixed batch,
-`grad_accum` counts one step per window, and a new worker group resumes at the latest checkpoint."""
+`grad_accum` counts one step per window, a new worker group resumes at the latest checkpoint, and SynCLR's
+resume restores its teacher and schedule."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _losses(result: dict[str, Any]) -> list[float]:
     return [r["loss"] for r in result["reports"] if "loss" in r]
 
 
-@pytest.mark.parametrize("objective", ["stablerep", "simclr", "supervised", "clip"])
+@pytest.mark.parametrize("objective", ["stablerep", "simclr", "synclr", "supervised", "clip"])
 def test_every_objective_lowers_its_loss_on_a_fixed_batch(results, objective: str):
     rank0, rank1 = results[objective]
     losses = _losses(rank0)
@@ -35,7 +36,7 @@ def test_every_objective_lowers_its_loss_on_a_fixed_batch(results, objective: st
     assert _losses(rank1) == losses  # the logged loss is the mean over ranks, the same on both
 
 
-@pytest.mark.parametrize("objective", ["stablerep", "simclr", "supervised", "clip"])
+@pytest.mark.parametrize("objective", ["stablerep", "simclr", "synclr", "supervised", "clip"])
 def test_the_worker_reports_the_step0_export_first_and_the_trained_export_last(results, objective: str):
     reports = results[objective][0]["reports"]
     assert reports[0]["init_export"] and reports[0]["step"] == 0 and reports[0]["checkpoint"]
@@ -57,3 +58,16 @@ def test_a_new_worker_group_resumes_at_the_latest_checkpoint(results):
         assert rank["restarted"] and rank["restored_step"] == 6 and rank["same_weights"]
     steps_with_checkpoints = [r["step"] for r in results["resume"][0]["reports"] if r["checkpoint"]]
     assert steps_with_checkpoints == [0, 2, 4, 6]
+
+
+def test_synclr_resume_restores_the_teacher_exactly_and_the_ema_schedule_at_its_step(results):
+    for rank in results["synclr_resume"]:
+        assert rank["first_final_step"] == 6 and rank["restored_step"] == 6
+        assert rank["first_teacher"] != rank["init_teacher"]          # the EMA moved the teacher
+        assert rank["first_teacher"] != rank["first_student"]         # ... and it lags the student
+        assert rank["restored_teacher"] == rank["first_teacher"]      # restored bit for bit
+        assert rank["restored_student"] == rank["first_student"]
+        assert rank["export_is_teacher"]                              # the export is the teacher's backbone
+        # the first update after the resume moves the teacher with the momentum of step 6 of 6 (0.99), not step 0's
+        assert rank["ema_momentum"] == pytest.approx(0.99) and rank["ema_error"] < 1e-6
+    assert results["synclr_resume"][0]["restored_teacher"] == results["synclr_resume"][1]["restored_teacher"]

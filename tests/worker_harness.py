@@ -6,6 +6,7 @@ Each process joins one torch.distributed group, then runs every case of `CASES` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -24,6 +25,9 @@ ROWS, M = 4, 2
 BASE = ["images.per_caption=2", f"train.captions_per_worker={ROWS}", "train.num_workers=2", "train.log_every=1",
         "train.checkpoint_every=100", "train.warmup_steps=1", "train.lr=0.002", "train.augment.preset=none",
         "train.head.hidden_dim=64", "train.head.out_dim=32"]
+#: a small SynCLR: 2 local crops, 64 prototypes
+SYNCLR = ["train.synclr.local_crops=2", "train.synclr.prototypes=64", "train.synclr.prototype_hidden_dim=64",
+          "train.synclr.prototype_bottleneck_dim=32", "train.synclr.predictor_hidden_dim=64"]
 #: case name -> overrides; each objective learns on one fixed batch, then the grad_accum and resume checks
 CASES: dict[str, list[str]] = {
     "stablerep": ["train.loss=stablerep", "train.steps=8"],
@@ -33,6 +37,10 @@ CASES: dict[str, list[str]] = {
     "clip": ["train.loss=clip", "train.steps=8", "train.text.max_length=16", "train.temperature=0.1"],
     "grad_accum": ["train.loss=stablerep", "train.steps=2", "train.grad_accum=2"],
     "resume": ["train.loss=stablerep", "train.steps=6", "train.checkpoint_every=2"],
+    "synclr": ["train.loss=synclr", "train.steps=8", *SYNCLR],
+    # momentum 0.9 -> 0.99: the update after a resume at step 6 tells the schedule's position (0.99 x 0.9^...)
+    "synclr_resume": ["train.loss=synclr", "train.steps=6", "train.checkpoint_every=3", *SYNCLR,
+                      "train.synclr.ema_momentum=0.9", "train.synclr.ema_momentum_final=0.99"],
 }
 
 
@@ -63,6 +71,43 @@ def _weights(state: Any) -> float:
     return float(sum(p.detach().double().sum() for p in state.engine.module.parameters()))
 
 
+def _digest(params: Any) -> str:
+    """Exact identity of a list of tensors (their bytes)."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _synclr_resume(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, root: Path) -> dict[str, Any]:
+    """Train to the end, then a new worker group restores: its teacher, student and step; its first update's EMA
+    momentum (the schedule at the restored step); the export is the teacher's backbone."""
+    from synray.models.backbone import load_backbone
+    from synray.train.context import LocalContext
+    from synray.train.synclr import ema_momentum
+    from synray.train.worker import BACKBONE_DIR, Meter, setup, train, train_step
+
+    first = setup(cfg, plan, LocalContext(rank, WORLD, rows, root))
+    model = first.engine.module
+    out: dict[str, Any] = {"init_teacher": _digest(model.teacher.parameters())}
+    out["first_final_step"] = train(first)
+    out.update(first_teacher=_digest(model.teacher.parameters()), first_student=_digest(model.student.parameters()))
+    export = load_backbone(LocalContext(rank, WORLD, rows, root).checkpoints()[-1] / BACKBONE_DIR)
+    out["export_is_teacher"] = _digest(export.parameters()) == _digest(model.teacher.encoder.parameters())
+    again = setup(cfg, plan, LocalContext(rank, WORLD, rows, root))
+    restored = again.engine.module
+    out.update(restored_step=again.step, restored_teacher=_digest(restored.teacher.parameters()),
+               restored_student=_digest(restored.student.parameters()))
+    teacher_before = [p.detach().clone() for p in restored.teacher.parameters()]
+    batch, _ = next(again.batches)
+    train_step(again, batch, 0.0, Meter())
+    m = ema_momentum(again.step, cfg.train.steps, cfg.train.synclr.ema_momentum, cfg.train.synclr.ema_momentum_final)
+    out["ema_error"] = max(float((t - (m * b + (1 - m) * s)).abs().max()) for t, b, s in
+                           zip(restored.teacher.parameters(), teacher_before, restored.student.parameters()))
+    out["ema_momentum"] = m
+    return out
+
+
 def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, Any]:
     from conftest import small_config
 
@@ -91,6 +136,8 @@ def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, An
                    scheduler_steps=int(state.scheduler.last_epoch))
         state = setup(cfg, plan, LocalContext(rank, WORLD, rows, root / "grad_accum_train"))
         out.update(final_step=train(state), train_global_steps=int(state.engine.global_steps))
+    elif name == "synclr_resume":
+        out.update(_synclr_resume(cfg, plan, rows, rank, root / name))
     elif name == "resume":
         first = setup(cfg, plan, ctx)
         out["first_final_step"] = train(first)

@@ -1,9 +1,12 @@
-"""Multi-positive (StableRep, m images per caption) vs SimCLR (m = 1) vs supervised cross-entropy at one step budget.
+"""SynCLR vs multi-positive (StableRep, m per caption) vs SimCLR (m = 1) vs supervised cross-entropy, one step budget.
 
     python tuning/compare_losses.py shapes --out docs/shapes_losses.png
 
-Every variant sees the same number of images (views) per step: SimCLR (two views of one image per
-caption) takes m/2 times as many captions per batch, and its stream as many more rows. All variants
+Every variant sees the same number of images per step: SimCLR (two views of one image per
+caption) takes m/2 times as many captions per batch, and its stream as many more rows. SynCLR reads the
+same rows as multi-positive training and takes its crops, heads and schedules from the `train.synclr`
+section of `--synclr` (default: the `shapes-synclr` built-in); its local crops are extra views. A second
+SynCLR variant keeps only the EMA teacher (one crop, no masking: the paper's "+EMA" ablation step). All variants
 are scored on one held-out store (the base config's held-out set, m images per caption), generated
 once under `output_root`. Writes the figure, and `<figure>.json` with every run's evaluation.
 """
@@ -28,11 +31,18 @@ METRICS = {"knn_accuracy": "kNN accuracy", "linear_accuracy": "linear probe accu
            "segmentation_miou": "segmentation mIoU"}
 
 
-def variants(cfg: RunConfig) -> dict[str, dict[str, object]]:
-    """Overrides per variant, keeping images per step equal to the multi-positive run's."""
+def variants(cfg: RunConfig, synclr: RunConfig) -> dict[str, dict[str, object]]:
+    """Overrides per variant, keeping images per step equal to the multi-positive run's; SynCLR's settings come
+    from the `synclr` config's train.synclr section and contrastive temperature."""
     m, t = cfg.images.per_caption, cfg.train
     simclr_rows = t.captions_per_worker * m // 2  # 2 views per row
+    synclr_settings = {f"train.synclr.{k}": v for k, v in synclr.train.synclr.model_dump().items()}
+    synclr_base = {"train.loss": "synclr", "train.temperature": synclr.train.temperature, **synclr_settings}
     return {
+        f"SynCLR (m={m})": synclr_base,
+        # SynCLR's ablation step between StableRep and the full objective: the EMA teacher's keys, one crop, no iBOT
+        f"SynCLR, EMA teacher only (m={m})": {**synclr_base, "train.synclr.local_crops": 0,
+                                              "train.synclr.mask_image_share": 0.0, "train.synclr.ibot_weight": 0.0},
         f"multi-positive (m={m})": {"train.loss": "stablerep"},
         "SimCLR (m=1)": {"train.loss": "simclr", "images.per_caption": 1,
                          "train.captions_per_worker": simclr_rows,
@@ -46,11 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default="shapes", help="built-in config name or YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--out", default="docs/shapes_losses.png", help="figure path (a .json goes beside it)")
+    parser.add_argument("--synclr", default="shapes-synclr", help="config whose train.synclr settings the SynCLR "
+                        "variant takes")
+    parser.add_argument("--only", action="append", default=[], metavar="LOSS",
+                        help="run only the variants of these train.loss values (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         base = load_run_config(args.config, args.overrides)
-        configs = {name: derive_config(base, o) for name, o in variants(base).items()}
+        configs = {name: derive_config(base, o) for name, o in variants(base, load_run_config(args.synclr)).items()
+                   if not args.only or o["train.loss"] in args.only}
     except ConfigError as e:
         print(f"compare_losses: {e}", file=sys.stderr)
         return 2

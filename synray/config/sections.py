@@ -12,8 +12,8 @@ from synray.config.tune import TuneConfig
 
 __all__ = ["RayConfig", "TemplateWeights", "RELATIONS", "ConceptsConfig", "SamplingConfig", "EngineConfig",
            "CleanupConfig", "RewriteConfig", "CaptionsConfig", "ImagesConfig", "DataConfig", "BackboneConfig",
-           "HeadConfig", "AugmentConfig", "TextTowerConfig", "TrainConfig", "EvalProtocol", "EVAL_PROTOCOLS",
-           "EvalConfig", "RunConfig"]
+           "HeadConfig", "AugmentConfig", "SynCLRConfig", "TextTowerConfig", "TrainConfig", "EvalProtocol",
+           "EVAL_PROTOCOLS", "EvalConfig", "RunConfig"]
 
 
 # ----------------------------------------------------------------------------------------- ray
@@ -246,7 +246,58 @@ class AugmentConfig(Section):
         None, description="default: the objective's own (crop for clip, as LaCLIP; strong, as SimCLR/StableRep, "
         "otherwise)")
     crop_scale_min: float | None = Field(
-        None, gt=0, le=1, description="smallest random-resized-crop area; default: 0.08 (strong), 0.5 (crop, LaCLIP)")
+        None, gt=0, le=1, description="smallest random-resized-crop area; default: 0.08 (strong), 0.5 (crop, LaCLIP); "
+        "loss=synclr crops by train.synclr's scales instead")
+
+
+class SynCLRConfig(Section):
+    """train.loss=synclr: the EMA teacher, multi-crop and iBOT masked image modelling (SynCLR's published defaults).
+
+    The contrastive temperature is train.temperature (SynCLR: 0.08-0.1) and the query/key projection is
+    train.head; the predictor, prototype head and teacher are configured here."""
+
+    ema_momentum: float = Field(0.994, ge=0, le=1, description="the teacher's EMA momentum at step 0")
+    ema_momentum_final: float = Field(1.0, ge=0, le=1, description="its value at train.steps (cosine schedule)")
+    local_crops: int = Field(4, ge=0, le=16, description="local crops per image besides the one global crop")
+    local_size: int | None = Field(None, ge=8, description="local crop side in pixels (a multiple of the patch "
+                                   "size); default: 96/224 of train.backbone.image_size, rounded to patches")
+    global_crop_scale: tuple[float, float] = Field((0.32, 1.0), description="area range of the global crop")
+    local_crop_scale: tuple[float, float] = Field((0.08, 0.32), description="area range of the local crops")
+    predictor_hidden_dim: int = Field(4096, ge=1, description="the student's 2-layer predictor on the projection")
+    predictor_layers: int = Field(2, ge=1, le=8)
+    mask_image_share: float = Field(0.5, ge=0, le=1, description="share of the global crops that get masked")
+    mask_patch_share: float = Field(0.5, ge=0, le=1, description="share of a masked crop's patch tokens replaced "
+                                    "by the mask token")
+    prototypes: int = Field(8192, ge=2, description="iBOT prototypes (SynCLR: 8192-65536)")
+    prototype_hidden_dim: int = Field(2048, ge=1, description="hidden width of the prototype head's MLP")
+    prototype_bottleneck_dim: int = Field(256, ge=1)
+    ibot_weight: float = Field(1.0, ge=0, description="weight of the iBOT loss beside the contrastive one")
+    sinkhorn_iterations: int = Field(3, ge=1, le=100)
+    student_temperature: float = Field(0.1, gt=0)
+    teacher_temperature: float = Field(0.04, gt=0, description="the teacher's prototype temperature at step 0")
+    teacher_temperature_final: float = Field(0.07, gt=0, description="its value after the warm-up")
+    teacher_temperature_warmup: float = Field(0.3, ge=0, le=1, description="warm-up length, a share of train.steps "
+                                              "(iBOT/DINOv2: 30 of 100 epochs)")
+    export: Literal["teacher", "student"] = Field("teacher", description="the backbone a run exports and evaluates: "
+                                                  "the EMA teacher's (SynCLR's), or the student's")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SynCLRConfig":
+        for key in ("global_crop_scale", "local_crop_scale"):
+            lo, hi = getattr(self, key)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{key} must be (low, high) with 0 < low <= high <= 1; got {(lo, hi)}")
+        if self.ema_momentum_final < self.ema_momentum:
+            raise ValueError(f"ema_momentum_final={self.ema_momentum_final} is below ema_momentum="
+                             f"{self.ema_momentum}: the teacher's momentum only rises")
+        return self
+
+    def local_crop_size(self, backbone: BackboneConfig) -> int:
+        """The local crops' side: local_size, or 96/224 of the image side rounded to whole patches."""
+        if self.local_size is not None:
+            return self.local_size
+        patches = max(1, round(backbone.image_size * 96 / 224 / backbone.patch_size))
+        return patches * backbone.patch_size
 
 
 class TextTowerConfig(Section):
@@ -259,7 +310,7 @@ class TextTowerConfig(Section):
 class TrainConfig(Section):
     steps: int = Field(200, ge=1, description="optimizer step budget")
     loss: str = Field("stablerep", description="an objective of synray.train.objectives: stablerep, simclr, "
-                      "supervised, clip")
+                      "synclr, supervised, clip")
     temperature: float = Field(0.1, gt=0, le=10, description="contrastive temperature; for loss=clip the "
                                "initial value of the learnable one (CLIP: 0.07)")
     num_workers: int = Field(2, ge=1)
@@ -284,6 +335,7 @@ class TrainConfig(Section):
     head: HeadConfig = HeadConfig()
     augment: AugmentConfig = AugmentConfig()
     text: TextTowerConfig = TextTowerConfig()
+    synclr: SynCLRConfig = SynCLRConfig()
     prefetch_batches: int = Field(4, ge=0, description="ready batches each worker keeps in flight")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)

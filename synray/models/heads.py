@@ -1,19 +1,23 @@
-"""Heads on an encoder: StableRep's projection MLP (contrastive training) and a linear classifier (supervised)."""
+"""Heads on an encoder: StableRep's projection MLP, a linear classifier, SynCLR's prototype head and student/teacher."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.nn.functional import all_reduce
 
-from synray.config import BackboneConfig, HeadConfig
+from synray.config import BackboneConfig, HeadConfig, SynCLRConfig
 from synray.models.backbone import Encoder, build_backbone
 
 __all__ = ["CrossRankBatchNorm1d", "MLPHead", "ContrastiveModel", "build_contrastive_model", "Classifier",
-           "build_classifier"]
+           "build_classifier", "PrototypeHead", "SynCLRNet", "SynCLROutputs", "SynCLRModel", "build_synclr_model"]
 
 
 class CrossRankBatchNorm1d(nn.BatchNorm1d):
@@ -107,3 +111,95 @@ class Classifier(nn.Module):
 
 def build_classifier(backbone: BackboneConfig, num_classes: int) -> Classifier:
     return Classifier(build_backbone(backbone), num_classes)
+
+
+# ------------------------------------------------------------------------------------ SynCLR
+class PrototypeHead(nn.Module):
+    """DINO/iBOT's head: an MLP (GELU) to an L2-normalised bottleneck, then cosine scores against K prototypes
+    (the weight-normalised last layer with its norm fixed at 1). ``forward(x [..., D]) -> [..., K]``."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, prototypes: int, num_layers: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(dim, hidden_dim), nn.GELU()]
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.prototypes = nn.Parameter(torch.empty(prototypes, bottleneck_dim))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.normalize(self.mlp(x), dim=-1), F.normalize(self.prototypes, dim=-1))
+
+
+class SynCLRNet(nn.Module):
+    """What the student and the teacher share: the encoder, the projection head (keys, and queries before the
+    predictor) and the prototype head on patch tokens (iBOT)."""
+
+    def __init__(self, encoder: Encoder, head: nn.Module, prototypes: PrototypeHead) -> None:
+        super().__init__()
+        self.encoder, self.head, self.prototypes = encoder, head, prototypes
+
+
+@dataclass
+class SynCLROutputs:
+    """One SynCLR forward: student queries of every view, teacher keys, prototype scores at the masked tokens."""
+
+    queries: Tensor          # [1 + local crops, B, out_dim]: the global crop's first
+    keys: Tensor             # [B, out_dim], the teacher's, of the unmasked global crop (no gradient)
+    student_scores: Tensor   # [masked tokens, K] at the masked positions of the student's global crop
+    teacher_scores: Tensor   # [masked tokens, K] at the same positions of the teacher's unmasked crop (no gradient)
+
+
+class SynCLRModel(nn.Module):
+    """SynCLR's student (a `SynCLRNet` plus the predictor) and its EMA teacher (a copy of the student's net).
+
+    The teacher's parameters do not require gradients, so the optimizer never holds them; they are part of the
+    module's state dict, so checkpoints carry them. It runs in float32 (its EMA needs the precision) and under
+    autocast when the student runs in half precision."""
+
+    def __init__(self, student: SynCLRNet, predictor: nn.Module) -> None:
+        super().__init__()
+        self.student, self.predictor = student, predictor
+        self.teacher = copy.deepcopy(student)
+        self.teacher.requires_grad_(False)
+
+    def keep_teacher_fp32(self) -> None:
+        """Undo an engine's cast of the whole module to half precision, for the teacher alone."""
+        self.teacher.float()
+
+    def forward(self, global_view: Tensor, local_views: Tensor | None, masks: Tensor, positions: Tensor
+                ) -> SynCLROutputs:
+        """global_view [B, 3, H, W]; local_views [k*B, 3, h, w] (crop-major) or None; masks [B, P] bool: the
+        student's masked tokens; positions [n]: the masked entries of masks.flatten()."""
+        s = self.student
+        tokens = s.encoder.tokens(global_view, masks)
+        queries = self.predictor(s.head(tokens[:, 0]))
+        if local_views is not None:
+            queries = torch.cat([queries, self.predictor(s.head(s.encoder(local_views)))])
+        student_scores = s.prototypes(tokens[:, 1:].flatten(0, 1)[positions])
+        with torch.no_grad(), self._teacher_autocast(global_view.device):
+            t = self.teacher
+            t_tokens = t.encoder.tokens(global_view)
+            keys = t.head(t_tokens[:, 0])
+            teacher_scores = t.prototypes(t_tokens[:, 1:].flatten(0, 1)[positions])
+        return SynCLROutputs(queries.view(-1, global_view.shape[0], queries.shape[-1]), keys.float(),
+                             student_scores, teacher_scores.float())
+
+    def _teacher_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        student_dtype = next(self.student.parameters()).dtype
+        if student_dtype == torch.float32 or device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=student_dtype)
+
+
+def build_synclr_model(backbone: BackboneConfig, head: HeadConfig, cfg: SynCLRConfig) -> SynCLRModel:
+    """The student at its initial weights (from torch's global generator) and the teacher as its copy."""
+    encoder = build_backbone(backbone)
+    projection = MLPHead(encoder.embed_dim, head.hidden_dim, head.out_dim, head.num_layers)
+    prototypes = PrototypeHead(encoder.embed_dim, cfg.prototype_hidden_dim, cfg.prototype_bottleneck_dim,
+                               cfg.prototypes)
+    predictor = MLPHead(head.out_dim, cfg.predictor_hidden_dim, head.out_dim, cfg.predictor_layers)
+    return SynCLRModel(SynCLRNet(encoder, projection, prototypes), predictor)

@@ -59,11 +59,14 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int, lr: float):
-    """deepspeed.initialize with a torch AdamW (no bias/norm decay) and a warmup+cosine LambdaLR."""
+    """deepspeed.initialize with a torch AdamW (no bias/norm decay) and a warmup+cosine LambdaLR. Parameters that do
+    not require gradients (an EMA teacher) stay out of the optimizer and its state."""
     import deepspeed
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)

@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from synray.config import RunConfig, TrainConfig
 from synray.data.schema import TRAIN_COLUMNS
 from synray.models.backbone import build_backbone, save_backbone
-from synray.models.heads import build_classifier, build_contrastive_model
+from synray.models.heads import SynCLRModel, build_classifier, build_contrastive_model, build_synclr_model
 from synray.models.image_text import (ImageTextModel, TextTowerError, load_text_tower, load_tokenizer,
                                       save_image_text, text_tower_config)
 from synray.models.tiny import localize
 from synray.train import losses
-from synray.train.augment import Augment
+from synray.train import synclr
+from synray.train.augment import Augment, build_augment
 from synray.train.batches import ImageBatch, ImageTextBatch, decode_rows, flatten_rows, image_text_rows, pick_pairs
 from synray.train.spec import TrainPlan
 
@@ -109,10 +111,20 @@ class Objective:
         """A batch of preprocessed rows (tensors, already on the device) -> the objective's batch."""
         return flatten_rows(tensors)
 
-    def loss(self, model: nn.Module, augment: Augment, batch: Any, t: TrainConfig) -> Tensor:
-        """This worker's share of the global batch's loss (batch already on the model's device; every rank's
-        batch has the same size, so the gathers exchange no sizes)."""
+    def augmentation(self, t: TrainConfig) -> nn.Module:
+        """The on-device augmentation the loss gets: `train.augment`, at this objective's default preset."""
+        return build_augment(t.augment, t.backbone.image_size, self.default_augment)
+
+    def after_engine(self, model: nn.Module) -> None:
+        """Called once the training engine wraps the model (and may have cast it), before a checkpoint loads."""
+
+    def loss(self, model: nn.Module, augment: nn.Module, batch: Any, t: TrainConfig, step: int) -> Tensor:
+        """This worker's share of the global batch's loss at optimizer step `step` (batch already on the model's
+        device; every rank's batch has the same size, so the gathers exchange no sizes)."""
         raise NotImplementedError
+
+    def after_update(self, model: nn.Module, step: int, t: TrainConfig) -> None:
+        """Called after each optimizer update; `step` counts the updates before it (from 0). The EMA teacher's hook."""
 
     def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:
         """The trained weights in loadable form: the backbone in transformers' format."""
@@ -132,7 +144,7 @@ class StableRep(ContrastiveObjective):
     name: ClassVar[str] = "stablerep"
     min_images_per_caption: ClassVar[int] = 2
 
-    def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig) -> Tensor:
+    def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig, step: int) -> Tensor:
         return losses.multi_positive_contrastive(model(augment(batch.images)), batch.caption_ids, t.temperature,
                                                  same_size=True)
 
@@ -143,7 +155,7 @@ class SimCLR(ContrastiveObjective):
     name: ClassVar[str] = "simclr"
     views: ClassVar[int] = 2
 
-    def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig) -> Tensor:
+    def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig, step: int) -> Tensor:
         return losses.info_nce(model(augment(batch.images)), model(augment(batch.images)), t.temperature,
                                same_size=True)
 
@@ -157,7 +169,7 @@ class Supervised(Objective):
     def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
         return ModelParts(build_classifier(cfg.train.backbone, num_classes))
 
-    def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig) -> Tensor:
+    def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig, step: int) -> Tensor:
         return losses.supervised_ce(model(augment(batch.images)), batch.labels)
 
 
@@ -214,7 +226,7 @@ class Clip(Objective):
     def make_batch(self, tensors: dict[str, Tensor], rng: np.random.Generator) -> ImageTextBatch:
         return pick_pairs(tensors, rng)
 
-    def loss(self, model: nn.Module, augment: Augment, batch: ImageTextBatch, t: TrainConfig) -> Tensor:
+    def loss(self, model: nn.Module, augment: Augment, batch: ImageTextBatch, t: TrainConfig, step: int) -> Tensor:
         image_features, text_features, scale = model(augment(batch.images), batch.input_ids, batch.attention_mask)
         return losses.clip_loss(image_features, text_features, logit_scale=scale, same_size=True)
 
@@ -223,8 +235,72 @@ class Clip(Objective):
         save_image_text(model, parts.tokenizer, directory, t.text.max_length)
 
 
+class SynCLR(Objective):
+    """SynCLR: multi-positive contrastive between student queries of every crop and the EMA teacher's keys, plus
+    iBOT masked image modelling on the global crop; the teacher's backbone is the export."""
+
+    name: ClassVar[str] = "synclr"
+    min_images_per_caption: ClassVar[int] = 2
+
+    def check(self, cfg: RunConfig, per_caption: int, text_model: str | None) -> None:
+        """Besides the base checks: the local crops must be whole patches and no larger than the image."""
+        super().check(cfg, per_caption, text_model)
+        t = cfg.train
+        local = t.synclr.local_crop_size(t.backbone)
+        if t.synclr.local_crops and (local % t.backbone.patch_size or local > t.backbone.image_size):
+            raise TrainSetupError(f"train.synclr.local_size={local} must be a multiple of train.backbone.patch_size="
+                                  f"{t.backbone.patch_size} and at most train.backbone.image_size="
+                                  f"{t.backbone.image_size}")
+
+    def fingerprint(self, t: TrainConfig) -> dict[str, Any]:
+        s = t.synclr
+        shape = {k: getattr(s, k) for k in ("predictor_hidden_dim", "predictor_layers", "prototypes",
+                                              "prototype_hidden_dim", "prototype_bottleneck_dim")}
+        return {**super().fingerprint(t), "synclr": shape}
+
+    def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        t = cfg.train
+        return ModelParts(build_synclr_model(t.backbone, t.head, t.synclr))
+
+    def augmentation(self, t: TrainConfig) -> nn.Module:
+        s = t.synclr
+        return synclr.MultiCrop(t.backbone.image_size, s.local_crop_size(t.backbone), s.local_crops,
+                                s.global_crop_scale, s.local_crop_scale, t.augment.preset or self.default_augment)
+
+    def after_engine(self, model: nn.Module) -> None:
+        _synclr_model(model).keep_teacher_fp32()
+
+    def loss(self, model: nn.Module, augment: nn.Module, batch: ImageBatch, t: TrainConfig, step: int) -> Tensor:
+        s = t.synclr
+        global_view, local_views = augment(batch.images)
+        b, patches = global_view.shape[0], (global_view.shape[-1] // t.backbone.patch_size) ** 2
+        masks = synclr.mim_masks(b, patches, s.mask_image_share, s.mask_patch_share, device=global_view.device)
+        positions = synclr.masked_positions(masks, synclr.mim_count(b, patches, s.mask_image_share,
+                                                                     s.mask_patch_share))
+        out = model(global_view, torch.cat(local_views) if local_views else None, masks, positions)
+        teacher_temp = synclr.teacher_temperature(step, round(s.teacher_temperature_warmup * t.steps),
+                                                  s.teacher_temperature, s.teacher_temperature_final)
+        return synclr.synclr_loss(out, batch.caption_ids, t.temperature, teacher_temp, s.student_temperature,
+                                  s.sinkhorn_iterations, s.ibot_weight)
+
+    def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:
+        """The teacher's backbone (the one SynCLR evaluates), or the student's (train.synclr.export)."""
+        m = _synclr_model(model)
+        save_backbone(m.teacher.encoder if t.synclr.export == "teacher" else m.student.encoder, directory)
+
+    def after_update(self, model: nn.Module, step: int, t: TrainConfig) -> None:
+        m = _synclr_model(model)
+        synclr.ema_update(m.teacher, m.student, synclr.ema_momentum(step, t.steps, t.synclr.ema_momentum,
+                                                                    t.synclr.ema_momentum_final))
+
+
+def _synclr_model(model: nn.Module) -> SynCLRModel:
+    """The SynCLR model inside a training engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
 #: train.loss -> objective
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (StableRep(), SimCLR(), Clip(), Supervised())}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (StableRep(), SimCLR(), SynCLR(), Clip(), Supervised())}
 
 
 def objective_names() -> tuple[str, ...]:

@@ -11,7 +11,9 @@ from `synray.train.losses` (the gathers and reductions are no-ops on one process
 * the masked-image-modelling part (iBOT) masks a share of the global crops' patch tokens
   (`mim_masks`); the teacher's prototype scores of the unmasked crop, centred by Sinkhorn-Knopp
   (`sinkhorn_knopp`) at a temperature that warms up from 0.04 to 0.07 (`teacher_temperature`),
-  are the targets of the student's scores at the masked tokens (`ibot_loss`).
+  are the targets of the student's scores at the masked tokens (`ibot_loss`);
+* `synclr_loss` adds them up from one forward of the student and teacher
+  (`synray.models.heads.SynCLRModel`); the `synclr` objective in `synray.train.objectives` drives it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from synray.models.heads import SynCLROutputs
 from synray.train.augment import Augment
 from synray.train.losses import dist_rank_world, equal_sizes, gather_rows, multi_positive_terms
 
-__all__ = ["ema_momentum", "teacher_temperature", "ema_update", "sinkhorn_knopp", "mim_masks",
-           "multi_positive_keys_loss", "ibot_loss", "MultiCrop"]
+__all__ = ["ema_momentum", "teacher_temperature", "ema_update", "sinkhorn_knopp", "mim_count", "mim_masks",
+           "masked_positions", "multi_positive_keys_loss", "ibot_loss", "synclr_loss", "MultiCrop"]
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -86,6 +89,11 @@ def sinkhorn_knopp(teacher_logits: Tensor, temperature: float, iterations: int =
     return (log_q.exp() * b).T
 
 
+def mim_count(batch: int, patches: int, image_share: float = 0.5, patch_share: float = 0.5) -> int:
+    """How many tokens `mim_masks` masks: round(batch x image_share) images x round(patches x patch_share) tokens."""
+    return round(batch * image_share) * round(patches * patch_share)
+
+
 def mim_masks(batch: int, patches: int, image_share: float = 0.5, patch_share: float = 0.5,
               generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
     """Which patch tokens the student sees as the mask token: bool [batch, patches]. round(batch x image_share)
@@ -97,47 +105,67 @@ def mim_masks(batch: int, patches: int, image_share: float = 0.5, patch_share: f
     return (token_rank < n_tokens) & chosen[:, None]
 
 
-def ibot_loss(student_logits: Tensor, teacher_targets: Tensor, masks: Tensor, student_temperature: float = 0.1
-              ) -> Tensor:
-    """iBOT's masked-token loss on this rank: cross-entropy between the teacher's targets [B, P, K] and the student's
-    scores [B, P, K] at the masked tokens (masks [B, P]), averaged over each image's masked tokens, then over the
-    images that have any. 0 (with a gradient path) when no token is masked."""
-    log_p = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
-    per_token = -(teacher_targets.float() * log_p).sum(dim=-1)                 # [B, P]
-    weights = masks.float()
-    counts = weights.sum(dim=1)
-    per_image = (per_token * weights).sum(dim=1) / counts.clamp(min=1.0)
-    masked_images = (counts > 0).float()
-    return (per_image * masked_images).sum() / masked_images.sum().clamp(min=1.0)
+def masked_positions(masks: Tensor, count: int) -> Tensor:
+    """The indices [count] of the True entries of masks.flatten(), in order, without a host sync (boolean indexing
+    would wait for the device to count them; `count` comes from `mim_count`)."""
+    return masks.flatten().to(torch.int8).argsort(descending=True, stable=True)[:count].sort().values
+
+
+def ibot_loss(student_scores: Tensor, teacher_targets: Tensor, student_temperature: float = 0.1) -> Tensor:
+    """iBOT's masked-token loss on this rank: the cross-entropy between the teacher's targets [N, K] and the student's
+    prototype scores [N, K] at the N masked tokens, averaged. Every masked image has as many masked tokens
+    (`mim_masks`), so this is iBOT's mean over each image's tokens, then over the masked images. With no masked
+    token: 0, with a gradient path."""
+    if student_scores.shape[0] == 0:
+        return student_scores.sum() * 0.0
+    log_p = F.log_softmax(student_scores.float() / student_temperature, dim=-1)
+    return -(teacher_targets.float() * log_p).sum(dim=-1).mean()
 
 
 # ------------------------------------------------------------------------------ contrastive
 def multi_positive_keys_loss(queries: Tensor, keys: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
-    """SynCLR's contrastive part on this rank: each student query [n, D] against the teacher keys [n, D] of every
-    rank (gathered without gradient), its own key left out; the target is uniform over the keys of the same
-    caption (labels [n], global ids). Returns this rank's share of the full-batch mean (every rank holds n rows)."""
-    if queries.shape != keys.shape or labels.shape != queries.shape[:1]:
-        raise ValueError(f"expected queries and keys [n, D] and labels [n]; got {tuple(queries.shape)}, "
-                         f"{tuple(keys.shape)}, {tuple(labels.shape)}")
-    q = F.normalize(queries.float(), dim=-1)
-    sizes = equal_sizes(q.shape[0])
+    """SynCLR's contrastive part on this rank: each student query against the teacher keys [n, D] of every rank
+    (gathered once, without gradient), its own key left out; the target is uniform over the keys of the same
+    caption (labels [n], global ids). `queries` is one view [n, D] (returns a scalar) or several [v, n, D] (returns
+    [v], one loss per view, row i of every view being image i's). Each loss is this rank's share of the
+    full-batch mean (every rank holds n rows)."""
+    views = queries if queries.ndim == 3 else queries[None]
+    if views.shape[1:] != keys.shape or labels.shape != keys.shape[:1]:
+        raise ValueError(f"expected queries [n, D] or [v, n, D], keys [n, D] and labels [n]; got "
+                         f"{tuple(queries.shape)}, {tuple(keys.shape)}, {tuple(labels.shape)}")
+    sizes = equal_sizes(keys.shape[0])
     gk = gather_rows(F.normalize(keys.detach().float(), dim=-1), grad=False, sizes=sizes)
     all_labels = gather_rows(labels, grad=False, sizes=sizes).tensor
-    return multi_positive_terms(q, gk, labels, all_labels, temperature).mean()
+    per_view = torch.stack([multi_positive_terms(F.normalize(q.float(), dim=-1), gk, labels, all_labels,
+                                                 temperature).mean() for q in views])
+    return per_view if queries.ndim == 3 else per_view[0]
+
+
+def synclr_loss(out: SynCLROutputs, labels: Tensor, temperature: float, teacher_temp: float,
+                student_temp: float = 0.1, sinkhorn_iterations: int = 3, ibot_weight: float = 1.0) -> Tensor:
+    """SynCLR's loss per image, averaged: L(global) + mean L(local) (student queries against teacher keys) +
+    ibot_weight x L_iBOT(global) (the student's scores at masked tokens against the teacher's, centred by
+    Sinkhorn-Knopp at `teacher_temp`)."""
+    per_view = multi_positive_keys_loss(out.queries, out.keys, labels, temperature)
+    contrastive = per_view[0] + (per_view[1:].mean() if per_view.shape[0] > 1 else 0.0)
+    if out.student_scores.shape[0] == 0:  # nothing masked (mask shares of 0, or too few images or patches)
+        return contrastive + out.student_scores.sum() * 0.0
+    targets = sinkhorn_knopp(out.teacher_scores, teacher_temp, sinkhorn_iterations)
+    return contrastive + ibot_weight * ibot_loss(out.student_scores, targets, student_temp)
 
 
 # ------------------------------------------------------------------------------- multi-crop
 class MultiCrop(nn.Module):
     """SynCLR's views of a batch, made on its device: one global crop (area `global_scale`, side `global_size`) and
-    `local_crops` local ones (area `local_scale`, side `local_size`), each with the strong colour augmentation."""
+    `local_crops` local ones (area `local_scale`, side `local_size`), each with the colour augmentation of `preset`."""
 
     def __init__(self, global_size: int, local_size: int, local_crops: int,
-                 global_scale: tuple[float, float] = (0.32, 1.0), local_scale: tuple[float, float] = (0.08, 0.32)
-                 ) -> None:
+                 global_scale: tuple[float, float] = (0.32, 1.0), local_scale: tuple[float, float] = (0.08, 0.32),
+                 preset: str = "strong") -> None:
         super().__init__()
         self.local_crops = local_crops
-        self.global_view = Augment("strong", global_size, global_scale[0], global_scale[1])
-        self.local_view = Augment("strong", local_size, local_scale[0], local_scale[1])
+        self.global_view = Augment(preset, global_size, global_scale[0], global_scale[1])
+        self.local_view = Augment(preset, local_size, local_scale[0], local_scale[1])
 
     def forward(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
         return self.global_view(images), [self.local_view(images) for _ in range(self.local_crops)]

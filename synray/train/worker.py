@@ -18,7 +18,6 @@ from torch import nn
 from synray.config import RunConfig
 from synray.data.ledger import ROW_ID, load_consumed, load_epoch, save_consumed, save_epoch
 from synray.train import engine as ds_engine
-from synray.train.augment import Augment, build_augment
 from synray.train.context import RayTrainContext, WorkerContext
 from synray.train.objectives import ModelParts, Objective, get_objective
 from synray.train.spec import TrainPlan
@@ -46,7 +45,7 @@ class WorkerState:
     parts: ModelParts
     engine: Any
     scheduler: Any
-    augment: Augment
+    augment: nn.Module                                  # the objective's on-device augmentation
     batches: Iterator[tuple[dict[str, torch.Tensor], float]]
     rng: np.random.Generator
     step: int
@@ -103,11 +102,12 @@ def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
             export_initial(model, objective, parts, cfg, ctx)
         engine, _, scheduler = ds_engine.build_engine(model, t, micro_batch, ctx.world_size,
                                                       ds_engine.learning_rate(t, images_per_step))
+        objective.after_engine(engine)
         step = restore(engine, checkpoint, objective, cfg, plan)
         consumed, epoch = load_consumed(checkpoint), load_epoch(checkpoint)
     ctx.start_stream(consumed)  # the data skips what the restored epoch trained on (before any row is read)
     torch.manual_seed(cfg.seed * 7919 + ctx.rank * 104729 + step)  # augmentation stream per rank and restart
-    augment = build_augment(t.augment, t.backbone.image_size, objective.default_augment).to(device)
+    augment = objective.augmentation(t).to(device)
     state = WorkerState(cfg, plan, objective, ctx, device, parts, engine, scheduler, augment, iter(()),
                         rng=np.random.default_rng([cfg.seed, ctx.rank, step]), step=step, restarted=restarted,
                         consumed=consumed, epoch=epoch)
@@ -190,10 +190,12 @@ def train_step(state: WorkerState, tensors: dict[str, torch.Tensor], wait_s: flo
         state.pending_rows.append(tensors[ROW_ID])
     batch = state.objective.make_batch(tensors, state.rng).to(state.device)
     engine = state.engine
-    loss = state.objective.loss(engine, state.augment, batch, state.cfg.train)
+    loss = state.objective.loss(engine, state.augment, batch, state.cfg.train, state.step)
     boundary = engine.is_gradient_accumulation_boundary()  # asked before step(): afterwards it is the next one's
     engine.backward(loss)
     engine.step()
+    if boundary:
+        state.objective.after_update(engine, state.step, state.cfg.train)
     meter.add(loss)
     meter.wait_s += wait_s
     meter.busy_s += time.perf_counter() - t0
