@@ -89,16 +89,22 @@ def sinkhorn_knopp(teacher_logits: Tensor, temperature: float, iterations: int =
     return (log_q.exp() * b).T
 
 
+def _mim_shape(batch: int, patches: int, image_share: float, patch_share: float) -> tuple[int, int]:
+    """(images masked, tokens masked in each of them)."""
+    return round(batch * image_share), round(patches * patch_share)
+
+
 def mim_count(batch: int, patches: int, image_share: float = 0.5, patch_share: float = 0.5) -> int:
     """How many tokens `mim_masks` masks: round(batch x image_share) images x round(patches x patch_share) tokens."""
-    return round(batch * image_share) * round(patches * patch_share)
+    n_images, n_tokens = _mim_shape(batch, patches, image_share, patch_share)
+    return n_images * n_tokens
 
 
 def mim_masks(batch: int, patches: int, image_share: float = 0.5, patch_share: float = 0.5,
               generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
     """Which patch tokens the student sees as the mask token: bool [batch, patches]. round(batch x image_share)
     images, drawn at random, each get round(patches x patch_share) masked tokens, drawn at random; the others none."""
-    n_images, n_tokens = round(batch * image_share), round(patches * patch_share)
+    n_images, n_tokens = _mim_shape(batch, patches, image_share, patch_share)
     image_rank = torch.rand(batch, generator=generator, device=device).argsort()
     chosen = torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, image_rank[:n_images], True)
     token_rank = torch.rand(batch, patches, generator=generator, device=device).argsort(dim=1).argsort(dim=1)
@@ -148,9 +154,8 @@ def synclr_loss(out: SynCLROutputs, labels: Tensor, temperature: float, teacher_
     Sinkhorn-Knopp at `teacher_temp`)."""
     per_view = multi_positive_keys_loss(out.queries, out.keys, labels, temperature)
     contrastive = per_view[0] + (per_view[1:].mean() if per_view.shape[0] > 1 else 0.0)
-    if out.student_scores.shape[0] == 0:  # nothing masked (mask shares of 0, or too few images or patches)
-        return contrastive + out.student_scores.sum() * 0.0
-    targets = sinkhorn_knopp(out.teacher_scores, teacher_temp, sinkhorn_iterations)
+    masked = out.teacher_scores.shape[0] > 0   # none with mask shares of 0, or too few images or patches: ibot_loss 0
+    targets = sinkhorn_knopp(out.teacher_scores, teacher_temp, sinkhorn_iterations) if masked else out.teacher_scores
     return contrastive + ibot_weight * ibot_loss(out.student_scores, targets, student_temp)
 
 
