@@ -35,11 +35,13 @@ endif
 run: setup
 	$(BIN)/synray run local
 
+# the whole suite (what CI runs); --durations shows in every log where the time went
 test: setup
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests --durations=30 $(PYTEST_ARGS)
 
+# the edit loop: unit tests and 2-process step tests; no Ray, no vLLM engine (tests/conftest.py marks those slow)
 test-fast: setup
-	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/lint-imports

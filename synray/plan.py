@@ -185,7 +185,7 @@ def generation_stages(cfg: RunConfig, keep_store: bool, phase: str = TRAINING_PH
 
 def run_stages(cfg: RunConfig, protocols: tuple[str, ...]) -> tuple[StageResources, ...]:
     """What a run holds at once while training (its stream's stages, preprocessing, the workers) and then while
-    evaluating (the held-out stream and two pools of feature actors: trained and initial backbones); from the
+    evaluating (the held-out stream and the feature actors, each holding the trained and the initial backbone); from the
     config alone, so that `synray plan` shows it before the inputs of a run exist."""
     t, d = cfg.train, cfg.data
     stages = generation_stages(cfg, d.mode == "stream+store") if d.mode != "stored" else []
@@ -197,7 +197,7 @@ def run_stages(cfg: RunConfig, protocols: tuple[str, ...]) -> tuple[StageResourc
     if protocols:
         if not cfg.eval.dataset:
             stages += generation_stages(heldout_config(cfg), False, EVAL_PHASE, "held-out ")
-        stages.append(StageResources("feature extractors", 2 * cfg.eval.feature_actors, 1.0,
+        stages.append(StageResources("feature extractors", cfg.eval.feature_actors, 1.0,
                                      1.0 if cfg.eval.use_gpu else 0.0, cfg.eval.resources,
                                      ("eval.feature_actors", "", "eval.use_gpu"),
                                      EVAL_PHASE))

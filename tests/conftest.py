@@ -1,14 +1,37 @@
-"""Session fixtures shared by the whole suite."""
+"""Session fixtures shared by the whole suite, and the tiers: a test that needs Ray or a vLLM engine is marked
+`slow` by the fixtures it uses, so `make test-fast` (`-m "not slow"`) never starts one; the few other tests that
+cost tens of seconds carry the mark themselves.
+
+The end-to-end runs that several tests assert on (the generate drill, the shapes run, the stored runs) are session
+fixtures in `runs.py`: each runs once, whichever test asks first.
+"""
 
 from __future__ import annotations
 
 import gc
 import os
+import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytest_plugins = ["runs"]
+
+#: fixtures that start or join a Ray cluster or a vLLM engine: a test that uses one (directly or through another
+#: fixture) is `slow`
+SLOW_FIXTURES = frozenset({"ray_cluster", "vllm_engine"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,8 +59,12 @@ def tiny_models(synray_cache: str) -> dict[str, str]:
     return {name.split(":", 1)[1]: resolve_model(name, cache_dir=synray_cache) for name in TINY_NAMES}
 
 
-#: logical CPUs of the suite's one local Ray (stage actors and training workers time-share 2 cores)
-RAY_TEST_CPUS = 8
+#: logical CPUs of the suite's one local Ray (stage actors and training workers time-share 2 cores), and one
+#: logical GPU: enough to check GPU plans against a running cluster (nothing in the suite asks to use it)
+RAY_TEST_CPUS, RAY_TEST_GPUS = 8, 1
+#: the value of HF_TOKEN and AWS_SECRET_ACCESS_KEY in the suite's environment, as a cluster's nodes hold secrets:
+#: made when the suite starts, so that no file holds it before; tests/test_jobs.py searches the outputs for it
+CANARY = f"hf_{secrets.token_hex(16)}"
 
 
 #: the bucket of the suite's local S3 server
@@ -58,7 +85,7 @@ def s3_server() -> Iterator[dict[str, str]]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+           "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import boto3
@@ -75,16 +102,51 @@ def s3_server() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tiny_models: dict[str, str], s3_server: dict[str, str]) -> Iterator[str]:
-    """One local Ray for the whole suite; yields its address (subprocesses join it via RAY_ADDRESS)."""
+    """One local Ray for the whole suite, started as synray starts a local Ray (dashboard and job server on
+    127.0.0.1, Ray's token authentication), with secrets in its environment; yields its address (subprocesses
+    join it via RAY_ADDRESS, jobs go to its dashboard: `ray_jobs`)."""
     import ray
 
     from synray.config import RayConfig
     from synray.programs.session import init
 
-    init(RayConfig(num_cpus=RAY_TEST_CPUS))
+    # Ray's state API sees a task start within 0.1 s instead of 1 s: the fault drills kill actors mid-batch
+    os.environ["RAY_task_events_report_interval_ms"] = "100"
+    # Ray Train's controller polls its workers every 0.2 s instead of 2 s: a worker's `ray.train.report` waits
+    # until the controller has taken its previous report, which at 2 s is most of a tiny step
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    os.environ["HF_TOKEN"] = CANARY
+    # a job's `python` is the one on the head's PATH: this environment's, as on a cluster node's image
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    init(RayConfig(num_cpus=RAY_TEST_CPUS, num_gpus=RAY_TEST_GPUS))
     address = ray.get_runtime_context().gcs_address
     yield address
     ray.shutdown()
+
+
+@dataclass
+class RayJobs:
+    """The suite's Ray as `ray job submit` reaches it."""
+
+    dashboard: str          # the job server's address (http://127.0.0.1:<port>)
+    session_dir: Path       # its session folder: Ray's logs, the jobs' logs and working directories
+
+    def submit(self, *entrypoint: str, timeout_s: int = 900) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir <project> -- python <entrypoint...>`, waiting for the job to end."""
+        from procs import ROOT
+
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        return subprocess.run([ray_cli, "job", "submit", "--address", self.dashboard, "--working-dir", str(ROOT),
+                               "--", "python", *entrypoint], capture_output=True, text=True, timeout=timeout_s,
+                              cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def ray_jobs(ray_cluster: str) -> RayJobs:
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    return RayJobs(f"http://{node.address_info['webui_url']}", Path(node.get_session_dir_path()))
 
 
 def small_config(*overrides: str):
@@ -113,16 +175,3 @@ def vllm_engine(tiny_models: dict[str, str]) -> Iterator[Any]:
         client.shutdown()
     del llm
     gc.collect()
-
-
-@pytest.fixture(scope="session")
-def generated_store(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One small dataset generated for real (tiny vLLM -> tiny diffusers -> Parquet), shared by the suite."""
-    from synray.data.store import ParquetStore
-    from synray.plan import plan_generation
-    from synray.programs.generate import generate_to_store
-
-    out = tmp_path_factory.mktemp("store") / "local"
-    cfg = small_config("data.num_captions=16", "images.per_caption=3")
-    summary = generate_to_store(plan_generation(cfg, ParquetStore(out)), str(out))
-    return {"dir": str(out), "cfg": cfg, "summary": summary}

@@ -1,14 +1,19 @@
-"""Bad input that has no better home: a Ray address where nothing listens (the README's bad-input table lists
-where every other case is tested)."""
+"""Bad input that has no better home: a Ray address where nothing listens, a disk that fills, captions that are all
+rejected, a stream without one batch (the README's bad-input table lists where every other case is tested)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from procs import cli, sets, synray_main
 
 from synray.programs.session import RayAddressError, check_reachable
 
@@ -38,46 +43,71 @@ def test_cli_with_ray_address_pointing_nowhere_exits_2_with_the_address(tmp_path
     assert "Traceback" not in r.stderr
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 400 KiB tmpfs (skipped where this machine may not mount one)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+DISK_KIB = 400
+#: the exit status of the namespace's shell when it cannot mount the tmpfs either
+NO_SMALL_DISK = 97
 
 
-@pytest.mark.slow
-def test_a_disk_that_fills_during_generation_stops_with_whole_shards_only(ray_cluster: str, small_disk):
+def _mount_tmpfs(mnt: Path) -> str | None:
+    """Mount a small tmpfs at `mnt` (as root); None when this machine refuses, with its reason."""
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_KIB}k", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    return None if r.returncode == 0 else (r.stderr.strip() or f"mount exited {r.returncode}")
+
+
+def _store_facts(out: str) -> dict:
+    """What a store holds after the disk filled: temporary files left, rows, distinct caption ids, whole shards."""
     from synray.data.store import TMP_PREFIX, ParquetStore
 
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    out = small_disk / "store"
-    r = subprocess.run([sys.executable, "-m", "synray.cli", "generate", "shapes", "--out", str(out),
-                        "--set", "data.num_captions=400", "--set", "data.rows_per_shard=8"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "synray: error: no space left writing a shard" in r.stderr and "run the same command again" in r.stderr
     store = ParquetStore(out)
-    assert not list(out.glob(f"{TMP_PREFIX}*"))          # the failed shard's temporary file is gone
-    shards = store.check_readable(("caption_id",))        # every shard left is whole
-    assert 0 < store.num_rows() < 400 and len(store.existing_ids()) == store.num_rows()
-    assert len(shards) == store.num_rows() // 8
+    shards = store.check_readable(("caption_id",))   # every shard readable, or the shard is named
+    return {"tmp_files": len(list(Path(out).glob(f"{TMP_PREFIX}*"))), "rows": store.num_rows(),
+            "ids": len(store.existing_ids()), "shards": len(shards)}
 
 
-@pytest.mark.slow
-def test_captions_that_are_all_rejected_fail_the_command_with_the_counts(ray_cluster: str, tmp_path):
+def _generate_on_a_small_disk(out: Path) -> tuple[int, str, dict]:
+    """`synray generate shapes --out OUT` where OUT lies on a 400 KiB filesystem, and the store's facts read while
+    that filesystem is there: a tmpfs mounted here when this machine lets the suite mount one (the command then
+    joins the suite's Ray, whose store writer sees the mount); otherwise in a user and mount namespace of its own,
+    where a shell mounts the tmpfs, the command starts a local Ray inside the namespace, and the facts are read
+    there too."""
+    args = ["generate", "shapes", "--out", str(out), *sets("data.num_captions=400", "data.rows_per_shard=8")]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    refused = _mount_tmpfs(out.parent)
+    if refused is None:
+        try:
+            r = synray_main(*args)
+            assert r.error is None, r.error
+            return r.code, r.err, _store_facts(str(out))
+        finally:
+            subprocess.run(["umount", str(out.parent)], check=False)
+    facts = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+             f"from test_bad_input import _store_facts; print(json.dumps(_store_facts({str(out)!r})))")
+    script = (f"mount -t tmpfs -o size={DISK_KIB}k tmpfs {shlex.quote(str(out.parent))} || exit {NO_SMALL_DISK}; "
+              f"{shlex.join(cli(*args))}; rc=$?; {shlex.quote(sys.executable)} -c {shlex.quote(facts)}; exit $rc")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != NO_SMALL_DISK, f"no way to make a small disk here: {refused}; then {r.stderr[-500:]}"
+    return r.returncode, r.stderr, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_disk_that_fills_during_generation_stops_with_whole_shards_only(ray_cluster: str, tmp_path: Path):
+    code, err, facts = _generate_on_a_small_disk(tmp_path / "disk" / "store")
+    assert code == 2, err[-3000:]
+    assert "synray: error: no space left writing a shard" in err and "run the same command again" in err
+    assert facts["tmp_files"] == 0                                  # the failed shard's temporary file is gone
+    assert 0 < facts["rows"] < 400 and facts["ids"] == facts["rows"]  # each caption id once
+    assert facts["shards"] == facts["rows"] // 8                     # whole shards of 8 rows only
+
+
+def test_captions_that_are_all_rejected_fail_the_command_with_the_counts(ray_cluster: str, tmp_path: Path):
     """Every caption rejected (class-name templates are shorter than captions.cleanup.min_words): the
     rejections are counted, and the command fails naming them instead of leaving an empty store."""
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    r = subprocess.run([sys.executable, "-m", "synray.cli", "generate", "local", "--out", str(tmp_path / "s"),
-                        "--set", "captions.backend=template", "--set", "captions.style=classname",
-                        "--set", "data.num_captions=16"], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "synray: error: no row passed generation (captions: too_short=20)" in r.stderr
+    r = synray_main("generate", "local", "--out", str(tmp_path / "s"), *sets(
+        "captions.backend=template", "captions.style=classname", "data.num_captions=16"))
+    assert r.code == 2, (r.error, r.err[-3000:])
+    assert "synray: error: no row passed generation (captions: too_short=20)" in r.err
 
 
 def test_a_run_without_one_batch_fails_naming_the_rejections():

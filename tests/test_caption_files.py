@@ -81,12 +81,12 @@ def test_images_per_row_draws_a_different_subset_of_each_row_per_read():
     assert len(set(draws)) > 1                                     # drawn anew on each read
 
 
-def test_images_per_row_is_planned_against_the_rows(generated_store: dict):
+def test_images_per_row_is_planned_against_the_rows(generated_store):
     from synray.plan import plan_run
     from synray.train.objectives import TrainSetupError
 
-    plan = plan_run(small_config("train.images_per_row=2"), data_dir=generated_store["dir"])   # rows hold 3
+    plan = plan_run(small_config("train.images_per_row=2"), data_dir=generated_store.dir)   # rows hold 3
     assert plan.train.per_caption == 2 and plan.train.draw_images
-    assert not plan_run(small_config("train.images_per_row=3"), data_dir=generated_store["dir"]).train.draw_images
+    assert not plan_run(small_config("train.images_per_row=3"), data_dir=generated_store.dir).train.draw_images
     with pytest.raises(TrainSetupError, match="train.images_per_row=4, but rows hold 3 images"):
-        plan_run(small_config("train.images_per_row=4"), data_dir=generated_store["dir"])
+        plan_run(small_config("train.images_per_row=4"), data_dir=generated_store.dir)

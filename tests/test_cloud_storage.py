@@ -1,5 +1,6 @@
 """Stores and run directories under a cloud URI, against a local S3 server (moto): the same atomic writes and
-resumes as on a local disk, and a whole run whose outputs and checkpoints land in the bucket."""
+resumes as on a local disk, and a whole run whose outputs and checkpoints land in the bucket (the stored runs of
+test_train.py read their LaCLIP store from the bucket too)."""
 
 from __future__ import annotations
 
@@ -114,39 +115,21 @@ def test_a_sweep_report_under_s3_reads_its_trials_there_and_uploads_the_report(s
     assert all(str(f).startswith(f"s3://{BUCKET}/sweeps/s/report/") for f in report.files)
 
 
-@pytest.mark.slow
-def test_a_run_and_a_training_job_keep_everything_under_s3(ray_cluster: str, s3, capsys):
-    """`synray run shapes` with its run directory and its stream+store store under s3://, then training from that
-    store with the same store as its evaluation set: outputs, checkpoints and shards all land in the bucket, and
-    the Ray workers (the renderers' store writer, Ray Train, the feature actors) reach it like cluster nodes."""
-    from synray.plan import load_run_config, plan_run
-    from synray.programs.run import print_summary, run
-
-    small = ["train.steps=6", "train.captions_per_worker=4", "train.log_every=2", "train.checkpoint_every=3",
-             "data.num_captions=64", "eval.protocols=[knn]"]
-    store = f"s3://{BUCKET}/shapes-store"
-    cfg = load_run_config("shapes", small + [f"output_root=s3://{BUCKET}/runs", "data.mode=stream+store",
-                                             f"data.store_dir={store}", "eval.enabled=false"])
-    rd, summary = run(plan_run(cfg))
-    print_summary(rd, summary)
-    (name,) = {p.split("/")[0] for p in objects("runs")}
-    assert f"run directory: s3://{BUCKET}/runs/{name}" in capsys.readouterr().out
+def test_a_run_keeps_everything_under_s3(shapes_run):
+    """The suite's shapes run (runs.py) had its run directory under s3://: outputs and checkpoints land in the
+    bucket, and the Ray workers reach it like cluster nodes: Ray Train wrote its checkpoints there and restored
+    one after the killed worker, and the evaluation's feature actors loaded both backbones from it."""
+    name, bucket = shapes_run.name, shapes_run.bucket
+    assert shapes_run.uri == f"s3://{bucket}/runs/{name}" and name.startswith("shapes-synclr-")
+    assert f"summary: s3://{bucket}/runs/{name}/summary.json" in shapes_run.result.out
     files = objects(f"runs/{name}")
-    for f in ("config.yaml", "summary.json", "metrics.csv", "run.log", "loss_curve.png", "backbone/config.json",
-              "backbone_init/config.json", "train/metrics.jsonl"):
+    for f in ("config.yaml", "summary.json", "metrics.csv", "run.log", "loss_curve.png", "samples.png",
+              "backbone/config.json", "backbone_init/config.json", "train/metrics.jsonl"):
         assert f in files, f
     assert any(f.startswith("train/train/checkpoint_") for f in files)   # Ray Train wrote its checkpoints there
-    fs = pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
-    with fs.open_input_stream(f"{BUCKET}/runs/{name}/summary.json") as f:
-        saved = json.loads(f.read())
-    assert saved["run_dir"] == f"s3://{BUCKET}/runs/{name}" and saved["train"]["steps"] == 6
-    assert saved["backbone_dir"] == f"s3://{BUCKET}/runs/{name}/backbone"
-    assert saved["train"]["checkpoint"].startswith(f"s3://{BUCKET}/runs/{name}/train/train/checkpoint_")
-    assert [f for f in objects("shapes-store") if f.startswith("shard-")] and "_store.json" in objects("shapes-store")
-
-    cfg = load_run_config("shapes", small + [f"output_root=s3://{BUCKET}/runs2", f"eval.dataset={store}"])
-    rd, trained = run(plan_run(cfg, data_dir=store))   # feature actors load both backbones from the bucket
-    assert trained["mode"] == "stored" and trained["train"]["steps"] == 6 and trained["run_dir"].startswith("s3://")
-    assert trained["eval"]["heldout_rows"] >= 48                   # the S3 store, read as the evaluation set
-    assert 0 <= trained["eval"]["trained"]["knn_accuracy"] <= 1
-    assert "samples.png" in objects(f"runs2/{rd.remote.name}")
+    saved = shapes_run.summary()
+    assert saved["run_dir"] == shapes_run.uri and saved["backbone_dir"] == f"{shapes_run.uri}/backbone"
+    assert saved["init_backbone_dir"] == f"{shapes_run.uri}/backbone_init"
+    assert saved["train"]["checkpoint"].startswith(f"{shapes_run.uri}/train/train/checkpoint_")
+    assert saved["train"]["worker_failures"] == 1 and saved["train"]["steps"] == 6
+    assert saved["eval"]["heldout_rows"] == 36 and saved["eval"]["trained"] != saved["eval"]["init"]

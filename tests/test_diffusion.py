@@ -4,6 +4,7 @@ each row from its provenance (the batched call it was rendered in, or its own ca
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +90,69 @@ def test_a_model_that_gives_nan_for_every_seed_stops_the_run(tiny_models: dict[s
     with pytest.raises(RendererError, match=f"no usable image for any of the first {FAIL_FAST_ROWS + 1} captions"):
         for _ in range(3):
             _render(renderer)
+
+
+# --------------------------------------------------------------------- an image the model withholds
+def _with_safety_checker(sd_dir: str, out: Path, flagged_image: np.ndarray) -> Path:
+    """The tiny SD pipeline plus diffusers' own StableDiffusionSafetyChecker (tiny CLIP vision tower, random
+    weights) whose one concept embedding is the embedding of `flagged_image`, at threshold 0.999: the pipeline
+    returns that image black, as SD's checker does for the images it flags, and every other image as it is."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, use_safetensors=True)
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8}, projection_dim=16)).eval()
+    features = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    clip_input = features(pipe.image_processor.numpy_to_pil(flagged_image[None]), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        embed = checker.visual_projection(checker.vision_model(clip_input)[1])[0]
+        checker.concept_embeds.copy_(embed.expand_as(checker.concept_embeds))
+        checker.concept_embeds_weights.fill_(0.999)
+        checker.special_care_embeds_weights.fill_(2.0)   # cosines never exceed 1: no "special care" concept
+    StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                            scheduler=pipe.scheduler, safety_checker=checker, feature_extractor=features,
+                            requires_safety_checker=True).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_an_image_the_model_returns_black_is_replaced_by_the_next_seed(tiny_models: dict[str, str], tmp_path):
+    """Image 0 of a caption is flagged by the pipeline's safety checker (diffusers blacks it out): the row keeps
+    images 1 and 2, whose seeds it records; the black one is counted; the row regenerates from its provenance."""
+    import io
+
+    import torch
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from synray.data.schema import image_seed
+
+    caption, cap_id = "a lighthouse at night", "00000000000000ab"
+    cfg = _cfg("per_caption")
+    seeds = [image_seed(RUN_SEED, cap_id, k) for k in range(3)]
+    plain = DiffusionPipeline.from_pretrained(tiny_models["sd"], use_safetensors=True)
+
+    def direct(pipe, seed: int) -> np.ndarray:   # one bare diffusers call per seed
+        return pipe(caption, generator=[torch.Generator().manual_seed(seed)], num_inference_steps=cfg.steps,
+                    guidance_scale=cfg.guidance_scale, height=32, width=32, output_type="np").images[0]
+
+    checked_dir = _with_safety_checker(tiny_models["sd"], tmp_path / "checked", direct(plain, seeds[0]))
+    checked = DiffusionPipeline.from_pretrained(checked_dir, use_safetensors=True)
+    cfg = cfg.model_copy(update={"model": str(checked_dir)})
+    assert direct(checked, seeds[0]).max() == 0 and all(direct(checked, s).max() > 0.1 for s in seeds[1:])
+
+    renderer = DiffusionRenderer(cfg, str(checked_dir), RUN_SEED)
+    out = renderer({"caption": np.asarray([caption], dtype=object), "caption_id": np.asarray([cap_id], dtype=object),
+                    "run_seed": np.asarray([RUN_SEED])})
+    row = {k: v[0] for k, v in out.items()}
+    assert list(row["seeds"]) == seeds[1:]
+    for img, seed in zip(row["images"], seeds[1:]):
+        got = np.asarray(Image.open(io.BytesIO(img)), dtype=np.float64) / 255
+        assert np.abs(got - direct(plain, seed)).max() <= 1 / 255 + 1e-6
+    assert renderer.stats.local.rejected["images"] == {"black": 1}
+    assert regenerate_images(row) == list(row["images"])

@@ -191,7 +191,8 @@ def test_evaluate_backbone_runs_both_protocols(tiny_encoder) -> None:
     assert set(out) >= {"knn_accuracy", "linear_accuracy", "num_reference", "num_query", "num_classes", "chance"}
     assert out["num_reference"] + out["num_query"] == 24 and out["num_query"] % 2 == 0
     assert out["num_classes"] == 3 and out["chance"] == pytest.approx(1 / 3)
-    assert 0.0 <= out["knn_accuracy"] <= 1.0 and 0.0 <= out["linear_accuracy"] <= 1.0
+    for key in ("knn_accuracy", "linear_accuracy"):   # each a whole number of the query images
+        assert out[key] * out["num_query"] == pytest.approx(round(out[key] * out["num_query"]), abs=1e-6), key
     only_knn = evaluate_backbone(tiny_encoder, rows, ["knn"], cfg, image_size=32)
     assert "linear_accuracy" not in only_knn and only_knn["knn_accuracy"] == out["knn_accuracy"]
 

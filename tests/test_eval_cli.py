@@ -1,11 +1,9 @@
-"""`synray eval` end to end: a tiny image folder through the CLI (subprocess joining the suite's Ray), bad inputs."""
+"""`synray eval` end to end: a tiny image folder through the CLI (in-process, joining the suite's Ray), and bad
+inputs refused before Ray is asked for anything. (`jobs/evaluate.py` runs as its own process in test_train.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +41,13 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_cli_eval_knn_and_linear_on_an_image_folder(ray_cluster: str, backbone_dir: str, image_folder: Path,
                                                     tmp_path: Path) -> None:
+    from procs import synray_main
+
     out = tmp_path / "eval"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    proc = subprocess.run(
-        [sys.executable, "-m", "synray.cli", "eval", backbone_dir, "--dataset", str(image_folder),
-         "--protocol", "knn", "--protocol", "linear", "--set", "eval.knn_k=3", "--set", "eval.linear_epochs=20",
-         "--set", "eval.linear_batch_size=8", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = synray_main("eval", backbone_dir, "--dataset", str(image_folder), "--protocol", "knn", "--protocol",
+                       "linear", "--set", "eval.knn_k=3", "--set", "eval.linear_epochs=20", "--set",
+                       "eval.linear_batch_size=8", "--out", str(out))
+    assert proc.code == 0, (proc.error, proc.err[-3000:])
     report = json.loads((out / "eval.json").read_text())
     r = report["results"]
     assert report["protocols"] == ["knn", "linear"] and report["dataset_kind"] == "image-folder"
@@ -62,7 +59,7 @@ def test_cli_eval_knn_and_linear_on_an_image_folder(ray_cluster: str, backbone_d
     assert report["eval_config"]["knn_k"] == 3
     table = (out / "eval.md").read_text()
     assert table == format_table(report) and "| knn | top-1 accuracy (k=3, T=0.07) | 1.0000 |" in table
-    assert "| linear | top-1 accuracy | 1.0000 |" in proc.stdout
+    assert "| linear | top-1 accuracy | 1.0000 |" in proc.out
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -71,7 +68,14 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 
 
 def test_cli_eval_bad_inputs_fail_before_ray(backbone_dir: str, image_folder: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                             capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """Every refusal happens while planning: Ray's connection (synray's only one) is replaced by a failure here."""
+    import synray.programs.session as session
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("bad input reached Ray")
+
+    monkeypatch.setattr(session, "init", no_ray)
     rc, err = _run(["eval", backbone_dir, "--dataset", str(image_folder), "--protocol", "zeroshot"], capsys)
     assert rc == EXIT_BAD_INPUT and "zero-shot needs an image-text model" in err and "image backbone" in err
     rc, err = _run(["eval", backbone_dir, "--dataset", str(tmp_path / "nope"), "--protocol", "knn"], capsys)
@@ -87,3 +91,4 @@ def test_cli_eval_bad_inputs_fail_before_ray(backbone_dir: str, image_folder: Pa
     assert rc == EXIT_BAD_INPUT and "eval.knn_k" in err
     with pytest.raises(SystemExit):
         main(["eval", backbone_dir, "--dataset", str(image_folder), "--protocol", "detection"])
+    assert not (tmp_path / "eval").exists()

@@ -29,6 +29,7 @@ from synray.eval.protocols import run_protocols
 from synray.models.backbone import load_backbone
 
 from eval_models import EMBED_DIM, SIZE, save_tiny_image_text
+from procs import whole_share
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -171,8 +172,12 @@ def test_parquet_with_masks_through_ray(ray_cluster: str, tmp_path: Path, model_
     cfg = EvalConfig(knn_k=3, linear_epochs=3, segmentation_epochs=2, zeroshot_templates=["a {}."])
     out = run_protocols(arrays, ["knn", "linear", "zeroshot", "segmentation"], cfg, image_text=image_text)
     assert out["split"] == "split column" and out["num_reference"] == 5 and out["num_query"] == 3
-    assert out["zeroshot_num_classes"] == 3 and 0.0 <= out["zeroshot_accuracy"] <= 1.0
-    assert 0.0 <= out["segmentation_miou"] <= 1.0 and out["segmentation_num_classes"] == 4
+    assert out["zeroshot_num_classes"] == 3 and out["segmentation_num_classes"] == 4
+    assert whole_share(out["zeroshot_accuracy"], 3)   # a share of the 3 query images
+    assert out["segmentation_pixel_accuracy"] * 3 * SIZE * SIZE == pytest.approx(
+        round(out["segmentation_pixel_accuracy"] * 3 * SIZE * SIZE), abs=1e-3)   # ... and of their pixels
+    present = [v for v in out["segmentation_iou_per_class"] if v is not None]
+    assert out["segmentation_miou"] == pytest.approx(sum(present) / len(present), abs=1e-5)
 
 
 def test_synray_store_through_ray(ray_cluster: str, tmp_path: Path, model_dir: str) -> None:

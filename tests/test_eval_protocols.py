@@ -235,11 +235,14 @@ def test_evaluate_backbone_runs_all_four_protocols(image_text_dir: Path) -> None
                      segmentation_epochs=3, zeroshot_templates=["a photo of a {}."])
     rows = _mask_rows(8)
     out = evaluate_backbone(load_backbone(image_text_dir), rows, None, cfg, image_size=32, image_text=image_text_dir)
-    for key in ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou",
-                "segmentation_pixel_accuracy"):
-        assert 0.0 <= out[key] <= 1.0, key
     assert out["segmentation_num_classes"] == 3 and out["zeroshot_num_classes"] == 2
     assert out["num_reference"] + out["num_query"] == 16
+    shares = {"knn_accuracy": out["num_query"], "linear_accuracy": out["num_query"],
+              "zeroshot_accuracy": out["num_query"], "segmentation_pixel_accuracy": out["num_query"] * 32 * 32}
+    for key, of in shares.items():   # each a whole number of the query images (or of their pixels)
+        assert out[key] * of == pytest.approx(round(out[key] * of), abs=1e-3), key
+    present = [v for v in out["segmentation_iou_per_class"] if v is not None]
+    assert out["segmentation_miou"] == pytest.approx(sum(present) / len(present), abs=1e-5)
 
 
 def test_evaluate_backbone_explains_what_a_protocol_needs() -> None:

@@ -65,7 +65,7 @@ def test_the_stage_keeps_each_captions_images_in_one_batch_on_one_worker(ray_clu
     from synray.train.preprocess import add_preprocessing
     from synray.train.spec import TrainPlan
 
-    cfg = small_config(f"images.per_caption={M}", "data.preprocess_batch_rows=5", "data.preprocess_actors=2",
+    cfg = small_config(f"images.per_caption={M}", "data.preprocess_batch_rows=5", "data.preprocess_actors=1",
                        "data.preprocess_cpus=0.5")
     plan = TrainPlan("stablerep", M, num_classes=8, epochs=False, columns=("caption_id", "label", "caption", "images"))
     items = [{k: (list(v[i]) if k == "images" else v[i]) for k, v in rows.items()} for i in range(len(CAPTIONS))]

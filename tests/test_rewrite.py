@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -54,26 +55,29 @@ def test_webdataset_source_is_read(ray_cluster, tmp_path: Path):
     assert {bytes(r["image"]) for r in rows} == {_png(i) for i in range(3)}
 
 
-@pytest.mark.slow
-def test_rewrite_parquet_dataset_through_vllm(ray_cluster, tmp_path: Path):
+def test_synray_rewrite_adds_k_rewrites_per_caption_through_vllm(ray_cluster, tmp_path: Path):
+    """`synray rewrite local --source SRC --out OUT` (in-process, on the suite's Ray): each caption gets its 2
+    rewrites from the engine, or a counted rejection; images and captions come through untouched."""
+    from procs import sets, synray_main
+
     from synray.captions.rewrite import RewriteError
     from synray.data.store import ParquetStore
     from synray.plan import plan_rewrite
-    from synray.programs.rewrite import rewrite_to_store
 
     src = tmp_path / "src"
     src.mkdir()
     pq.write_table(pa.table({"image": [_png(i) for i in range(6)], "caption": CAPTIONS}), src / "part.parquet")
-    cfg = small_config("captions.rewrite.num_rewrites=2")
-    summary = rewrite_to_store(plan_rewrite(cfg, str(src), str(tmp_path / "out")))
-    assert summary["rows"] == 6
+    r = synray_main("rewrite", "local", "--source", str(src), "--out", str(tmp_path / "out"),
+                    *sets("captions.rewrite.num_rewrites=2"))
+    assert r.code == 0 and "rows: 6 with 2 rewrites each" in r.out, (r.error, r.err[-3000:])
     rows = [r for s in ParquetStore(tmp_path / "out").shards() for r in pq.read_table(s).to_pylist()]
     by_caption = {r["caption"]: r for r in rows}
-    assert set(by_caption) == set(CAPTIONS)
+    assert set(by_caption) == set(CAPTIONS) and len(rows) == 6
     for i, cap in enumerate(CAPTIONS):
         assert by_caption[cap]["image"] == _png(i)  # images untouched
         assert len(by_caption[cap]["rewrites"]) == 2
     produced = sum(bool(t) for r in rows for t in r["rewrites"])
-    assert produced + sum(summary["rejected"].values()) == 12
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["rows"] == 6 and produced + sum(summary["rejected"].values()) == 12
     with pytest.raises(RewriteError, match="does not exist"):  # refused by the plan, before Ray work
-        plan_rewrite(cfg, str(tmp_path / "nope"), str(tmp_path / "out2"))
+        plan_rewrite(small_config(), str(tmp_path / "nope"), str(tmp_path / "out2"))

@@ -1,35 +1,74 @@
-"""The built-in `shapes` and `shapes-synclr` configs end to end, shrunk: template captions -> procedural images with
-masks -> DeepSpeed training on the stream -> kNN, linear and segmentation probes against the network at
-initialisation."""
+"""The shapes world end to end (the suite's shared shapes run, runs.py): template captions -> procedural images with
+masks -> SynCLR's objective on 2 DeepSpeed workers reading the stream -> kNN, linear and segmentation probes
+against the network at initialisation. The run is `shapes-synclr` shrunk to 6 steps, in plain `stream` mode,
+with its last worker killed at step 3; its run directory is in the suite's S3 bucket (test_cloud_storage.py)."""
 
 from __future__ import annotations
 
-import json
+import io
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
-pytestmark = pytest.mark.slow
+from procs import step_events, whole_share
+from runs import SHAPES_SETS
 
 
-@pytest.mark.parametrize("name", ["shapes", "shapes-synclr"])
-def test_shapes_run_lowers_its_loss_and_reports_every_probe(ray_cluster: str, tmp_path, name: str):
-    from synray.plan import load_run_config, plan_run
-    from synray.programs.run import run
-
-    cfg = load_run_config(name, [
-        f"output_root={tmp_path}", "data.num_captions=120", "train.steps=6", "train.captions_per_worker=4",
-        "train.warmup_steps=1", "train.log_every=2", "train.checkpoint_every=6", "train.backbone.size=tiny",
-        "eval.heldout_captions=36", "eval.linear_epochs=5", "eval.segmentation_epochs=3"])
-    rd, summary = run(plan_run(cfg))
-    assert summary["train"]["steps"] == 6 and summary["per_caption"] == 4
-    assert summary["train"]["final_loss"] < summary["train"]["first_loss"]  # the contrastive loss went down
-    assert summary["stages"]["images"]["rows"] >= 48
-    ev = json.loads(rd.summary_path.read_text())["eval"]
+def test_the_shapes_run_lowers_its_loss_and_reports_every_probe_on_both_sides(shapes_run):
+    summary = shapes_run.summary()
+    t = summary["train"]
+    assert t["steps"] == 6 and summary["per_caption"] == 4 and not t["ended_early"]
+    assert t["final_loss"] < t["first_loss"]   # the objective's loss went down
+    ev = summary["eval"]
     assert ev["heldout_rows"] == 36
     for side in ("trained", "init"):
         r = ev[side]
-        assert r["num_classes"] >= 2 and r["chance"] == pytest.approx(1 / r["num_classes"])
-        for key in ("knn_accuracy", "linear_accuracy", "segmentation_miou", "segmentation_pixel_accuracy"):
-            assert 0.0 <= r[key] <= 1.0, (side, key)
-        assert r["segmentation_num_classes"] == 10  # background + the 9 shape classes
-    assert (rd.path / "samples.png").exists() and (rd.path / "backbone" / "config.json").exists()
+        assert r["num_reference"] + r["num_query"] == 36 * 4 and r["num_classes"] == 9
+        assert r["chance"] == pytest.approx(1 / 9)
+        assert whole_share(r["knn_accuracy"], r["num_query"]) and whole_share(r["linear_accuracy"], r["num_query"])
+        assert r["segmentation_num_classes"] == 10   # background + the 9 shape classes
+        assert whole_share(r["segmentation_pixel_accuracy"], r["num_query"] * 32 * 32)   # a share of the query pixels
+        present = [v for v in r["segmentation_iou_per_class"] if v is not None]
+        assert r["segmentation_miou"] == pytest.approx(sum(present) / len(present), abs=1e-5)
+    assert ev["trained"] != ev["init"]
+
+
+def test_the_summary_holds_stage_rates_rejections_and_trainer_figures(shapes_run):
+    summary = shapes_run.summary()
+    losses = [r for r in shapes_run.metrics() if "loss" in r]
+    for stage in ("plan", "captions", "images"):
+        s = summary["stages"][stage]
+        assert s["rows"] > 0 and s["rows_per_s"] == pytest.approx(s["rows"] / s["active_s"], rel=1e-2), stage
+    assert summary["stages"]["images"]["rows"] >= 6 * 8   # every step's 8 captions were rendered
+    assert all(isinstance(n, int) and n > 0 for reasons in summary["rejected"].values() for n in reasons.values())
+    t = summary["train"]
+    assert (t["first_loss"], t["final_loss"], t["steps"]) == (losses[0]["loss"], losses[-1]["loss"], 6)
+    assert t["images_per_s"] == losses[-1]["images_per_s"] and t["worker_failures"] == 1
+    steps = [r["step"] for r in losses]   # every train.log_every=2 steps, and at the checkpoints
+    assert sorted(set(steps)) == steps and set(steps) == {2, 4, 6}
+
+
+def test_the_run_log_opens_with_the_plan_and_samples_show_held_out_captions(shapes_run):
+    from synray.plan import load_run_config, plan_run
+
+    cfg = load_run_config("shapes-synclr", [*SHAPES_SETS, f"output_root=s3://{shapes_run.bucket}/runs"])
+    described = plan_run(cfg).describe()
+    lines = shapes_run.read("run.log").decode().splitlines()[:len(described)]
+    assert [line.split(" synray.programs.run: ", 1)[1] for line in lines] == [f"plan: {d}" for d in described]
+    with Image.open(io.BytesIO(shapes_run.read("samples.png"))) as im:
+        assert im.format == "PNG" and im.size[1] > im.size[0] > 100   # 8 captions, one strip each
+
+
+def test_a_plain_stream_restarts_from_its_checkpoint_and_trains_no_row_twice(shapes_run, tmp_path: Path):
+    """The fault drill in `stream` mode (nothing stored): the last worker dies at step 3, the group restarts from the
+    step-2 checkpoint (read back from the bucket) on a new execution of the stream, and the final checkpoint's
+    record holds 8 distinct plan rows per step."""
+    from synray.data.ledger import load_consumed
+    from synray.data.storage import copy_tree
+
+    assert step_events(shapes_run.metrics()) == [2, "worker_failure", 4, 6]
+    summary = shapes_run.summary()
+    copy_tree(summary["train"]["checkpoint"], tmp_path / "checkpoint")
+    consumed = load_consumed(tmp_path / "checkpoint")
+    assert len(consumed) == 6 * 8 and consumed.max() < 120 * 2   # plan rows (captions are oversampled)

@@ -157,9 +157,12 @@ def _fake_sweep(root: Path, scales: list[int], k: float) -> None:
         d = root / TRIALS_DIR / f"t{i:02d}"
         d.mkdir(parents=True)
         err = 3.0 * (n * 4) ** -(k if variant == "a" else k / 2)
+        linear_err = 2.0 * (n * 4) ** -(1.5 * k)   # another law for the linear probe
         d.joinpath(TRIAL_FILE).write_text(json.dumps({
             "trial_id": d.name, "params": {"variant": variant, "data.num_captions": n}, "captions": n,
-            "images_per_caption": 4, "steps": 10, "trained": {"knn_accuracy": 1 - err}, "init": {"knn_accuracy": 0.1}}))
+            "images_per_caption": 4, "steps": 10,
+            "trained": {"knn_accuracy": 1 - err, "linear_accuracy": 1 - linear_err},
+            "init": {"knn_accuracy": 0.1, "linear_accuracy": 0.1}}))
 
 
 def test_report_writes_the_table_plots_and_fits_per_method(tmp_path: Path):
@@ -171,6 +174,21 @@ def test_report_writes_the_table_plots_and_fits_per_method(tmp_path: Path):
     assert report.fits["groups"]["a"]["law"]["k"] == pytest.approx(0.4, abs=0.02)
     assert report.fits["groups"]["b"]["law"]["k"] == pytest.approx(0.2, abs=0.02)
     assert (tmp_path / "s" / "report" / "results.csv").read_text().count("\n") == 9
+
+
+def test_synray_report_metric_fits_the_named_probe(tmp_path: Path, capsys):
+    """`synray report DIR --metric linear_accuracy` fits the linear probe's error (exponent 1.5 k here) instead of
+    the sweep's tune.metric (kNN, exponent k)."""
+    from synray.cli import main
+
+    _fake_sweep(tmp_path / "s", [40, 80, 160, 320], 0.4)
+    assert main(["report", str(tmp_path / "s"), "--metric", "linear_accuracy"]) == 0
+    assert f"wrote {tmp_path / 's' / 'report' / 'fits.json'}" in capsys.readouterr().out
+    fits = json.loads((tmp_path / "s" / "report" / "fits.json").read_text())
+    assert fits["groups"]["a"]["law"]["k"] == pytest.approx(0.6, abs=0.02)
+    assert main(["report", str(tmp_path / "s")]) == 0
+    fits = json.loads((tmp_path / "s" / "report" / "fits.json").read_text())
+    assert fits["groups"]["a"]["law"]["k"] == pytest.approx(0.4, abs=0.02)
 
 
 def test_report_lists_a_trial_stopped_early_with_its_last_step_and_fits_only_finished_ones(tmp_path: Path):
@@ -198,13 +216,12 @@ def test_report_with_two_scales_says_why_and_still_writes_the_table(tmp_path: Pa
 
 
 # ---------------------------------------------------------------------------------- subsets
-@pytest.mark.slow  # the suite's generated store starts the tiny vLLM engine
-def test_nested_subsets_are_the_first_n_rows_in_plan_order_with_the_first_m_images(generated_store: dict):
+def test_nested_subsets_are_the_first_n_rows_in_plan_order_with_the_first_m_images(generated_store):
     import pyarrow.parquet as pq
 
     from synray.data.store import ParquetStore, StoreError
 
-    store = ParquetStore(generated_store["dir"])
+    store = ParquetStore(generated_store.dir)
     stored = {r["row_id"]: r for s in store.shards() for r in pq.read_table(s).to_pylist()}
     order = sorted(stored)
 

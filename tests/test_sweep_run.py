@@ -1,34 +1,41 @@
-"""`synray sweep` end to end on the shapes world: a 2-trial sweep whose driver is killed after its first trial
-finished, then `--resume`: the finished trial is not run again, the other completes, the report has both."""
+"""`synray sweep` end to end on the shapes world: the sweep drill.
+
+A 3-trial sweep over the learning rate under ASHA, one trial at a time, whose driver is killed after its first
+trial finished; then `python jobs/sweep.py --resume` (the resubmitted job): the finished trial is not run again,
+the pool is not generated again, the second trial completes, and ASHA stops the third (which learns nothing) at a
+rung where its loss is above the second's. The report lists all three."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from procs import cli, job, kill_group, ray_env, run, sets, start
 from synray.sweep.report import TRIAL_FILE, TRIALS_DIR
 
-SETS = ["tune.variants={}", "tune.space={train.temperature: {grid: [0.1, 0.2]}}", "data.num_captions=32",
-        "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.warmup_steps=1",
-        "eval.heldout_captions=24", "eval.linear_epochs=5", "tune.max_concurrent_trials=1"]
+#: trial 1 barely learns (lr 1e-9) and finishes: nothing ran before it for ASHA to compare it with; trial 2 learns
+#: (ASHA compares it with trial 1, and it is better); trial 3 barely learns and runs after trial 2 in the resumed
+#: sweep, whose ASHA compares it with trial 2's losses at steps 1, 2 and 4
+LRS = [1e-9, 0.003, 1e-8]
+#: trials are ranked by their training loss, without probes (a trial's evaluation is the run's: test_train.py)
+SETS = ["tune.variants={}", "tune.space={train.lr: {grid: [0.000000001, 0.003, 0.00000001]}}",
+        "data.num_captions=32", "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
+        "train.warmup_steps=1", "eval.enabled=false", "tune.metric=loss", "tune.mode=min",
+        "tune.max_concurrent_trials=1", "tune.scheduler=asha", "tune.asha_grace_steps=1",
+        "tune.asha_reduction_factor=2"]
 START_TIMEOUT_S = 600
 
-pytestmark = pytest.mark.slow
+
+def _stores(out: Path) -> dict[str, int]:
+    """Every shard of the sweep's pools, with its modification time."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "pools").glob("*/shard-*.parquet")}
 
 
-def _sweep(*args: str) -> list[str]:
-    return [sys.executable, "-m", "synray.cli", "sweep", *args]
-
-
-def _wait_for_first_trial(proc: subprocess.Popen, out: Path) -> Path:
+def _wait_for_first_trial(proc, out: Path) -> Path:
     """The first finished trial's record, once Tune's experiment state (what --resume reads) is newer than it."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -41,29 +48,54 @@ def _wait_for_first_trial(proc: subprocess.Popen, out: Path) -> Path:
     raise AssertionError("no trial finished in time")
 
 
-def test_an_interrupted_2_trial_sweep_resumes_without_rerunning_its_finished_trial(ray_cluster: str, tmp_path: Path):
-    out = tmp_path / "sweep"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    sets = [x for s in SETS for x in ("--set", s)]
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(_sweep("scaling-local", "--out", str(out), *sets), env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            first = _wait_for_first_trial(proc, out)
-            record = first.read_text()
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+@pytest.fixture(scope="module")
+def sweep_drill(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("sweep")
+    out = root / "sweep"
+    env = ray_env(ray_cluster)
+    proc = start(cli("sweep", "scaling-local", "--out", str(out), *sets(*SETS)), env, root / "first.log")
+    try:
+        first = _wait_for_first_trial(proc, out)
+        record = first.read_text()
+    finally:
+        kill_group(proc)
+    stores = _stores(out)
+    resumed = run(job("sweep.py", "--resume", str(out)), env, timeout_s=900)
+    return {"out": out, "first": first, "record": record, "stores": stores, "resumed": resumed}
 
-    r = subprocess.run(_sweep("--resume", str(out)), env=env, capture_output=True, text=True, timeout=900)
+
+def _rows(out: Path) -> dict[float, dict]:
+    with open(out / "report" / "results.csv") as f:
+        return {float(row["train.lr"]): row for row in csv.DictReader(f)}
+
+
+def test_the_resubmitted_sweep_job_completes_without_rerunning_its_finished_trial(sweep_drill):
+    r, first = sweep_drill["resumed"], sweep_drill["first"]
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    assert first.read_text() == record  # the finished trial was not run again
+    assert first.read_text() == sweep_drill["record"]   # the finished trial was not run again
     fits = [json.loads(line) for line in (first.parent / "train" / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for m in fits if m.get("event") == "fit_start") == 1
-    records = [json.loads(p.read_text()) for p in sorted((out / TRIALS_DIR).glob(f"*/{TRIAL_FILE}"))]
-    assert sorted(t["params"]["train.temperature"] for t in records) == [0.1, 0.2]
-    assert all(t["steps"] == 4 and t["captions"] == 32 and "knn_accuracy" in t["trained"] for t in records)
-    with open(out / "report" / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert sorted(float(row["train.temperature"]) for row in rows) == [0.1, 0.2]
-    assert "a power-law fit needs at least 3" in r.stdout
+    assert json.loads(sweep_drill["record"])["params"]["train.lr"] == LRS[0]
+    records = [json.loads(p.read_text()) for p in sorted((sweep_drill["out"] / TRIALS_DIR).glob(f"*/{TRIAL_FILE}"))]
+    assert sorted(t["params"]["train.lr"] for t in records) == sorted(LRS[:2])   # the third never finished
+    assert all(t["steps"] == 4 and t["captions"] == 32 and t["train"]["final_loss"] > 0 for t in records)
+
+
+def test_the_resumed_sweep_does_not_generate_its_pool_again(sweep_drill):
+    out = sweep_drill["out"]
+    assert sweep_drill["stores"] and _stores(out) == sweep_drill["stores"]   # the same shards, untouched
+    (summary,) = [json.loads(p.read_text()) for p in (out / "pools").glob("*/_summary.json")]
+    assert summary["rows_written"] == 0 and summary["rows_before"] == summary["rows_total"] == 32
+
+
+def test_asha_stops_the_trial_that_learns_nothing_and_the_report_lists_it_unfinished(sweep_drill):
+    """The report lists the trial ASHA stopped as unfinished with the last step and loss it logged, beside the two
+    finished ones; no law is fitted (one data scale)."""
+    rows, r = _rows(sweep_drill["out"]), sweep_drill["resumed"]
+    assert {lr: row["status"] for lr, row in rows.items()} == {LRS[0]: "finished", LRS[1]: "finished",
+                                                               LRS[2]: "unfinished"}
+    stopped = rows[LRS[2]]
+    assert 1 <= int(stopped["steps"]) <= 4 and float(stopped["final_loss"]) > 0
+    assert all(int(rows[lr]["steps"]) == 4 for lr in LRS[:2])
+    assert "2 finished trial(s), 1 unfinished" in r.stdout
+    assert "a power-law fit needs at least 3" in r.stdout and f"sweep directory: {sweep_drill['out']}" in r.stdout

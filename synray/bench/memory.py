@@ -1,15 +1,16 @@
-"""Bench (f): peak object-store and driver memory of stream mode at N and at 4N captions.
+"""Bench (f): peak object-store memory and peak memory of the stream's reader in stream mode, at N and 4N captions.
 
 The stream is synray's own (planned rows -> captions -> images -> row preprocessing) of the config's
-generation setup, read by a training-speed consumer through `streaming_split` as Ray Train reads it.
-A thread on the driver samples the object stores' bytes in use and the driver's resident memory.
-Bounded streaming means both peaks stay flat when the stream is 4 times longer: the consumer is slower than
-the stream, and `data.stream_buffer_mb` caps what Ray Data holds ahead of it (without a cap, the backlog
-grows with N up to Ray Data's default share of the object store).
+generation setup, read by a training-speed consumer actor through `streaming_split` as a Ray Train worker
+reads it. A thread on the driver samples the object stores' bytes in use and the consumer's resident memory
+(the rows go there, not through the driver). Bounded streaming means both peaks stay flat when the stream
+is 4 times longer: the consumer is slower than the stream, and `data.stream_buffer_mb` caps what Ray Data
+holds ahead of it (without a cap, the backlog grows with N up to Ray Data's default share of the object store).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -41,15 +42,16 @@ DRAIN_TIMEOUT_S = 20.0
 
 
 class PeakSampler:
-    """Samples object-store bytes and this process's RSS in a thread; keeps the peaks and the store's samples.
+    """Samples object-store bytes and a process's RSS (`pid`, by default this one) in a thread; keeps the peaks and
+    the store's samples.
 
     `store_level` is the PEAK_LEVEL quantile of the samples: the most the store held for at least 1% of the
     run. A capped stream's use fluctuates by the blocks in flight, and the single highest sample of a run
     4 times longer is higher only because it draws more samples; the level compares like with like.
     """
 
-    def __init__(self) -> None:
-        self.probe, self.proc = ObjectStoreProbe(), psutil.Process()
+    def __init__(self, pid: int | None = None) -> None:
+        self.probe, self.proc = ObjectStoreProbe(), psutil.Process(pid)
         self.store_before = self.probe.used_bytes()
         self.rss_before = self.proc.memory_info().rss
         self.store_peak = self.rss_peak = 0
@@ -82,6 +84,9 @@ class PeakSampler:
 class Consumer:
     """Reads a training shard as a worker does (tensor batches of fixed size) at a training-like pace."""
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def run(self, shard: Any, rows: int, s_per_row: float = CONSUMER_S_PER_ROW) -> int:
         seen = 0
         for batch in shard.iter_torch_batches(batch_size=rows, drop_last=True, prefetch_batches=2):
@@ -106,15 +111,16 @@ def stream_peaks(cfg: RunConfig, captions: int, s_per_row: float = CONSUMER_S_PE
     ds.context.execution_options = ingest_options(run_cfg.data)  # as Ray Train's DataConfig sets it
     wait_for_store_to_drain(ObjectStoreProbe())
     consumer = Consumer.remote()
+    pid = ray.get(consumer.pid.remote())   # the consumer's process, on this node (a local Ray)
     start = time.perf_counter()
-    with PeakSampler() as peaks:
+    with PeakSampler(pid) as peaks:
         seen = ray.get(consumer.run.remote(ds.streaming_split(1, equal=True)[0], run_cfg.train.captions_per_worker,
                                            s_per_row))
     ray.kill(consumer)
     return {"captions": captions, "rows_seen": seen, "elapsed_s": time.perf_counter() - start,
             "store_peak_bytes": peaks.store_peak, "store_level_bytes": peaks.store_level,
             "store_before_bytes": peaks.store_before,
-            "driver_rss_peak_bytes": peaks.rss_peak, "driver_rss_before_bytes": peaks.rss_before}
+            "consumer_rss_peak_bytes": peaks.rss_peak, "consumer_rss_before_bytes": peaks.rss_before}
 
 
 def bench_memory(cfg: RunConfig, quick: bool) -> list[Ratio]:
@@ -128,6 +134,6 @@ def bench_memory(cfg: RunConfig, quick: bool) -> list[Ratio]:
     return [Ratio("f.object_store", f"peak object-store level (p99 of samples) in stream mode, {4 * n} / {n} "
                   "captions", large["store_level_bytes"] / max(1, small["store_level_bytes"]), GOAL,
                   higher_is_better=False, detail=detail),
-            Ratio("f.driver_memory", f"peak driver RSS in stream mode, {4 * n} / {n} captions",
-                  large["driver_rss_peak_bytes"] / max(1, small["driver_rss_peak_bytes"]), GOAL,
+            Ratio("f.consumer_memory", f"peak RSS of the stream's reader in stream mode, {4 * n} / {n} captions",
+                  large["consumer_rss_peak_bytes"] / max(1, small["consumer_rss_peak_bytes"]), GOAL,
                   higher_is_better=False, detail=detail)]

@@ -336,22 +336,20 @@ def _ordered() -> Iterator[None]:
 def add_extractors(ds: ray.data.Dataset, models: Mapping[str, str], image_size: int, outputs: Sequence[str],
                    batch_size: int = 64, actors: int = 1, use_gpu: bool = False,
                    drop_images: bool = False, resources: Mapping[str, float] | None = None) -> ray.data.Dataset:
-    """One pool of FeatureExtractor actors per model, each adding its outputs to the rows.
+    """One pool of FeatureExtractor actors, each holding every model, adding their outputs to the rows.
 
     ``models`` maps a name to a model directory; the outputs of model ``name`` get the columns
-    ``name/output`` (a model named "" keeps the plain output names). With ``drop_images`` the last
-    pool drops the encoded images from its output.
+    ``name/output`` (a model named "" keeps the plain output names). Each image is decoded once for all
+    models. With ``drop_images`` the encoded images are dropped from the output.
     """
-    for i, (name, model_dir) in enumerate(models.items()):
-        ds = ds.map_batches(
-            FeatureExtractor, batch_format="numpy", batch_size=batch_size,
-            fn_constructor_kwargs={"model_dir": model_dir, "image_size": image_size, "batch_size": batch_size,
-                                   "device": "cuda" if use_gpu else "cpu", "outputs": tuple(outputs),
-                                   "prefix": f"{name}/" if name else "",
-                                   "drop_images": drop_images and i == len(models) - 1},
-            compute=ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0,
-            **({"resources": dict(resources)} if resources else {}))
-    return ds
+    return ds.map_batches(
+        FeatureExtractor, batch_format="numpy", batch_size=batch_size,
+        fn_constructor_kwargs={"model_dir": {f"{name}/" if name else "": d for name, d in models.items()},
+                               "image_size": image_size, "batch_size": batch_size,
+                               "device": "cuda" if use_gpu else "cpu", "outputs": tuple(outputs),
+                               "drop_images": drop_images},
+        compute=ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0,
+        **({"resources": dict(resources)} if resources else {}))
 
 
 def collect_rows(ds: ray.data.Dataset, where: str) -> list[dict[str, Any]]:

@@ -208,34 +208,38 @@ def _per_row_column(flat: np.ndarray, counts: list[int]) -> np.ndarray:
 class FeatureExtractor:
     """Callable for ``Dataset.map_batches`` (actor pool): adds per-image feature columns to caption rows.
 
-    The backbone is loaded once per instance from ``model_dir`` (a :func:`save_backbone`
-    directory; for ``image_embeds`` a :func:`save_image_text` one). For a batch (dict of columns
-    with ``images``), each requested output (:data:`OUTPUTS`; default ``features``, the CLS
-    embedding) becomes a column holding, per row, a float32 array [m, ...] with one entry per
-    image: a [B, m, ...] array when every row has the same number of images, else an object
-    array of [m_i, ...] arrays, named ``prefix + output``. With ``drop_images`` the encoded images
-    are removed from the output batch.
+    ``model_dir`` is a :func:`save_backbone` directory (for ``image_embeds`` a :func:`save_image_text` one),
+    or a mapping ``{prefix: directory}`` of several models that the actor holds together (a run's trained
+    and initial backbones): each batch's images are decoded once and encoded by every model. Models are
+    loaded once per instance. For a batch (dict of columns with ``images``), each requested output
+    (:data:`OUTPUTS`; default ``features``, the CLS embedding) of each model becomes a column holding, per
+    row, a float32 array [m, ...] with one entry per image: a [B, m, ...] array when every row has the same
+    number of images, else an object array of [m_i, ...] arrays, named ``prefix + output``. With
+    ``drop_images`` the encoded images are removed from the output batch.
     """
 
-    def __init__(self, model_dir: str | Path, image_size: int, batch_size: int = 256,
+    def __init__(self, model_dir: str | Path | Mapping[str, str | Path], image_size: int, batch_size: int = 256,
                  device: str | torch.device = "cpu", drop_images: bool = False,
                  outputs: Sequence[str] = ("features",), prefix: str = "") -> None:
-        self.prefix = prefix
-        self.model_dir = local_copy(model_dir)   # a model under a cloud URI is downloaded once per actor
+        dirs = dict(model_dir) if isinstance(model_dir, Mapping) else {prefix: model_dir}
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         self.drop_images = drop_images
-        self.projection: torch.nn.Module | None = None
-        if "image_embeds" in outputs:
-            model, _, _ = load_image_text(self.model_dir, device=device)
-            self.encoder, self.projection = model.encoder.eval(), model.image_projection
-        else:
-            self.encoder = load_backbone(self.model_dir, device=device).eval()
-        self.outputs = _check_outputs(outputs, self.projection)
+        #: prefix -> (encoder, image projection or None, outputs)
+        self.models: dict[str, tuple[Encoder, torch.nn.Module | None, tuple[str, ...]]] = {}
+        for name, directory in dirs.items():
+            local = local_copy(directory)   # a model under a cloud URI is downloaded once per actor
+            projection = None
+            if "image_embeds" in outputs:
+                model, _, _ = load_image_text(local, device=device)
+                encoder, projection = model.encoder.eval(), model.image_projection
+            else:
+                encoder = load_backbone(local, device=device).eval()
+            self.models[name] = (encoder, projection, _check_outputs(outputs, projection))
 
     @property
     def embed_dim(self) -> int:
-        return int(self.encoder.embed_dim)
+        return int(next(iter(self.models.values()))[0].embed_dim)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if "images" not in batch:
@@ -243,8 +247,9 @@ class FeatureExtractor:
         per_row = [decode_row_images(imgs) for imgs in batch["images"]]
         counts = [len(r) for r in per_row]
         flat = [a for r in per_row for a in r]
-        encoded = encode_arrays(self.encoder, flat, self.image_size, self.batch_size, self.outputs, self.projection)
         out = {k: v for k, v in batch.items() if not (self.drop_images and k == "images")}
-        for name, values in encoded.items():
-            out[self.prefix + name] = _per_row_column(values.numpy(), counts)
+        for prefix, (encoder, projection, outputs) in self.models.items():
+            encoded = encode_arrays(encoder, flat, self.image_size, self.batch_size, outputs, projection)
+            for name, values in encoded.items():
+                out[prefix + name] = _per_row_column(values.numpy(), counts)
         return out
