@@ -63,13 +63,13 @@ def test_rows_from_both_sides_of_every_kill_regenerate_from_their_provenance(gen
 
 # -------------------------------------------------------------------------- the stream drill
 def test_the_resubmitted_job_continues_the_unfinished_run_and_the_stream_ends_before_the_budget(stream_drill):
-    """The pipeline job submitted to another Ray cluster continues the run its killed driver left unfinished (the
-    run directory and the store are on storage both see), until the stream of 40 captions runs out."""
+    """The pipeline job submitted with `ray job submit` continues the run its killed driver left unfinished (the
+    run directory and the store are where the job finds them), until the stream of 100 captions runs out."""
     job = stream_drill.job
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert f"continuing the unfinished run {stream_drill.run_dir}" in job.stdout + job.stderr
     t = json.loads((stream_drill.run_dir / "summary.json").read_text())["train"]
-    assert t["ended_early"] and 7 <= t["steps"] < STREAM_STEPS and t["worker_failures"] >= 1
+    assert t["ended_early"] and 5 < t["steps"] < STREAM_STEPS and t["worker_failures"] >= 1
 
 
 def test_after_each_failure_the_steps_go_on_from_the_last_checkpoint_before_it(stream_drill):
