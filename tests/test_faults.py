@@ -69,7 +69,11 @@ def test_the_resubmitted_job_continues_the_unfinished_run_and_the_stream_ends_be
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert f"continuing the unfinished run {stream_drill.run_dir}" in job.stdout + job.stderr
     t = json.loads((stream_drill.run_dir / "summary.json").read_text())["train"]
-    assert t["ended_early"] and 5 < t["steps"] < STREAM_STEPS and t["worker_failures"] >= 1
+    log = metrics_log(stream_drill.run_dir)
+    (job_start,) = [i for i, r in enumerate(log) if r.get("event") == "fit_start"][1:]   # the job's fit
+    killed_at = max(r["step"] for r in log[:job_start] if "loss" in r)   # where the killed driver's run got
+    assert 5 <= killed_at < t["steps"], (killed_at, t["steps"])   # the job trained steps the killed run had not
+    assert t["ended_early"] and t["steps"] < STREAM_STEPS and t["worker_failures"] >= 1
 
 
 def test_after_each_failure_the_steps_go_on_from_the_last_checkpoint_before_it(stream_drill):

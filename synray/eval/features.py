@@ -214,14 +214,14 @@ class FeatureExtractor:
     loaded once per instance. For a batch (dict of columns with ``images``), each requested output
     (:data:`OUTPUTS`; default ``features``, the CLS embedding) of each model becomes a column holding, per
     row, a float32 array [m, ...] with one entry per image: a [B, m, ...] array when every row has the same
-    number of images, else an object array of [m_i, ...] arrays, named ``prefix + output``. With
-    ``drop_images`` the encoded images are removed from the output batch.
+    number of images, else an object array of [m_i, ...] arrays, named ``prefix + output`` (a single
+    directory: no prefix). With ``drop_images`` the encoded images are removed from the output batch.
     """
 
     def __init__(self, model_dir: str | Path | Mapping[str, str | Path], image_size: int, batch_size: int = 256,
                  device: str | torch.device = "cpu", drop_images: bool = False,
-                 outputs: Sequence[str] = ("features",), prefix: str = "") -> None:
-        dirs = dict(model_dir) if isinstance(model_dir, Mapping) else {prefix: model_dir}
+                 outputs: Sequence[str] = ("features",)) -> None:
+        dirs = dict(model_dir) if isinstance(model_dir, Mapping) else {"": model_dir}
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         self.drop_images = drop_images
