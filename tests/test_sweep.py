@@ -1,16 +1,14 @@
-"""Sweeps: search-space checks, data pools and nested subsets, the power-law fit and the report."""
+"""Sweeps: search-space checks, data pools and nested subsets, and the report (the fit itself: test_scaling_fit.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from synray.config import ConfigError
 from synray.plan import load_run_config
-from synray.sweep.fit import ScalingFitError, fit_power_law, fit_scaling
 from synray.sweep.planning import plan_sweep
 from synray.sweep.pools import trial_config
 from synray.sweep.report import SWEEP_CONFIG, TRIAL_FILE, TRIALS_DIR, write_report
@@ -129,25 +127,6 @@ def derive(cfg, captions: int):
     return derive_config(cfg, {"data.num_captions": captions})
 
 
-# -------------------------------------------------------------------------------------- fit
-def test_the_fit_recovers_a_known_exponent_with_an_interval_around_it():
-    n = np.geomspace(1e3, 6.4e4, 7)
-    exact = fit_scaling(list(n), list(2.0 * n ** -0.3 + 0.05))
-    assert exact.law.k == pytest.approx(0.3, abs=0.01) and exact.law.c == pytest.approx(0.05, abs=0.005)
-    rng = np.random.default_rng(0)
-    nn = np.repeat(n, 3)
-    noisy = fit_scaling(list(nn), list((2.0 * nn ** -0.3 + 0.05) * np.exp(rng.normal(0, 0.02, nn.size))))
-    assert noisy.k_low < 0.3 < noisy.k_high and noisy.k_high - noisy.k_low < 0.2
-    assert noisy.interval.startswith("trials resampled")
-
-
-def test_three_scales_fit_without_offset_and_two_are_refused():
-    law = fit_power_law(np.array([100, 400, 1600]), 3.0 * np.array([100, 400, 1600]) ** -0.5)
-    assert law.c == 0 and law.k == pytest.approx(0.5)
-    with pytest.raises(ScalingFitError, match="at least 3"):
-        fit_power_law(np.array([100, 400]), np.array([0.5, 0.4]))
-
-
 # ----------------------------------------------------------------------------------- report
 def _fake_sweep(root: Path, scales: list[int], k: float) -> None:
     cfg = sweep_config(SCALES)
@@ -183,12 +162,40 @@ def test_synray_report_metric_fits_the_named_probe(tmp_path: Path, capsys):
 
     _fake_sweep(tmp_path / "s", [40, 80, 160, 320], 0.4)
     assert main(["report", str(tmp_path / "s"), "--metric", "linear_accuracy"]) == 0
-    assert f"wrote {tmp_path / 's' / 'report' / 'fits.json'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 's' / 'report' / 'fits.json'}" in out
     fits = json.loads((tmp_path / "s" / "report" / "fits.json").read_text())
     assert fits["groups"]["a"]["law"]["k"] == pytest.approx(0.6, abs=0.02)
+    # what it prints of each fit is fits.md: the law, its intervals, why this law, the extrapolation check
+    described = (tmp_path / "s" / "report" / "fits.md").read_text().splitlines()
+    assert described and all(line in out.splitlines() for line in described)
+    assert described[0].startswith("a: error = 2 * N^-0.600") and "k in [0.600, 0.600]" in described[1]
+    assert "fitted without N = 1280, it predicts" in described[3] and "the law extrapolates" in described[3]
     assert main(["report", str(tmp_path / "s")]) == 0
     fits = json.loads((tmp_path / "s" / "report" / "fits.json").read_text())
     assert fits["groups"]["a"]["law"]["k"] == pytest.approx(0.4, abs=0.02)
+
+
+def test_the_report_says_when_the_law_does_not_reach_the_largest_scale(tmp_path: Path, capsys):
+    """A sweep whose largest scale gains nothing over the one before (a plateau the law through the smaller ones
+    does not have): the report's extrapolation check says the law does not extrapolate."""
+    from synray.cli import main
+
+    _fake_sweep(tmp_path / "s", [40, 80, 160, 320, 640], 0.4)
+    for d in (tmp_path / "s" / TRIALS_DIR).iterdir():   # the largest scale measures what the one before did
+        record = json.loads((d / TRIAL_FILE).read_text())
+        if record["captions"] == 640:
+            record["trained"]["knn_accuracy"] = 1 - 3.0 * (320 * 4) ** -(0.4 if record["params"]["variant"] == "a"
+                                                                           else 0.2)
+            (d / TRIAL_FILE).write_text(json.dumps(record))
+    assert main(["report", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    fits = json.loads((tmp_path / "s" / "report" / "fits.json").read_text())
+    for group in ("a", "b"):
+        check = fits["groups"][group]["extrapolation"]
+        assert check["held_out"] == 2560 and not check["holds"]
+        assert check["measured"] > check["high"]
+    assert out.count("the law does NOT extrapolate") == 2
 
 
 def test_report_lists_a_trial_stopped_early_with_its_last_step_and_fits_only_finished_ones(tmp_path: Path):

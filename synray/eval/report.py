@@ -10,8 +10,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
-
 from synray.config import RunConfig
 from synray.data.storage import Location
 from synray.eval.datasets import EvalSource, extract_arrays
@@ -36,6 +34,8 @@ def model_image_size(model_dir: str | Path) -> int:
         raise EvalError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise EvalError(f"{path} holds no saved backbone (no config.json); pass a run's backbone/ directory")
+    from transformers import AutoConfig   # here: importing transformers costs seconds
+
     config = AutoConfig.from_pretrained(str(path))
     if getattr(config, "model_type", None) not in ("vit", "dinov2"):
         raise EvalError(f"{path} holds a {getattr(config, 'model_type', '?')!r} model, not a ViT or DINOv2 backbone")

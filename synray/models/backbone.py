@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model, PretrainedConfig, ViTConfig, ViTModel
 
 from synray.config import BackboneConfig
+
+if TYPE_CHECKING:   # transformers is imported where a model is built or loaded: importing it costs seconds
+    from transformers import PretrainedConfig
 
 __all__ = ["SIZES", "backbone_config", "build_backbone", "Encoder", "save_backbone", "load_backbone",
            "count_parameters"]
@@ -27,6 +30,8 @@ LAYER_NORM_EPS = 1e-6
 
 def backbone_config(cfg: BackboneConfig) -> PretrainedConfig:
     """The transformers config of a backbone (no weights are built)."""
+    from transformers import Dinov2Config, ViTConfig
+
     hidden, layers, heads = SIZES[cfg.size]
     common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                   image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3,
@@ -39,9 +44,11 @@ def backbone_config(cfg: BackboneConfig) -> PretrainedConfig:
 
 
 def _model_from_config(config: PretrainedConfig) -> nn.Module:
-    if isinstance(config, ViTConfig):
+    from transformers import Dinov2Model, ViTModel
+
+    if config.model_type == "vit":
         return ViTModel(config, add_pooling_layer=False, use_mask_token=True)
-    if isinstance(config, Dinov2Config):
+    if config.model_type == "dinov2":
         return Dinov2Model(config)
     raise ValueError(f"unsupported backbone config {type(config).__name__}")
 
@@ -72,7 +79,7 @@ class Encoder(nn.Module):
         kwargs: dict = {}
         if bool_masked_pos is not None:
             kwargs["bool_masked_pos"] = bool_masked_pos
-        if isinstance(self.model, ViTModel) and tuple(pixel_values.shape[-2:]) != (self.image_size,) * 2:
+        if self.model.config.model_type == "vit" and tuple(pixel_values.shape[-2:]) != (self.image_size,) * 2:
             kwargs["interpolate_pos_encoding"] = True
         return self.model(pixel_values=pixel_values, **kwargs).last_hidden_state
 
@@ -108,6 +115,8 @@ def save_backbone(encoder: Encoder, directory: str | Path) -> Path:
 
 def load_backbone(directory: str | Path, device: torch.device | str = "cpu") -> Encoder:
     """Load an encoder saved by :func:`save_backbone` (or any ViT/DINOv2 checkpoint) with AutoModel."""
+    from transformers import AutoConfig, AutoModel
+
     config = AutoConfig.from_pretrained(str(directory))
     kwargs: dict = {}
     if config.model_type == "vit":

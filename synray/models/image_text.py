@@ -10,7 +10,6 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection
 
 from synray.models.backbone import Encoder, load_backbone, save_backbone
 
@@ -61,6 +60,8 @@ class ImageTextModel(nn.Module):
 
 def text_tower_config(path: str) -> Any:
     """The CLIPTextConfig at ``path`` (a directory or hub id), after checking it has a projection."""
+    from transformers import AutoConfig   # here: importing transformers costs seconds
+
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -74,11 +75,15 @@ def text_tower_config(path: str) -> Any:
 
 def load_tokenizer(path: str) -> Any:
     """The text tower's tokenizer alone (what preprocessing needs)."""
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path)
 
 
 def load_text_tower(path: str) -> tuple[nn.Module, Any]:
     """A CLIPTextModelWithProjection and its tokenizer from a local directory or hub id (safetensors only)."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
     text_tower_config(path)
     model = CLIPTextModelWithProjection.from_pretrained(path, use_safetensors=True)
     return model, AutoTokenizer.from_pretrained(path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from kornia import augmentation as K
 from torch import Tensor, nn
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "to_float_images", "imagenet_normalize", "EvalTransform",
@@ -26,6 +25,8 @@ def to_float_images(images: Tensor) -> Tensor:
 
 def imagenet_normalize() -> nn.Module:
     """Normalisation with the ImageNet mean and standard deviation (what the backbones are trained on)."""
+    from kornia import augmentation as K   # here: importing kornia costs seconds
+
     return K.Normalize(mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD))
 
 
@@ -34,6 +35,8 @@ class EvalTransform(nn.Module):
 
     def __init__(self, image_size: int) -> None:
         super().__init__()
+        from kornia import augmentation as K
+
         self.image_size = image_size
         self.resize = K.Resize((image_size, image_size), antialias=True)
         self.normalize = imagenet_normalize()

@@ -6,14 +6,16 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from synray.language.corpus import caption_vocabulary_texts, training_corpus
+
+if TYPE_CHECKING:   # transformers is imported where a model is built: importing it costs seconds
+    from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
@@ -92,6 +94,8 @@ def train_bpe(texts: Sequence[str], vocab_size: int, *, add_eos: bool = False) -
 
 
 def wrap_tokenizer(tok: Tokenizer, model_max_length: int, padding_side: str = "right") -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         model_max_length=model_max_length, padding_side=padding_side, clean_up_tokenization_spaces=False)
@@ -188,6 +192,8 @@ def pretrain(model: Any, examples: Sequence[tuple[list[int], list[float]]], pad_
 def build_tiny_llm(out_dir: str | Path, seed: int = 0, corpus: list[str] | None = None,
                    steps: int = TRAIN_STEPS) -> Path:
     """Build the tiny caption LM into out_dir (safetensors, tokenizer, generation config); returns out_dir."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     docs = default_corpus(seed) if corpus is None else list(corpus)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from synray.models.tiny_llm import BOS, EOS, PAD, default_corpus, deterministic_torch, document_captions, \
     tokenizer_texts, train_bpe, wrap_tokenizer
@@ -47,6 +46,8 @@ def caption_tokenizer(seed: int = 0, corpus: Sequence[str] | None = None) -> Any
 
 
 def _clip_text_config(tokenizer: Any, arch: dict[str, Any]) -> Any:
+    from transformers import CLIPTextConfig   # here: importing transformers costs seconds
+
     return CLIPTextConfig(
         vocab_size=len(tokenizer), max_position_embeddings=CLIP_MAX_LENGTH,
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS), eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
@@ -56,6 +57,8 @@ def _clip_text_config(tokenizer: Any, arch: dict[str, Any]) -> Any:
 def build_sd_pipeline(seed: int = 0, corpus: Sequence[str] | None = None) -> Any:
     """The tiny StableDiffusionPipeline in memory (random weights drawn from seed)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
     tokenizer = caption_tokenizer(seed, corpus)
     with deterministic_torch(seed):
         unet = UNet2DConditionModel(**UNET_CONFIG)
@@ -80,6 +83,8 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, corpus: Sequence[str] | No
 def build_tiny_text(out_dir: str | Path, seed: int = 0, corpus: Sequence[str] | None = None) -> Path:
     """Build and save a tiny CLIPTextModelWithProjection and its tokenizer into out_dir; returns out_dir."""
     out = Path(out_dir)
+    from transformers import CLIPTextModelWithProjection
+
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = caption_tokenizer(seed, corpus)
     with deterministic_torch(seed):

@@ -155,8 +155,8 @@ def sweep_command(plan: SweepPlan, resume: bool = False) -> int:
     print(f"sweep directory: {plan.root}")
     finished = sum(1 for r in report.rows if r["status"] == "finished")
     print(f"  {finished} finished trial(s), {len(report.rows) - finished} unfinished")
-    for name, g in report.fits.get("groups", {}).items():
-        print(f"  {name}: k = {g['law']['k']:.3f} [{g['k_low']:.3f}, {g['k_high']:.3f}] ({g['form']})")
+    for line in report.fit_lines():
+        print(f"  {line}")
     for message in report.messages:
         print(f"  note: {message}")
     for path in report.files:

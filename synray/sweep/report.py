@@ -1,5 +1,6 @@
 """`synray report SWEEP_DIR`: the results table of a sweep (CSV and Markdown), scaling-law fits of error against
-data scale per swept method (PNG plots, a JSON of the fits with bootstrap intervals on the exponent)."""
+data scale per swept method (PNG plots; the fits with their intervals, the law chosen and the extrapolation check in
+fits.json and fits.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 from synray.config import RunConfig, load_config
 from synray.data.files import atomic_write_text, write_json
 from synray.data.storage import Location, copy_tree, local_file
-from synray.sweep.fit import MIN_SCALES, ScalingFitError, fit_scaling
+from synray.sweep.fit import MIN_SCALES, WITH_C, ScalingFitError, fit_scaling
 from synray.sweep.space import SCALE_KEY, VARIANT_KEY
 
 __all__ = ["TRIALS_DIR", "TRIAL_FILE", "START_FILE", "SweepReport", "load_trials", "write_report", "group_name"]
@@ -39,6 +40,26 @@ class SweepReport:
     fits: dict[str, Any] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
     failed: int = 0                  # trials Tune reports as errored (set by the sweep program)
+
+    def fit_lines(self) -> list[str]:
+        """Each group's law, intervals, choice of law and extrapolation check, as printed and in fits.md."""
+        return [line for name, g in self.fits.get("groups", {}).items() for line in describe_fit(name, g)]
+
+
+def describe_fit(name: str, g: dict[str, Any]) -> list[str]:
+    """The lines that say what one group's fit (`ScalingFit.to_dict`) found."""
+    law, pct = g["law"], f"{100 * g['confidence']:.0f}%"
+    floor = f" + {law['c']:.4f}" if g["form"] == WITH_C else ""
+    lines = [f"{name}: error = {law['a']:.4g} * N^-{law['k']:.3f}{floor}  ({g['points']} trials, "
+             f"{len(set(g['scales']))} data scales)"]
+    if math.isfinite(g["k_low"]):
+        c_part = f", c in [{g['c_low']:.4f}, {g['c_high']:.4f}]" if g["form"] == WITH_C else ""
+        lines.append(f"  {pct} intervals: k in [{g['k_low']:.3f}, {g['k_high']:.3f}]{c_part} ({g['interval']})")
+    lines.append(f"  law {g['form']}: {g['chosen']}")
+    extrapolation = g.get("extrapolation")
+    lines.append(f"  extrapolation check: {extrapolation['summary']}" if extrapolation
+                 else "  extrapolation check: " + "; ".join(n for n in g["notes"] if "extrapolation" in n))
+    return lines
 
 
 def load_trials(root: str | Path | Location) -> list[dict[str, Any]]:
@@ -168,7 +189,7 @@ def _write_report(where: Location, out: Path, metric: str | None) -> SweepReport
                                    f"(sweep {SCALE_KEY} over {MIN_SCALES} or more values); the table is written")
             continue
         try:
-            fit = fit_scaling(n, err, seed=cfg.seed)
+            fit = fit_scaling(n, err)
         except ScalingFitError as e:
             report.messages.append(f"{name}: {e}")
             continue
@@ -183,4 +204,7 @@ def _write_report(where: Location, out: Path, metric: str | None) -> SweepReport
                    "groups": {name: fit.to_dict() for name, fit in curves.items()}}
     write_json(out / "fits.json", report.fits)
     report.files.append(out / "fits.json")
+    if curves:
+        atomic_write_text(out / "fits.md", "\n".join(report.fit_lines()) + "\n")
+        report.files.append(out / "fits.md")
     return report

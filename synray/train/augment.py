@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from kornia import augmentation as K
 from torch import Tensor, nn
 
 from synray.config import AugmentConfig
@@ -24,6 +23,8 @@ def blur_kernel_size(image_size: int) -> int:
 
 
 def _ops(preset: str, image_size: int, scale_min: float, scale_max: float = 1.0) -> list[nn.Module]:
+    from kornia import augmentation as K   # here: importing kornia costs seconds
+
     size = (image_size, image_size)
     if preset == "strong":
         return [
