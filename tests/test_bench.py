@@ -87,16 +87,16 @@ def test_peak_sampler_sees_an_object_put_in_the_store_and_a_process_growing(ray_
 
 
 def test_stream_memory_at_4n_captions_stays_within_1_2x_of_n_with_a_slow_consumer(ray_cluster: str):
-    """The shapes stream capped at 1 MiB (about 100 rows; the shapes config's own 4 MiB is bench (f)'s) read by a
-    consumer slower than the stream, at 192 and 768 captions: the object store's level and the consumer's resident
+    """The shapes stream capped at 2 MiB (about 200 rows; the shapes config's own 4 MiB is bench (f)'s) read by a
+    consumer slower than the stream, at 384 and 1536 captions: the object store's level and the consumer's resident
     memory (where the rows go) stay flat."""
     from synray.bench.memory import stream_peaks
     from synray.plan import load_run_config
 
     # the consumer (50 rows/s) is slower than the stream, so without a bound the backlog grows with N
-    cfg = load_run_config("shapes", ["data.stream_buffer_mb=1"])
-    small, large = stream_peaks(cfg, 192, s_per_row=0.02), stream_peaks(cfg, 768, s_per_row=0.02)
-    assert (small["rows_seen"], large["rows_seen"]) == (192, 768)
+    cfg = load_run_config("shapes", ["data.stream_buffer_mb=2"])
+    small, large = stream_peaks(cfg, 384, s_per_row=0.02), stream_peaks(cfg, 1536, s_per_row=0.02)
+    assert (small["rows_seen"], large["rows_seen"]) == (384, 1536)
     assert large["store_level_bytes"] <= 1.2 * small["store_level_bytes"], (small, large)
     assert large["store_peak_bytes"] <= 1.5 * small["store_peak_bytes"], (small, large)  # no single sample runs off
     assert large["consumer_rss_peak_bytes"] <= 1.2 * small["consumer_rss_peak_bytes"], (small, large)

@@ -134,3 +134,21 @@ def test_fewer_than_three_scales_or_bad_points_are_refused():
         fit_scaling([100, 400, 100], [0.5, 0.4, 0.5])
     with pytest.raises(ScalingFitError, match="finite"):
         fit_scaling([100, 400, 1600], [0.5, float("nan"), 0.3])
+
+
+def test_the_readme_quotes_the_fit_of_the_scaling_local_trials():
+    """The README's figures for `scaling-local` are this fit of the trials in its results.csv (kNN error)."""
+    import csv
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    groups: dict[str, tuple[list, list]] = {}
+    with open(root / "tuning" / "reports" / "scaling-local" / "results.csv") as f:
+        for row in csv.DictReader(f):
+            n, e = groups.setdefault(row["variant"], ([], []))
+            n.append(float(row["captions"]) * float(row["images_per_caption"]))
+            e.append(1 - float(row["knn_accuracy"]))
+    simclr, multi = fit_scaling(*groups["SimCLR m=1"]), fit_scaling(*groups["multi-positive m=4"])
+    readme = " ".join((root / "README.md").read_text().split())
+    assert (f"SimCLR k = {simclr.law.k:.3f} (95% interval {simclr.k_low:.3f}-{simclr.k_high:.3f}), multi-positive "
+            f"k = {multi.law.k:.3f} ({multi.k_low:.3f}-{multi.k_high:.3f})") in readme

@@ -340,7 +340,7 @@ def fit_scaling(n: Any, err: Any) -> ScalingFit:
     if len(np.unique(n_arr)) > MIN_SCALES:
         extrapolation = extrapolation_check(n_arr, e_arr)
     else:
-        notes.append(f"no extrapolation check: it needs {MIN_SCALES + 1} data scales")
+        notes.append(f"extrapolation check not made: it needs {MIN_SCALES + 1} data scales (the largest is predicted)")
     method = f"profile likelihood (t on {fit.dof} degrees of freedom), relative noise on the error"
     return ScalingFit(fit.law, fit.form, k_low, k_high, c_low, c_high, method, why, aicc, fit.rmse_log, fit.dof,
                       extrapolation, [float(v) for v in n_arr], [float(v) for v in e_arr], notes)

@@ -58,7 +58,7 @@ def describe_fit(name: str, g: dict[str, Any]) -> list[str]:
     lines.append(f"  law {g['form']}: {g['chosen']}")
     extrapolation = g.get("extrapolation")
     lines.append(f"  extrapolation check: {extrapolation['summary']}" if extrapolation
-                 else "  extrapolation check: " + "; ".join(n for n in g["notes"] if "extrapolation" in n))
+                 else "  " + "; ".join(n for n in g["notes"] if "extrapolation" in n))
     return lines
 
 
@@ -90,10 +90,14 @@ def _value(trial: dict[str, Any], metric: str) -> float | None:
     return trial.get("trained", {}).get(metric)
 
 
+#: swept keys whose values are replicates of one method (its trials at one scale are separate points of one fit)
+REPLICATE_KEYS = ("seed",)
+
+
 def group_name(params: dict[str, Any]) -> str:
-    """A trial's method: its variant and swept values other than the data scale."""
+    """A trial's method: its variant and swept values other than the data scale and the seed."""
     parts = [str(params[VARIANT_KEY])] if VARIANT_KEY in params else []
-    parts += [f"{k}={params[k]}" for k in sorted(params) if k not in (VARIANT_KEY, SCALE_KEY)]
+    parts += [f"{k}={params[k]}" for k in sorted(params) if k not in (VARIANT_KEY, SCALE_KEY, *REPLICATE_KEYS)]
     return ", ".join(parts) or "all trials"
 
 
