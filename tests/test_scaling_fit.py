@@ -149,6 +149,14 @@ def test_the_readme_quotes_the_fit_of_the_scaling_local_trials():
             n.append(float(row["captions"]) * float(row["images_per_caption"]))
             e.append(1 - float(row["knn_accuracy"]))
     simclr, multi = fit_scaling(*groups["SimCLR m=1"]), fit_scaling(*groups["multi-positive m=4"])
-    readme = " ".join((root / "README.md").read_text().split())
+    readme_text = (root / "README.md").read_text()
+    readme = " ".join(readme_text.split())
     assert (f"SimCLR k = {simclr.law.k:.3f} (95% interval {simclr.k_low:.3f}-{simclr.k_high:.3f}), multi-positive "
             f"k = {multi.law.k:.3f} ({multi.k_low:.3f}-{multi.k_high:.3f})") in readme
+    # the report's fits.md is what this fit says of those trials, and the README quotes its lines
+    from synray.sweep.report import describe_fit
+
+    lines = describe_fit("SimCLR m=1", simclr.to_dict()) + describe_fit("multi-positive m=4", multi.to_dict())
+    report = (root / "tuning" / "reports" / "scaling-local" / "fits.md").read_text().splitlines()
+    assert report == lines
+    assert lines[0] in readme_text.splitlines() and lines[3] in readme_text.splitlines()

@@ -101,9 +101,10 @@ def test_one_pool_per_image_setting_of_the_largest_scale_and_trials_read_nested_
     assert simclr and all(t.data.first_images == 1 for t in simclr)
 
 
-def test_the_built_in_sweeps_plan_one_pool_per_guidance_scale_of_the_largest_scale(tmp_path: Path):
-    local = plan_sweep(sweep_config(), root=str(tmp_path / "local"))
-    assert len(local.data.pools) == 1 and local.space.count_grid() == 6
+def test_the_built_in_sweeps_plan_one_pool_per_seed_or_guidance_scale_of_the_largest_scale(tmp_path: Path):
+    local = plan_sweep(sweep_config(), root=str(tmp_path / "local"))   # 4 scales x 2 seeds x 2 variants
+    assert sorted(p.cfg.seed for p in local.data.pools.values()) == [0, 1] and local.space.count_grid() == 16
+    assert {p.captions for p in local.data.pools.values()} == {2400}
     gpu = plan_sweep(load_run_config("scaling-supervised"), root=str(tmp_path / "gpu"))
     pools = sorted(gpu.data.pools.values(), key=lambda p: p.cfg.images.guidance_scale)
     assert [p.cfg.images.guidance_scale for p in pools] == [2.0, 7.5]
@@ -174,6 +175,23 @@ def test_synray_report_metric_fits_the_named_probe(tmp_path: Path, capsys):
     assert main(["report", str(tmp_path / "s")]) == 0
     fits = json.loads((tmp_path / "s" / "report" / "fits.json").read_text())
     assert fits["groups"]["a"]["law"]["k"] == pytest.approx(0.4, abs=0.02)
+
+
+def test_trials_that_differ_by_seed_are_replicates_of_one_method(tmp_path: Path):
+    _fake_sweep(tmp_path / "s", [40, 80, 160, 320], 0.4)
+    for d in sorted((tmp_path / "s" / TRIALS_DIR).iterdir()):   # a second seed of every trial, 2% off
+        record = json.loads((d / TRIAL_FILE).read_text())
+        record["params"]["seed"] = 1
+        record["trained"]["knn_accuracy"] = 1 - (1 - record["trained"]["knn_accuracy"]) * 1.02
+        twin = d.parent / f"{d.name}-seed1"
+        twin.mkdir()
+        (twin / TRIAL_FILE).write_text(json.dumps({**record, "trial_id": twin.name}))
+        record = json.loads((d / TRIAL_FILE).read_text())
+        record["params"]["seed"] = 0
+        (d / TRIAL_FILE).write_text(json.dumps(record))
+    report = write_report(tmp_path / "s")
+    assert set(report.fits["groups"]) == {"a", "b"}
+    assert report.fits["groups"]["a"]["points"] == 8 and report.fits["groups"]["a"]["dof"] == 5
 
 
 def test_the_report_says_when_the_law_does_not_reach_the_largest_scale(tmp_path: Path, capsys):
