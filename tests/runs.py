@@ -119,8 +119,8 @@ def generated_store(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) 
 
 
 # ------------------------------------------------------------------------------------ the stream
-#: the stream drill: 60 template captions (about half pass the caption filters) streamed and stored, 4 rows a step, a checkpoint every 2 steps, and a
-#: 50-step budget that the stream runs out before
+#: the stream drill: 60 template captions (about half pass the caption filters) streamed and stored, 4 rows a
+#: step, a checkpoint every 2 steps, and a 50-step budget that the stream runs out before
 STREAM_STEPS, STREAM_EVERY, STREAM_ROWS_PER_STEP, STREAM_CAPTIONS = 50, 2, 4, 60
 
 

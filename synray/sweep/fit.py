@@ -78,6 +78,26 @@ class LawFit:
         return self.points - self.params
 
     @property
+    def free(self) -> list[int]:
+        """The indices of theta this law fits (c only with its floor)."""
+        return _free(self.params == 3)
+
+    @property
+    def fixed(self) -> dict[int, float]:
+        """The indices of theta this law holds, at their values."""
+        return {} if self.params == 3 else {2: 0.0}
+
+    @property
+    def s2(self) -> float:
+        """The residual variance of log error."""
+        return self.rss / self.dof if self.dof > 0 else math.nan
+
+    @property
+    def t(self) -> float:
+        """The two-sided CONFIDENCE quantile of Student's t on the residual degrees of freedom."""
+        return float(stats.t.ppf(0.5 + CONFIDENCE / 2, self.dof)) if self.dof > 0 else math.nan
+
+    @property
     def rmse_log(self) -> float:
         return math.sqrt(self.rss / self.points)
 
@@ -87,6 +107,19 @@ class LawFit:
         if n <= p + 1:
             return math.inf
         return n * math.log(max(self.rss, 1e-300) / n) + 2 * p + 2 * p * (p + 1) / (n - p - 1)
+
+
+def _free(offset: bool) -> list[int]:
+    """The indices of theta = (log A, k, c) a law fits: c only with its floor."""
+    return [0, 1, 2] if offset else [0, 1]
+
+
+def _law(theta: np.ndarray, lx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A x^-k + c at log x = lx, and the gradient of its log in (log A, k, c), one row per point."""
+    log_a, k, c = theta
+    power = np.exp(log_a - k * lx)
+    total = power + c
+    return total, np.stack([power / total, -lx * power / total, 1.0 / total], axis=-1)
 
 
 def _prepare(n: Any, err: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -109,14 +142,10 @@ class _Problem:
         self.c_max = float(err.min()) * (1 - C_MARGIN)
 
     def residuals(self, theta: np.ndarray) -> np.ndarray:
-        log_a, k, c = theta
-        return np.log(np.exp(log_a - k * self.lx) + c) - self.y
+        return np.log(_law(theta, self.lx)[0]) - self.y
 
     def jacobian(self, theta: np.ndarray) -> np.ndarray:
-        log_a, k, c = theta
-        power = np.exp(log_a - k * self.lx)
-        total = power + c
-        return np.stack([power / total, -self.lx * power / total, 1.0 / total], axis=1)
+        return _law(theta, self.lx)[1]
 
     def solve(self, free: list[int], fixed: dict[int, float], starts: list[np.ndarray]) -> tuple[np.ndarray, float]:
         """The best theta with the parameters in `fixed` held, from the best of several starts; (theta, rss)."""
@@ -163,7 +192,7 @@ def fit_law(n: Any, err: Any, offset: bool) -> LawFit:
     """The least-squares fit of error(N) = a * N^(-k) (+ c when `offset`) on log error."""
     n, err = _prepare(n, err)
     prob = _Problem(n, err)
-    free = [0, 1, 2] if offset else [0, 1]
+    free = _free(offset)
     theta, rss = prob.solve(free, {} if offset else {2: 0.0}, prob.starts(offset))
     jac = prob.jacobian(theta)[:, free]
     dof = len(n) - len(free)
@@ -200,10 +229,8 @@ def profile_interval(n: Any, err: Any, fit: LawFit, param: str) -> tuple[float, 
     n, err = _prepare(n, err)
     prob = _Problem(n, err)
     index = {"k": 1, "c": 2}[param]
-    free = [i for i in ([0, 1, 2] if fit.form == WITH_C else [0, 1]) if i != index]
-    fixed = {} if fit.form == WITH_C else {2: 0.0}
-    t = float(stats.t.ppf(0.5 + CONFIDENCE / 2, fit.dof))
-    s2 = max(fit.rss / fit.dof, 1e-300)
+    free, fixed = [i for i in fit.free if i != index], fit.fixed
+    t, s2 = fit.t, max(fit.s2, 1e-300)
     best = float(fit.theta[index])
     bounds = (0.0, K_MAX) if index == 1 else (0.0, prob.c_max)
     warm = [fit.theta.copy()]
@@ -277,16 +304,11 @@ def extrapolation_check(n: Any, err: Any) -> Extrapolation:
     if len(np.unique(n[keep])) < MIN_SCALES:
         raise ScalingFitError(f"an extrapolation check needs {MIN_SCALES + 1} data scales, got {len(np.unique(n))}")
     fit, _, _ = choose_law(n[keep], err[keep])
-    lx = math.log(top / fit.n_ref)
-    log_a, k, c = fit.theta
-    power = math.exp(log_a - k * lx)
-    total = power + c
-    free = [0, 1, 2] if fit.form == WITH_C else [0, 1]
-    grad = np.array([power / total, -lx * power / total, 1.0 / total])[free]
+    value, grads = _law(fit.theta, np.array([math.log(top / fit.n_ref)]))
+    total, grad = float(value[0]), grads[0, fit.free]
     trials = int(np.sum(~keep))
-    s2 = fit.rss / fit.dof if fit.dof > 0 else math.nan
-    var = float(grad @ fit.cov[np.ix_(free, free)] @ grad) + s2 / trials
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, fit.dof) * math.sqrt(var) if fit.dof > 0 else math.inf
+    var = float(grad @ fit.cov[np.ix_(fit.free, fit.free)] @ grad) + fit.s2 / trials
+    half = fit.t * math.sqrt(var) if fit.dof > 0 else math.inf
     measured = float(np.exp(np.mean(np.log(err[~keep]))))
     return Extrapolation(float(top), measured, float(total), float(total * math.exp(-half)),
                          float(total * math.exp(half)), trials, fit.form)
