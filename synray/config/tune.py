@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from synray.config.base import Section
 
-__all__ = ["SpaceSpec", "TuneConfig", "SPACE_KINDS", "TUNE_METRICS"]
+__all__ = ["SpaceSpec", "TuneConfig", "UnitCosts", "SPACE_KINDS", "TUNE_METRICS"]
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 #: what a sweep ranks trials by: a probe figure (maximised) or the final training loss (minimised)
@@ -48,6 +48,16 @@ class SpaceSpec(Section):
         raise ValueError("empty search dimension")
 
 
+class UnitCosts(Section):
+    """Device-seconds of each unit of work, declared for the cluster a sweep's allocation is for (e.g. GPU figures
+    measured elsewhere); without them the report uses what the sweep itself measured."""
+
+    caption_s: float = Field(gt=0, description="device-seconds per caption generated")
+    image_s: float = Field(gt=0, description="device-seconds per image rendered")
+    view_s: float = Field(gt=0, description="device-seconds per image (augmented view) trained on")
+    device: str = Field("GPU", description="what a device-second is of, as the report labels it")
+
+
 class TuneConfig(Section):
     space: dict[str, SpaceSpec] = Field(default_factory=dict, description="config path -> distribution, e.g. "
                                         "train.temperature: {grid: [0.05, 0.1]}")
@@ -75,6 +85,10 @@ class TuneConfig(Section):
     trial_cpus: float = Field(0.25, gt=0, description="CPUs of each trial's driver (the Tune function)")
     driver_resource: str | None = Field(None, description="a custom resource only CPU nodes declare: trial "
                                         "drivers then stay off the GPU workers")
+    costs: UnitCosts | None = Field(None, description="declared device-seconds per caption, image and trained view "
+                                    "for the allocation report (default: measured by the sweep)")
+    budgets: list[float] = Field(default_factory=list, description="device-second budgets the allocation report "
+                                 "splits (default: the cheapest, the median and the dearest trial's cost)")
 
     @model_validator(mode="after")
     def _metric_mode(self) -> "TuneConfig":

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 MIN_LOCAL_CPUS = 4
 #: how long a connection to a configured Ray address may take before the address counts as unreachable
 CONNECT_TIMEOUT_S = 5.0
+#: Ray Data reads a Parquet dataset's footers on a pool of actors that it starts for every read (32 by default,
+#: sized for object storage on a cluster): on one machine each is a Python process started for a few tiny
+#: footers, some 30 CPU-seconds a read on a laptop. A local Ray starts this many unless the variable is set.
+LOCAL_FOOTER_ACTORS = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
 
 
 def ray_address(cfg: RayConfig) -> str | None:
@@ -50,7 +54,8 @@ def local_init_kwargs(cfg: RayConfig) -> dict[str, Any]:
 def runtime_env() -> dict[str, Any]:
     """Environment every Ray worker needs (quiet tokenizers, no telemetry, synray's model cache)."""
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    for key in ("SYNRAY_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS"):
+    for key in ("SYNRAY_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS",
+                *LOCAL_FOOTER_ACTORS):
         if key in os.environ:
             env[key] = os.environ[key]
     return {"env_vars": env}
@@ -87,6 +92,8 @@ def init(cfg: RayConfig) -> bool:
         ray.init(address=address, runtime_env=runtime_env())
     else:
         kwargs = local_init_kwargs(cfg)
+        for key, value in LOCAL_FOOTER_ACTORS.items():   # in the environment the local Ray and its jobs inherit
+            os.environ.setdefault(key, value)
         log.info("starting a local Ray with %s logical CPUs", kwargs["num_cpus"])
         ray.init(runtime_env=runtime_env(), **kwargs)
     return True

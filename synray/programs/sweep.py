@@ -25,6 +25,8 @@ from synray.sweep.planning import LOSS_METRIC, SweepPlan
 from synray.sweep.pools import trial_config
 from synray.sweep.report import SWEEP_CONFIG, START_FILE, TRIAL_FILE, TRIALS_DIR, SweepReport, write_report
 from synray.sweep.space import trial_overrides
+from synray.train.engine import images_per_step
+from synray.train.objectives import get_objective
 from synray.train.trainer import fit
 
 __all__ = ["TUNE_DIR", "prepare_data", "run_trial", "sweep", "sweep_command"]
@@ -65,14 +67,16 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     run_plan = plan_run(cfg, fresh=True)
     out = trial_dir(plan, trial_id)
     started = {"trial_id": trial_id, "params": params, "overrides": trial_overrides(plan.space, params),
-               "captions": cfg.data.first_rows, "images_per_caption": run_plan.train.per_caption}
+               "captions": cfg.data.first_rows, "images_per_caption": run_plan.train.per_caption,
+               "workers": cfg.train.num_workers, "views_per_step": views_per_step(cfg, run_plan)}
     _write_json(out, START_FILE, started)
     dataset, ledger = training_dataset(run_plan, stage_stats())
     result = fit(cfg, run_plan.train, dataset, out.path / "train", ledger, callbacks=[TrainingReportCallback()],
                  storage=out.train_storage)
     out.sync()   # under a cloud URI: the exports go up, where the feature actors read them
     train = train_summary(result)
-    record: dict[str, Any] = {**started, "steps": train["steps"], "train": train, "trained": {}, "init": {}}
+    record: dict[str, Any] = {**started, "steps": train["steps"], "train": train, "trained": {}, "init": {},
+                              "work": trial_work(started, train["steps"])}
     final: dict[str, Any] = {"step": train["steps"], LOSS_METRIC: train["final_loss"]}
     if run_plan.heldout is not None and result.backbone_dir:
         shared = {"trained": out.locate(result.backbone_dir), "init": out.locate(result.init_dir)}
@@ -81,6 +85,19 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
         final.update(record["trained"])
     _write_json(out, TRIAL_FILE, record)
     tune.report({k: v for k, v in final.items() if v is not None and not (isinstance(v, float) and math.isnan(v))})
+
+
+def views_per_step(cfg: Any, run_plan: Any) -> int:
+    """The images (augmented views) one optimizer step of this trial trains on, over all workers."""
+    objective = get_objective(run_plan.train.objective)
+    return images_per_step(cfg.train, objective.images_per_row(run_plan.train.per_caption), objective.views,
+                           cfg.train.num_workers)
+
+
+def trial_work(started: dict[str, Any], steps: int) -> dict[str, int]:
+    """What a trial's data and training cost in units: captions generated, images rendered, views trained on."""
+    return {"captions": started["captions"], "images": started["captions"] * started["images_per_caption"],
+            "views": steps * started["views_per_step"]}
 
 
 def trial_dir(plan: SweepPlan, trial_id: str) -> RunDir:

@@ -64,7 +64,7 @@ class PowerLaw:
 class LawFit:
     """One law fitted by least squares on log error: its parameters, residuals and the pieces its intervals need."""
 
-    law: PowerLaw
+    law: Any                         # PowerLaw for one axis (the allocation fit keeps its own law)
     form: str
     rss: float                       # residual sum of squares of log(error)
     points: int
@@ -78,14 +78,23 @@ class LawFit:
         return self.points - self.params
 
     @property
+    def axes(self) -> int:
+        """How many scale axes the law has (theta = (log A, k_1..k_axes, c))."""
+        return len(self.theta) - 2
+
+    @property
+    def offset(self) -> bool:
+        return self.params == self.axes + 2
+
+    @property
     def free(self) -> list[int]:
         """The indices of theta this law fits (c only with its floor)."""
-        return _free(self.params == 3)
+        return _free(self.offset, self.axes)
 
     @property
     def fixed(self) -> dict[int, float]:
         """The indices of theta this law holds, at their values."""
-        return {} if self.params == 3 else {2: 0.0}
+        return {} if self.offset else {self.axes + 1: 0.0}
 
     @property
     def s2(self) -> float:
@@ -109,17 +118,19 @@ class LawFit:
         return n * math.log(max(self.rss, 1e-300) / n) + 2 * p + 2 * p * (p + 1) / (n - p - 1)
 
 
-def _free(offset: bool) -> list[int]:
-    """The indices of theta = (log A, k, c) a law fits: c only with its floor."""
-    return [0, 1, 2] if offset else [0, 1]
+def _free(offset: bool, axes: int = 1) -> list[int]:
+    """The indices of theta = (log A, k_1..k_axes, c) a law fits: c only with its floor."""
+    return list(range(axes + 2)) if offset else list(range(axes + 1))
 
 
 def _law(theta: np.ndarray, lx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A x^-k + c at log x = lx, and the gradient of its log in (log A, k, c), one row per point."""
-    log_a, k, c = theta
-    power = np.exp(log_a - k * lx)
+    """A prod_j x_j^-k_j + c at log x = lx (one row per point, one column per axis), and the gradient of its log in
+    (log A, k_1.., c), one row per point."""
+    lx = lx.reshape(len(lx), -1)
+    k, c = theta[1:-1], theta[-1]
+    power = np.exp(theta[0] - lx @ k)
     total = power + c
-    return total, np.stack([power / total, -lx * power / total, 1.0 / total], axis=-1)
+    return total, np.column_stack([power / total, -lx * (power / total)[:, None], 1.0 / total])
 
 
 def _prepare(n: Any, err: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -134,12 +145,19 @@ def _prepare(n: Any, err: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Problem:
-    """The least-squares problem of one set of points, any parameter held fixed."""
+    """The least-squares problem of one set of points, any parameter held fixed: the scales `x` (one column per axis,
+    or a vector for one axis) are centred at their geometric means, so log A is the law's value there."""
 
-    def __init__(self, n: np.ndarray, err: np.ndarray) -> None:
-        self.n_ref = float(np.exp(np.mean(np.log(n))))
-        self.lx, self.y = np.log(n / self.n_ref), np.log(err)
+    def __init__(self, x: np.ndarray, err: np.ndarray) -> None:
+        x = np.asarray(x, dtype=float).reshape(len(err), -1)
+        self.x_ref = np.exp(np.mean(np.log(x), axis=0))
+        self.lx, self.y = np.log(x / self.x_ref), np.log(err)
+        self.axes = x.shape[1]
         self.c_max = float(err.min()) * (1 - C_MARGIN)
+
+    @property
+    def n_ref(self) -> float:
+        return float(self.x_ref[0])
 
     def residuals(self, theta: np.ndarray) -> np.ndarray:
         return np.log(_law(theta, self.lx)[0]) - self.y
@@ -149,8 +167,8 @@ class _Problem:
 
     def solve(self, free: list[int], fixed: dict[int, float], starts: list[np.ndarray]) -> tuple[np.ndarray, float]:
         """The best theta with the parameters in `fixed` held, from the best of several starts; (theta, rss)."""
-        lower = np.array([-np.inf, 0.0, 0.0])[free]
-        upper = np.array([np.inf, K_MAX, self.c_max])[free]
+        lower = np.array([-np.inf, *[0.0] * self.axes, 0.0])[free]
+        upper = np.array([np.inf, *[K_MAX] * self.axes, self.c_max])[free]
         best: tuple[np.ndarray, float] | None = None
         for start in starts:
             theta = np.array(start, dtype=float)
@@ -179,29 +197,36 @@ class _Problem:
         return best
 
     def starts(self, offset: bool) -> list[np.ndarray]:
-        """Starting points: the log-log line through the points after taking off a share of the smallest error."""
+        """Starting points: the log-log plane through the points after taking off a share of the smallest error."""
         out = []
+        design = np.column_stack([np.ones(len(self.y)), -self.lx])
         for share in ((0.0, 0.5, 0.9) if offset else (0.0,)):
             c = share * self.c_max
-            slope, icpt = np.polyfit(self.lx, np.log(np.exp(self.y) - c), 1)
-            out.append(np.array([icpt, float(np.clip(-slope, 0.0, K_MAX)), c]))
+            coef = np.linalg.lstsq(design, np.log(np.exp(self.y) - c), rcond=None)[0]
+            out.append(np.array([coef[0], *np.clip(coef[1:], 0.0, K_MAX), c]))
         return out
+
+
+def solve_law(prob: "_Problem", offset: bool) -> tuple[np.ndarray, float, np.ndarray]:
+    """The least-squares fit of `prob` (with c when `offset`): theta, its residual sum of squares and the covariance
+    s^2 (J^T J)^-1 (NaN in the rows of held parameters)."""
+    free = _free(offset, prob.axes)
+    theta, rss = prob.solve(free, {} if offset else {prob.axes + 1: 0.0}, prob.starts(offset))
+    jac = prob.jacobian(theta)[:, free]
+    dof = len(prob.y) - len(free)
+    cov = np.full((len(theta), len(theta)), np.nan)
+    cov[np.ix_(free, free)] = (rss / dof if dof > 0 else math.nan) * np.linalg.pinv(jac.T @ jac)
+    return theta, rss, cov
 
 
 def fit_law(n: Any, err: Any, offset: bool) -> LawFit:
     """The least-squares fit of error(N) = a * N^(-k) (+ c when `offset`) on log error."""
     n, err = _prepare(n, err)
     prob = _Problem(n, err)
-    free = _free(offset)
-    theta, rss = prob.solve(free, {} if offset else {2: 0.0}, prob.starts(offset))
-    jac = prob.jacobian(theta)[:, free]
-    dof = len(n) - len(free)
-    s2 = rss / dof if dof > 0 else math.nan
-    cov = np.full((3, 3), np.nan)
-    cov[np.ix_(free, free)] = s2 * np.linalg.pinv(jac.T @ jac)
+    theta, rss, cov = solve_law(prob, offset)
     log_a, k, c = theta
     law = PowerLaw(a=float(math.exp(log_a) * prob.n_ref ** k), k=float(k), c=float(c))
-    return LawFit(law, WITH_C if offset else WITHOUT_C, rss, len(n), len(free), theta, cov, prob.n_ref)
+    return LawFit(law, WITH_C if offset else WITHOUT_C, rss, len(n), len(_free(offset)), theta, cov, prob.n_ref)
 
 
 def choose_law(n: Any, err: Any) -> tuple[LawFit, dict[str, float], str]:
@@ -227,12 +252,15 @@ def profile_interval(n: Any, err: Any, fit: LawFit, param: str) -> tuple[float, 
     if fit.dof < 1:
         return math.nan, math.nan
     n, err = _prepare(n, err)
-    prob = _Problem(n, err)
-    index = {"k": 1, "c": 2}[param]
+    return profile(_Problem(n, err), fit, {"k": 1, "c": 2}[param])
+
+
+def profile(prob: _Problem, fit: LawFit, index: int) -> tuple[float, float]:
+    """The profile-t CONFIDENCE interval of theta[index] of `fit` on the points of `prob` (any number of axes)."""
     free, fixed = [i for i in fit.free if i != index], fit.fixed
     t, s2 = fit.t, max(fit.s2, 1e-300)
     best = float(fit.theta[index])
-    bounds = (0.0, K_MAX) if index == 1 else (0.0, prob.c_max)
+    bounds = (0.0, prob.c_max) if index == prob.axes + 1 else (0.0, K_MAX)
     warm = [fit.theta.copy()]
 
     def beyond(v: float) -> float:      # > 0 outside the interval

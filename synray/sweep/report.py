@@ -16,6 +16,7 @@ import numpy as np
 from synray.config import RunConfig, load_config
 from synray.data.files import atomic_write_text, write_json
 from synray.data.storage import Location, copy_tree, local_file
+from synray.sweep.budget import write_allocation
 from synray.sweep.fit import MIN_SCALES, WITH_C, ScalingFitError, fit_scaling
 from synray.sweep.space import SCALE_KEY, VARIANT_KEY
 
@@ -38,12 +39,16 @@ class SweepReport:
     rows: list[dict[str, Any]]
     files: list[Path | str] = field(default_factory=list)
     fits: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[str, Any] = field(default_factory=dict)
+    allocation_lines: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     failed: int = 0                  # trials Tune reports as errored (set by the sweep program)
 
     def fit_lines(self) -> list[str]:
-        """Each group's law, intervals, choice of law and extrapolation check, as printed and in fits.md."""
-        return [line for name, g in self.fits.get("groups", {}).items() for line in describe_fit(name, g)]
+        """Each group's law, intervals, choice of law and extrapolation check, as printed and in fits.md; then the
+        allocation (as in allocation.md) where the sweep varies captions and images per caption."""
+        lines = [line for name, g in self.fits.get("groups", {}).items() for line in describe_fit(name, g)]
+        return lines + self.allocation_lines
 
 
 def describe_fit(name: str, g: dict[str, Any]) -> list[str]:
@@ -211,4 +216,9 @@ def _write_report(where: Location, out: Path, metric: str | None) -> SweepReport
     if curves:
         atomic_write_text(out / "fits.md", "\n".join(report.fit_lines()) + "\n")
         report.files.append(out / "fits.md")
+    errors = [None if (v := _value(t, metric)) is None else _error(v, cfg.tune.mode) for t in trials]
+    report.allocation, report.allocation_lines, files, messages = write_allocation(
+        cfg, where, trials, errors, error, out, REPLICATE_KEYS)
+    report.files += files
+    report.messages += messages
     return report
