@@ -226,24 +226,23 @@ def scaling_plot(fits: Mapping[str, Any], path: str | Path, error: str, unit: st
     return _save(fig, path, dpi)
 
 
-def allocation_plot(fit: Any, trials: Sequence[Mapping[str, Any]], plans: Mapping[float, Sequence[Any]], rates: Any,
-                    steps_of: Any, views_per_step: Mapping[int, float], path: str | Path, error: str,
-                    title: str = "", dpi: int = 100) -> Path:
-    """The fitted error(N, m) as filled contours over captions N (log axis) and images per caption m, the trials as
-    points labelled with their measured error, one iso-cost curve per budget (the splits that cost it; views per
-    step between swept m interpolated linearly) and its best split as a star.
+def allocation_plot(fit: Any, trials: Sequence[Mapping[str, Any]], plans: Mapping[float, Sequence[Any]],
+                    iso_cost: Mapping[float, tuple[Sequence[float], Sequence[float]]], path: str | Path, error: str,
+                    device: str, title: str = "", dpi: int = 100) -> Path:
+    """The fitted error(N, m) as filled contours over captions N and images per caption m (log axes), the trials as
+    points labelled with their measured error, one iso-cost curve per budget and its best split as a star.
 
     ``fit``: callable (n, m) -> error (`synray.sweep.allocation.AllocationFit`); ``trials``: dicts with captions,
-    images_per_caption and error; ``plans``: budget -> splits, best first; ``rates.of(captions, images, views)``."""
+    images_per_caption and error; ``plans``: budget -> splits (with captions, per_caption), best first;
+    ``iso_cost``: budget -> (m values, the captions that budget pays for at each)."""
     n_pts = np.array([t["captions"] for t in trials], dtype=float)
     m_pts = np.array([t["images_per_caption"] for t in trials], dtype=float)
-    swept_m = np.array(sorted(views_per_step), dtype=float)
     best = [s[0] for s in plans.values() if s]
     n_all = np.concatenate([n_pts, [s.captions for s in best]])
     ns = np.geomspace(n_all.min() / 1.5, n_all.max() * 1.5, 120)
-    ms = np.linspace(swept_m.min(), swept_m.max(), 80)
+    ms = np.geomspace(m_pts.min() / 1.2, m_pts.max() * 1.2, 80)
     grid_n, grid_m = np.meshgrid(ns, ms)
-    fig = _figure((6.4, 4.6))
+    fig = _figure((6.4, 5.0))
     ax = fig.subplots()
     filled = ax.contourf(grid_n, grid_m, fit(grid_n, grid_m), levels=14, cmap="viridis_r", alpha=0.85)
     fig.colorbar(filled, ax=ax, label=f"predicted error ({error})")
@@ -251,24 +250,22 @@ def allocation_plot(fit: Any, trials: Sequence[Mapping[str, Any]], plans: Mappin
     for t in trials:
         ax.annotate(f"{t['error']:.3f}", (t["captions"], t["images_per_caption"]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
-    for i, (budget, splits) in enumerate(plans.items()):
-        curve = []
-        for m in ms:
-            views = float(np.interp(m, swept_m, [views_per_step[int(v)] for v in swept_m]))
-            cost = lambda n, m=m, views=views: rates.of(n, n * m, steps_of(n) * views)["total"]  # noqa: E731
-            costs = np.array([cost(n) for n in ns])
-            inside = costs <= budget
-            curve.append(ns[inside].max() if inside.any() else np.nan)
+    for i, (budget, (m_curve, n_curve)) in enumerate(iso_cost.items()):
         color = f"C{i % 10}"
-        ax.plot(curve, ms, color=color, linewidth=1.4, label=f"{budget:g} {rates.device}-s")
+        ax.plot(n_curve, m_curve, color=color, linewidth=1.4, label=f"{budget:g} {device}-s")
+        splits = plans.get(budget)
         if splits:
             ax.scatter([splits[0].captions], [splits[0].per_caption], marker="*", s=160, color=color,
                        edgecolors="black", zorder=5)
     ax.set_xscale("log")
+    ax.set_yscale("log", base=2)
+    ax.set_xlim(ns[0], ns[-1])
+    ax.set_ylim(ms[0], ms[-1])
     ax.set_xlabel("captions N")
     ax.set_ylabel("images per caption m")
-    ax.set_yticks(swept_m)
-    ax.legend(fontsize=7, loc="upper right", title="iso-cost (star: best split)", title_fontsize=7)
+    ax.set_yticks(sorted(set(m_pts)), [f"{v:g}" for v in sorted(set(m_pts))])
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False,
+              title="iso-cost curves (star: the best split of that budget)", title_fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -111,17 +111,22 @@ def test_the_best_split_of_an_epoch_budget_is_the_closed_form_optimum():
     assert [s.predicted for s in splits] == sorted(s.predicted for s in splits)
 
 
-def test_the_prediction_interval_of_the_best_split_covers_a_new_trial_85_to_99_percent():
+def test_prediction_and_contrast_intervals_cover_a_new_trial_and_the_true_ratio_85_to_99_percent():
+    """The 95% prediction interval at a split holds a new trial's error there, and the interval on the ratio of two
+    splits' errors holds the true law's ratio, each in 85-99% of synthetic sweeps."""
     rng = np.random.default_rng(11)
     a, k, g, c, noise = 10.0, 0.35, 0.2, 0.2, 0.02
-    hits, sets = 0, 150
+    law = lambda n, m: a * n ** -k * m ** -g + c  # noqa: E731
+    hits, ratio_hits, sets = 0, 0, 150
     for _ in range(sets):
         n, m, err, _ = draw(rng, a, k, g, c, noise)
         fit = fit_allocation(n, m, err)
         _, low, high = fit.predict(800, 6)
-        new = (a * 800 ** -k * 6 ** -g + c) * math.exp(rng.normal(0, noise))
-        hits += low <= new <= high
+        hits += low <= law(800, 6) * math.exp(rng.normal(0, noise)) <= high
+        _, r_low, r_high = fit.contrast((800, 6), (300, 2))
+        ratio_hits += r_low <= law(300, 2) / law(800, 6) <= r_high
     assert 0.85 <= hits / sets <= 0.99, hits / sets
+    assert 0.85 <= ratio_hits / sets <= 0.99, ratio_hits / sets
 
 
 def _write_sweep(root: Path, law, rng, budgets: str = "") -> None:
@@ -182,3 +187,29 @@ def test_declared_unit_costs_replace_the_measured_ones_and_say_so(tmp_path):
     assert (rates["caption_s"], rates["image_s"], rates["view_s"]) == (0.2, 0.15, 0.0006)
     assert "declared in tune.costs (H100; not measured by this sweep)" in report.allocation_lines[0]
     assert "H100-s: best N = " in "\n".join(report.allocation_lines)
+
+
+REPORT = Path(__file__).resolve().parent.parent / "tuning" / "reports" / "allocation-local"
+
+
+@pytest.mark.parametrize("name", ["allocation", "allocation-linear"])
+def test_the_stored_allocation_reports_and_the_readme_are_what_the_code_makes_of_their_trials(name):
+    """allocation-local's reports (kNN and linear-probe error) refitted from their trials by the current code give
+    their allocation.md line for line; the README quotes those lines."""
+    from synray.plan import load_run_config
+    from synray.sweep.budget import describe_allocation, plan_group
+
+    saved = json.loads((REPORT / f"{name}.json").read_text())
+    u = saved["unit_costs"]
+    rates = UnitCostRates(u["caption_s"], u["image_s"], u["view_s"], u["source"], u["device"])
+    (group_name, group), = saved["groups"].items()
+    trials = [({"trial_id": t["trial"], "captions": t["captions"], "images_per_caption": t["images_per_caption"],
+                "steps": t["steps"], "views_per_step": t["views_per_step"],
+                "work": {"captions": t["captions"], "images": t["captions"] * t["images_per_caption"],
+                         "views": t["steps"] * t["views_per_step"]}}, t["error"]) for t in group["trials"]]
+    fit, _, plans = plan_group(load_run_config("allocation-local"), trials, rates)
+    lines = (REPORT / f"{name}.md").read_text().splitlines()
+    assert describe_allocation(group_name, fit, plans, rates.device) == lines[1:]
+    readme = (REPORT.parent.parent.parent / "README.md").read_text()
+    quoted = [lines[1], *lines[5:8]]   # the law, and the median budget: its best split and the two others
+    assert all(line.strip() in readme for line in quoted), "README's allocation excerpt is stale"

@@ -150,3 +150,21 @@ def test_a_damaged_shard_is_named_before_anything_reads_it(tmp_path: Path):
     for read in (store.check_readable, store.existing_ids, store.num_rows):
         with pytest.raises(StoreError, match=f"store shard {bad} is not a readable Parquet file.*delete it"):
             read()
+
+
+def test_a_store_read_on_a_local_ray_starts_two_parquet_footer_readers(generated_store):
+    """synray's local Ray gives Ray Data's Parquet reads LOCAL_FOOTER_ACTORS footer readers (Ray's default starts 32
+    actors, each a Python process, for every read: some 30 CPU-seconds a read on a laptop)."""
+    from ray.util.state import list_actors
+
+    from runs import GENERATED_ROWS
+    from synray.data.store import ParquetStore
+    from synray.programs.session import LOCAL_FOOTER_ACTORS
+
+    def footer_readers() -> set[str]:
+        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "FooterReader")], limit=100000,
+                                                raise_on_missing_output=False)}
+
+    before = footer_readers()
+    assert ParquetStore(generated_store.store).read_dataset(["caption_id"]).count() == GENERATED_ROWS
+    assert len(footer_readers() - before) == int(LOCAL_FOOTER_ACTORS["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"]) == 2

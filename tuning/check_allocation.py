@@ -24,7 +24,7 @@ from synray.sweep.planning import plan_sweep
 from synray.sweep.report import SWEEP_CONFIG, load_trials
 
 
-def splits_of(sweep_dir: Path, budget: str, group: str | None) -> tuple[str, list[dict], str]:
+def splits_of(sweep_dir: Path, budget: str, group: str | None) -> tuple[str, list[dict], dict]:
     """The splits the report made of `budget` for one method (the only one, or `group`)."""
     allocation = json.loads((sweep_dir / "report" / "allocation.json").read_text())
     groups = allocation.get("groups", {})
@@ -37,7 +37,14 @@ def splits_of(sweep_dir: Path, budget: str, group: str | None) -> tuple[str, lis
     if budget not in budgets:
         sys.exit(f"no budget {budget} in the allocation; it has {', '.join(budgets)} (set tune.budgets and rerun "
                  "`synray report`)")
-    return name, budgets[budget], allocation["error"]
+    return name, budgets[budget], allocation
+
+
+def _verdict(split: dict) -> str:
+    if split.get("vs_best") is None:
+        return "best"
+    ratio, low, high = split["vs_best"]
+    return f"{ratio:.3f}x [{low:.3f}, {high:.3f}]: " + ("worse" if split["worse_than_best"] else "not told apart")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="the checking sweep's directory")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    name, splits, error = splits_of(args.sweep_dir, args.budget, args.group)
+    name, splits, allocation = splits_of(args.sweep_dir, args.budget, args.group)
     base = load_run_config(str(args.sweep_dir / SWEEP_CONFIG))
     label = {f"N={s['captions']} m={s['per_caption']}": s for s in splits}
     cfg = derive_config(base, {"tune.space": {}, "tune.variants": {
@@ -56,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, s in label.items()}})
     if not (args.out / "report" / "results.csv").is_file():
         sweep(plan_sweep(cfg, str(args.out)))
-    metric, mode = cfg.tune.metric, cfg.tune.mode
+    metric, mode, error = allocation["metric"], cfg.tune.mode, allocation["error"]
     rows = []
     for t in load_trials(args.out):
         s = label[t["params"]["variant"]]
@@ -68,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     best_measured = min((r for r in rows if r["measured"] is not None), key=lambda r: r["measured"])
     lines = [f"Allocation check of {args.sweep_dir.name} ({name}), budget {args.budget} device-seconds; error = "
              f"{error}", "",
-             "| split (predicted order) | steps | cost (device-s) | predicted [95% interval] | measured | in interval |",
-             "|---|---|---|---|---|---|"]
+             "| split (predicted order) | steps | cost (device-s) | predicted [95% interval] | the report's verdict | "
+             "measured | in interval |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| N = {r['captions']}, m = {r['per_caption']} | {r['steps']} | {r['cost']['total']:.1f} | "
-                     f"{r['predicted']:.4f} [{r['low']:.4f}, {r['high']:.4f}] | "
+                     f"{r['predicted']:.4f} [{r['low']:.4f}, {r['high']:.4f}] | {_verdict(r)} | "
                      f"{'-' if r['measured'] is None else format(r['measured'], '.4f')} | "
                      f"{'yes' if r['covered'] else 'no'} |")
     same = best_measured is rows[0]

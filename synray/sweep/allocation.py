@@ -20,7 +20,7 @@ extrapolated there.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -88,6 +88,18 @@ class AllocationFit:
         total = float(value[0])
         return total, total * math.exp(-half), total * math.exp(half)
 
+    def contrast(self, first: tuple[float, float], second: tuple[float, float]) -> tuple[float, float, float]:
+        """The law's error at `second` over its error at `first` (N, m each), with its CONFIDENCE interval (delta
+        method on the difference of log errors, which shares the fit's uncertainty: s^2 d^T (J^T J)^-1 d, d the
+        difference of the two gradients)."""
+        lx = np.log(np.array([first, second], dtype=float) / self.x_ref)
+        value, grads = _law(self.fit.theta, lx)
+        free = self.fit.free
+        d = grads[1, free] - grads[0, free]
+        half = self.fit.t * math.sqrt(max(float(d @ self.fit.cov[np.ix_(free, free)] @ d), 0.0))
+        ratio = float(value[1] / value[0])
+        return ratio, ratio * math.exp(-half), ratio * math.exp(half)
+
     def summary(self) -> str:
         pct = f"{100 * CONFIDENCE:.0f}%"
         (kl, kh), (gl, gh), (cl, ch) = self.intervals["k"], self.intervals["g"], self.intervals["c"]
@@ -138,15 +150,25 @@ class Split:
     low: float
     high: float
     inside: bool                     # N within the swept caption counts (else the law is extrapolated)
-    notes: list[str] = field(default_factory=list)
+    vs_best: tuple[float, float, float] | None = None   # its error over the best split's, with its interval
+
+    @property
+    def worse_than_best(self) -> bool | None:
+        """Whether the law says this split's error is above the best's (its interval of the ratio above 1)."""
+        return None if self.vs_best is None else self.vs_best[1] > 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "worse_than_best": self.worse_than_best}
 
     def sentence(self) -> str:
         where = "" if self.inside else " (N outside the swept range: extrapolated)"
-        return (f"N = {self.captions} captions x m = {self.per_caption} images, {self.steps} steps: predicted "
+        text = (f"N = {self.captions} captions x m = {self.per_caption} images, {self.steps} steps: predicted "
                 f"{self.predicted:.4f} [{self.low:.4f}, {self.high:.4f}]{where}")
+        if self.vs_best is not None:
+            ratio, low, high = self.vs_best
+            verdict = "worse than the best" if self.worse_than_best else "not told apart from the best"
+            text += f"; {ratio:.3f}x the best's error [{low:.3f}, {high:.3f}]: {verdict}"
+        return text
 
 
 def captions_within(budget: float, cost_of: Callable[[int], float], most: int = 10 ** 9) -> int:
@@ -169,7 +191,7 @@ def splits_for_budget(fit: AllocationFit, rates: UnitCostRates, budget: float, p
                       steps_of: Callable[[int], int], views_per_step: dict[int, float],
                       swept: tuple[float, float]) -> list[Split]:
     """For each swept m, the split with the most captions the budget pays for; the list ordered by predicted error
-    (the first is the best)."""
+    (the first is the best), each after the first with its error over the best's (`AllocationFit.contrast`)."""
     out = []
     for m in sorted(per_caption):
         def cost_of(n: int, m: int = m) -> float:
@@ -182,4 +204,7 @@ def splits_for_budget(fit: AllocationFit, rates: UnitCostRates, budget: float, p
         steps = steps_of(n)
         out.append(Split(n, m, steps, rates.of(n, n * m, steps * views_per_step[m]), predicted, low, high,
                          swept[0] <= n <= swept[1]))
-    return sorted(out, key=lambda s: s.predicted)
+    out.sort(key=lambda s: s.predicted)
+    for s in out[1:]:
+        s.vs_best = fit.contrast((out[0].captions, out[0].per_caption), (s.captions, s.per_caption))
+    return out

@@ -15,12 +15,13 @@ from synray.config import RunConfig
 from synray.data.files import atomic_write_text, write_json
 from synray.data.storage import Location
 from synray.sweep.allocation import (MIN_CAPTION_SCALES, MIN_PER_CAPTION, AllocationFit, Split, UnitCostRates,
-                                     fit_allocation, splits_for_budget)
+                                     captions_within, fit_allocation, splits_for_budget)
 from synray.sweep.fit import ScalingFitError
 from synray.sweep.pools import PER_CAPTION_KEY, POOLS_DIR, steps_rule
 from synray.sweep.space import SCALE_KEY, VARIANT_KEY
 
-__all__ = ["measured_rates", "unit_rates", "allocation_groups", "write_allocation"]
+__all__ = ["measured_rates", "unit_rates", "allocation_groups", "plan_group", "describe_allocation", "iso_cost",
+           "write_allocation"]
 
 #: what a summary of a pool names its caption and image stages
 CAPTION_STAGE, IMAGE_STAGE = "captions", "images"
@@ -93,7 +94,7 @@ def _budgets(cfg: RunConfig, costs: list[float]) -> list[float]:
     return sorted({round(min(costs), 1), round(float(np.median(costs)), 1), round(max(costs), 1)})
 
 
-def _plan_group(cfg: RunConfig, group: list[tuple[dict[str, Any], float]], rates: UnitCostRates,
+def plan_group(cfg: RunConfig, group: list[tuple[dict[str, Any], float]], rates: UnitCostRates,
                 ) -> tuple[AllocationFit, dict[str, Any], dict[float, list[Split]]]:
     n = [t["captions"] for t, _ in group]
     m = [t["images_per_caption"] for t, _ in group]
@@ -105,10 +106,24 @@ def _plan_group(cfg: RunConfig, group: list[tuple[dict[str, Any], float]], rates
              for b in _budgets(cfg, costs)}
     record = {"fit": fit.to_dict(),
               "trials": [{"trial": t["trial_id"], "captions": t["captions"], "images_per_caption":
-                          t["images_per_caption"], "steps": t["steps"], "error": e, "cost": _trial_cost(t, rates),
+                          t["images_per_caption"], "steps": t["steps"], "views_per_step": t["views_per_step"],
+                          "error": e, "cost": _trial_cost(t, rates),
                           "predicted": fit.predict(t["captions"], t["images_per_caption"])[0]} for t, e in group],
               "budgets": {f"{b:g}": [s.to_dict() for s in splits] for b, splits in plans.items()}}
     return fit, record, plans
+
+
+def iso_cost(budget: float, rates: UnitCostRates, steps_of: Any, views: dict[int, float],
+             points: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """The splits that cost `budget`: m from the least to the most swept images per caption (views per step between
+    swept values interpolated linearly) and the most captions the budget pays for at each."""
+    swept = sorted(views)
+    ms = np.geomspace(swept[0], swept[-1], points)
+    ns = []
+    for m in ms:
+        per_step = float(np.interp(m, swept, [views[v] for v in swept]))
+        ns.append(captions_within(budget, lambda n, m=m, v=per_step: rates.of(n, n * m, steps_of(n) * v)["total"]))
+    return ms, np.array(ns, dtype=float)
 
 
 def describe_allocation(name: str, fit: AllocationFit, plans: dict[float, list[Split]], device: str) -> list[str]:
@@ -124,7 +139,7 @@ def describe_allocation(name: str, fit: AllocationFit, plans: dict[float, list[S
 
 
 def write_allocation(cfg: RunConfig, where: Location, trials: list[dict[str, Any]], errors: list[float | None],
-                     error_name: str, out: Path, replicates: tuple[str, ...]) -> tuple[dict[str, Any], list[str],
+                     metric: str, error_name: str, out: Path, replicates: tuple[str, ...]) -> tuple[dict[str, Any], list[str],
                                                                                        list[Path], list[str]]:
     """allocation.json, allocation.md and an iso-cost plot per method whose trials vary N and m; returns the record,
     the lines printed, the files and messages (why no allocation was made)."""
@@ -137,7 +152,7 @@ def write_allocation(cfg: RunConfig, where: Location, trials: list[dict[str, Any
     if rates is None:
         return {}, [], [], ["allocation: the sweep's pools or trials do not say what their work cost (no stage "
                             "summary or training throughput); declare tune.costs"]
-    record: dict[str, Any] = {"error": error_name, "unit_costs": {
+    record: dict[str, Any] = {"metric": metric, "error": error_name, "unit_costs": {
         "caption_s": rates.caption_s, "image_s": rates.image_s, "view_s": rates.view_s, "source": rates.source,
         "device": rates.device}, "groups": {}}
     lines = [f"unit costs ({rates.device}-seconds): {rates.caption_s:.3g} per caption, {rates.image_s:.3g} per "
@@ -145,15 +160,17 @@ def write_allocation(cfg: RunConfig, where: Location, trials: list[dict[str, Any
     files, messages = [], []
     for name, group in sorted(groups.items()):
         try:
-            fit, record["groups"][name], plans = _plan_group(cfg, group, rates)
+            fit, record["groups"][name], plans = plan_group(cfg, group, rates)
         except ScalingFitError as e:
             messages.append(f"allocation {name}: {e}")
             continue
         lines += describe_allocation(name, fit, plans, rates.device)
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()[:60]
-        files.append(allocation_plot(fit, record["groups"][name]["trials"], plans, rates, steps_rule(cfg),
-                                     {t["images_per_caption"]: t["views_per_step"] for t, _ in group},
-                                     out / f"allocation-{slug}.png", error_name, title=f"{cfg.name}: {name}"))
+        views = {t["images_per_caption"]: t["views_per_step"] for t, _ in group}
+        files.append(allocation_plot(fit, record["groups"][name]["trials"], plans,
+                                     {b: iso_cost(b, rates, steps_rule(cfg), views) for b in plans},
+                                     out / f"allocation-{slug}.png", error_name, rates.device,
+                                     title=f"{cfg.name}: {name}"))
     write_json(out / "allocation.json", record)
     atomic_write_text(out / "allocation.md", "\n".join(lines) + "\n")
     return record, lines, [out / "allocation.json", out / "allocation.md", *files], messages

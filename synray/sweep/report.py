@@ -218,7 +218,7 @@ def _write_report(where: Location, out: Path, metric: str | None) -> SweepReport
         report.files.append(out / "fits.md")
     errors = [None if (v := _value(t, metric)) is None else _error(v, cfg.tune.mode) for t in trials]
     report.allocation, report.allocation_lines, files, messages = write_allocation(
-        cfg, where, trials, errors, error, out, REPLICATE_KEYS)
+        cfg, where, trials, errors, metric, error, out, REPLICATE_KEYS)
     report.files += files
     report.messages += messages
     return report
