@@ -49,6 +49,22 @@ def test_the_summary_holds_stage_rates_rejections_and_trainer_figures(shapes_run
     assert sorted(set(steps)) == steps and set(steps) == {2, 4, 6}
 
 
+def test_synclr_logs_its_global_local_and_ibot_terms_which_add_up_to_its_loss(shapes_run):
+    """Every logged step of the SynCLR run holds the three parts of its loss (averaged over micro-steps and ranks
+    like the loss), and loss = global + local + ibot_weight x iBOT; the summary keeps the last step's parts."""
+    from synray.plan import load_run_config
+
+    weight = load_run_config("shapes-synclr", list(SHAPES_SETS)).train.synclr.ibot_weight
+    losses = [r for r in shapes_run.metrics() if "loss" in r]
+    for r in losses:
+        assert min(r["loss_global"], r["loss_local"], r["loss_ibot"]) > 0, r
+        assert r["loss"] == pytest.approx(r["loss_global"] + r["loss_local"] + weight * r["loss_ibot"], rel=1e-5)
+    parts = shapes_run.summary()["train"]["final_loss_parts"]
+    assert parts == {k: losses[-1][k] for k in ("loss_global", "loss_local", "loss_ibot")}
+    header = shapes_run.read("metrics.csv").decode().splitlines()[0].split(",")
+    assert {"loss_global", "loss_local", "loss_ibot"} <= set(header)
+
+
 def test_the_run_log_opens_with_the_plan_and_samples_show_held_out_captions(shapes_run):
     from synray.plan import load_run_config, plan_run
 

@@ -143,10 +143,52 @@ def test_ibot_loss_is_the_cross_entropy_at_masked_tokens_only():
 def test_each_view_of_the_queries_gets_its_own_loss_against_the_same_keys():
     torch.manual_seed(0)
     views, keys, labels = torch.randn(3, 8, 5), torch.randn(8, 5), torch.arange(8) // 2
-    per_view = multi_positive_keys_loss(views, keys, labels, 0.1)
+    per_view = multi_positive_keys_loss(views, keys, labels, 0.1, local_own_key=False)
     assert per_view.shape == (3,)
     for v in range(3):
         assert per_view[v].item() == pytest.approx(multi_positive_keys_loss(views[v], keys, labels, 0.1).item())
+
+
+def _published_supcon_momentum(q: torch.Tensor, k: torch.Tensor, s_labels: torch.Tensor, t_labels: torch.Tensor,
+                               temperature: float, avoid_local_global_same: bool) -> tuple[float, float]:
+    """The published SynCLR contrastive loss (syn-rep-learn, SynCLR/train_pytorch/models/mask_losses.py,
+    SupConMomentumLoss.forward on one process), written out: queries q [(1 + locals) x n, D], the global crops'
+    first, against the teacher keys k [n, D]. Row i < n (a global crop) has its own key i masked out of the
+    denominator and the positives; a local crop's row keeps its own image's key unless avoid_local_global_same.
+    Returns (global loss, local loss)."""
+    q, k = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
+    n = k.shape[0]
+    mask = (s_labels.view(-1, 1) == t_labels.view(1, -1)).float()
+    exclude = torch.arange(n).view(-1, 1)
+    if avoid_local_global_same:
+        exclude = exclude.repeat(q.shape[0] // n, 1)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, exclude, 0)
+    mask = mask * logits_mask
+    logits = q @ k.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values
+    log_prob = logits - torch.log((torch.exp(logits) * logits_mask).sum(1, keepdim=True))
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
+    return -mean_log_prob_pos[:n].mean().item(), -mean_log_prob_pos[n:].mean().item()
+
+
+@pytest.mark.parametrize("local_own_key", [True, False])
+def test_global_and_local_terms_equal_the_published_loss(local_own_key):
+    """With local_own_key (the published default run) a local crop keeps its own image's key as a positive; without
+    it, it is the published --avoid_local_global_same. Random queries, keys and 2-4 images per caption."""
+    g = torch.Generator().manual_seed(7)
+    for trial in range(5):
+        n, locals_, dim = 12, 4, 16
+        labels = torch.arange(n) // (2 + trial % 3)
+        queries, keys = torch.randn(1 + locals_, n, dim, generator=g), torch.randn(n, dim, generator=g)
+        per_view = multi_positive_keys_loss(queries, keys, labels, 0.1, local_own_key=local_own_key)
+        published = _published_supcon_momentum(queries.flatten(0, 1), keys, labels.repeat(1 + locals_), labels, 0.1,
+                                                avoid_local_global_same=not local_own_key)
+        assert per_view[0].item() == pytest.approx(published[0], rel=1e-5)
+        assert per_view[1:].mean().item() == pytest.approx(published[1], rel=1e-5)
+        out = SynCLROutputs(queries, keys, torch.zeros(0, 4), torch.zeros(0, 4))
+        total, parts = synclr_loss(out, labels, 0.1, teacher_temp=0.05, local_own_key=local_own_key)
+        assert (parts["loss_global"].item(), parts["loss_local"].item()) == pytest.approx(published, rel=1e-5)
+        assert total.item() == pytest.approx(sum(published), rel=1e-5) and parts["loss_ibot"].item() == 0.0
 
 
 def test_multi_crop_makes_one_global_and_several_local_views_on_the_device():
@@ -171,7 +213,7 @@ def _batch() -> dict[str, torch.Tensor]:
 def _synclr_loss(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SynCLR's whole loss on a batch (queries and student scores with gradient): (loss, their gradients)."""
     q, student = b["q"].clone().requires_grad_(True), b["student"].clone().requires_grad_(True)
-    loss = synclr_loss(SynCLROutputs(q, b["k"], student, b["logits"]), b["labels"], 0.1, teacher_temp=0.05)
+    loss, _ = synclr_loss(SynCLROutputs(q, b["k"], student, b["logits"]), b["labels"], 0.1, teacher_temp=0.05)
     loss.backward()
     return loss.detach(), q.grad, student.grad
 
@@ -224,3 +266,48 @@ def test_the_export_is_the_teachers_backbone_unless_the_student_is_asked_for(tmp
         got = load_backbone(tmp_path / side)
         assert all(torch.equal(a, b) for a, b in zip(got.parameters(), want.parameters())), side
 
+
+
+# ---------------------------------------------------------------------- schedules and warnings
+def _initial_share(momentum: float, steps: int, final: float = 1.0) -> float:
+    """What share of the teacher is still its initialisation after the first tenth of a run: the product of the
+    momenta of those steps (teacher_s = m_s teacher_(s-1) + (1 - m_s) student_s)."""
+    return math.prod(ema_momentum(k, steps, momentum, final) for k in range(steps // 10))
+
+
+def test_an_ema_horizon_stated_as_a_share_of_the_run_means_the_same_at_every_length():
+    from synray.plan import load_run_config
+
+    shares = []
+    for steps in (1600, 16000, 160000):
+        s = load_run_config("shapes-synclr", [f"train.steps={steps}", "train.synclr.ema_horizon=0.02"]).train.synclr
+        assert s.momentum_at_start(steps) == pytest.approx(1 - 1 / (0.02 * steps))
+        shares.append(_initial_share(s.momentum_at_start(steps), steps))
+    assert max(shares) - min(shares) < 0.01 and max(shares) < 0.01   # the initialisation is gone by then, alike
+    # the published per-step momentum does not: 38% of the teacher is initialisation after 160 of 1,600 steps
+    assert _initial_share(0.994, 1600) == pytest.approx(0.38, abs=0.01)
+    assert _initial_share(0.994, 160000) < 1e-6
+
+
+def test_the_teacher_temperature_warms_up_over_its_share_or_its_published_steps():
+    from synray.plan import load_run_config
+
+    s = load_run_config("shapes-synclr", []).train.synclr
+    assert s.temperature_warmup_steps(1600) == 80                   # 5% of the run (SynCLR: 4,000 of 85,000)
+    vitb = load_run_config("synclr-vitb16", []).train.synclr
+    assert vitb.temperature_warmup_steps(19500) == 4000             # the paper's iterations, at any length
+
+
+def test_synray_plan_warns_of_a_teacher_horizon_and_prototypes_that_do_not_fit_the_run_naming_the_keys():
+    from procs import synray_main
+
+    r = synray_main("plan", "shapes-synclr")
+    assert r.code == 0, (r.error, r.err[-2000:])
+    assert "train.synclr.ema_momentum=0.994 averages the teacher over about 167 steps, 10% of train.steps=1600" \
+        in r.log and "train.synclr.ema_horizon" in r.log
+    assert "train.synclr.prototypes=1024 outnumber the 256 masked tokens of a step" in r.log
+    fixed = synray_main("plan", "shapes-synclr", "--set", "train.synclr.ema_horizon=0.02", "--set",
+                        "train.synclr.prototypes=128")
+    assert fixed.code == 0 and "train.synclr." not in fixed.log
+    published = synray_main("plan", "synclr-vitb16")
+    assert published.code == 0 and "train.synclr." not in published.log

@@ -256,9 +256,16 @@ class SynCLRConfig(Section):
     The contrastive temperature is train.temperature (SynCLR: 0.08-0.1) and the query/key projection is
     train.head; the predictor, prototype head and teacher are configured here."""
 
-    ema_momentum: float = Field(0.994, ge=0, le=1, description="the teacher's EMA momentum at step 0")
+    ema_momentum: float = Field(0.994, ge=0, le=1, description="the teacher's EMA momentum at step 0 (SynCLR's "
+                                "0.994: an averaging horizon of about 1 / (1 - 0.994) = 167 steps)")
+    ema_horizon: float | None = Field(None, gt=0, le=1, description="the teacher's averaging horizon at step 0 as a "
+                                      "share of train.steps, instead of ema_momentum: momentum = 1 - 1 / (share x "
+                                      "train.steps), the same schedule at any run length")
     ema_momentum_final: float = Field(1.0, ge=0, le=1, description="its value at train.steps (cosine schedule)")
     local_crops: int = Field(4, ge=0, le=16, description="local crops per image besides the one global crop")
+    local_own_key: bool = Field(True, description="a local crop's query keeps its own image's teacher key as a "
+                                "positive, as the published code's default run does (only the global crop leaves "
+                                "its own key out); false: the published --avoid_local_global_same")
     local_size: int | None = Field(None, ge=8, description="local crop side in pixels (a multiple of the patch "
                                    "size); default: 96/224 of train.backbone.image_size, rounded to patches")
     global_crop_scale: tuple[float, float] = Field((0.32, 1.0), description="area range of the global crop")
@@ -276,8 +283,10 @@ class SynCLRConfig(Section):
     student_temperature: float = Field(0.1, gt=0)
     teacher_temperature: float = Field(0.04, gt=0, description="the teacher's prototype temperature at step 0")
     teacher_temperature_final: float = Field(0.07, gt=0, description="its value after the warm-up")
-    teacher_temperature_warmup: float = Field(0.3, ge=0, le=1, description="warm-up length, a share of train.steps "
-                                              "(iBOT/DINOv2: 30 of 100 epochs)")
+    teacher_temperature_warmup: float = Field(0.05, ge=0, le=1, description="warm-up length, a share of "
+                                              "train.steps (SynCLR: 4,000 iterations of 85,000, about 5%)")
+    teacher_temperature_warmup_steps: int | None = Field(None, ge=0, description="warm-up length in steps, instead "
+                                                         "of the share (SynCLR's published value: 4000)")
     export: Literal["teacher", "student"] = Field("teacher", description="the backbone a run exports and evaluates: "
                                                   "the EMA teacher's (SynCLR's), or the student's")
 
@@ -291,6 +300,18 @@ class SynCLRConfig(Section):
             raise ValueError(f"ema_momentum_final={self.ema_momentum_final} is below ema_momentum="
                              f"{self.ema_momentum}: the teacher's momentum only rises")
         return self
+
+    def momentum_at_start(self, steps: int) -> float:
+        """The teacher's momentum at step 0: from ema_horizon (a share of the run) where set, else ema_momentum."""
+        if self.ema_horizon is None:
+            return self.ema_momentum
+        return min(max(1.0 - 1.0 / (self.ema_horizon * steps), 0.0), self.ema_momentum_final)
+
+    def temperature_warmup_steps(self, steps: int) -> int:
+        """The teacher temperature's warm-up in steps: teacher_temperature_warmup_steps, or its share of the run."""
+        if self.teacher_temperature_warmup_steps is not None:
+            return self.teacher_temperature_warmup_steps
+        return round(self.teacher_temperature_warmup * steps)
 
     def local_crop_size(self, backbone: BackboneConfig) -> int:
         """The local crops' side: local_size, or 96/224 of the image side rounded to whole patches."""

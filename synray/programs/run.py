@@ -191,6 +191,7 @@ def train_summary(result: TrainResult) -> dict[str, Any]:
     waits = [m["data_wait_fraction"] for m in result.metrics if "data_wait_fraction" in m]
     return {
         "steps": last.get("step", 0), "final_loss": last.get("loss"),
+        "final_loss_parts": {k: v for k, v in last.items() if k.startswith("loss_")},
         "first_loss": result.metrics[0]["loss"] if result.metrics else None,
         "images_per_s": last.get("images_per_s"),
         "data_wait_fraction": sum(waits) / len(waits) if waits else None,

@@ -171,16 +171,18 @@ def multi_positive_contrastive(features: Tensor, labels: Tensor, temperature: fl
 
 
 def multi_positive_terms(anchors: Tensor, columns: Gathered, labels: Tensor, column_labels: Tensor,
-                         temperature: float) -> Tensor:
+                         temperature: float, leave_own_out: bool = True) -> Tensor:
     """Each local anchor's multi-positive term [n]: its L2-normalised row against every rank's `columns` (anchor i's
-    own column, at `columns.offset + i`, left out), the target uniform over the columns with its label."""
+    own column, at `columns.offset + i`, left out of the logits and the positives unless `leave_own_out` is
+    false), the target uniform over the columns with its label."""
     n = anchors.shape[0]
-    rows = torch.arange(n, device=anchors.device)
-    own = (rows, rows + columns.offset)  # each anchor's own column
     logits = (anchors @ columns.tensor.T) / temperature
-    logits = logits.index_put(own, logits.new_full((n,), MASK_VALUE))
-    positives = (labels[:, None] == column_labels[None, :]).index_put(own, torch.zeros(n, dtype=torch.bool,
-                                                                                        device=anchors.device))
+    positives = labels[:, None] == column_labels[None, :]
+    if leave_own_out:
+        rows = torch.arange(n, device=anchors.device)
+        own = (rows, rows + columns.offset)  # each anchor's own column
+        logits = logits.index_put(own, logits.new_full((n,), MASK_VALUE))
+        positives = positives.index_put(own, torch.zeros(n, dtype=torch.bool, device=anchors.device))
     counts = positives.sum(dim=1)
     # -sum_j target_ij * log_softmax(logits)_ij with target_i uniform over i's positives (all zero without any)
     return torch.logsumexp(logits, dim=1) * (counts > 0) \

@@ -8,6 +8,8 @@ in `OBJECTIVES` plus its tests.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ from synray.train import synclr
 from synray.train.augment import Augment, build_augment
 from synray.train.batches import ImageBatch, ImageTextBatch, decode_rows, flatten_rows, image_text_rows, pick_pairs
 from synray.train.spec import TrainPlan
+
+log = logging.getLogger(__name__)
 
 __all__ = ["OBJECTIVES", "Objective", "ModelParts", "TrainSetupError", "get_objective", "objective_names"]
 
@@ -118,9 +122,11 @@ class Objective:
     def after_engine(self, model: nn.Module) -> None:
         """Called once the training engine wraps the model (and may have cast it), before a checkpoint loads."""
 
-    def loss(self, model: nn.Module, augment: nn.Module, batch: Any, t: TrainConfig, step: int) -> Tensor:
+    def loss(self, model: nn.Module, augment: nn.Module, batch: Any, t: TrainConfig,
+             step: int) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """This worker's share of the global batch's loss at optimizer step `step` (batch already on the model's
-        device; every rank's batch has the same size, so the gathers exchange no sizes)."""
+        device; every rank's batch has the same size, so the gathers exchange no sizes); or the loss and its named
+        parts, which the training log records beside it (`loss_<part>`, averaged like the loss)."""
         raise NotImplementedError
 
     def after_update(self, model: nn.Module, step: int, t: TrainConfig) -> None:
@@ -243,8 +249,11 @@ class SynCLR(Objective):
     min_images_per_caption: ClassVar[int] = 2
 
     def check(self, cfg: RunConfig, per_caption: int, text_model: str | None) -> None:
-        """Besides the base checks: the local crops must be whole patches and no larger than the image."""
+        """Besides the base checks: the local crops must be whole patches and no larger than the image; schedules
+        and prototypes that cannot work at this run's length and batch are logged (`synclr_warnings`)."""
         super().check(cfg, per_caption, text_model)
+        for warning in synclr_warnings(cfg, per_caption):
+            log.warning("%s", warning)
         t = cfg.train
         local = t.synclr.local_crop_size(t.backbone)
         if t.synclr.local_crops and (local % t.backbone.patch_size or local > t.backbone.image_size):
@@ -270,7 +279,8 @@ class SynCLR(Objective):
     def after_engine(self, model: nn.Module) -> None:
         _synclr_model(model).keep_teacher_fp32()
 
-    def loss(self, model: nn.Module, augment: nn.Module, batch: ImageBatch, t: TrainConfig, step: int) -> Tensor:
+    def loss(self, model: nn.Module, augment: nn.Module, batch: ImageBatch, t: TrainConfig,
+             step: int) -> tuple[Tensor, dict[str, Tensor]]:
         s = t.synclr
         global_view, local_views = augment(batch.images)
         b, patches = global_view.shape[0], (global_view.shape[-1] // t.backbone.patch_size) ** 2
@@ -278,10 +288,10 @@ class SynCLR(Objective):
         positions = synclr.masked_positions(masks, synclr.mim_count(b, patches, s.mask_image_share,
                                                                      s.mask_patch_share))
         out = model(global_view, torch.cat(local_views) if local_views else None, masks, positions)
-        teacher_temp = synclr.teacher_temperature(step, round(s.teacher_temperature_warmup * t.steps),
-                                                  s.teacher_temperature, s.teacher_temperature_final)
+        teacher_temp = synclr.teacher_temperature(step, s.temperature_warmup_steps(t.steps), s.teacher_temperature,
+                                                  s.teacher_temperature_final)
         return synclr.synclr_loss(out, batch.caption_ids, t.temperature, teacher_temp, s.student_temperature,
-                                  s.sinkhorn_iterations, s.ibot_weight)
+                                  s.sinkhorn_iterations, s.ibot_weight, s.local_own_key)
 
     def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:
         """The teacher's backbone (the one SynCLR evaluates), or the student's (train.synclr.export)."""
@@ -290,8 +300,39 @@ class SynCLR(Objective):
 
     def after_update(self, model: nn.Module, step: int, t: TrainConfig) -> None:
         m = _synclr_model(model)
-        synclr.ema_update(m.teacher, m.student, synclr.ema_momentum(step, t.steps, t.synclr.ema_momentum,
+        synclr.ema_update(m.teacher, m.student, synclr.ema_momentum(step, t.steps, t.synclr.momentum_at_start(t.steps),
                                                                     t.synclr.ema_momentum_final))
+
+
+#: a teacher whose averaging horizon at step 0 exceeds this share of the run is warned about
+HORIZON_WARN_SHARE = 0.1
+
+
+def synclr_warnings(cfg: RunConfig, per_caption: int) -> list[str]:
+    """What makes SynCLR's schedules or targets meaningless at this run's length and batch, naming the keys: a
+    teacher that averages over a large share of the run (much of it still the random initialisation early on),
+    and more prototypes than masked tokens a step (Sinkhorn-Knopp then spreads every target over several)."""
+    t, s = cfg.train, cfg.train.synclr
+    out = []
+    momentum = s.momentum_at_start(t.steps)
+    horizon = 1.0 / max(1.0 - momentum, 1e-12)
+    if horizon > HORIZON_WARN_SHARE * t.steps:
+        tenth = max(1, t.steps // 10)
+        initial = math.prod(synclr.ema_momentum(k, t.steps, momentum, s.ema_momentum_final) for k in range(tenth))
+        out.append(f"train.synclr.ema_momentum={momentum:g} averages the teacher over about {horizon:.0f} steps, "
+                   f"{100 * horizon / t.steps:.0f}% of train.steps={t.steps}: after {tenth} steps {100 * initial:.0f}% "
+                   "of the teacher is still its random initialisation; state the horizon as a share of the run "
+                   "(train.synclr.ema_horizon, e.g. 0.02) or lower train.synclr.ema_momentum")
+    images = t.captions_per_worker * t.num_workers * t.grad_accum * SynCLR().images_per_row(per_caption)
+    patches = (t.backbone.image_size // t.backbone.patch_size) ** 2
+    masked = synclr.mim_count(images, patches, s.mask_image_share, s.mask_patch_share)
+    if s.prototypes > masked:
+        out.append(f"train.synclr.prototypes={s.prototypes} outnumber the {masked} masked tokens of a step ({images} "
+                   f"global crops x train.synclr.mask_image_share={s.mask_image_share} x {patches} patches x "
+                   f"mask_patch_share={s.mask_patch_share}): Sinkhorn-Knopp balances the targets over the "
+                   f"prototypes, so each target spreads over at least {s.prototypes / max(masked, 1):.0f} of them "
+                   "whatever the teacher says; use fewer prototypes or a larger batch")
+    return out
 
 
 def _synclr_model(model: nn.Module) -> SynCLRModel:

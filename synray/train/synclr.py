@@ -6,13 +6,13 @@ from `synray.train.losses` (the gathers and reductions are no-ops on one process
 * the teacher follows the student by an exponential moving average whose momentum rises on a
   cosine from 0.994 to 1 (`ema_momentum`, `ema_update`);
 * the contrastive part is StableRep's multi-positive loss between student queries and teacher keys,
-  the keys gathered from every rank without gradient, the anchor's own key left out
-  (`multi_positive_keys_loss`);
+  the keys gathered from every rank without gradient, the global crop's own key left out and a local
+  crop's kept, as in the published code's default run (`multi_positive_keys_loss`);
 * the masked-image-modelling part (iBOT) masks a share of the global crops' patch tokens
   (`mim_masks`); the teacher's prototype scores of the unmasked crop, centred by Sinkhorn-Knopp
   (`sinkhorn_knopp`) at a temperature that warms up from 0.04 to 0.07 (`teacher_temperature`),
   are the targets of the student's scores at the masked tokens (`ibot_loss`);
-* `synclr_loss` adds them up from one forward of the student and teacher
+* `synclr_loss` adds them up (and returns each part, for the training log) from one forward of the student and teacher
   (`synray.models.heads.SynCLRModel`); the `synclr` objective in `synray.train.objectives` drives it.
 """
 
@@ -129,12 +129,15 @@ def ibot_loss(student_scores: Tensor, teacher_targets: Tensor, student_temperatu
 
 
 # ------------------------------------------------------------------------------ contrastive
-def multi_positive_keys_loss(queries: Tensor, keys: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
+def multi_positive_keys_loss(queries: Tensor, keys: Tensor, labels: Tensor, temperature: float = 0.1,
+                             local_own_key: bool = True) -> Tensor:
     """SynCLR's contrastive part on this rank: each student query against the teacher keys [n, D] of every rank
-    (gathered once, without gradient), its own key left out; the target is uniform over the keys of the same
-    caption (labels [n], global ids). `queries` is one view [n, D] (returns a scalar) or several [v, n, D] (returns
-    [v], one loss per view, row i of every view being image i's). Each loss is this rank's share of the
-    full-batch mean (every rank holds n rows)."""
+    (gathered once, without gradient), the target uniform over the keys of the same caption (labels [n], global
+    ids). `queries` is one view [n, D] (the global crop: returns a scalar) or several [v, n, D] (the global crop,
+    then the local ones: returns [v], one loss per view, row i of every view being image i's). The global crop's
+    query leaves its own image's key out; a local crop's keeps it as a positive and in the denominator unless
+    `local_own_key` is false (the published code's --avoid_local_global_same). Each loss is this rank's share of
+    the full-batch mean (every rank holds n rows)."""
     views = queries if queries.ndim == 3 else queries[None]
     if views.shape[1:] != keys.shape or labels.shape != keys.shape[:1]:
         raise ValueError(f"expected queries [n, D] or [v, n, D], keys [n, D] and labels [n]; got "
@@ -143,20 +146,24 @@ def multi_positive_keys_loss(queries: Tensor, keys: Tensor, labels: Tensor, temp
     gk = gather_rows(F.normalize(keys.detach().float(), dim=-1), grad=False, sizes=sizes)
     all_labels = gather_rows(labels, grad=False, sizes=sizes).tensor
     per_view = torch.stack([multi_positive_terms(F.normalize(q.float(), dim=-1), gk, labels, all_labels,
-                                                 temperature).mean() for q in views])
+                                                 temperature, leave_own_out=v == 0 or not local_own_key).mean()
+                            for v, q in enumerate(views)])
     return per_view if queries.ndim == 3 else per_view[0]
 
 
 def synclr_loss(out: SynCLROutputs, labels: Tensor, temperature: float, teacher_temp: float,
-                student_temp: float = 0.1, sinkhorn_iterations: int = 3, ibot_weight: float = 1.0) -> Tensor:
+                student_temp: float = 0.1, sinkhorn_iterations: int = 3, ibot_weight: float = 1.0,
+                local_own_key: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """SynCLR's loss per image, averaged: L(global) + mean L(local) (student queries against teacher keys) +
     ibot_weight x L_iBOT(global) (the student's scores at masked tokens against the teacher's, centred by
-    Sinkhorn-Knopp at `teacher_temp`)."""
-    per_view = multi_positive_keys_loss(out.queries, out.keys, labels, temperature)
-    contrastive = per_view[0] + (per_view[1:].mean() if per_view.shape[0] > 1 else 0.0)
+    Sinkhorn-Knopp at `teacher_temp`); and its three parts, loss_global, loss_local and loss_ibot (unweighted)."""
+    per_view = multi_positive_keys_loss(out.queries, out.keys, labels, temperature, local_own_key)
+    local = per_view[1:].mean() if per_view.shape[0] > 1 else per_view[0] * 0.0
     masked = out.teacher_scores.shape[0] > 0   # none with mask shares of 0, or too few images or patches: ibot_loss 0
     targets = sinkhorn_knopp(out.teacher_scores, teacher_temp, sinkhorn_iterations) if masked else out.teacher_scores
-    return contrastive + ibot_weight * ibot_loss(out.student_scores, targets, student_temp)
+    ibot = ibot_loss(out.student_scores, targets, student_temp)
+    return per_view[0] + local + ibot_weight * ibot, {"loss_global": per_view[0], "loss_local": local,
+                                                       "loss_ibot": ibot}
 
 
 # ------------------------------------------------------------------------------- multi-crop

@@ -64,18 +64,24 @@ class Meter:
     busy_s: float = 0.0
     images: int = 0
     micro_steps: int = 0
-    loss_sum: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None        # [1 + parts]: the loss, then each of its logged parts
+    part_names: tuple[str, ...] = ()
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: torch.Tensor) -> None:
-        loss = loss.detach()
-        self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum + loss
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None) -> None:
+        """One micro-step's loss and its parts (an objective's named terms), summed on the device."""
+        parts = parts or {}
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
+        self.part_names = tuple(parts)
+        self.loss_sum = values if self.loss_sum is None else self.loss_sum + values
         self.micro_steps += 1
 
     def report(self, step: int, lr: float, world: int) -> dict[str, Any]:
-        """The metrics since the meter started: the mean loss over micro-steps and ranks (one all-reduce)."""
+        """The metrics since the meter started: the mean loss and parts over micro-steps and ranks (one
+        all-reduce)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"step": step, "loss": mean_over_ranks(self.loss_sum) / max(1, self.micro_steps), "lr": lr,
+        means = [v / max(1, self.micro_steps) for v in means_over_ranks(self.loss_sum, 1 + len(self.part_names))]
+        return {"step": step, "loss": means[0], **dict(zip(self.part_names, means[1:])), "lr": lr,
                 "images_per_s": self.images * world / elapsed,
                 "data_wait_fraction": self.wait_s / max(self.wait_s + self.busy_s, 1e-9)}
 
@@ -190,28 +196,33 @@ def train_step(state: WorkerState, tensors: dict[str, torch.Tensor], wait_s: flo
         state.pending_rows.append(tensors[ROW_ID])
     batch = state.objective.make_batch(tensors, state.rng).to(state.device)
     engine = state.engine
-    loss = state.objective.loss(engine, state.augment, batch, state.cfg.train, state.step)
+    loss, parts = loss_and_parts(state.objective.loss(engine, state.augment, batch, state.cfg.train, state.step))
     boundary = engine.is_gradient_accumulation_boundary()  # asked before step(): afterwards it is the next one's
     engine.backward(loss)
     engine.step()
     if boundary:
         state.objective.after_update(engine, state.step, state.cfg.train)
-    meter.add(loss)
+    meter.add(loss, parts)
     meter.wait_s += wait_s
     meter.busy_s += time.perf_counter() - t0
     meter.images += batch.num_images * state.objective.views
     return bool(boundary)
 
 
-def mean_over_ranks(value: torch.Tensor | None) -> float:
-    """A per-rank sum averaged over ranks, as a number (an all-reduce and a host sync: reports only)."""
-    if value is None:
-        return float("nan")
-    logged = value.detach().clone()
+def means_over_ranks(values: torch.Tensor | None, count: int = 1) -> list[float]:
+    """Per-rank sums [count] averaged over ranks, as numbers (one all-reduce and a host sync: reports only)."""
+    if values is None:
+        return [float("nan")] * count
+    logged = values.detach().clone()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(logged)
         logged /= torch.distributed.get_world_size()
-    return float(logged)
+    return [float(v) for v in logged.reshape(-1).tolist()]
+
+
+def loss_and_parts(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """An objective's loss: a tensor, or (the tensor, its named parts to log)."""
+    return (out, {}) if isinstance(out, torch.Tensor) else out
 
 
 def checkpoint_due(state: WorkerState) -> bool:
