@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -311,3 +312,65 @@ def test_synray_plan_warns_of_a_teacher_horizon_and_prototypes_that_do_not_fit_t
     assert fixed.code == 0 and "train.synclr." not in fixed.log
     published = synray_main("plan", "synclr-vitb16")
     assert published.code == 0 and "train.synclr." not in published.log
+
+
+# ------------------------------------------------------------------------------------ heads
+def test_the_prototype_layer_is_torchs_weight_norm_linear_with_a_trainable_norm_from_one():
+    """The published DINOHead's last layer: weight_norm(Linear(bottleneck, K, bias=False)) with weight_g filled
+    with 1 and trainable; against torch's own weight_norm parametrisation with the same direction and norms."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from synray.models.heads import PrototypeHead
+
+    torch.manual_seed(0)
+    head = PrototypeHead(8, 16, 6, prototypes=10, num_layers=2)
+    assert head.norms is not None and head.norms.requires_grad and torch.equal(head.norms, torch.ones(10, 1))
+    with torch.no_grad():
+        head.norms.mul_(torch.linspace(0.5, 2.0, 10)[:, None])            # as if trained
+    ref = weight_norm(nn.Linear(6, 10, bias=False))
+    with torch.no_grad():
+        ref.parametrizations.weight.original1.copy_(head.prototypes)      # v, the direction
+        ref.parametrizations.weight.original0.copy_(head.norms)           # g, each prototype's norm
+    x = torch.randn(5, 8)
+    expected = ref(F.normalize(head.mlp(x), dim=-1))
+    assert torch.allclose(head(x), expected, atol=1e-6)
+    fixed = PrototypeHead(8, 16, 6, prototypes=10, num_layers=2, trainable_norm=False)
+    assert fixed.norms is None and "norms" not in dict(fixed.named_parameters())
+
+
+def test_the_synclr_heads_are_the_published_layer_norm_mlps_with_truncated_normal_weights():
+    from synray.config import BackboneConfig, HeadConfig
+    from synray.models.heads import build_synclr_model
+    from synray.plan import load_run_config
+
+    s = load_run_config("shapes-synclr", []).train.synclr
+    torch.manual_seed(0)
+    model = build_synclr_model(BackboneConfig(arch="vit", size="tiny", image_size=32, patch_size=8),
+                               HeadConfig(hidden_dim=64, out_dim=32, num_layers=3), s)
+    projection, predictor = model.student.head, model.predictor
+    # the published MLPHead with mlp_norm='ln': Linear, LayerNorm, GELU per hidden layer; Linear without bias and a
+    # LayerNorm without affine parameters last
+    expected = ["Linear", "LayerNorm", "GELU", "Linear", "LayerNorm", "GELU", "Linear", "LayerNorm"]
+    assert [type(m).__name__ for m in projection] == expected
+    assert projection[-2].bias is None and not projection[-1].elementwise_affine
+    assert [type(m).__name__ for m in predictor] == expected[:3] + expected[-2:]
+    linears = [m for part in (projection, predictor, model.student.prototypes.mlp) for m in part.modules()
+               if isinstance(m, nn.Linear)]
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.1)   # trunc_normal_(std=0.02): cut at +-2, not 2 std
+    assert all(m.bias is None or not m.bias.any() for m in linears)
+    bn = build_synclr_model(BackboneConfig(arch="vit", size="tiny", image_size=32, patch_size=8),
+                            HeadConfig(hidden_dim=64, out_dim=32, num_layers=3),
+                            s.model_copy(update={"head_norm": "bn", "head_init": "torch"}))
+    assert type(bn.student.head).__name__ == "MLPHead"
+
+
+def test_synclr_does_not_clip_gradients_unless_asked_as_its_published_code_and_the_others_clip_at_1():
+    from synray.plan import load_run_config
+    from synray.train.engine import deepspeed_config
+    from synray.train.objectives import get_objective
+
+    t = load_run_config("shapes-synclr", []).train
+    assert deepspeed_config(t, 8, 1, get_objective("synclr").grad_clip(t))["gradient_clipping"] == 0.0
+    assert get_objective("stablerep").grad_clip(t) == 1.0
+    assert get_objective("synclr").grad_clip(t.model_copy(update={"grad_clip": 3.0})) == 3.0

@@ -278,6 +278,16 @@ class SynCLRConfig(Section):
     prototypes: int = Field(8192, ge=2, description="iBOT prototypes (SynCLR: 8192-65536)")
     prototype_hidden_dim: int = Field(2048, ge=1, description="hidden width of the prototype head's MLP")
     prototype_bottleneck_dim: int = Field(256, ge=1)
+    prototype_norm: Literal["trainable", "fixed"] = Field("trainable", description="the prototype layer's weight "
+                                                          "norm: trainable, one per prototype from 1 (the published "
+                                                          "weight_norm layer), or fixed at 1 (DINO's "
+                                                          "norm_last_layer)")
+    head_norm: Literal["ln", "bn"] = Field("ln", description="the projection and predictor MLPs: LayerNorm and GELU, "
+                                           "the last layer without bias and followed by a LayerNorm without affine "
+                                           "(the published SynCLR head), or StableRep's BatchNorm and ReLU (train.head)")
+    head_init: Literal["trunc_normal", "torch"] = Field("trunc_normal", description="initial weights of the heads' "
+                                                        "linear layers: truncated normal (std 0.02, zero bias) as "
+                                                        "published, or torch's default")
     ibot_weight: float = Field(1.0, ge=0, description="weight of the iBOT loss beside the contrastive one")
     sinkhorn_iterations: int = Field(3, ge=1, le=100)
     student_temperature: float = Field(0.1, gt=0)
@@ -349,7 +359,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = Field(10, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: float | None = Field(None, ge=0, description="gradient-norm clipping (0: none); default: the "
+                                    "objective's own, 1.0, or none for synclr (its published code does not clip)")
     zero_stage: int = Field(1, ge=0, le=2, description="DeepSpeed ZeRO stage (0-2: weights stay whole on every rank)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     backbone: BackboneConfig = BackboneConfig()

@@ -17,7 +17,7 @@ from synray.config import BackboneConfig, HeadConfig, SynCLRConfig
 from synray.models.backbone import Encoder, build_backbone
 
 __all__ = ["CrossRankBatchNorm1d", "MLPHead", "ContrastiveModel", "build_contrastive_model", "Classifier",
-           "build_classifier", "PrototypeHead", "SynCLRNet", "SynCLROutputs", "SynCLRModel", "build_synclr_model"]
+           "build_classifier", "PrototypeHead", "LayerNormMLP", "trunc_normal_init", "SynCLRNet", "SynCLROutputs", "SynCLRModel", "build_synclr_model"]
 
 
 class CrossRankBatchNorm1d(nn.BatchNorm1d):
@@ -118,7 +118,8 @@ class PrototypeHead(nn.Module):
     """DINO/iBOT's head: an MLP (GELU) to an L2-normalised bottleneck, then cosine scores against K prototypes
     (the weight-normalised last layer with its norm fixed at 1). ``forward(x [..., D]) -> [..., K]``."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, prototypes: int, num_layers: int = 3) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, prototypes: int, num_layers: int = 3,
+                 trainable_norm: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         dim = in_dim
@@ -129,9 +130,38 @@ class PrototypeHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.prototypes = nn.Parameter(torch.empty(prototypes, bottleneck_dim))
         nn.init.trunc_normal_(self.prototypes, std=0.02)
+        # weight_norm's g: each prototype's norm, from 1, learnt (the published head) or held at 1
+        self.norms = nn.Parameter(torch.ones(prototypes, 1)) if trainable_norm else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.normalize(self.mlp(x), dim=-1), F.normalize(self.prototypes, dim=-1))
+        weight = F.normalize(self.prototypes, dim=-1)
+        return F.linear(F.normalize(self.mlp(x), dim=-1), weight if self.norms is None else weight * self.norms)
+
+
+class LayerNormMLP(nn.Sequential):
+    """SynCLR's projection and predictor: ``num_layers`` Linear layers, each hidden one followed by LayerNorm and
+    GELU, the last one without bias followed by a LayerNorm without affine parameters."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU()]
+            dim = hidden_dim
+        layers += [nn.Linear(dim, out_dim, bias=False), nn.LayerNorm(out_dim, elementwise_affine=False)]
+        super().__init__(*layers)
+
+
+def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
+    """Every Linear layer of `module` from torch's trunc_normal_ at std 0.02 (cut at +-2, as DINO and SynCLR call
+    it), biases at 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class SynCLRNet(nn.Module):
@@ -198,8 +228,12 @@ class SynCLRModel(nn.Module):
 def build_synclr_model(backbone: BackboneConfig, head: HeadConfig, cfg: SynCLRConfig) -> SynCLRModel:
     """The student at its initial weights (from torch's global generator) and the teacher as its copy."""
     encoder = build_backbone(backbone)
-    projection = MLPHead(encoder.embed_dim, head.hidden_dim, head.out_dim, head.num_layers)
+    mlp = LayerNormMLP if cfg.head_norm == "ln" else MLPHead
+    projection = mlp(encoder.embed_dim, head.hidden_dim, head.out_dim, head.num_layers)
     prototypes = PrototypeHead(encoder.embed_dim, cfg.prototype_hidden_dim, cfg.prototype_bottleneck_dim,
-                               cfg.prototypes)
-    predictor = MLPHead(head.out_dim, cfg.predictor_hidden_dim, head.out_dim, cfg.predictor_layers)
+                               cfg.prototypes, trainable_norm=cfg.prototype_norm == "trainable")
+    predictor = mlp(head.out_dim, cfg.predictor_hidden_dim, head.out_dim, cfg.predictor_layers)
+    if cfg.head_init == "trunc_normal":
+        for part in (projection, predictor, prototypes.mlp):
+            trunc_normal_init(part)
     return SynCLRModel(SynCLRNet(encoder, projection, prototypes), predictor)

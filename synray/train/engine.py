@@ -32,8 +32,8 @@ def learning_rate(cfg: TrainConfig, images_per_step: int) -> float:
     return cfg.base_lr * images_per_step / 256
 
 
-def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict (micro batch = images per worker per forward pass)."""
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int, grad_clip: float = 0.0) -> dict[str, Any]:
+    """The DeepSpeed config dict (micro batch = images per worker per forward pass; grad_clip 0: no clipping)."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -41,7 +41,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16"},
-        "gradient_clipping": cfg.grad_clip or 0.0,
+        "gradient_clipping": grad_clip,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -58,7 +58,8 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int, lr: float):
+def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int, lr: float,
+                 grad_clip: float = 0.0):
     """deepspeed.initialize with a torch AdamW (no bias/norm decay) and a warmup+cosine LambdaLR. Parameters that do
     not require gradients (an EMA teacher) stay out of the optimizer and its state."""
     import deepspeed
@@ -72,7 +73,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_siz
     opt = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, cfg.warmup_steps))
     engine, opt, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, micro_batch, world_size))
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, micro_batch, world_size, grad_clip))
     return engine, opt, sched
 
 

@@ -65,6 +65,12 @@ class Objective:
     image_text: ClassVar[bool] = False
     #: learns from the rows' concept labels (rows of a caption file have none)
     needs_labels: ClassVar[bool] = False
+    #: gradient-norm clipping when train.grad_clip is unset (0: none)
+    default_grad_clip: ClassVar[float] = 1.0
+
+    def grad_clip(self, t: TrainConfig) -> float:
+        """The gradient-norm clipping of a run: train.grad_clip, else this objective's default (0: none)."""
+        return self.default_grad_clip if t.grad_clip is None else t.grad_clip
 
     # -------------------------------------------------------------------------- what it needs
     def images_per_row(self, per_caption: int) -> int:
@@ -247,6 +253,7 @@ class SynCLR(Objective):
 
     name: ClassVar[str] = "synclr"
     min_images_per_caption: ClassVar[int] = 2
+    default_grad_clip: ClassVar[float] = 0.0   # the published code does not clip
 
     def check(self, cfg: RunConfig, per_caption: int, text_model: str | None) -> None:
         """Besides the base checks: the local crops must be whole patches and no larger than the image; schedules
@@ -264,7 +271,8 @@ class SynCLR(Objective):
     def fingerprint(self, t: TrainConfig) -> dict[str, Any]:
         s = t.synclr
         shape = {k: getattr(s, k) for k in ("predictor_hidden_dim", "predictor_layers", "prototypes",
-                                              "prototype_hidden_dim", "prototype_bottleneck_dim")}
+                                              "prototype_hidden_dim", "prototype_bottleneck_dim", "prototype_norm",
+                                              "head_norm")}
         return {**super().fingerprint(t), "synclr": shape}
 
     def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:

@@ -107,7 +107,8 @@ def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
         if not restarted:
             export_initial(model, objective, parts, cfg, ctx)
         engine, _, scheduler = ds_engine.build_engine(model, t, micro_batch, ctx.world_size,
-                                                      ds_engine.learning_rate(t, images_per_step))
+                                                      ds_engine.learning_rate(t, images_per_step),
+                                                      objective.grad_clip(t))
         objective.after_engine(engine)
         step = restore(engine, checkpoint, objective, cfg, plan)
         consumed, epoch = load_consumed(checkpoint), load_epoch(checkpoint)
