@@ -343,7 +343,7 @@ def test_the_synclr_heads_are_the_published_layer_norm_mlps_with_truncated_norma
     from synray.models.heads import build_synclr_model
     from synray.plan import load_run_config
 
-    s = load_run_config("shapes-synclr", []).train.synclr
+    s = load_run_config("shapes-synclr", ["train.synclr.head_norm=ln"]).train.synclr
     torch.manual_seed(0)
     model = build_synclr_model(BackboneConfig(arch="vit", size="tiny", image_size=32, patch_size=8),
                                HeadConfig(hidden_dim=64, out_dim=32, num_layers=3), s)
@@ -359,10 +359,10 @@ def test_the_synclr_heads_are_the_published_layer_norm_mlps_with_truncated_norma
     weights = torch.cat([m.weight.flatten() for m in linears])
     assert weights.std().item() == pytest.approx(0.02, rel=0.1)   # trunc_normal_(std=0.02): cut at +-2, not 2 std
     assert all(m.bias is None or not m.bias.any() for m in linears)
+    default = load_run_config("shapes-synclr", []).train.synclr
     bn = build_synclr_model(BackboneConfig(arch="vit", size="tiny", image_size=32, patch_size=8),
-                            HeadConfig(hidden_dim=64, out_dim=32, num_layers=3),
-                            s.model_copy(update={"head_norm": "bn", "head_init": "torch"}))
-    assert type(bn.student.head).__name__ == "MLPHead"
+                            HeadConfig(hidden_dim=64, out_dim=32, num_layers=3), default)
+    assert default.head_norm == "bn" and type(bn.student.head).__name__ == "MLPHead"
 
 
 def test_synclr_does_not_clip_gradients_unless_asked_as_its_published_code_and_the_others_clip_at_1():
