@@ -138,7 +138,7 @@ def _write_sweep(root: Path, law, rng, budgets: str = "") -> None:
     (root / "pools" / "p0").mkdir(parents=True)
     (root / "config.yaml").write_text(cfg.to_yaml())
     (root / "pools" / "p0" / "_summary.json").write_text(json.dumps({
-        "rows_total": 1200, "images_per_row": 8,
+        "rows_total": 1500, "rows_written": 1200, "images_per_row": 8,   # 300 rows from an earlier invocation
         "stages": {"captions": {"rows": 1210, "busy_s": 6.0}, "images": {"rows": 1200, "busy_s": 19.2}}}))
     for i, (n, m) in enumerate((n, m) for n in N_GRID for m in M_GRID):
         steps = math.ceil(4 * n / 16)

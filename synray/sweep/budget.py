@@ -34,7 +34,9 @@ def measured_rates(pool_summaries: list[dict[str, Any]], trials: list[dict[str, 
     median over finished trials). None where any of them was not measured."""
     busy = {s: sum(p["stages"][s]["busy_s"] for p in pool_summaries if s in p.get("stages", {}))
             for s in (CAPTION_STAGE, IMAGE_STAGE)}
-    captions = sum(p.get("rows_total", 0) for p in pool_summaries if CAPTION_STAGE in p.get("stages", {}))
+    # the rows this summary's generation wrote (a resumed pool's summary times only its last invocation)
+    captions = sum(p.get("rows_written", p.get("rows_total", 0)) for p in pool_summaries
+                   if CAPTION_STAGE in p.get("stages", {}))
     images = sum(p["stages"][IMAGE_STAGE]["rows"] * p.get("images_per_row", 1) for p in pool_summaries
                  if IMAGE_STAGE in p.get("stages", {}))
     per_view = [t["workers"] / t["train"]["images_per_s"] for t in trials
