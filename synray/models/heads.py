@@ -17,7 +17,8 @@ from synray.config import BackboneConfig, HeadConfig, SynCLRConfig
 from synray.models.backbone import Encoder, build_backbone
 
 __all__ = ["CrossRankBatchNorm1d", "MLPHead", "ContrastiveModel", "build_contrastive_model", "Classifier",
-           "build_classifier", "PrototypeHead", "LayerNormMLP", "trunc_normal_init", "SynCLRNet", "SynCLROutputs", "SynCLRModel", "build_synclr_model"]
+           "build_classifier", "PrototypeHead", "LayerNormMLP", "trunc_normal_init", "SynCLRNet", "SynCLROutputs",
+           "SynCLRModel", "build_synclr_model"]
 
 
 class CrossRankBatchNorm1d(nn.BatchNorm1d):

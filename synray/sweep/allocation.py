@@ -79,14 +79,7 @@ class AllocationFit:
 
     def predict(self, n: float, m: float) -> tuple[float, float, float]:
         """The law at (n, m) and the CONFIDENCE prediction interval of one trial's error there."""
-        lx = np.log(np.array([[n, m]], dtype=float) / self.x_ref)
-        value, grads = _law(self.fit.theta, lx)
-        free = self.fit.free
-        grad = grads[0, free]
-        var = float(grad @ self.fit.cov[np.ix_(free, free)] @ grad) + self.fit.s2
-        half = self.fit.t * math.sqrt(var) if self.fit.dof > 0 else math.inf
-        total = float(value[0])
-        return total, total * math.exp(-half), total * math.exp(half)
+        return self.fit.prediction(np.log(np.array([n, m], dtype=float) / self.x_ref))
 
     def contrast(self, first: tuple[float, float], second: tuple[float, float]) -> tuple[float, float, float]:
         """The law's error at `second` over its error at `first` (N, m each), with its CONFIDENCE interval (delta

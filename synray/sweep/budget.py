@@ -18,7 +18,7 @@ from synray.sweep.allocation import (MIN_CAPTION_SCALES, MIN_PER_CAPTION, Alloca
                                      captions_within, fit_allocation, splits_for_budget)
 from synray.sweep.fit import ScalingFitError
 from synray.sweep.pools import PER_CAPTION_KEY, POOLS_DIR, steps_rule
-from synray.sweep.space import SCALE_KEY, VARIANT_KEY
+from synray.sweep.space import file_slug, method_name
 
 __all__ = ["measured_rates", "unit_rates", "allocation_groups", "plan_group", "describe_allocation", "iso_cost",
            "write_allocation"]
@@ -65,13 +65,6 @@ def unit_rates(cfg: RunConfig, where: Location, trials: list[dict[str, Any]]) ->
     return measured_rates(summaries, trials, device)
 
 
-def _method(params: dict[str, Any], replicates: tuple[str, ...]) -> str:
-    parts = [str(params[VARIANT_KEY])] if VARIANT_KEY in params else []
-    parts += [f"{k}={params[k]}" for k in sorted(params)
-              if k not in (VARIANT_KEY, SCALE_KEY, PER_CAPTION_KEY, *replicates)]
-    return ", ".join(parts) or "all trials"
-
-
 def allocation_groups(trials: list[dict[str, Any]], errors: list[float | None],
                       replicates: tuple[str, ...]) -> dict[str, list[tuple[dict[str, Any], float]]]:
     """method -> its finished trials with their errors, for the methods whose trials vary both the captions (3
@@ -79,7 +72,7 @@ def allocation_groups(trials: list[dict[str, Any]], errors: list[float | None],
     groups: dict[str, list[tuple[dict[str, Any], float]]] = {}
     for t, e in zip(trials, errors):
         if e is not None and math.isfinite(e) and "work" in t:
-            groups.setdefault(_method(t["params"], replicates), []).append((t, e))
+            groups.setdefault(method_name(t["params"], (PER_CAPTION_KEY, *replicates)), []).append((t, e))
     return {name: g for name, g in groups.items()
             if len({t["captions"] for t, _ in g}) >= MIN_CAPTION_SCALES
             and len({t["images_per_caption"] for t, _ in g}) >= MIN_PER_CAPTION}
@@ -103,14 +96,14 @@ def plan_group(cfg: RunConfig, group: list[tuple[dict[str, Any], float]], rates:
     fit = fit_allocation(n, m, [e for _, e in group])
     views = {t["images_per_caption"]: t["views_per_step"] for t, _ in group}
     steps_of = steps_rule(cfg)
-    costs = [_trial_cost(t, rates)["total"] for t, _ in group]
+    costs = [_trial_cost(t, rates) for t, _ in group]
     plans = {b: splits_for_budget(fit, rates, b, sorted(views), steps_of, views, (min(n), max(n)))
-             for b in _budgets(cfg, costs)}
+             for b in _budgets(cfg, [c["total"] for c in costs])}
     record = {"fit": fit.to_dict(),
               "trials": [{"trial": t["trial_id"], "captions": t["captions"], "images_per_caption":
                           t["images_per_caption"], "steps": t["steps"], "views_per_step": t["views_per_step"],
-                          "error": e, "cost": _trial_cost(t, rates),
-                          "predicted": fit.predict(t["captions"], t["images_per_caption"])[0]} for t, e in group],
+                          "error": e, "cost": cost, "predicted": fit.predict(t["captions"], t["images_per_caption"])[0]}
+                         for (t, e), cost in zip(group, costs)],
               "budgets": {f"{b:g}": [s.to_dict() for s in splits] for b, splits in plans.items()}}
     return fit, record, plans
 
@@ -141,8 +134,8 @@ def describe_allocation(name: str, fit: AllocationFit, plans: dict[float, list[S
 
 
 def write_allocation(cfg: RunConfig, where: Location, trials: list[dict[str, Any]], errors: list[float | None],
-                     metric: str, error_name: str, out: Path, replicates: tuple[str, ...]) -> tuple[dict[str, Any], list[str],
-                                                                                       list[Path], list[str]]:
+                     metric: str, error_name: str, out: Path, replicates: tuple[str, ...],
+                     ) -> tuple[dict[str, Any], list[str], list[Path], list[str]]:
     """allocation.json, allocation.md and an iso-cost plot per method whose trials vary N and m; returns the record,
     the lines printed, the files and messages (why no allocation was made)."""
     from synray.viz import allocation_plot  # matplotlib only when a report is written
@@ -167,11 +160,10 @@ def write_allocation(cfg: RunConfig, where: Location, trials: list[dict[str, Any
             messages.append(f"allocation {name}: {e}")
             continue
         lines += describe_allocation(name, fit, plans, rates.device)
-        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()[:60]
         views = {t["images_per_caption"]: t["views_per_step"] for t, _ in group}
         files.append(allocation_plot(fit, record["groups"][name]["trials"], plans,
                                      {b: iso_cost(b, rates, steps_rule(cfg), views) for b in plans},
-                                     out / f"allocation-{slug}.png", error_name, rates.device,
+                                     out / f"allocation-{file_slug(name)}.png", error_name, rates.device,
                                      title=f"{cfg.name}: {name}"))
     write_json(out / "allocation.json", record)
     atomic_write_text(out / "allocation.md", "\n".join(lines) + "\n")

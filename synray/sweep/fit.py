@@ -106,6 +106,17 @@ class LawFit:
         """The two-sided CONFIDENCE quantile of Student's t on the residual degrees of freedom."""
         return float(stats.t.ppf(0.5 + CONFIDENCE / 2, self.dof)) if self.dof > 0 else math.nan
 
+    def prediction(self, lx: np.ndarray, trials: int = 1) -> tuple[float, float, float]:
+        """The law at log scales `lx` (centred as theta is) and the CONFIDENCE prediction interval of the mean
+        error of `trials` trials there: delta method on log error, s^2 (g^T (J^T J)^-1 g + 1 / trials), Student's
+        t (no interval without residual degrees of freedom)."""
+        value, grads = _law(self.theta, np.atleast_1d(np.asarray(lx, dtype=float))[None])
+        grad = grads[0, self.free]
+        var = float(grad @ self.cov[np.ix_(self.free, self.free)] @ grad) + self.s2 / trials
+        half = self.t * math.sqrt(var) if self.dof > 0 else math.inf
+        total = float(value[0])
+        return total, total * math.exp(-half), total * math.exp(half)
+
     @property
     def rmse_log(self) -> float:
         return math.sqrt(self.rss / self.points)
@@ -126,7 +137,6 @@ def _free(offset: bool, axes: int = 1) -> list[int]:
 def _law(theta: np.ndarray, lx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A prod_j x_j^-k_j + c at log x = lx (one row per point, one column per axis), and the gradient of its log in
     (log A, k_1.., c), one row per point."""
-    lx = lx.reshape(len(lx), -1)
     k, c = theta[1:-1], theta[-1]
     power = np.exp(theta[0] - lx @ k)
     total = power + c
@@ -332,14 +342,10 @@ def extrapolation_check(n: Any, err: Any) -> Extrapolation:
     if len(np.unique(n[keep])) < MIN_SCALES:
         raise ScalingFitError(f"an extrapolation check needs {MIN_SCALES + 1} data scales, got {len(np.unique(n))}")
     fit, _, _ = choose_law(n[keep], err[keep])
-    value, grads = _law(fit.theta, np.array([math.log(top / fit.n_ref)]))
-    total, grad = float(value[0]), grads[0, fit.free]
     trials = int(np.sum(~keep))
-    var = float(grad @ fit.cov[np.ix_(fit.free, fit.free)] @ grad) + fit.s2 / trials
-    half = fit.t * math.sqrt(var) if fit.dof > 0 else math.inf
+    total, low, high = fit.prediction(np.array([math.log(top / fit.n_ref)]), trials)
     measured = float(np.exp(np.mean(np.log(err[~keep]))))
-    return Extrapolation(float(top), measured, float(total), float(total * math.exp(-half)),
-                         float(total * math.exp(half)), trials, fit.form)
+    return Extrapolation(float(top), measured, total, low, high, trials, fit.form)
 
 
 @dataclass

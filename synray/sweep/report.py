@@ -18,7 +18,7 @@ from synray.data.files import atomic_write_text, write_json
 from synray.data.storage import Location, copy_tree, local_file
 from synray.sweep.budget import write_allocation
 from synray.sweep.fit import MIN_SCALES, WITH_C, ScalingFitError, fit_scaling
-from synray.sweep.space import SCALE_KEY, VARIANT_KEY
+from synray.sweep.space import SCALE_KEY, file_slug, method_name
 
 __all__ = ["TRIALS_DIR", "TRIAL_FILE", "START_FILE", "SweepReport", "load_trials", "write_report", "group_name"]
 
@@ -101,9 +101,7 @@ REPLICATE_KEYS = ("seed",)
 
 def group_name(params: dict[str, Any]) -> str:
     """A trial's method: its variant and swept values other than the data scale and the seed."""
-    parts = [str(params[VARIANT_KEY])] if VARIANT_KEY in params else []
-    parts += [f"{k}={params[k]}" for k in sorted(params) if k not in (VARIANT_KEY, SCALE_KEY, *REPLICATE_KEYS)]
-    return ", ".join(parts) or "all trials"
+    return method_name(params, REPLICATE_KEYS)
 
 
 def _scale(trial: dict[str, Any], unit: str) -> float:
@@ -203,8 +201,7 @@ def _write_report(where: Location, out: Path, metric: str | None) -> SweepReport
             report.messages.append(f"{name}: {e}")
             continue
         curves[name] = fit
-        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()[:60]
-        report.files.append(scaling_plot({name: fit}, out / f"scaling-{slug}.png", error, unit,
+        report.files.append(scaling_plot({name: fit}, out / f"scaling-{file_slug(name)}.png", error, unit,
                                          reference=reference))
     if curves:
         report.files.append(scaling_plot(curves, out / "scaling.png", error, unit, title=cfg.name,

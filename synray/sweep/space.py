@@ -12,7 +12,7 @@ from synray.config import ConfigError, RunConfig, SpaceSpec
 from synray.plan import derive_config
 
 __all__ = ["Dimension", "SearchSpace", "VARIANT_KEY", "FORBIDDEN_PREFIXES", "SCALE_KEY", "check_space",
-           "trial_overrides"]
+           "method_name", "file_slug", "trial_overrides"]
 
 #: the trial parameter naming its variant (a named group of overrides from tune.variants)
 VARIANT_KEY = "variant"
@@ -116,6 +116,18 @@ class SearchSpace:
         lines = [d.describe() for d in self.dims]
         lines += [f"variant {name}: {o}" for name, o in sorted(self.variants.items())]
         return lines
+
+
+def method_name(params: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    """A trial's method: its variant and swept values other than the data scale and the keys in `ignore`."""
+    parts = [str(params[VARIANT_KEY])] if VARIANT_KEY in params else []
+    parts += [f"{k}={params[k]}" for k in sorted(params) if k not in (VARIANT_KEY, SCALE_KEY, *ignore)]
+    return ", ".join(parts) or "all trials"
+
+
+def file_slug(name: str) -> str:
+    """A method's name as part of a file name."""
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()[:60]
 
 
 def trial_overrides(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:

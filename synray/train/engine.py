@@ -72,8 +72,8 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_siz
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, cfg.warmup_steps))
-    engine, opt, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, micro_batch, world_size, grad_clip))
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                 config=deepspeed_config(cfg, micro_batch, world_size, grad_clip))
     return engine, opt, sched
 
 
