@@ -79,6 +79,10 @@ def test_the_resubmitted_sweep_job_completes_without_rerunning_its_finished_tria
     records = [json.loads(p.read_text()) for p in sorted((sweep_drill["out"] / TRIALS_DIR).glob(f"*/{TRIAL_FILE}"))]
     assert sorted(t["params"]["train.lr"] for t in records) == sorted(LRS[:2])   # the third never finished
     assert all(t["steps"] == 4 and t["captions"] == 32 and t["train"]["final_loss"] > 0 for t in records)
+    # the work the allocation report prices: scaling-local's multi-positive step is 1 worker x 16 captions x 4 images,
+    # one view each
+    assert all(t["views_per_step"] == 16 * 4 and t["workers"] == 1 and t["work"] == {
+        "captions": 32, "images": 32 * 4, "views": 4 * 16 * 4} for t in records)
 
 
 def test_the_resumed_sweep_does_not_generate_its_pool_again(sweep_drill):
