@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from synray.eval.protocols import EvalArrays, label_names
 
 __all__ = ["IMAGE_EXTENSIONS", "ParquetLayout", "EvalSource", "parquet_layout", "hf_label_names",
            "normalise_parquet_batch", "scan_image_folder", "image_folder_batch", "inspect_dataset",
-           "source_dataset", "rows_to_arrays", "add_extractors", "collect_rows", "model_rows", "extract_arrays"]
+           "source_dataset", "rows_to_arrays", "add_extractors", "in_order", "collect_rows", "model_rows", "extract_arrays"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 #: accepted names of the per-row image column(s), in order of preference
@@ -321,16 +320,12 @@ def _eval_error_in(exc: BaseException) -> str | None:
     return lines[-1][len(marker):] if lines else None
 
 
-@contextlib.contextmanager
-def _ordered() -> Iterator[None]:
-    """Datasets built and run inside keep their input order (reproducible groups and splits)."""
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
-        yield
-    finally:
-        ctx.execution_options.preserve_order = before
+def in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """``ds`` executed in input order (reproducible groups, splits and ``limit``s: a held-out stream's
+    `limit` keeps its first rows by row id, not the first to finish). Set on the dataset's own context: a
+    Dataset copies the global DataContext when it is built, so setting that at execution time does nothing."""
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def add_extractors(ds: ray.data.Dataset, models: Mapping[str, str], image_size: int, outputs: Sequence[str],
@@ -354,14 +349,13 @@ def add_extractors(ds: ray.data.Dataset, models: Mapping[str, str], image_size: 
 
 def collect_rows(ds: ray.data.Dataset, where: str) -> list[dict[str, Any]]:
     """Run a feature-extraction dataset in input order; an EvalError inside a task comes back as one."""
-    with _ordered():
-        try:
-            rows = ds.take_all()
-        except Exception as e:
-            message = _eval_error_in(e)
-            if message is None:
-                raise
-            raise EvalError(f"{where}: {message}") from None
+    try:
+        rows = in_order(ds).take_all()
+    except Exception as e:
+        message = _eval_error_in(e)
+        if message is None:
+            raise
+        raise EvalError(f"{where}: {message}") from None
     if not rows:
         raise EvalError(f"evaluation dataset {where} holds no rows")
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +89,18 @@ def keep_sample_images(batch: dict[str, np.ndarray], fraction: float) -> dict[st
     return {**batch, "images": images}
 
 
-def evaluate(plan: RunPlan, result: TrainResult,
-             shared: dict[str, str | None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The run's protocols on the trained backbone and on the same network as the workers built it at step 0.
+def evaluate(plan: RunPlan, models: Mapping[str, str],
+             shared: Mapping[str, str | None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run's protocols on each of ``models`` (name -> saved backbone; a run scores "trained" and "init", the
+    same network as the workers built it at step 0).
 
-    The held-out images are encoded by both models in one pass through Ray Data (pools of feature
+    The held-out images are encoded by all models in one pass through Ray Data (pools of feature
     actors, on GPUs when eval.use_gpu), and only features (plus a few sample rows' images) reach the
-    driver. Returns the figures per side and the sample rows for the grid.
+    driver. ``shared`` names where the feature actors read a model when that differs (a remote run's
+    storage). Returns the figures per model and the sample rows for the grid.
     """
     cfg = plan.cfg
     size, outputs = cfg.train.backbone.image_size, outputs_for(plan.protocols)
-    models = {"trained": result.backbone_dir, "init": result.init_dir}
     readable = {k: (shared or {}).get(k) or v for k, v in models.items()}   # where the feature actors load them
     fraction = min(1.0, 4 * GRID_ROWS / max(1, cfg.eval.heldout_captions))
     ds = add_extractors(heldout_dataset(plan.heldout), readable, size, outputs, cfg.eval.batch_size,
@@ -113,6 +115,11 @@ def evaluate(plan: RunPlan, result: TrainResult,
         out[side] = run_protocols(arrays, list(plan.protocols), cfg.eval, seed=cfg.seed, image_text=image_text)
     out["heldout_rows"] = len(rows)
     return out, [r for r in rows if r.get("images") is not None and len(r["images"])][:GRID_ROWS]
+
+
+def trained_and_init(result: TrainResult) -> dict[str, str]:
+    """What a run scores: the trained backbone and the same network at step 0."""
+    return {"trained": result.backbone_dir, "init": result.init_dir}
 
 
 def write_metrics(rd: RunDir, metrics: list[dict[str, Any]]) -> Path:
@@ -158,7 +165,7 @@ def _run_in_session(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
         check_trained(summary)
         if plan.heldout is not None and result.backbone_dir:
             shared = {"trained": rd.locate(result.backbone_dir), "init": rd.locate(result.init_dir)}
-            summary["eval"], samples = evaluate(plan, result, shared)
+            summary["eval"], samples = evaluate(plan, trained_and_init(result), shared)
             sample_grid(samples, rd.path / "samples.png")
         if result.metrics:
             write_metrics(rd, result.metrics)

@@ -18,7 +18,7 @@ from synray.data.files import write_json
 from synray.data.store import ParquetStore
 from synray.plan import plan_generation, plan_run
 from synray.programs.generate import generate_to_store
-from synray.programs.run import evaluate, train_summary, training_dataset
+from synray.programs.run import evaluate, trained_and_init, train_summary, training_dataset
 from synray.programs.rundir import RunDir
 from synray.programs.session import cluster_resources, session, stage_stats
 from synray.sweep.planning import LOSS_METRIC, SweepPlan
@@ -80,7 +80,7 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     final: dict[str, Any] = {"step": train["steps"], LOSS_METRIC: train["final_loss"]}
     if run_plan.heldout is not None and result.backbone_dir:
         shared = {"trained": out.locate(result.backbone_dir), "init": out.locate(result.init_dir)}
-        figures, _ = evaluate(run_plan, result, shared)
+        figures, _ = evaluate(run_plan, trained_and_init(result), shared)
         record["trained"], record["init"] = _numbers(figures["trained"]), _numbers(figures["init"])
         final.update(record["trained"])
     _write_json(out, TRIAL_FILE, record)
