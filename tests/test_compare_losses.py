@@ -37,3 +37,35 @@ def test_variants_see_the_same_images_per_step():
     full, ema_only = [c for c in configs.values() if c.train.loss == "synclr"]
     assert full.train.synclr == load_run_config("shapes-synclr").train.synclr   # the built-in's settings
     assert ema_only.train.synclr.local_crops == 0 and ema_only.train.synclr.ibot_weight == 0
+
+
+def _ablations():
+    path = Path(__file__).resolve().parents[1] / "tuning" / "ablate_synclr.py"
+    spec = importlib.util.spec_from_file_location("ablate_synclr", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_synclr_ablation_row_changes_one_setting_of_row_a_and_all_plan():
+    program = _ablations()
+    configs = {v.name: derive_config(load_run_config(v.config), v.overrides) for v in program.VARIANTS}
+    for cfg in configs.values():
+        plan_run(cfg)  # every check of a run passes
+    row_a = next(c for name, c in configs.items() if name.startswith("A:")).train.synclr.model_dump()
+    changed = {}
+    for name, cfg in configs.items():
+        if name.startswith("A with"):
+            s = cfg.train.synclr.model_dump()
+            changed[name] = {k for k in s if s[k] != row_a[k]} - {"export"}
+            assert cfg.train.steps == 1600 and cfg.images.per_caption == 4
+    assert all(len(keys) == 1 for keys in changed.values()), changed
+    assert len({k for keys in changed.values() for k in keys}) == len(changed)   # each a different setting
+
+
+def test_the_shipped_shapes_synclr_is_a_row_the_ablation_table_measured():
+    program = _ablations()
+    shipped = program.config_hash(load_run_config("shapes-synclr"))
+    measured = {program.config_hash(derive_config(load_run_config(v.config), v.overrides)): v.name
+                for v in program.VARIANTS if v.overrides}
+    assert shipped in measured

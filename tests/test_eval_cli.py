@@ -59,7 +59,10 @@ def test_cli_eval_knn_and_linear_on_an_image_folder(ray_cluster: str, backbone_d
     assert report["eval_config"]["knn_k"] == 3
     table = (out / "eval.md").read_text()
     assert table == format_table(report) and "| knn | top-1 accuracy (k=3, T=0.07) | 1.0000 |" in table
-    assert "| linear | top-1 accuracy | 1.0000 |" in proc.out
+    wd = r["linear_weight_decay"]
+    assert wd in report["eval_config"]["linear_weight_decay"]   # chosen from the grid, on validation
+    assert f"| linear | top-1 accuracy (weight decay {wd:g}, chosen on validation) | 1.0000 |" in proc.out
+    assert "| knn | top-5 accuracy | 1.0000 |" in proc.out
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -178,6 +178,8 @@ def test_parquet_with_masks_through_ray(ray_cluster: str, tmp_path: Path, model_
         round(out["segmentation_pixel_accuracy"] * 3 * SIZE * SIZE), abs=1e-3)   # ... and of their pixels
     present = [v for v in out["segmentation_iou_per_class"] if v is not None]
     assert out["segmentation_miou"] == pytest.approx(sum(present) / len(present), abs=1e-5)
+    objects = [v for c, v in enumerate(out["segmentation_iou_per_class"]) if v is not None and c != 0]
+    assert out["segmentation_miou_objects"] == pytest.approx(sum(objects) / len(objects), abs=1e-5)
 
 
 def test_synray_store_through_ray(ray_cluster: str, tmp_path: Path, model_dir: str) -> None:
@@ -231,3 +233,71 @@ def test_a_generated_held_out_set_is_its_first_rows_by_row_id_in_every_execution
     for _ in range(2):
         rows = collect_rows(heldout_dataset(plan.heldout), "held-out")
         assert [r["caption_id"] for r in rows] == first
+
+
+def test_repeated_captions_never_straddle_the_reference_query_split() -> None:
+    """Rows of one image each (a Parquet set's layout) whose captions repeat, in other case, spacing and end
+    punctuation: after the split every caption lies on one side only, in every protocol (they share the split)."""
+    from synray.eval.datasets import caption_key, rows_to_arrays
+    from synray.eval.protocols import fit_validation, reference_query
+
+    rng = np.random.default_rng(0)
+    base = [f"a {colour} {shape} on grass" for colour in ("red", "blue", "green", "black") for shape in
+            ("circle", "star", "square")]
+    variants = (lambda c: c, lambda c: c.upper() + ".", lambda c: "  " + c.replace(" ", "   ") + " !")
+    captions = [variants[rng.integers(3)](base[i]) for i in rng.integers(0, len(base), 240)]
+    batch = normalise_parquet_batch({"image": [b"x"] * 240, "label": [base.index(caption_key(c)) % 3 for c in captions],
+                                     "text": captions}, parquet_layout(pa.schema([("image", pa.binary()),
+                                                                                  ("label", pa.int64()),
+                                                                                  ("text", pa.string())]), "t"))
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(240)]
+    for seed in range(5):
+        arrays = rows_to_arrays(rows, 8, ())
+        ref, query, _ = reference_query(arrays, seed=seed)
+        keys = np.asarray([caption_key(c) for c in captions])
+        assert not set(keys[ref]) & set(keys[query]) and ref.size and query.size
+        fit, val = fit_validation(arrays, ref, 0.2, seed)
+        assert not set(keys[fit]) & set(keys[val]) and fit.size and val.size
+    assert len(np.unique(arrays.groups)) == len(set(keys)) == len(base)
+
+
+def _tar(path: Path, samples: list[dict[str, bytes]]) -> Path:
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i, sample in enumerate(samples):
+            for ext, data in sample.items():
+                info = tarfile.TarInfo(f"sample{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_webdataset_shards_with_split_folders_through_ray(ray_cluster: str, tmp_path: Path, model_dir: str) -> None:
+    """WebDataset tars (jpg/png + cls + txt per sample) in train/ and test/ folders: the folder gives the split,
+    cls the label, txt the caption, and the features equal the encoder's on the decoded images."""
+    labels = {"train": [0, 1, 2, 0, 1], "test": [2, 0, 1]}
+    images = {split: [_image(lab, k) for k, lab in enumerate(labs)] for split, labs in labels.items()}
+    for split, labs in labels.items():
+        _tar(tmp_path / "wds" / split / "shard-000000.tar",
+             [{"png": _png(img), "cls": str(lab).encode(), "txt": f"a shape of class {lab}".encode()}
+              for img, lab in zip(images[split], labs)])
+    source = inspect_dataset(tmp_path / "wds")
+    assert source.kind == "webdataset" and source.has_labels and len(source.files) == 2
+    arrays = extract_arrays(source, model_dir, SIZE, ("features",), batch_size=3)
+    order = sorted(range(8), key=lambda i: (arrays.split[i], i))   # shards may arrive in either order
+    assert sorted(arrays.labels.tolist()) == sorted(labels["train"] + labels["test"])
+    assert list(arrays.split).count("train") == 5 and list(arrays.split).count("test") == 3
+    stacked = np.stack(images["test"] + images["train"])
+    expected = extract_features(load_backbone(model_dir), stacked, SIZE).numpy()
+    np.testing.assert_allclose(arrays.features.numpy()[order], expected, rtol=1e-4, atol=1e-5)
+    assert len(np.unique(arrays.groups)) == 3   # the three distinct captions
+    out = run_protocols(arrays, ["knn"], EvalConfig(knn_k=3))
+    assert out["split"] == "split column" and (out["num_reference"], out["num_query"]) == (5, 3)
+
+
+def test_a_webdataset_without_a_class_index_is_refused_naming_its_keys(tmp_path: Path) -> None:
+    _tar(tmp_path / "bad" / "shard-0.tar", [{"jpg": b"x", "json": b"{}"}])
+    with pytest.raises(EvalError, match=r"has the keys \['jpg', 'json'\]; expected an image .* and a class index"):
+        inspect_dataset(tmp_path / "bad")

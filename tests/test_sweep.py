@@ -264,3 +264,21 @@ def test_nested_subsets_are_the_first_n_rows_in_plan_order_with_the_first_m_imag
     assert sorted(r["row_id"] % stride for r in thrice) == sorted(order[:6] * 3)
     with pytest.raises(StoreError, match="larger than its pool"):
         store.first_rows(len(order) + 1)
+
+
+def test_the_report_chooses_each_methods_trial_on_the_validation_figure_not_the_query_one(tmp_path: Path):
+    """In each method the trial best on the query side is not the one best on validation: the report picks the
+    latter and reports its query figure (the query side takes no part in the choice)."""
+    from synray.sweep.report import selection
+
+    trials = [{"trial_id": f"{v}{n}", "status": "finished", "params": {"variant": v, "data.num_captions": n},
+               "trained": {"knn_accuracy": q, "val_knn_accuracy": val}}
+              for v, n, q, val in [("a", 40, 0.50, 0.41), ("a", 80, 0.45, 0.44), ("b", 40, 0.60, 0.30),
+                                   ("b", 80, 0.40, 0.35)]]
+    lines = selection(trials, "knn_accuracy")
+    assert lines[0].startswith("selection on val_knn_accuracy")
+    picked = {line.split(":")[0].strip(): line for line in lines[1:]}
+    assert "trial a80 " in picked["a"] and "knn_accuracy 0.4500" in picked["a"]
+    assert "trial b80 " in picked["b"] and "knn_accuracy 0.4000" in picked["b"]
+    assert "trial a80 " in picked["all trials"]
+    assert "no trial is chosen" in selection(trials, "segmentation_miou")[0]

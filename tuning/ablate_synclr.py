@@ -33,6 +33,7 @@ from synray.programs.session import session
 from synray.train.objectives import get_objective
 
 METRICS = {"knn_accuracy": "kNN", "linear_accuracy": "linear probe", "segmentation_miou": "segmentation mIoU"}
+VALIDATION = ("val_knn_accuracy", "val_linear_accuracy")
 #: the settings the SynCLR rows ablate, as the published runs set them per step (pinned, so that a row's meaning
 #: and its reused run stay put when the built-in's defaults move)
 PUBLISHED = {"train.synclr.ema_horizon": None, "train.synclr.ema_momentum": 0.994, "train.synclr.prototypes": 1024,
@@ -145,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cell(scores: dict[str, float], bold: bool = False) -> str:
-    text = " / ".join(f"{scores.get(k, float('nan')):.3f}" for k in METRICS)
-    return f"**{text}**" if bold else text
+def _cell(scores: dict[str, float], keys: tuple[str, ...] = tuple(METRICS)) -> str:
+    return " / ".join(f"{scores.get(k, float('nan')):.3f}" for k in keys)
 
 
 def table(results: dict[str, Any], ref: RunConfig) -> str:
@@ -155,19 +155,33 @@ def table(results: dict[str, Any], ref: RunConfig) -> str:
     per_step = ref.train.captions_per_worker * ref.images.per_caption * ref.train.num_workers
     rows = next(iter(results.values()))["heldout_rows"] if results else 0
     lines = [f"{ref.train.steps} steps of {per_step} images; one run each; scored on {rows} held-out captions x "
-             f"{ref.images.per_caption} images (half of the captions the probes' query side). Cells: "
-             f"{' / '.join(METRICS.values())}.", "",
-             "| variant | teacher | student | StableRep's network | at step 0 | loss parts at the end: "
-             "global / local / iBOT | training time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"{ref.images.per_caption} images (half of the captions the probes' query side; a fifth of the "
+             f"reference side's captions the validation part). Query cells: {' / '.join(METRICS.values())}; "
+             "validation cells: kNN / linear probe.", "",
+             "| variant | teacher | student | StableRep's network | at step 0 | validation: teacher; student | "
+             "loss parts at the end: global / local / iBOT |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         s = r["scores"]
         parts = r.get("final_loss_parts") or {}
         loss = " / ".join(f"{parts[k]:.2f}" for k in ("loss_global", "loss_local", "loss_ibot") if k in parts)
-        minutes = f"{r['train_s'] / 60:.1f} min" if r.get("train_s") else ""
+        val = "; ".join(_cell(s[m], keys=VALIDATION) for m in ("teacher", "student", "trained") if m in s)
         lines.append(f"| {name} | {_cell(s['teacher']) if 'teacher' in s else ''} | "
                      f"{_cell(s['student']) if 'student' in s else ''} | "
-                     f"{_cell(s['trained']) if 'trained' in s else ''} | {_cell(s['init'])} | {loss} | {minutes} |")
+                     f"{_cell(s['trained']) if 'trained' in s else ''} | {_cell(s['init'])} | {val} | {loss} |")
+    best = chosen(results)
+    if best:
+        lines += ["", f"Chosen on the validation kNN accuracy (never the query figures): {best}."]
     return "\n".join(lines) + "\n"
+
+
+def chosen(results: dict[str, Any]) -> str | None:
+    """The SynCLR row and network with the best validation kNN accuracy."""
+    options = [(r["scores"][m].get("val_knn_accuracy", float("-inf")), name, m) for name, r in results.items()
+               for m in ("teacher", "student") if m in r["scores"]]
+    if not options:
+        return None
+    score, name, network = max(options)
+    return f"{name}, its {network} (validation kNN {score:.3f})"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ same rows as multi-positive training and takes its crops, heads and schedules fr
 section of `--synclr` (default: the `shapes-synclr` built-in); its local crops are extra views. A second
 SynCLR variant keeps only the EMA teacher (one crop, no masking: the paper's "+EMA" ablation step). All variants
 are scored on one held-out store (the base config's held-out set, m images per caption), generated
-once under `output_root`. Writes the figure, and `<figure>.json` with every run's evaluation.
+once under `output_root`. Writes the figure, and `<figure>.json` with every run's evaluation; prints the variants
+ranked on the validation kNN figure (never on the query figures it plots).
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         report[name] = {**summary["eval"], "run_dir": str(rd.path), "train": summary["train"]}
         print(f"{name}: " + ", ".join(f"{k} {summary['eval']['trained'].get(k, float('nan')):.3f} "
                                       f"(init {summary['eval']['init'].get(k, float('nan')):.3f})" for k in METRICS))
+    ranked = sorted(report, key=lambda n: -report[n]["trained"].get("val_knn_accuracy", float("-inf")))
+    print("ranked on val_knn_accuracy (a validation part of the reference side; the query figures above take no "
+          "part): " + ", ".join(f"{n} {report[n]['trained'].get('val_knn_accuracy', float('nan')):.3f}"
+                               for n in ranked))
     out = Path(args.out)
     chance = next(iter(report.values()))["trained"].get("chance")
     per_step = base.train.captions_per_worker * base.images.per_caption * base.train.num_workers

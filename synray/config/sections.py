@@ -416,7 +416,10 @@ class EvalConfig(Section):
     linear_epochs: int = Field(90, ge=1)
     linear_lr: float = Field(0.1, gt=0, description="peak SGD learning rate (cosine to 0)")
     linear_batch_size: int = Field(256, ge=2)
-    linear_weight_decay: float = Field(0.0, ge=0)
+    linear_weight_decay: list[float] = Field(
+        default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0], min_length=1,
+        description="the probe's weight decays: each is trained on the fit part of the reference side, the one "
+                    "scoring best on its validation part is refit on all of it and scored once on the query side")
     linear_bn: bool = Field(True, description="StableRep/MAE's non-affine BatchNorm before the linear layer")
     zeroshot_templates: list[str] = Field(
         default_factory=lambda: ["a photo of a {}.", "a photo of the small {}.", "a photo of the large {}.",
@@ -430,12 +433,29 @@ class EvalConfig(Section):
     segmentation_num_classes: int | None = Field(
         None, ge=2, description="mask classes (default: largest mask value + 1, ignore_index excluded)")
     segmentation_ignore_index: int | None = Field(255, ge=0, description="mask value left out of loss and mIoU")
+    segmentation_background: int | None = Field(
+        0, ge=0, description="mask class of the background: segmentation_miou_objects leaves it out")
     query_fraction: float = Field(0.5, gt=0, lt=1, description="query share of a split made without a split column")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="validation share of the reference side's captions (split whole): the "
+                                     "linear probe's weight decay is chosen there, and the val_* figures scored")
     batch_size: int = Field(256, ge=1, description="images per encoder forward when extracting features")
     feature_actors: int = Field(1, ge=1, description="`synray eval`: Ray Data feature-extraction actors")
     use_gpu: bool = Field(False, description="`synray eval`: one GPU per feature-extraction actor")
     resources: CustomResources
     dataset: str | None = Field(None, description="evaluate on this dataset instead of a held-out set")
+
+    @field_validator("linear_weight_decay", mode="before")
+    @classmethod
+    def _one_weight_decay_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (int, float)) else v
+
+    @field_validator("linear_weight_decay")
+    @classmethod
+    def _weight_decays_not_negative(cls, v: list[float]) -> list[float]:
+        if any(w < 0 for w in v):
+            raise ValueError(f"weight decays must be >= 0, not {v}")
+        return v
 
     @field_validator("zeroshot_templates")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,17 @@ from synray.eval.features import FeatureExtractor
 from synray.eval.protocols import EvalArrays, label_names
 
 __all__ = ["IMAGE_EXTENSIONS", "ParquetLayout", "EvalSource", "parquet_layout", "hf_label_names",
-           "normalise_parquet_batch", "scan_image_folder", "image_folder_batch", "inspect_dataset",
-           "source_dataset", "rows_to_arrays", "add_extractors", "in_order", "collect_rows", "model_rows", "extract_arrays"]
+           "normalise_parquet_batch", "scan_image_folder", "image_folder_batch", "scan_webdataset", "webdataset_batch",
+           "inspect_dataset",
+           "source_dataset", "caption_key", "caption_groups", "rows_to_arrays", "add_extractors", "in_order",
+           "collect_rows", "model_rows", "extract_arrays"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 #: accepted names of the per-row image column(s), in order of preference
 IMAGE_COLUMNS = ("image", "img")
 NAME_COLUMNS = ("class_name", "concept")
+#: accepted names of a caption column: rows with equal (normalised) captions stay on one side of a split
+CAPTION_COLUMNS = ("caption", "text")
 #: sub-folders of an image folder that hold a reference / query split of class folders
 FOLDER_SPLITS = {"train": "train", "test": "test", "val": "val", "validation": "validation"}
 EXPECTED = ("image (bytes) + label (int) [+ mask (PNG bytes), class_name, split], or a synray store's "
@@ -47,6 +52,7 @@ class ParquetLayout:
     mask: str | None = None
     name: str | None = None
     split: str | None = None
+    caption: str | None = None
 
 
 def _is_binaryish(t: Any) -> bool:
@@ -83,7 +89,8 @@ def parquet_layout(schema: Any, where: str) -> ParquetLayout:
         raise EvalError(f"no 'label' column (and no masks for a segmentation-only dataset); {found}")
     return ParquetLayout(image=image, multi=multi, label=label, mask=mask_col,
                          name=next((c for c in NAME_COLUMNS if c in names), None),
-                         split="split" if "split" in names else None)
+                         split="split" if "split" in names else None,
+                         caption=next((c for c in CAPTION_COLUMNS if c in names), None))
 
 
 def hf_label_names(schema: Any) -> dict[int, str] | None:
@@ -119,7 +126,7 @@ def _strings(values: Any) -> np.ndarray:
 
 def normalise_parquet_batch(batch: Mapping[str, np.ndarray], layout: ParquetLayout) -> dict[str, np.ndarray]:
     """One Parquet batch -> the canonical columns: ``images`` (list of bytes per row), ``label`` and,
-    when the layout has them, ``masks``, ``split``, ``class_name``."""
+    when the layout has them, ``masks``, ``split``, ``class_name``, ``caption``."""
     n = len(batch[layout.image])
     if layout.multi:
         images = [[_bytes_of(x) for x in (row if row is not None else [])] for row in batch[layout.image]]
@@ -138,6 +145,8 @@ def normalise_parquet_batch(batch: Mapping[str, np.ndarray], layout: ParquetLayo
         out["split"] = _strings(batch[layout.split])
     if layout.name:
         out["class_name"] = _strings(batch[layout.name])
+    if layout.caption:
+        out["caption"] = _strings(batch[layout.caption])
     return out
 
 
@@ -195,17 +204,75 @@ def image_folder_batch(batch: Mapping[str, np.ndarray], class_to_idx: Mapping[st
     return out
 
 
+# --------------------------------------------------------------------------------- WebDataset
+#: WebDataset sample keys (file extensions in the tar) read for the image, the class index and the caption
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+WDS_LABEL_KEYS = ("cls", "label")
+WDS_CAPTION_KEYS = ("txt", "caption")
+
+
+@dataclass(frozen=True)
+class WebDatasetShards:
+    """The tar shards of a WebDataset (``root/*.tar``, or ``root/<split>/*.tar``) and the keys of its samples."""
+
+    files: list[str]
+    split_layout: bool
+    label_key: str
+
+
+def _shard_split(path: str | Path) -> str | None:
+    return FOLDER_SPLITS.get(Path(str(path)).parent.name)
+
+
+def scan_webdataset(root: Path) -> WebDatasetShards | None:
+    """The shards under ``root`` (None without any); EvalError when the first sample lacks an image or a label."""
+    files = [str(root)] if root.is_file() else sorted(str(p) for p in root.rglob("*.tar") if not p.name.startswith("."))
+    if not files:
+        return None
+    with tarfile.open(files[0]) as tar:
+        first = next((m.name for m in tar if m.isfile()), "")
+        key = first.rsplit(".", 1)[0] if "." in first else first
+        keys = {m.name[len(key) + 1:].lower() for m in tar.getmembers() if m.name.startswith(key + ".")}
+    label = next((k for k in WDS_LABEL_KEYS if k in keys), None)
+    if not keys & set(WDS_IMAGE_KEYS) or label is None:
+        raise EvalError(f"WebDataset {root}: the first sample of {files[0]} has the keys {sorted(keys)}; expected an "
+                        f"image ({', '.join(WDS_IMAGE_KEYS)}) and a class index ({', '.join(WDS_LABEL_KEYS)}) "
+                        f"[+ a caption: {', '.join(WDS_CAPTION_KEYS)}]")
+    splits = [_shard_split(f) for f in files]
+    return WebDatasetShards(files, all(splits) and "train" in splits, label)
+
+
+def webdataset_batch(batch: Mapping[str, np.ndarray], split_layout: bool, label_key: str) -> dict[str, np.ndarray]:
+    """``read_webdataset`` rows (undecoded bytes per key) -> canonical rows."""
+    n = len(batch["__key__"])
+    images = []
+    for i in range(n):
+        image = next((batch[k][i] for k in WDS_IMAGE_KEYS if k in batch and batch[k][i] is not None), None)
+        if image is None:
+            raise EvalError(f"WebDataset sample {batch['__key__'][i]} has no image ({', '.join(WDS_IMAGE_KEYS)})")
+        images.append([bytes(image)])
+    out = {"images": _object_column(images),
+           "label": np.asarray([int(bytes(v).decode().strip()) for v in batch[label_key]], dtype=np.int64)}
+    caption = next((k for k in WDS_CAPTION_KEYS if k in batch), None)
+    if caption:
+        out["caption"] = _strings(batch[caption])
+    if split_layout:
+        out["split"] = _object_column([_shard_split(u) for u in batch["__url__"]])
+    return out
+
+
 # ------------------------------------------------------------------------------------- sources
 @dataclass
 class EvalSource:
     """What an evaluation dataset is, found without Ray: its kind, files and columns."""
 
     path: str
-    kind: str                               # "synray-store", "parquet" or "image-folder"
+    kind: str                               # "synray-store", "parquet", "image-folder" or "webdataset"
     files: list[str]
     layout: ParquetLayout | None = None     # Parquet kinds
     folder: ImageFolder | None = None       # image folders
     class_names: dict[int, str] | None = None
+    shards: WebDatasetShards | None = None  # WebDataset tars
 
     @property
     def has_masks(self) -> bool:
@@ -213,7 +280,8 @@ class EvalSource:
 
     @property
     def has_labels(self) -> bool:
-        return self.folder is not None or (self.layout is not None and self.layout.label is not None)
+        return (self.folder is not None or self.shards is not None
+                or (self.layout is not None and self.layout.label is not None))
 
 
 def _parquet_files(root: Path) -> tuple[str, list[str]]:
@@ -243,19 +311,27 @@ def _parquet_uri(uri: str) -> EvalSource:
 
 
 def inspect_dataset(path: str | Path) -> EvalSource:
-    """Find out what ``path`` holds: Parquet file(s), a synray store, or an image-folder tree (local paths)."""
+    """Find out what ``path`` holds: Parquet file(s), a synray store, WebDataset tar shards or an image-folder tree
+    (the last two from local or mounted paths)."""
     if is_uri(path):
         return _parquet_uri(str(path))
     root = Path(path)
     if not root.exists():
         raise EvalError(f"evaluation dataset {root} does not exist")
+    if root.is_file() and root.suffix == ".tar":
+        shards = scan_webdataset(root)
+        return EvalSource(str(root), "webdataset", shards.files, shards=shards)
     if root.is_file() and root.suffix != ".parquet":
-        raise EvalError(f"evaluation dataset {root} is a file but not .parquet; expected a Parquet file, "
-                        "a directory of Parquet files / a synray store, or an image folder root/<class>/<image>")
+        raise EvalError(f"evaluation dataset {root} is a file but not .parquet or .tar; expected a Parquet file, "
+                        "a directory of Parquet files / a synray store, WebDataset .tar shards, or an image folder "
+                        "root/<class>/<image>")
     kind, files = _parquet_files(root)
     if not files:
         if kind == "synray-store":
             raise EvalError(f"synray store {root} holds no shard-*.parquet files yet")
+        shards = scan_webdataset(root)
+        if shards is not None:
+            return EvalSource(str(root), "webdataset", shards.files, shards=shards)
         folder = scan_image_folder(root)
         return EvalSource(str(root), "image-folder", folder.files, folder=folder,
                           class_names=dict(enumerate(folder.class_names)))
@@ -268,8 +344,12 @@ def source_dataset(source: EvalSource) -> Any:
     """The Ray Dataset of a source, in the canonical columns.
 
     Those are ``images`` (a list of encoded images per row) and ``label``, plus ``masks``,
-    ``split`` and ``class_name`` when the source has them.
+    ``split``, ``class_name`` and ``caption`` when the source has them.
     """
+    if source.shards is not None:
+        return ray.data.read_webdataset(source.files, decoder=None).map_batches(
+            webdataset_batch, batch_format="numpy",
+            fn_kwargs={"split_layout": source.shards.split_layout, "label_key": source.shards.label_key})
     if source.folder is not None:
         class_to_idx = {n: i for i, n in enumerate(source.folder.class_names)}
         ds = ray.data.read_binary_files(source.files, include_paths=True)
@@ -277,7 +357,7 @@ def source_dataset(source: EvalSource) -> Any:
                               fn_kwargs={"class_to_idx": class_to_idx, "split_layout": source.folder.split_layout})
     layout = source.layout
     assert layout is not None
-    columns = [c for c in (layout.image, layout.label, layout.mask, layout.name, layout.split) if c]
+    columns = [c for c in (layout.image, layout.label, layout.mask, layout.name, layout.split, layout.caption) if c]
     ds = ray.data.read_parquet(source.files).select_columns(columns)
     return ds.map_batches(normalise_parquet_batch, batch_format="numpy", fn_kwargs={"layout": layout})
 
@@ -288,17 +368,29 @@ def _stack(rows: Sequence[Mapping[str, Any]], key: str) -> Any:
     return torch.from_numpy(np.concatenate(parts)) if parts else None
 
 
+def caption_key(text: Any) -> str:
+    """A caption as the split compares it: lower case, runs of white space as one space, no end punctuation."""
+    return " ".join(str(text).lower().split()).strip(" .!?,;:")
+
+
+def caption_groups(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """One group id per row: rows whose captions are equal once normalised (`caption_key`) share one, so an
+    identical caption never lies on both sides of a reference/query split; a row without a caption is its own."""
+    keys = [caption_key(r["caption"]) if r.get("caption") not in (None, "") else f"\0row {i}"
+            for i, r in enumerate(rows)]
+    return np.unique(np.asarray(keys, dtype=object), return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
 def rows_to_arrays(rows: Sequence[Mapping[str, Any]], image_size: int, outputs: Sequence[str],
                    class_names: Mapping[int, str] | None = None, has_labels: bool = True) -> EvalArrays:
     """Collected rows (canonical columns plus one feature column per output, [m_i, ...] per row) -> arrays.
 
-    Each image gets its row's label, split and class name, and the row index as its group.
+    Each image gets its row's label, split and class name, and its row's caption group (`caption_groups`).
     Masks are decoded and nearest-resized to ``image_size``.
     """
     counts = [len(r[outputs[0]]) if outputs else len(r["images"]) for r in rows]
     labels = np.repeat(np.asarray([int(r["label"]) for r in rows], np.int64), counts)
-    arrays = EvalArrays(labels=labels, groups=np.repeat(np.arange(len(rows), dtype=np.int64), counts),
-                        has_labels=has_labels)
+    arrays = EvalArrays(labels=labels, groups=np.repeat(caption_groups(rows), counts), has_labels=has_labels)
     for name in outputs:
         setattr(arrays, name, _stack(rows, name))
     if rows and "split" in rows[0]:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_predict", "knn_accuracy", "split_reference_query"]
+__all__ = ["knn_votes", "knn_predict", "knn_accuracy", "split_reference_query"]
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -27,9 +27,9 @@ def _labels(y: ArrayLike, n: int, name: str) -> torch.Tensor:
     return t
 
 
-def knn_predict(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike, k: int = 20,
-                temperature: float = 0.07, num_classes: int | None = None, chunk_size: int = 1024) -> torch.Tensor:
-    """Predicted class [M] of each test row: vote of its k most cosine-similar train rows, weighted exp(sim / T)."""
+def knn_votes(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike, k: int = 20,
+              temperature: float = 0.07, num_classes: int | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Class votes [M, C] of each test row: its k most cosine-similar train rows, each weighted exp(sim / T)."""
     train = _feats(train_feats, "train_feats")
     test = _feats(test_feats, "test_feats")
     labels = _labels(train_labels, train.shape[0], "train_labels").to(train.device)
@@ -45,31 +45,36 @@ def knn_predict(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: Arr
     k = min(k, train.shape[0])
     train = F.normalize(train, dim=1)
     test = F.normalize(test.to(train.device), dim=1)
-    preds = []
+    out = []
     for start in range(0, test.shape[0], max(1, chunk_size)):
         sim = test[start:start + chunk_size] @ train.T                      # [b, N_train]
         top_sim, top_idx = sim.topk(k, dim=1)                                 # [b, k]
-        weights = (top_sim / temperature).exp()
         votes = torch.zeros(sim.shape[0], c, device=sim.device)
-        votes.scatter_add_(1, labels[top_idx], weights)
-        preds.append(votes.argmax(dim=1))
-    if not preds:
-        return torch.empty(0, dtype=torch.long)
-    return torch.cat(preds).cpu()
+        out.append(votes.scatter_add_(1, labels[top_idx], (top_sim / temperature).exp()).cpu())
+    return torch.cat(out) if out else torch.zeros(0, c)
+
+
+def knn_predict(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike, k: int = 20,
+                temperature: float = 0.07, num_classes: int | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Predicted class [M] of each test row: vote of its k most cosine-similar train rows, weighted exp(sim / T)."""
+    votes = knn_votes(train_feats, train_labels, test_feats, k, temperature, num_classes, chunk_size)
+    return votes.argmax(dim=1) if votes.shape[0] else torch.empty(0, dtype=torch.long)
 
 
 def knn_accuracy(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike, test_labels: ArrayLike,
                  k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                 chunk_size: int = 1024) -> float:
-    """Top-1 accuracy of the weighted kNN classifier (cosine similarity, DINO's exp(sim / T) votes)."""
+                 chunk_size: int = 1024, top: int = 1) -> float:
+    """Top-``top`` accuracy of the weighted kNN classifier (cosine similarity, DINO's exp(sim / T) votes): the
+    share of test rows whose class is among the ``top`` classes with the most votes (DINO reports 1 and 5)."""
     test = _feats(test_feats, "test_feats")
     truth = _labels(test_labels, test.shape[0], "test_labels")
     if truth.numel() == 0:
         raise ValueError("kNN accuracy needs at least one query (test) row")
     if num_classes is None:
         num_classes = int(max(int(torch.as_tensor(train_labels).max()), int(truth.max()))) + 1
-    pred = knn_predict(train_feats, train_labels, test, k, temperature, num_classes, chunk_size)
-    return float((pred == truth).float().mean())
+    votes = knn_votes(train_feats, train_labels, test, k, temperature, num_classes, chunk_size)
+    best = votes.topk(min(top, votes.shape[1]), dim=1).indices
+    return float((best == truth[:, None]).any(dim=1).float().mean())
 
 
 def split_reference_query(labels: ArrayLike, groups: ArrayLike, query_fraction: float = 0.5,

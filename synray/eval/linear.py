@@ -1,16 +1,18 @@
-"""Linear probe on frozen features: optional non-affine BatchNorm, SGD with momentum and a cosine schedule."""
+"""Linear probe on frozen features: optional non-affine BatchNorm, SGD with momentum and a cosine schedule, its
+weight decay chosen on a validation split."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LinearProbe", "linear_probe", "torch_threads"]
+__all__ = ["LinearProbe", "linear_probe", "selected_linear_probe", "torch_threads"]
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -130,3 +132,26 @@ def _train(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.T
             step += 1
     return {"accuracy": _accuracy(model, xte, yte), "train_accuracy": _accuracy(model, xtr, ytr),
             "num_classes": c, "steps": step}
+
+
+def selected_linear_probe(fit: tuple[ArrayLike, ArrayLike], val: tuple[ArrayLike, ArrayLike] | None,
+                          train: tuple[ArrayLike, ArrayLike], test: tuple[ArrayLike, ArrayLike],
+                          weight_decays: list[float], **probe: Any) -> dict[str, Any]:
+    """The linear protocol of MAE/StableRep/DINOv2 with its regularisation chosen off the test set.
+
+    A probe per weight decay trains on ``fit`` and is scored on ``val`` (features, labels); the decay with the
+    best validation accuracy (ties: the larger decay) is trained again on ``train`` (fit and val together)
+    and scored once on ``test``. With one decay, or no ``val``, that decay is used as is. ``probe`` is passed
+    to `linear_probe`. Returns `linear_probe`'s figures plus ``weight_decay`` (the chosen one),
+    ``val_accuracy`` (its validation accuracy, NaN without a choice) and ``val_accuracies`` (per decay).
+    """
+    scores: dict[float, float] = {}
+    if val is not None and len(weight_decays) > 1:
+        for wd in weight_decays:
+            scores[float(wd)] = float(linear_probe(*fit, *val, weight_decay=wd, **probe)["accuracy"])
+        chosen = max(scores, key=lambda wd: (scores[wd], wd))
+    else:
+        chosen = float(weight_decays[0])
+    out: dict[str, Any] = dict(linear_probe(*train, *test, weight_decay=chosen, **probe))
+    out.update(weight_decay=chosen, val_accuracy=scores.get(chosen, float("nan")), val_accuracies=scores)
+    return out

@@ -12,17 +12,19 @@ import torch
 from synray.config import EVAL_PROTOCOLS, EvalConfig
 from synray.eval.errors import EvalError
 from synray.eval.knn import knn_accuracy, split_reference_query
-from synray.eval.linear import linear_probe
+from synray.eval.linear import selected_linear_probe
 from synray.eval.segmentation import segmentation_probe
 from synray.eval.zeroshot import zeroshot_classify
 
-__all__ = ["SUPPORTED_PROTOCOLS", "BACKBONE_PROTOCOLS", "check_protocols", "EvalArrays", "label_names",
+__all__ = ["SUPPORTED_PROTOCOLS", "BACKBONE_PROTOCOLS", "VALIDATION_FIGURES", "fit_validation", "check_protocols", "EvalArrays", "label_names",
            "reference_query", "run_protocols", "outputs_for"]
 
 #: every protocol, in report order (zeroshot needs an image-text model, segmentation images with masks)
 SUPPORTED_PROTOCOLS = EVAL_PROTOCOLS
 #: protocols that need nothing beyond the backbone and labelled images
 BACKBONE_PROTOCOLS = ("knn", "linear", "segmentation")
+#: a query figure -> the same figure on the validation part of the reference side, what runs are chosen by
+VALIDATION_FIGURES = {"knn_accuracy": "val_knn_accuracy", "linear_accuracy": "val_linear_accuracy"}
 #: values of a `split` column: reference (probe training / kNN memory) and query (scored) images
 REFERENCE_SPLITS = ("train",)
 QUERY_SPLITS = ("test", "val", "validation", "query")
@@ -111,7 +113,39 @@ def reference_query(arrays: EvalArrays, seed: int = 0,
     if np.unique(arrays.groups).size < 2:
         raise EvalError(f"evaluation needs at least two rows with images, got {np.unique(arrays.groups).size}")
     ref, query = split_reference_query(arrays.labels, arrays.groups, query_fraction=query_fraction, seed=seed)
-    return ref, query, f"stratified {1 - query_fraction:g}/{query_fraction:g} (seed {seed})"
+    return ref, query, f"stratified {1 - query_fraction:g}/{query_fraction:g}, captions whole (seed {seed})"
+
+
+def fit_validation(arrays: EvalArrays, ref: np.ndarray, fraction: float,
+                   seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The reference side split again, by group and stratified by label, into a fit part and a validation part
+    (indices into the arrays); None when the reference side has fewer than two groups."""
+    try:
+        fit, val = split_reference_query(arrays.labels[ref], arrays.groups[ref], query_fraction=fraction,
+                                         seed=seed + 1)
+    except ValueError:
+        return None
+    return ref[fit], ref[val]
+
+
+def _knn(feats: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, query: torch.Tensor,
+         fit_val: tuple[torch.Tensor, torch.Tensor] | None, cfg: EvalConfig, c: int) -> dict[str, Any]:
+    def acc(a: torch.Tensor, b: torch.Tensor, top: int = 1) -> float:
+        return knn_accuracy(feats[a], y[a], feats[b], y[b], k=cfg.knn_k, temperature=cfg.knn_temperature,
+                            num_classes=c, top=top)
+    return {"knn_accuracy": acc(ref, query), "knn_top5_accuracy": acc(ref, query, 5),
+            "val_knn_accuracy": acc(*fit_val) if fit_val is not None else float("nan")}
+
+
+def _linear(feats: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, query: torch.Tensor,
+            fit_val: tuple[torch.Tensor, torch.Tensor] | None, cfg: EvalConfig, c: int, seed: int) -> dict[str, Any]:
+    fit, val = fit_val if fit_val is not None else (ref, None)
+    probe = selected_linear_probe((feats[fit], y[fit]), (feats[val], y[val]) if val is not None else None,
+                                  (feats[ref], y[ref]), (feats[query], y[query]), cfg.linear_weight_decay,
+                                  epochs=cfg.linear_epochs, lr=cfg.linear_lr, batch_size=cfg.linear_batch_size,
+                                  use_bn=cfg.linear_bn, seed=seed, num_classes=c)
+    return {"linear_accuracy": probe["accuracy"], "linear_train_accuracy": probe["train_accuracy"],
+            "val_linear_accuracy": probe["val_accuracy"], "linear_weight_decay": probe["weight_decay"]}
 
 
 def _need(arrays: EvalArrays, attr: str, protocol: str) -> Any:
@@ -159,7 +193,9 @@ def _segmentation(arrays: EvalArrays, ref: np.ndarray, query: np.ndarray, cfg: E
                                  use_bn=cfg.segmentation_bn, ignore_index=cfg.segmentation_ignore_index, seed=seed)
     except ValueError as e:
         raise EvalError(f"segmentation probe: {e}") from e
+    objects = [v for i, v in enumerate(out["iou_per_class"]) if v is not None and i != cfg.segmentation_background]
     return {"segmentation_miou": out["miou"], "segmentation_pixel_accuracy": out["pixel_accuracy"],
+            "segmentation_miou_objects": float(np.mean(objects)) if objects else float("nan"),
             "segmentation_train_miou": out["train_miou"], "segmentation_num_classes": out["num_classes"],
             "segmentation_iou_per_class": out["iou_per_class"]}
 
@@ -169,11 +205,16 @@ def run_protocols(arrays: EvalArrays, protocols: Sequence[str], cfg: EvalConfig,
                   image_text: tuple[Any, Any, int] | None = None) -> dict[str, Any]:
     """Run ``protocols`` on extracted arrays; the reference/query split is shared by all of them.
 
-    Returns ``num_reference`` / ``num_query`` (images), ``num_classes`` (labels present),
-    ``chance``, ``split`` (how the split was made) and per protocol: ``knn_accuracy``;
-    ``linear_accuracy``, ``linear_train_accuracy``; ``zeroshot_accuracy``, ``zeroshot_num_classes``,
-    ``zeroshot_chance``; ``segmentation_miou``, ``segmentation_pixel_accuracy``,
-    ``segmentation_train_miou``, ``segmentation_num_classes``, ``segmentation_iou_per_class``.
+    The reference side is split again (by group, ``cfg.val_fraction``) into a fit part and a validation
+    part: the linear probe's weight decay is chosen there, and the ``val_*`` figures (for choosing among
+    runs without looking at the query side) are scored there.
+    Returns ``num_reference`` / ``num_query`` / ``num_fit`` / ``num_val`` (images), ``num_classes`` (labels
+    present), ``chance``, ``split`` (how the split was made) and per protocol: ``knn_accuracy``,
+    ``knn_top5_accuracy``, ``val_knn_accuracy``; ``linear_accuracy``, ``linear_train_accuracy``,
+    ``val_linear_accuracy``, ``linear_weight_decay`` (the chosen one); ``zeroshot_accuracy``,
+    ``zeroshot_num_classes``, ``zeroshot_chance``; ``segmentation_miou``, ``segmentation_miou_objects`` (the
+    background class left out), ``segmentation_pixel_accuracy``, ``segmentation_train_miou``,
+    ``segmentation_num_classes``, ``segmentation_iou_per_class``.
     ``image_text`` is ``(ImageTextModel, tokenizer, max_length)`` for zero-shot.
     """
     if not arrays.has_labels and any(p in protocols for p in ("knn", "linear", "zeroshot")):
@@ -188,17 +229,14 @@ def run_protocols(arrays: EvalArrays, protocols: Sequence[str], cfg: EvalConfig,
                               "num_classes": c, "chance": 1.0 / c, "split": how}
     y = torch.from_numpy(dense.reshape(-1).astype(np.int64))
     ref_t, query_t = torch.from_numpy(ref), torch.from_numpy(query)
+    split = fit_validation(arrays, ref, cfg.val_fraction, seed)
+    fit_val = (torch.from_numpy(split[0]), torch.from_numpy(split[1])) if split is not None else None
+    if split is not None:
+        result.update(num_fit=int(split[0].size), num_val=int(split[1].size))
     if "knn" in protocols:
-        feats = _need(arrays, "features", "knn")
-        result["knn_accuracy"] = knn_accuracy(feats[ref_t], y[ref_t], feats[query_t], y[query_t], k=cfg.knn_k,
-                                              temperature=cfg.knn_temperature, num_classes=c)
+        result.update(_knn(_need(arrays, "features", "knn"), y, ref_t, query_t, fit_val, cfg, c))
     if "linear" in protocols:
-        feats = _need(arrays, "features", "linear")
-        probe = linear_probe(feats[ref_t], y[ref_t], feats[query_t], y[query_t], epochs=cfg.linear_epochs,
-                             lr=cfg.linear_lr, batch_size=cfg.linear_batch_size,
-                             weight_decay=cfg.linear_weight_decay, use_bn=cfg.linear_bn, seed=seed, num_classes=c)
-        result["linear_accuracy"] = probe["accuracy"]
-        result["linear_train_accuracy"] = probe["train_accuracy"]
+        result.update(_linear(_need(arrays, "features", "linear"), y, ref_t, query_t, fit_val, cfg, c, seed))
     if "zeroshot" in protocols:
         result.update(_zeroshot(arrays, (ref, query), cfg, image_text))
     if "segmentation" in protocols:

@@ -90,8 +90,12 @@ def _rows(results: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[tuple[str,
     if "knn_accuracy" in results:
         rows.append(("knn", f"top-1 accuracy (k={cfg.get('knn_k')}, T={cfg.get('knn_temperature')})",
                      results["knn_accuracy"]))
+        rows.append(("knn", "top-5 accuracy", results["knn_top5_accuracy"]))
+        rows.append(("knn", "validation top-1 accuracy", results["val_knn_accuracy"]))
     if "linear_accuracy" in results:
-        rows.append(("linear", "top-1 accuracy", results["linear_accuracy"]))
+        rows.append(("linear", f"top-1 accuracy (weight decay {results['linear_weight_decay']:g}, chosen on "
+                               "validation)", results["linear_accuracy"]))
+        rows.append(("linear", "validation accuracy", results["val_linear_accuracy"]))
         rows.append(("linear", "train accuracy", results["linear_train_accuracy"]))
     if "zeroshot_accuracy" in results:
         templates = len(cfg.get("zeroshot_templates") or [])
@@ -100,6 +104,8 @@ def _rows(results: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[tuple[str,
     if "segmentation_miou" in results:
         rows.append(("segmentation", f"mIoU ({results['segmentation_num_classes']} classes)",
                      results["segmentation_miou"]))
+        rows.append(("segmentation", f"mIoU of the objects (class {cfg.get('segmentation_background')} left out)",
+                     results["segmentation_miou_objects"]))
         rows.append(("segmentation", "pixel accuracy", results["segmentation_pixel_accuracy"]))
     return rows
 
@@ -109,7 +115,8 @@ def format_table(report: Mapping[str, Any]) -> str:
     r = report["results"]
     lines = [f"# Evaluation of {report['model_dir']}", "",
              f"- dataset: {report['dataset']} ({report['dataset_kind']}, {report['num_images']} images)",
-             f"- split: {r['split']}: {r['num_reference']} reference / {r['num_query']} query images",
+             f"- split: {r['split']}: {r['num_reference']} reference / {r['num_query']} query images"
+             + (f" (reference: {r['num_fit']} fit / {r['num_val']} validation)" if "num_val" in r else ""),
              f"- classes: {r['num_classes']} (chance {r['chance']:.4f})", "",
              "| protocol | metric | value |", "| --- | --- | --- |"]
     for protocol, metric, value in _rows(r, report.get("eval_config", {})):

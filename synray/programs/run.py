@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 #: rows of the held-out set drawn in the sample grid
 GRID_ROWS = 8
 #: evaluation results printed at the end of a run, and those compared with chance
-HEADLINE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou",
-                    "segmentation_pixel_accuracy")
+HEADLINE_METRICS = ("knn_accuracy", "knn_top5_accuracy", "linear_accuracy", "zeroshot_accuracy",
+                    "segmentation_miou", "segmentation_miou_objects", "segmentation_pixel_accuracy")
 CHANCE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy")
 
 

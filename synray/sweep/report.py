@@ -16,6 +16,7 @@ import numpy as np
 from synray.config import RunConfig, load_config
 from synray.data.files import atomic_write_text, write_json
 from synray.data.storage import Location, copy_tree, local_file
+from synray.eval.protocols import VALIDATION_FIGURES
 from synray.sweep.budget import write_allocation
 from synray.sweep.fit import MIN_SCALES, WITH_C, ScalingFitError, fit_scaling
 from synray.sweep.space import SCALE_KEY, file_slug, method_name
@@ -29,7 +30,8 @@ TRIAL_FILE = "trial.json"
 START_FILE = "started.json"
 SWEEP_CONFIG = "config.yaml"
 #: the per-trial figures the table shows, when the trials have them
-TABLE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou")
+TABLE_METRICS = ("knn_accuracy", "knn_top5_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou",
+                 "segmentation_miou_objects")
 
 
 @dataclass
@@ -42,13 +44,14 @@ class SweepReport:
     allocation: dict[str, Any] = field(default_factory=dict)
     allocation_lines: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    selection_lines: list[str] = field(default_factory=list)
     failed: int = 0                  # trials Tune reports as errored (set by the sweep program)
 
     def fit_lines(self) -> list[str]:
         """Each group's law, intervals, choice of law and extrapolation check, as printed and in fits.md; then the
         allocation (as in allocation.md) where the sweep varies captions and images per caption."""
         lines = [line for name, g in self.fits.get("groups", {}).items() for line in describe_fit(name, g)]
-        return lines + self.allocation_lines
+        return lines + self.allocation_lines + self.selection_lines
 
 
 def describe_fit(name: str, g: dict[str, Any]) -> list[str]:
@@ -119,8 +122,35 @@ def _table_rows(trials: list[dict[str, Any]], metric: str) -> list[dict[str, Any
             if m in t.get("trained", {}):
                 row[m] = t["trained"][m]
                 row[f"{m} (init)"] = t.get("init", {}).get(m)
+                if VALIDATION_FIGURES.get(m) in t["trained"]:
+                    row[VALIDATION_FIGURES[m]] = t["trained"][VALIDATION_FIGURES[m]]
         rows.append(row)
     return rows
+
+
+def selection(trials: list[dict[str, Any]], metric: str) -> list[str]:
+    """The trial each method would be picked by, overall and per method: chosen on the metric's validation figure
+    (a part of each trial's reference side), reporting its query figure, which takes no part in the choice."""
+    chosen_on = VALIDATION_FIGURES.get(metric, metric if metric == "loss" else None)
+    if chosen_on is None:
+        return [f"selection: {metric} has no validation figure (only {', '.join(VALIDATION_FIGURES)} do); no trial "
+                "is chosen here, to keep the query figures out of the choice"]
+    sign = -1 if chosen_on == "loss" else 1   # probe figures are maximised, the loss minimised
+    scored = [(t, _value(t, chosen_on), _value(t, metric)) for t in trials]
+    scored = [(t, v, q) for t, v, q in scored if v is not None and math.isfinite(v)]
+    if not scored:
+        return []
+    groups: dict[str, list] = {"all trials": scored}
+    for item in scored:
+        groups.setdefault(group_name(item[0]["params"]), []).append(item)
+    lines = [f"selection on {chosen_on}" + (" (a validation part of each trial's reference side); the query "
+                                            f"{metric} is reported, never used to choose:" if chosen_on != "loss"
+                                            else " (the final training loss):")]
+    for name, items in groups.items():
+        t, v, q = max(items, key=lambda item: sign * item[1])
+        params = ", ".join(f"{k}={p}" for k, p in sorted(t["params"].items()))
+        lines.append(f"  {name}: trial {t['trial_id']} ({params}): {chosen_on} {v:.4f}, {metric} {_fmt(q)}")
+    return lines
 
 
 def _fmt(v: Any) -> str:
@@ -184,6 +214,10 @@ def _write_report(where: Location, out: Path, metric: str | None) -> SweepReport
         report.messages.append(f"no finished trial under {where.join(TRIALS_DIR)}")
         return report
     report.files += _write_tables(report.rows, out)
+    report.selection_lines = selection(trials, metric)
+    if report.selection_lines:
+        atomic_write_text(out / "selection.md", "\n".join(report.selection_lines) + "\n")
+        report.files.append(out / "selection.md")
     unit = cfg.tune.scale
     error = f"1 - {metric}" if cfg.tune.mode == "max" else metric
     inits = [t["init"][metric] for t in trials if metric in t.get("init", {})]
