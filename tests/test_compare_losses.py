@@ -47,20 +47,25 @@ def _ablations():
     return module
 
 
-def test_each_synclr_ablation_row_changes_one_setting_of_row_a_and_all_plan():
+def test_each_synclr_ablation_row_changes_one_setting_of_the_row_it_names_and_all_plan():
+    """"A with ..." differs from row "A: ..." in one train.synclr setting, "B with ..." from "B: ...", and each
+    "with" row of a base changes another setting."""
     program = _ablations()
     configs = {v.name: derive_config(load_run_config(v.config), v.overrides) for v in program.VARIANTS}
     for cfg in configs.values():
         plan_run(cfg)  # every check of a run passes
-    row_a = next(c for name, c in configs.items() if name.startswith("A:")).train.synclr.model_dump()
-    changed = {}
+    bases = {name[0]: cfg.train.synclr.model_dump() for name, cfg in configs.items() if name[1:3] == ": "}
+    assert set(bases) == {"A", "B"}
+    changed: dict[str, dict[str, set[str]]] = {}
     for name, cfg in configs.items():
-        if name.startswith("A with"):
-            s = cfg.train.synclr.model_dump()
-            changed[name] = {k for k in s if s[k] != row_a[k]} - {"export"}
+        if name[0] in bases and name[1:].startswith(" with"):
+            s, base = cfg.train.synclr.model_dump(), bases[name[0]]
+            changed.setdefault(name[0], {})[name] = {k for k in s if s[k] != base[k]} - {"export"}
             assert cfg.train.steps == 1600 and cfg.images.per_caption == 4
-    assert all(len(keys) == 1 for keys in changed.values()), changed
-    assert len({k for keys in changed.values() for k in keys}) == len(changed)   # each a different setting
+    assert all(len(keys) == 1 for rows in changed.values() for keys in rows.values()), changed
+    for rows in changed.values():
+        assert len({k for keys in rows.values() for k in keys}) == len(rows)   # each a different setting
+    assert sum(len(rows) for rows in changed.values()) >= 5
 
 
 def test_the_shipped_shapes_synclr_is_a_row_the_ablation_table_measured():
