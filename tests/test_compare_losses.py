@@ -1,8 +1,9 @@
-"""The loss-comparison program's variants keep the images (views) per step and the step budget equal."""
+"""The loss-comparison and SynCLR-ablation programs: equal budgets, one setting per row, and the stored table."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from synray.plan import derive_config, load_run_config, plan_run
@@ -74,3 +75,16 @@ def test_the_shipped_shapes_synclr_is_a_row_the_ablation_table_measured():
     measured = {program.config_hash(derive_config(load_run_config(v.config), v.overrides)): v.name
                 for v in program.VARIANTS if v.overrides}
     assert shipped in measured
+
+
+def test_the_readme_quotes_the_stored_synclr_ablation_table_which_the_program_renders_from_its_results():
+    """tuning/reports/synclr-ablations holds the runs' figures (ablations.json) and the table the program renders
+    from them (ablations.md); the README quotes that table's rows verbatim."""
+    program = _ablations()
+    report = Path(__file__).resolve().parents[1] / "tuning" / "reports" / "synclr-ablations"
+    results = json.loads((report / "ablations.json").read_text())
+    table = (report / "ablations.md").read_text()
+    assert program.table(results, load_run_config("shapes")) == table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    readme = (report.parents[2] / "README.md").read_text()
+    assert len(rows) >= 10 and all(row in readme for row in rows), "README's SynCLR ablation table is stale"

@@ -7,7 +7,8 @@ declared in VARIANTS, trained at the config's step budget. Every network is scor
 (the base config's held-out rows, `--heldout-captions` of them, generated once and reused): the network at
 step 0, and for SynCLR both the teacher and the student of the final checkpoint, whichever of them the run
 exported. A variant's run lands in `<work>/<loss>-<hash of its config>`; a rerun reuses every variant whose run
-finished there (and the held-out set). Writes `<out>/ablations.md` (the table) and `<out>/ablations.json`.
+finished there, the held-out set, and the scores kept in each run folder (`--rescore` scores again). Writes
+`<out>/ablations.md` (the table) and `<out>/ablations.json`.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ VARIANTS: list[Variant] = [Variant(*v) for v in [
     ("A with 1,024 prototypes", "shapes-synclr", {**ANSWERED, "train.synclr.prototypes": 1024}),
     ("A with a horizon of 0.2% of the run (the paper's share: 167 of 85k steps)", "shapes-synclr",
      {**ANSWERED, "train.synclr.ema_horizon": 0.002}),
-    ("A with local crops leaving their own key out", "shapes-synclr", {**ANSWERED, "train.synclr.local_own_key": False}),
+    ("A with local crops leaving their own key out", "shapes-synclr",
+     {**ANSWERED, "train.synclr.local_own_key": False}),
     ("A with the teacher temperature warming up over 30% of the run", "shapes-synclr",
      {**ANSWERED, "train.synclr.teacher_temperature_warmup": 0.3}),
     ("B: A without the iBOT term", "shapes-synclr", NO_IBOT),
@@ -73,9 +75,10 @@ VARIANTS: list[Variant] = [Variant(*v) for v in [
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """What decides a variant's training (not where it writes, how it is scored, or which network it exports)."""
+    """What decides a variant's training (not its description, where it writes, how it is scored, or which network
+    it exports)."""
     d = cfg.to_dict()
-    for key in ("output_root", "eval"):
+    for key in ("description", "output_root", "eval"):
         d.pop(key, None)
     d["train"]["synclr"].pop("export", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -100,11 +103,27 @@ def export_both(cfg: RunConfig, checkpoint: Path, into: Path) -> dict[str, str]:
     return out
 
 
+def score(cfg: RunConfig, models: dict[str, str], run_dir: Path, rescore: bool) -> dict[str, Any]:
+    """The figures of each network on the held-out set; kept in the run folder per eval settings (a rerun reads
+    them unless `rescore`)."""
+    key = hashlib.sha256(json.dumps([cfg.eval.model_dump(mode="json"), sorted(models)],
+                                    sort_keys=True).encode()).hexdigest()[:10]
+    cached = run_dir / f"ablation-scores-{key}.json"
+    if cached.exists() and not rescore:
+        return json.loads(cached.read_text())
+    with session(cfg.ray):
+        figures, _ = evaluate(plan_run(cfg), models)
+    cached.write_text(json.dumps(figures, default=str))
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs/synclr-ablations", help="folder of the runs and the held-out set")
     parser.add_argument("--out", default="tuning/reports/synclr-ablations", help="folder of the table")
     parser.add_argument("--heldout-captions", type=int, default=600, help="held-out rows (m images each) scored")
+    parser.add_argument("--rescore", action="store_true", help="score every network again (after a change to the "
+                        "evaluation code; a change of eval settings or held-out set rescores by itself)")
     parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
                         help="run only the variants whose name starts with this (repeatable)")
     args = parser.parse_args(argv)
@@ -132,19 +151,21 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(run(plan_run(derive_config(cfg, {"eval.enabled": False})))[0].path)
         summary = json.loads((run_dir / "summary.json").read_text())
         models = {"init": summary["init_backbone_dir"]}
-        models.update(export_both(cfg, Path(summary["train"]["checkpoint"]), run_dir)
-                      if cfg.train.loss == "synclr" else
-                      {"trained": summary["backbone_dir"]})
-        plan = plan_run(cfg)
-        with session(cfg.ray):
-            figures, _ = evaluate(plan, models)
-        results[name] = {"run_dir": str(run_dir), "config": cfg.name, "overrides": variant.overrides,
+        if cfg.train.loss != "synclr":
+            models["trained"] = summary["backbone_dir"]
+        elif args.rescore or not all((run_dir / f"final_{side}").is_dir() for side in ("teacher", "student")):
+            models.update(export_both(cfg, Path(summary["train"]["checkpoint"]), run_dir))
+        else:
+            models.update({side: str(run_dir / f"final_{side}") for side in ("teacher", "student")})
+        figures = score(cfg, models, run_dir, args.rescore)
+        results[name] = {"run_dir": str(root.relative_to(work) / run_dir.name), "config": cfg.name,
+                         "overrides": variant.overrides,
                          "scores": {k: v for k, v in figures.items() if isinstance(v, dict)},
                          "final_loss_parts": summary["train"].get("final_loss_parts"),
                          "train_s": summary["train"].get("elapsed_s"), "heldout_rows": figures["heldout_rows"]}
         print(f"{name}: " + json.dumps({m: {k: round(v.get(k, float('nan')), 3) for k in METRICS}
                                         for m, v in results[name]["scores"].items()}))
-    (out / "ablations.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
+    (out / "ablations.json").write_text(json.dumps(results, indent=1, default=str) + "\n")   # rows in table order
     (out / "ablations.md").write_text(table(results, ref))
     print(f"table: {out / 'ablations.md'}")
     return 0
@@ -178,17 +199,26 @@ def table(results: dict[str, Any], ref: RunConfig) -> str:
         best = chosen(rows)
         if best:
             lines.append(f"Best on the validation kNN accuracy (never the query figures), {label}: {best}.")
+    lines.append(f"Run-to-run spread (A and its second run, teacher): {spread(results)}.")
     return "\n".join(lines) + "\n"
 
 
+def spread(results: dict[str, Any]) -> str:
+    """How far two runs of one setting land apart: what a difference between single runs must exceed."""
+    runs = [r["scores"]["teacher"] for n, r in results.items() if n.startswith("A:") or n.startswith("A, a second")]
+    if len(runs) < 2:
+        return "not measured"
+    return " / ".join(f"{abs(runs[0][k] - runs[1][k]):.3f}" for k in METRICS)
+
+
 def chosen(results: dict[str, Any]) -> str | None:
-    """The SynCLR row and network with the best validation kNN accuracy."""
-    options = [(r["scores"][m].get("val_knn_accuracy", float("-inf")), name, m) for name, r in results.items()
-               for m in ("teacher", "student") if m in r["scores"]]
+    """The SynCLR row and network with the best validation kNN accuracy (the validation linear probe breaks ties)."""
+    options = {(name, m): tuple(r["scores"][m].get(k, float("-inf")) for k in VALIDATION)
+               for name, r in results.items() for m in ("teacher", "student") if m in r["scores"]}
     if not options:
         return None
-    score, name, network = max(options)
-    return f"{name}, its {network} (validation kNN {score:.3f})"
+    (name, network), (knn, linear) = max(options.items(), key=lambda item: item[1])
+    return f"{name}, its {network} (validation kNN {knn:.3f}, linear {linear:.3f})"
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from synray.eval.linear import selected_linear_probe
 from synray.eval.segmentation import segmentation_probe
 from synray.eval.zeroshot import zeroshot_classify
 
-__all__ = ["SUPPORTED_PROTOCOLS", "BACKBONE_PROTOCOLS", "VALIDATION_FIGURES", "fit_validation", "check_protocols", "EvalArrays", "label_names",
-           "reference_query", "run_protocols", "outputs_for"]
+__all__ = ["SUPPORTED_PROTOCOLS", "BACKBONE_PROTOCOLS", "VALIDATION_FIGURES", "fit_validation", "check_protocols",
+           "EvalArrays", "label_names", "reference_query", "run_protocols", "outputs_for"]
 
 #: every protocol, in report order (zeroshot needs an image-text model, segmentation images with masks)
 SUPPORTED_PROTOCOLS = EVAL_PROTOCOLS
