@@ -11,12 +11,17 @@ from synray.train.engine import images_per_step
 from synray.train.objectives import get_objective
 
 
-def _program():
-    path = Path(__file__).resolve().parents[1] / "tuning" / "compare_losses.py"
-    spec = importlib.util.spec_from_file_location("compare_losses", path)
+def _tuning(name: str):
+    """A program of tuning/ (a script folder, not a package) loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / "tuning" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _program():
+    return _tuning("compare_losses")
 
 
 def test_variants_see_the_same_images_per_step():
@@ -41,11 +46,7 @@ def test_variants_see_the_same_images_per_step():
 
 
 def _ablations():
-    path = Path(__file__).resolve().parents[1] / "tuning" / "ablate_synclr.py"
-    spec = importlib.util.spec_from_file_location("ablate_synclr", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _tuning("ablate_synclr")
 
 
 def test_each_synclr_ablation_row_changes_one_setting_of_the_row_it_names_and_all_plan():
