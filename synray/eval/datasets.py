@@ -25,9 +25,8 @@ from synray.eval.protocols import EvalArrays, label_names
 
 __all__ = ["IMAGE_EXTENSIONS", "ParquetLayout", "EvalSource", "parquet_layout", "hf_label_names",
            "normalise_parquet_batch", "scan_image_folder", "image_folder_batch", "scan_webdataset", "webdataset_batch",
-           "inspect_dataset",
-           "source_dataset", "caption_key", "caption_groups", "rows_to_arrays", "add_extractors", "in_order",
-           "collect_rows", "model_rows", "extract_arrays"]
+           "inspect_dataset", "source_dataset", "caption_key", "caption_groups", "rows_to_arrays", "add_extractors",
+           "in_order", "collect_rows", "model_rows", "extract_arrays"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 #: accepted names of the per-row image column(s), in order of preference

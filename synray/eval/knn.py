@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_votes", "knn_predict", "knn_accuracy", "split_reference_query"]
+__all__ = ["knn_votes", "knn_predict", "knn_accuracies", "knn_accuracy", "split_reference_query"]
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -61,11 +63,12 @@ def knn_predict(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: Arr
     return votes.argmax(dim=1) if votes.shape[0] else torch.empty(0, dtype=torch.long)
 
 
-def knn_accuracy(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike, test_labels: ArrayLike,
-                 k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                 chunk_size: int = 1024, top: int = 1) -> float:
-    """Top-``top`` accuracy of the weighted kNN classifier (cosine similarity, DINO's exp(sim / T) votes): the
-    share of test rows whose class is among the ``top`` classes with the most votes (DINO reports 1 and 5)."""
+def knn_accuracies(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike, test_labels: ArrayLike,
+                   k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
+                   chunk_size: int = 1024, tops: Sequence[int] = (1,)) -> dict[int, float]:
+    """Top-n accuracy of the weighted kNN classifier (cosine similarity, DINO's exp(sim / T) votes) for each n in
+    ``tops``: the share of test rows whose class is among the n classes with the most votes (DINO reports 1 and
+    5). The votes are computed once for all of them."""
     test = _feats(test_feats, "test_feats")
     truth = _labels(test_labels, test.shape[0], "test_labels")
     if truth.numel() == 0:
@@ -73,8 +76,16 @@ def knn_accuracy(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: Ar
     if num_classes is None:
         num_classes = int(max(int(torch.as_tensor(train_labels).max()), int(truth.max()))) + 1
     votes = knn_votes(train_feats, train_labels, test, k, temperature, num_classes, chunk_size)
-    best = votes.topk(min(top, votes.shape[1]), dim=1).indices
-    return float((best == truth[:, None]).any(dim=1).float().mean())
+    ranked = votes.topk(min(max(tops), votes.shape[1]), dim=1).indices == truth[:, None]   # [M, n]: is it the truth
+    return {n: float(ranked[:, :n].any(dim=1).float().mean()) for n in tops}
+
+
+def knn_accuracy(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike, test_labels: ArrayLike,
+                 k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
+                 chunk_size: int = 1024, top: int = 1) -> float:
+    """Top-``top`` accuracy of the weighted kNN classifier (`knn_accuracies` for one n)."""
+    return knn_accuracies(train_feats, train_labels, test_feats, test_labels, k, temperature, num_classes,
+                          chunk_size, (top,))[top]
 
 
 def split_reference_query(labels: ArrayLike, groups: ArrayLike, query_fraction: float = 0.5,

@@ -11,7 +11,7 @@ import torch
 
 from synray.config import EVAL_PROTOCOLS, EvalConfig
 from synray.eval.errors import EvalError
-from synray.eval.knn import knn_accuracy, split_reference_query
+from synray.eval.knn import knn_accuracies, split_reference_query
 from synray.eval.linear import selected_linear_probe
 from synray.eval.segmentation import segmentation_probe
 from synray.eval.zeroshot import zeroshot_classify
@@ -130,11 +130,12 @@ def fit_validation(arrays: EvalArrays, ref: np.ndarray, fraction: float,
 
 def _knn(feats: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, query: torch.Tensor,
          fit_val: tuple[torch.Tensor, torch.Tensor] | None, cfg: EvalConfig, c: int) -> dict[str, Any]:
-    def acc(a: torch.Tensor, b: torch.Tensor, top: int = 1) -> float:
-        return knn_accuracy(feats[a], y[a], feats[b], y[b], k=cfg.knn_k, temperature=cfg.knn_temperature,
-                            num_classes=c, top=top)
-    return {"knn_accuracy": acc(ref, query), "knn_top5_accuracy": acc(ref, query, 5),
-            "val_knn_accuracy": acc(*fit_val) if fit_val is not None else float("nan")}
+    def acc(a: torch.Tensor, b: torch.Tensor, tops: tuple[int, ...] = (1,)) -> dict[int, float]:
+        return knn_accuracies(feats[a], y[a], feats[b], y[b], k=cfg.knn_k, temperature=cfg.knn_temperature,
+                              num_classes=c, tops=tops)
+    query_side = acc(ref, query, (1, 5))   # one vote for both figures
+    return {"knn_accuracy": query_side[1], "knn_top5_accuracy": query_side[5],
+            "val_knn_accuracy": acc(*fit_val)[1] if fit_val is not None else float("nan")}
 
 
 def _linear(feats: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, query: torch.Tensor,

@@ -140,9 +140,11 @@ def selection(trials: list[dict[str, Any]], metric: str) -> list[str]:
     scored = [(t, v, q) for t, v, q in scored if v is not None and math.isfinite(v)]
     if not scored:
         return []
-    groups: dict[str, list] = {"all trials": scored}
+    groups: dict[str, list] = {}
     for item in scored:
         groups.setdefault(group_name(item[0]["params"]), []).append(item)
+    if len(groups) > 1:
+        groups = {"all trials": scored, **groups}
     lines = [f"selection on {chosen_on}" + (" (a validation part of each trial's reference side); the query "
                                             f"{metric} is reported, never used to choose:" if chosen_on != "loss"
                                             else " (the final training loss):")]
