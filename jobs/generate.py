@@ -8,32 +8,16 @@ A resubmitted job (after a preemption) generates only the rows the store is miss
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from synray.data.store import ParquetStore
-from synray.plan import load_run_config, plan_generation
-from synray.programs.errors import exit_status, job_logging
-from synray.programs.generate import generate_command
+from synray.cli import main as synray_main
+
+#: the `synray` command this job runs, with the same arguments, defaults and exit statuses
+COMMAND = "generate"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="built-in config name or YAML file")
-    parser.add_argument("--out", default=None, help="store directory, on storage every node sees "
-                                                    "(default: the config's data.store_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    args = parser.parse_args(argv)
-    job_logging()
-
-    def job() -> int:
-        cfg = load_run_config(args.config, args.overrides)
-        out = args.out or cfg.data.store_dir
-        if not out:
-            parser.error("--out is needed: the config sets no data.store_dir")
-        return generate_command(plan_generation(cfg, ParquetStore(out)), out)
-
-    return exit_status(job)
+    return synray_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

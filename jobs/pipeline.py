@@ -10,29 +10,16 @@ non-zero on failure (2 for bad input).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from synray.plan import load_run_config, plan_run
-from synray.programs.errors import exit_status, job_logging
-from synray.programs.run import print_summary, run
+from synray.cli import main as synray_main
+
+#: the `synray` command this job runs, with the same arguments, defaults and exit statuses
+COMMAND = "run"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="local", help="built-in config name or YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--fresh", action="store_true", help="never continue an unfinished run of this config")
-    args = parser.parse_args(argv)
-    job_logging()
-
-    def job() -> int:
-        plan = plan_run(load_run_config(args.config, args.overrides), fresh=args.fresh)
-        rd, summary = run(plan)
-        print_summary(rd, summary)
-        return 0
-
-    return exit_status(job)
+    return synray_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -7,28 +7,16 @@ then the report (results table, scaling plots, power-law fits).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from synray.programs.errors import exit_status, job_logging
-from synray.programs.sweep import sweep_command
-from synray.sweep.planning import plan_sweep_command
+from synray.cli import main as synray_main
+
+#: the `synray` command this job runs, with the same arguments, defaults and exit statuses
+COMMAND = "sweep"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="scaling-local", help="built-in config name or YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--out", default=None, help="sweep directory (default: tune.storage)")
-    parser.add_argument("--resume", default=None, metavar="SWEEP_DIR", help="continue an interrupted sweep")
-    args = parser.parse_args(argv)
-    job_logging()
-
-    def job() -> int:  # validated and planned before any cluster resource is asked for
-        plan = plan_sweep_command(args.config, args.overrides, out=args.out, resume=args.resume)
-        return sweep_command(plan, resume=bool(args.resume))
-
-    return exit_status(job)
+    return synray_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

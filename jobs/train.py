@@ -9,30 +9,16 @@ Without --data it reads the config's data.store_dir. Evaluation follows as the c
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from synray.plan import load_run_config, plan_run
-from synray.programs.errors import exit_status, job_logging
-from synray.programs.run import print_summary, run
+from synray.cli import main as synray_main
+
+#: the `synray` command this job runs, with the same arguments, defaults and exit statuses
+COMMAND = "train"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="built-in config name or YAML file")
-    parser.add_argument("--data", default=None, help="store directory (default: the config's data.store_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--fresh", action="store_true", help="never continue an unfinished run of this config")
-    args = parser.parse_args(argv)
-    job_logging()
-
-    def job() -> int:
-        cfg = load_run_config(args.config, args.overrides + ([] if args.data else ["data.mode=stored"]))
-        rd, summary = run(plan_run(cfg, data_dir=args.data, fresh=args.fresh))
-        print_summary(rd, summary)
-        return 0
-
-    return exit_status(job)
+    return synray_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

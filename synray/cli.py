@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from synray.config import EVAL_PROTOCOLS, TUNE_METRICS, builtin_configs
+from synray.config import EVAL_PROTOCOLS, TUNE_METRICS, ConfigError, builtin_configs
 from synray.programs.errors import exit_status, job_logging
 
 
@@ -62,7 +62,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from synray.programs.generate import generate_command
 
     cfg = load_run_config(args.config, args.overrides)
-    return generate_command(plan_generation(cfg, ParquetStore(args.out)), args.out)
+    out = args.out or cfg.data.store_dir
+    if not out:
+        raise ConfigError("generate needs --out (the store directory): the config sets no data.store_dir")
+    return generate_command(plan_generation(cfg, ParquetStore(out)), out)
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
@@ -91,7 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from synray.plan import load_run_config, plan_run
     from synray.programs.run import run_command
 
-    return run_command(plan_run(load_run_config(args.config, args.overrides), data_dir=args.data, fresh=args.fresh))
+    cfg = load_run_config(args.config, args.overrides + ([] if args.data else ["data.mode=stored"]))
+    return run_command(plan_run(cfg, data_dir=args.data, fresh=args.fresh))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -162,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="concepts -> captions -> images -> Parquet store (resumable)")
     _add_config_args(gen)
-    gen.add_argument("--out", required=True, help="store directory")
+    gen.add_argument("--out", help="store directory, on storage every node sees (default: the config's "
+                                    "data.store_dir)")
     gen.set_defaults(func=cmd_generate)
 
     rewrite = sub.add_parser("rewrite", help="LaCLIP: add k LLM rewrites per caption of an image-text dataset")
@@ -184,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train from a stored dataset written by `synray generate`")
     _add_config_args(train)
-    train.add_argument("--data", required=True, help="store directory")
+    train.add_argument("--data", help="store directory (default: the config's data.store_dir)")
     train.add_argument("--fresh", action="store_true",
                        help="start a new run even if one of this config is unfinished")
     train.set_defaults(func=cmd_train)

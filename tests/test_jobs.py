@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conftest import CANARY
-from procs import in_process, load_job, sets, synray_main
+from procs import ROOT, in_process, load_job, sets, synray_main
 
 
 def test_the_submitted_pipeline_job_succeeds_and_prints_its_run_directory(stream_drill):
@@ -82,3 +82,43 @@ def test_every_job_exits_2_on_bad_input_with_a_message_and_no_traceback(script, 
     assert needle in r.err and r.err.startswith("synray: ") and "Traceback" not in r.err
     assert not (tmp_path / "out").exists()
 
+
+
+# ----------------------------------------------------------------------------- jobs are the CLI's commands
+JOB_COMMANDS = {"pipeline.py": "run", "generate.py": "generate", "train.py": "train", "evaluate.py": "eval",
+                "sweep.py": "sweep"}
+
+
+def _help(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, command", JOB_COMMANDS.items())
+def test_each_job_takes_the_same_arguments_and_defaults_as_its_synray_command(script, command, capsys):
+    """`python jobs/<script> --help` prints what `synray <command> --help` prints: one parser, so the same arguments,
+    defaults and choices (the jobs/ folder holds no other entrypoint)."""
+    from synray.cli import main
+
+    assert sorted(p.name for p in (ROOT / "jobs").glob("*.py")) == sorted(JOB_COMMANDS)
+    job_help = _help(load_job(script).main, ["--help"], capsys)
+    assert job_help == _help(main, [command, "--help"], capsys)
+    assert "--set KEY.PATH=VALUE" in job_help
+
+
+def test_without_out_or_data_the_configs_store_is_used_and_its_absence_named(tmp_path):
+    """`synray generate` / jobs/generate.py without --out write to data.store_dir (here a file, which is refused
+    naming that path); `synray train` / jobs/train.py without --data read it; with neither set, status 2 naming the
+    flag and the key."""
+    r = synray_main("generate", "local")
+    assert r.code == 2 and "--out" in r.err and "data.store_dir" in r.err, (r.err, r.error)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    r = in_process(load_job("generate.py").main, ["local", *sets(f"data.store_dir={not_a_dir}")])
+    assert r.code == 2 and f"output path {not_a_dir} exists and is not a directory" in r.err, (r.err, r.error)
+    r = in_process(load_job("train.py").main, ["local"])
+    assert r.code == 2 and "--data" in r.err and "data.store_dir" in r.err, (r.err, r.error)
+    r = synray_main("train", "local", *sets(f"data.store_dir={tmp_path / 'none'}"))
+    assert r.code == 2 and f"{tmp_path / 'none'}" in r.err, (r.err, r.error)
