@@ -10,7 +10,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from synray.config import EVAL_PROTOCOLS, TUNE_METRICS, ConfigError, builtin_configs
+from synray.config import ConfigError, builtin_configs
+from synray.eval.registry import protocol_names, tune_metrics
 from synray.programs.errors import exit_status, job_logging
 
 
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", required=True,
                     help="Parquet file/directory (image, label [, mask, class_name, split]), a synray store, "
                          "or an image folder root/<class>/<image>")
-    ev.add_argument("--protocol", dest="protocols", action="append", choices=EVAL_PROTOCOLS, default=[],
+    ev.add_argument("--protocol", dest="protocols", action="append", choices=protocol_names(), default=[],
                     help="repeatable (default: eval.protocols of the config)")
     ev.add_argument("--config", default="local", help="built-in config name or YAML file for ray/eval settings "
                                                       "(default: local)")
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="a sweep's results table, scaling plots and power-law fits")
     report.add_argument("sweep_dir", help="a directory written by `synray sweep`")
-    report.add_argument("--metric", choices=TUNE_METRICS, help="the figure to fit (default: the sweep's tune.metric)")
+    report.add_argument("--metric", choices=tune_metrics(), help="the figure to fit (default: the sweep's tune.metric)")
     report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="throughput and memory ratios measured side by side -> bench.json")

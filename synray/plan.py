@@ -24,7 +24,7 @@ from synray.data.ledger import ROW_ID
 from synray.data.store import ParquetStore, StoreError
 from synray.eval.datasets import inspect_dataset
 from synray.eval.errors import EvalError
-from synray.eval.protocols import check_protocols
+from synray.eval.registry import PROTOCOLS, check_protocols, protocol_names, tune_metrics
 from synray.eval.report import EvalPlan, check_request, model_image_size
 from synray.generation.pipeline import LIGHT_STAGE_CPUS, GenerationPlan, store_fingerprint
 from synray.images.registry import RENDERERS, get_renderer, renderer_names
@@ -47,7 +47,8 @@ EVAL_COLUMNS = ("caption_id", "caption", "label", "concept", "images", "masks")
 # ------------------------------------------------------------------------------------ configs
 def registry_choices() -> dict[str, tuple[str, ...]]:
     """The names the registries offer for the config keys that select an implementation."""
-    return {"train.loss": objective_names(), "images.backend": renderer_names()}
+    return {"train.loss": objective_names(), "images.backend": renderer_names(), "eval.protocols": protocol_names(),
+            "tune.metric": tune_metrics()}
 
 
 def load_run_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -340,14 +341,15 @@ def check_eval_protocols(cfg: RunConfig) -> tuple[str, ...]:
         raise EvalError("captions.style=file: rows of a caption file carry no class labels, so there is no held-out "
                         "set to generate; set eval.dataset (a labelled set, e.g. ImageNet val as Parquet) or "
                         "eval.enabled=false")
-    if "zeroshot" in todo and not get_objective(cfg.train.loss).image_text:
-        names = "/".join(o.name for o in OBJECTIVES.values() if o.image_text)
-        raise EvalError(f"eval.protocols has zeroshot, which needs an image-text model (train.loss={names}); "
-                        f"train.loss is {cfg.train.loss}")
-    if "segmentation" in todo and cfg.eval.dataset is None and not get_renderer(cfg.images.backend).writes_masks:
-        names = "/".join(r.name for r in RENDERERS.values() if r.writes_masks)
-        raise EvalError("eval.protocols has segmentation, which needs class masks: the held-out set has them "
-                        f"with images.backend={names}, or give eval.dataset with a masks column")
+    for p in (PROTOCOLS[name] for name in todo):
+        if p.image_text and not get_objective(cfg.train.loss).image_text:
+            names = "/".join(o.name for o in OBJECTIVES.values() if o.image_text)
+            raise EvalError(f"eval.protocols has {p.name}, which needs an image-text model (train.loss={names}); "
+                            f"train.loss is {cfg.train.loss}")
+        if p.masks and cfg.eval.dataset is None and not get_renderer(cfg.images.backend).writes_masks:
+            names = "/".join(r.name for r in RENDERERS.values() if r.writes_masks)
+            raise EvalError(f"eval.protocols has {p.name}, which needs class masks: the held-out set has them "
+                            f"with images.backend={names}, or give eval.dataset with a masks column")
     return tuple(todo)
 
 

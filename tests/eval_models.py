@@ -27,3 +27,21 @@ def save_tiny_image_text(text_dir: str, out_dir: Path, seed: int = 0) -> Path:
     text, tokenizer = load_text_tower(text_dir)
     model = ImageTextModel(tiny_backbone(seed), text)
     return save_image_text(model, tokenizer, out_dir, max_length=16)
+
+
+def score_rows(model_dir: Path, rows: list[dict], protocols: list[str], cfg, image_size: int = SIZE, **kw) -> dict:
+    """What the evaluation path (synray.eval.evaluate.evaluate_models) does to a batch of rows, in this process:
+    a FeatureExtractor adds the protocols' outputs, rows_to_arrays flattens them (caption groups, masks, class
+    names), run_protocols scores them."""
+    import numpy as np
+
+    from synray.eval.evaluate import rows_to_arrays
+    from synray.eval.features import FeatureExtractor
+    from synray.eval.protocols import run_protocols
+    from synray.eval.registry import outputs_for
+
+    outputs = outputs_for(protocols)
+    batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+    out = FeatureExtractor(model_dir, image_size=image_size, outputs=outputs)(batch)
+    extracted = [{k: v[i] for k, v in out.items()} for i in range(len(rows))]
+    return run_protocols(rows_to_arrays(extracted, image_size, outputs), protocols, cfg, **kw)

@@ -11,11 +11,15 @@ import torch
 from PIL import Image
 
 from synray.config import BackboneConfig, EvalConfig
-from synray.eval.evaluate import evaluate_backbone
-from synray.eval.features import FeatureExtractor, extract_features, rows_to_images
-from synray.eval.knn import knn_accuracy, knn_predict, split_reference_query
+from synray.eval.evaluate import rows_to_arrays
+from synray.eval.features import FeatureExtractor, decode_row_images, encode_images
+from synray.eval.knn import knn_accuracy, knn_votes, split_reference_query
+from synray.eval.protocols import run_protocols
+from synray.eval.registry import check_protocols
 from synray.eval.linear import linear_probe, selected_linear_probe
 from synray.models.backbone import build_backbone, save_backbone
+
+from eval_models import score_rows
 
 EMBED_DIM = 64  # the tiny backbone's hidden size
 
@@ -81,9 +85,9 @@ def test_knn_weights_and_k_larger_than_reference() -> None:
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     labels = torch.tensor([0, 0, 1])
     # k is clipped to the 3 references; the two class-0 neighbours outvote the single class-1 one.
-    assert knn_predict(train, labels, torch.tensor([[0.6, 0.4]]), k=50).tolist() == [0]
+    assert knn_votes(train, labels, torch.tensor([[0.6, 0.4]]), k=50).argmax(1).tolist() == [0]
     # Near class 1 the exp(sim / T) weight of the closest neighbour dominates the vote.
-    assert knn_predict(train, labels, torch.tensor([[0.1, 1.0]]), k=3, temperature=0.05).tolist() == [1]
+    assert knn_votes(train, labels, torch.tensor([[0.1, 1.0]]), k=3, temperature=0.05).argmax(1).tolist() == [1]
     with pytest.raises(ValueError):
         knn_accuracy(train, labels, torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
 
@@ -202,33 +206,21 @@ def test_the_validated_linear_probe_scores_as_cross_validated_logistic_regressio
     assert got["val_accuracy"] == max(got["val_accuracies"].values())
 
 
-def test_rows_to_images_flattens_rows_and_columns() -> None:
-    rows = _rows(4, per_row=3)
-    images, labels, groups = rows_to_images(rows)
-    assert images.shape == (12, 24, 24, 3) and images.dtype == np.uint8
-    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0]
-    assert groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    columns = {"images": np.array([r["images"] for r in rows], dtype=object),
-               "label": np.array([r["label"] for r in rows])}
-    images2, labels2, groups2 = rows_to_images(columns)
-    assert np.array_equal(images, images2) and np.array_equal(labels, labels2) and np.array_equal(groups, groups2)
-    mixed = _rows(1, size=24) + _rows(1, size=16)
-    with pytest.raises(ValueError, match="image_size"):
-        rows_to_images(mixed)
-    assert rows_to_images(mixed, image_size=32)[0].shape == (4, 32, 32, 3)
+def _images(rows: list[dict]) -> np.ndarray:
+    return np.stack([a for r in rows for a in decode_row_images(r["images"])])
 
 
-def test_extract_features_shapes_and_layouts(tiny_encoder) -> None:
-    images, _, _ = rows_to_images(_rows(3, per_row=2))
+def test_encode_images_shapes_and_layouts(tiny_encoder) -> None:
+    images = _images(_rows(3, per_row=2))
     tiny_encoder.train()
-    feats = extract_features(tiny_encoder, images, image_size=32, batch_size=4)
+    feats = encode_images(tiny_encoder, images, image_size=32, batch_size=4)["features"]
     assert feats.shape == (6, EMBED_DIM) and feats.dtype == torch.float32
     assert tiny_encoder.training  # the caller's mode is restored
     nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
-    torch.testing.assert_close(extract_features(tiny_encoder, nchw, image_size=32, batch_size=256), feats)
-    assert extract_features(tiny_encoder, images[:0], image_size=32).shape == (0, EMBED_DIM)
+    torch.testing.assert_close(encode_images(tiny_encoder, nchw, image_size=32, batch_size=256)["features"], feats)
+    assert encode_images(tiny_encoder, images[:0], image_size=32)["features"].shape == (0, EMBED_DIM)
     with pytest.raises(ValueError):
-        extract_features(tiny_encoder, images.transpose(0, 3, 1, 2), image_size=32)
+        encode_images(tiny_encoder, images.transpose(0, 3, 1, 2), image_size=32)
 
 
 def test_feature_extractor_adds_a_features_column(tiny_encoder, tiny_model_dir: Path) -> None:
@@ -240,7 +232,7 @@ def test_feature_extractor_adds_a_features_column(tiny_encoder, tiny_model_dir: 
     out = fx(batch)
     assert set(out) == {"caption", "label", "images", "features"}
     assert out["features"].shape == (3, 2, EMBED_DIM) and out["features"].dtype == np.float32
-    expected = extract_features(tiny_encoder, rows_to_images(rows)[0], image_size=32).numpy()
+    expected = encode_images(tiny_encoder, _images(rows), image_size=32)["features"].numpy()
     np.testing.assert_allclose(out["features"].reshape(6, EMBED_DIM), expected, rtol=1e-4, atol=1e-5)
     # Rows with different numbers of images get one [m_i, D] array each.
     ragged = {"images": np.array([rows[0]["images"], rows[1]["images"][:1], []], dtype=object)}
@@ -250,19 +242,25 @@ def test_feature_extractor_adds_a_features_column(tiny_encoder, tiny_model_dir: 
 
 
 # ------------------------------------------------------------------------------------- evaluate
-def test_evaluate_backbone_runs_both_protocols(tiny_encoder) -> None:
+def test_the_protocols_score_each_query_image_once(tiny_model_dir) -> None:
     rows = _rows(12, per_row=2, num_classes=3)
     cfg = EvalConfig(protocols=["knn", "linear"], knn_k=5, linear_epochs=5)
-    out = evaluate_backbone(tiny_encoder, rows, None, cfg, image_size=32)
+    out = score_rows(tiny_model_dir, rows, ["knn", "linear"], cfg)
     assert set(out) >= {"knn_accuracy", "linear_accuracy", "num_reference", "num_query", "num_classes", "chance"}
     assert out["num_reference"] + out["num_query"] == 24 and out["num_query"] % 2 == 0
     assert out["num_classes"] == 3 and out["chance"] == pytest.approx(1 / 3)
     for key in ("knn_accuracy", "linear_accuracy"):   # each a whole number of the query images
         assert out[key] * out["num_query"] == pytest.approx(round(out[key] * out["num_query"]), abs=1e-6), key
-    only_knn = evaluate_backbone(tiny_encoder, rows, ["knn"], cfg, image_size=32)
+    only_knn = score_rows(tiny_model_dir, rows, ["knn"], cfg)
     assert "linear_accuracy" not in only_knn and only_knn["knn_accuracy"] == out["knn_accuracy"]
 
 
-def test_evaluate_backbone_rejects_unknown_protocols(tiny_encoder) -> None:
-    with pytest.raises(ValueError, match="knn, linear"):
-        evaluate_backbone(tiny_encoder, _rows(4), ["zeroshot"], EvalConfig(), image_size=32)
+def test_unknown_protocols_and_zeroshot_without_a_text_tower_are_refused(tiny_model_dir) -> None:
+    with pytest.raises(ValueError, match="supported: knn, linear, zeroshot, segmentation"):
+        check_protocols(["retrieval"])
+    rows = _rows(4)
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    extracted = FeatureExtractor(tiny_model_dir, image_size=32)(batch)
+    arrays = rows_to_arrays([{k: v[i] for k, v in extracted.items()} for i in range(4)], 32, ("features",))
+    with pytest.raises(ValueError, match="image-text model"):
+        run_protocols(arrays, ["knn", "zeroshot"], EvalConfig())

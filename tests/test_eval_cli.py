@@ -80,7 +80,7 @@ def test_cli_eval_bad_inputs_fail_before_ray(backbone_dir: str, image_folder: Pa
 
     monkeypatch.setattr(session, "init", no_ray)
     rc, err = _run(["eval", backbone_dir, "--dataset", str(image_folder), "--protocol", "zeroshot"], capsys)
-    assert rc == EXIT_BAD_INPUT and "zero-shot needs an image-text model" in err and "image backbone" in err
+    assert rc == EXIT_BAD_INPUT and "zeroshot needs an image-text model" in err and "image backbone" in err
     rc, err = _run(["eval", backbone_dir, "--dataset", str(tmp_path / "nope"), "--protocol", "knn"], capsys)
     assert rc == EXIT_BAD_INPUT and "does not exist" in err
     rc, err = _run(["eval", str(tmp_path / "no_model"), "--dataset", str(image_folder)], capsys)

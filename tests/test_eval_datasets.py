@@ -16,7 +16,6 @@ from PIL import Image
 from synray.config import EvalConfig
 from synray.eval.errors import EvalError
 from synray.eval.datasets import (
-    extract_arrays,
     hf_label_names,
     image_folder_batch,
     inspect_dataset,
@@ -24,7 +23,8 @@ from synray.eval.datasets import (
     parquet_layout,
     scan_image_folder,
 )
-from synray.eval.features import extract_features, extract_patch_tokens
+from synray.eval.evaluate import add_extractors, collect_rows, model_rows, rows_to_arrays
+from synray.eval.features import encode_images
 from synray.eval.protocols import run_protocols
 from synray.models.backbone import load_backbone
 
@@ -142,6 +142,16 @@ def test_image_folder_scan(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- through Ray Data
+def extract_arrays(source, model_dir: str, outputs: tuple[str, ...], batch_size: int):
+    """A dataset's arrays as the evaluation path (synray.eval.evaluate.evaluate_models) makes them: read by Ray Data,
+    a pool of feature actors, collected in input order, flattened for one model."""
+    from synray.eval.datasets import source_dataset
+
+    ds = add_extractors(source_dataset(source), {"m": model_dir}, SIZE, outputs, batch_size, drop_images=True)
+    rows = model_rows(collect_rows(ds, source.path), "m", outputs)
+    return rows_to_arrays(rows, SIZE, outputs, source.class_names, source.has_labels)
+
+
 def test_parquet_with_masks_through_ray(ray_cluster: str, tmp_path: Path, model_dir: str) -> None:
     from synray.models.image_text import load_image_text
 
@@ -153,21 +163,21 @@ def test_parquet_with_masks_through_ray(ray_cluster: str, tmp_path: Path, model_
         "split": ["train"] * 5 + ["test"] * 3})
     source = inspect_dataset(path.parent)
     assert source.kind == "parquet" and source.has_masks and source.has_labels
-    arrays = extract_arrays(source, model_dir, SIZE, ("features", "patch_tokens", "image_embeds"), batch_size=3)
+    arrays = extract_arrays(source, model_dir, ("features", "patch_tokens", "image_embeds"), batch_size=3)
     assert arrays.labels.tolist() == labels and arrays.groups.tolist() == list(range(8))  # input order kept
     assert arrays.class_names == {0: "red", 1: "green", 2: "blue"}
     assert list(arrays.split) == ["train"] * 5 + ["test"] * 3
     assert arrays.masks.shape == (8, SIZE, SIZE) and set(np.unique(arrays.masks[1])) == {0, 2}
     encoder = load_backbone(model_dir)
     stacked = np.stack(images)
-    np.testing.assert_allclose(arrays.features.numpy(), extract_features(encoder, stacked, SIZE).numpy(),
+    np.testing.assert_allclose(arrays.features.numpy(), encode_images(encoder, stacked, SIZE)["features"].numpy(),
                                rtol=1e-4, atol=1e-5)
     assert arrays.patch_tokens.shape == (8, 16, EMBED_DIM)
-    torch.testing.assert_close(arrays.patch_tokens, extract_patch_tokens(encoder, stacked, SIZE),
+    torch.testing.assert_close(arrays.patch_tokens, encode_images(encoder, stacked, SIZE, outputs=("patch_tokens",))["patch_tokens"],
                                rtol=1e-4, atol=1e-5)
     image_text = load_image_text(model_dir)
     with torch.no_grad():
-        expected = image_text[0].image_projection(extract_features(encoder, stacked, SIZE))
+        expected = image_text[0].image_projection(encode_images(encoder, stacked, SIZE)["features"])
     torch.testing.assert_close(arrays.image_embeds, expected, rtol=1e-4, atol=1e-5)
     cfg = EvalConfig(knn_k=3, linear_epochs=3, segmentation_epochs=2, zeroshot_templates=["a {}."])
     out = run_protocols(arrays, ["knn", "linear", "zeroshot", "segmentation"], cfg, image_text=image_text)
@@ -183,7 +193,7 @@ def test_parquet_with_masks_through_ray(ray_cluster: str, tmp_path: Path, model_
 
 
 def test_synray_store_through_ray(ray_cluster: str, tmp_path: Path, model_dir: str) -> None:
-    from synray.eval.datasets import rows_to_arrays, source_dataset
+    from synray.eval.datasets import source_dataset
     from synray.eval.features import FeatureExtractor
 
     store = tmp_path / "store"
@@ -194,7 +204,7 @@ def test_synray_store_through_ray(ray_cluster: str, tmp_path: Path, model_dir: s
     (store / "_store.json").write_text("{}")
     source = inspect_dataset(store)
     assert source.kind == "synray-store" and source.layout.multi
-    # read and normalised by Ray Data; the extractor (an actor in extract_arrays) runs here on the batch
+    # read and normalised by Ray Data; the extractor (an actor in the evaluation path) runs here on the batch
     batch = source_dataset(source).take_batch(batch_size=10, batch_format="numpy")
     assert set(batch) == {"images", "label", "masks", "class_name"}
     out = FeatureExtractor(model_dir, image_size=SIZE, drop_images=True)(batch)
@@ -206,7 +216,7 @@ def test_synray_store_through_ray(ray_cluster: str, tmp_path: Path, model_dir: s
 
 
 def test_errors_raised_inside_ray_tasks_are_recognised() -> None:
-    from synray.eval.datasets import _eval_error_in
+    from synray.eval.evaluate import _eval_error_in
 
     text = ("ray::MapWorker(...).submit()\n  File \"datasets.py\", line 104\n"
             "synray.eval.errors.EvalError: an image or mask entry is empty (no encoded bytes)\n"
@@ -220,7 +230,6 @@ def test_a_generated_held_out_set_is_its_first_rows_by_row_id_in_every_execution
     execution must keep the same rows, the first by row id, not the first to finish (two evaluations of
     one network once scored kNN 0.168 and 0.169 on differing sets)."""
     from synray.captions.stage import PlanRows
-    from synray.eval.datasets import collect_rows
     from synray.plan import heldout_config, load_run_config, plan_run
     from synray.programs.run import heldout_dataset
 
@@ -238,7 +247,7 @@ def test_a_generated_held_out_set_is_its_first_rows_by_row_id_in_every_execution
 def test_repeated_captions_never_straddle_the_reference_query_split() -> None:
     """Rows of one image each (a Parquet set's layout) whose captions repeat, in other case, spacing and end
     punctuation: after the split every caption lies on one side only, in every protocol (they share the split)."""
-    from synray.eval.datasets import caption_key, rows_to_arrays
+    from synray.eval.evaluate import caption_key
     from synray.eval.protocols import fit_validation, reference_query
 
     rng = np.random.default_rng(0)
@@ -285,12 +294,12 @@ def test_webdataset_shards_with_split_folders_through_ray(ray_cluster: str, tmp_
               for img, lab in zip(images[split], labs)])
     source = inspect_dataset(tmp_path / "wds")
     assert source.kind == "webdataset" and source.has_labels and len(source.files) == 2
-    arrays = extract_arrays(source, model_dir, SIZE, ("features",), batch_size=3)
+    arrays = extract_arrays(source, model_dir, ("features",), batch_size=3)
     order = sorted(range(8), key=lambda i: (arrays.split[i], i))   # shards may arrive in either order
     assert sorted(arrays.labels.tolist()) == sorted(labels["train"] + labels["test"])
     assert list(arrays.split).count("train") == 5 and list(arrays.split).count("test") == 3
     stacked = np.stack(images["test"] + images["train"])
-    expected = extract_features(load_backbone(model_dir), stacked, SIZE).numpy()
+    expected = encode_images(load_backbone(model_dir), stacked, SIZE)["features"].numpy()
     np.testing.assert_allclose(arrays.features.numpy()[order], expected, rtol=1e-4, atol=1e-5)
     assert len(np.unique(arrays.groups)) == 3   # the three distinct captions
     out = run_protocols(arrays, ["knn"], EvalConfig(knn_k=3))

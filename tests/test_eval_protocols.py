@@ -13,7 +13,7 @@ from PIL import Image
 from synray.config import EvalConfig
 from synray.data.codecs import decode_class_mask
 from synray.eval.errors import EvalError
-from synray.eval.evaluate import evaluate_backbone
+from synray.eval.evaluate import resolve_image_text
 from synray.eval.protocols import EvalArrays, label_names, reference_query, run_protocols
 from synray.eval.segmentation import (
     confusion_matrix,
@@ -30,7 +30,7 @@ from synray.eval.zeroshot import (
     zeroshot_logits,
 )
 
-from eval_models import save_tiny_image_text, tiny_backbone
+from eval_models import save_tiny_image_text, score_rows, tiny_backbone
 
 
 def _clusters(n_per_class: int, num_classes: int, dim: int = 16, spread: float = 0.1,
@@ -208,7 +208,7 @@ def test_split_column_decides_reference_and_query() -> None:
         label_names([0, 0], ["cat", "dog"])
 
 
-# ------------------------------------------------------------------------ evaluate_backbone
+# ------------------------------------------------------------------- the evaluation path, in process
 def _mask_rows(n: int, size: int = 32, per_row: int = 2) -> list[dict]:
     """Rows of images whose bright square (class 1 + label) sits on a dark background, with its mask."""
     rows = []
@@ -223,18 +223,16 @@ def _mask_rows(n: int, size: int = 32, per_row: int = 2) -> list[dict]:
             mask[lo:lo + 12, lo:lo + 12] = 1 + label
             images.append(_png(img))
             masks.append(_png(mask))
-        rows.append({"caption_id": f"{i:016x}", "label": label, "concept": ["red", "blue"][label],
+        rows.append({"caption_id": f"{i:016x}", "label": label, "class_name": ["red", "blue"][label],
                      "images": images, "masks": masks})
     return rows
 
 
-def test_evaluate_backbone_runs_all_four_protocols(image_text_dir: Path) -> None:
-    from synray.models.backbone import load_backbone
-
+def test_all_four_protocols_score_shares_of_the_query_images(image_text_dir: Path) -> None:
     cfg = EvalConfig(protocols=["knn", "linear", "zeroshot", "segmentation"], knn_k=3, linear_epochs=5,
                      segmentation_epochs=3, zeroshot_templates=["a photo of a {}."])
     rows = _mask_rows(8)
-    out = evaluate_backbone(load_backbone(image_text_dir), rows, None, cfg, image_size=32, image_text=image_text_dir)
+    out = score_rows(image_text_dir, rows, cfg.protocols, cfg, image_text=resolve_image_text(image_text_dir))
     assert out["segmentation_num_classes"] == 3 and out["zeroshot_num_classes"] == 2
     assert out["num_reference"] + out["num_query"] == 16
     shares = {"knn_accuracy": out["num_query"], "linear_accuracy": out["num_query"],
@@ -245,14 +243,16 @@ def test_evaluate_backbone_runs_all_four_protocols(image_text_dir: Path) -> None
     assert out["segmentation_miou"] == pytest.approx(sum(present) / len(present), abs=1e-5)
 
 
-def test_evaluate_backbone_explains_what_a_protocol_needs() -> None:
-    encoder = tiny_backbone()
+def test_each_protocol_says_what_it_needs(tmp_path: Path) -> None:
+    from synray.models.backbone import save_backbone
+
+    model_dir = save_backbone(tiny_backbone(), tmp_path / "backbone")
     rows = [{k: v for k, v in r.items() if k != "masks"} for r in _mask_rows(4)]
     with pytest.raises(ValueError, match="image-text model"):
-        evaluate_backbone(encoder, rows, ["zeroshot"], EvalConfig(), image_size=32)
+        score_rows(model_dir, rows, ["zeroshot"], EvalConfig())
     with pytest.raises(ValueError, match="masks"):
-        evaluate_backbone(encoder, rows, ["segmentation"], EvalConfig(), image_size=32)
+        score_rows(model_dir, rows, ["segmentation"], EvalConfig())
     with pytest.raises(ValueError, match="holds none"):
-        evaluate_backbone(encoder, rows, ["zeroshot"], EvalConfig(), image_size=32, image_text="/nonexistent")
+        resolve_image_text("/nonexistent")
     with pytest.raises(ValueError, match="not supported"):
-        evaluate_backbone(encoder, rows, ["detection"], EvalConfig(), image_size=32)
+        score_rows(model_dir, rows, ["detection"], EvalConfig())

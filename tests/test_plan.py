@@ -1,5 +1,5 @@
 """The planning step: one pass resolves models and checks every stage without Ray; registries are the only
-place an objective or an image backend is chosen by name."""
+place an objective, an image backend or an evaluation protocol is chosen by name."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import small_config
-from synray.config import ImagesConfig, TrainConfig
+from synray.config import EvalConfig, ImagesConfig, TrainConfig
+from synray.eval.registry import PROTOCOLS
 from synray.images.registry import RENDERERS
 from synray.plan import plan_run
 from synray.train.objectives import OBJECTIVES
@@ -65,13 +66,30 @@ def test_every_renderer_is_a_complete_registry_entry(name: str):
     assert r.params(ImagesConfig(backend=name))
 
 
+@pytest.mark.parametrize("name", list(PROTOCOLS))
+def test_every_protocol_is_a_complete_registry_entry(name: str):
+    """Its function exists, its outputs are ones the feature actors make, its metrics are its own (prefixed by its
+    name, unique across protocols) and each one's eval.md row renders from a result that has its figures."""
+    from synray.eval.features import OUTPUTS
+
+    p = PROTOCOLS[name]
+    assert p.name == name and callable(p.runner()) and p.outputs and set(p.outputs) <= set(OUTPUTS)
+    keys = [m.key for m in p.metrics]
+    assert all(k.removeprefix("val_").startswith(f"{name}_") for k in keys)
+    assert not set(keys) & {m.key for q in PROTOCOLS.values() if q is not p for m in q.metrics}
+    assert any(m.headline for m in p.metrics) and any(m.tunable for m in p.metrics)
+    assert all(m.validation in keys for m in p.metrics if m.validation)
+    results = {"linear_weight_decay": 0.01, "zeroshot_num_classes": 3, "segmentation_num_classes": 4}
+    assert all(m.row(results, EvalConfig().model_dump()) for m in p.metrics)
+
+
 #: attributes whose values share a name with an objective without meaning it ("synclr" is a caption style too)
 OTHER_NAMESPACES = {"style"}
 
 
 def _name_choices(path: Path) -> list[str]:
-    """Comparisons in a module that pick an objective or an image backend by name."""
-    names = set(OBJECTIVES) | set(RENDERERS)
+    """Comparisons in a module that pick an objective, an image backend or an evaluation protocol by name."""
+    names = set(OBJECTIVES) | set(RENDERERS) | set(PROTOCOLS)
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if not isinstance(node, ast.Compare):
@@ -84,7 +102,7 @@ def _name_choices(path: Path) -> list[str]:
     return found
 
 
-def test_no_objective_or_backend_is_chosen_by_name_outside_the_registries():
-    registries = {SYNRAY / "train" / "objectives.py", SYNRAY / "images" / "registry.py"}
+def test_no_objective_backend_or_protocol_is_chosen_by_name_outside_the_registries():
+    registries = {SYNRAY / "train" / "objectives.py", SYNRAY / "images" / "registry.py", SYNRAY / "eval" / "registry.py"}
     found = [hit for path in sorted(SYNRAY.rglob("*.py")) if path not in registries for hit in _name_choices(path)]
     assert found == []

@@ -59,9 +59,10 @@ def check_gpu_share(v: float) -> float:
     return v
 
 
-# `train.loss` and `images.backend` name entries of registries that live above this module (the
-# objectives of synray.train, the renderers of synray.images). Validation checks them when the caller
-# passes the registries' names as `choices` (synray.plan.load_run_config does); see `validate`.
+# `train.loss`, `images.backend`, `captions.backend`, `eval.protocols` and `tune.metric` name entries of registries
+# that live above this module (the objectives of synray.train, the renderers of synray.images, the caption backends
+# of synray.captions, the protocols of synray.eval). Validation checks them when the caller passes the registries'
+# names as `choices` (synray.plan.registry_choices; synray.plan.load_run_config does); see `validate`.
 
 
 def _one_of(allowed: Collection[str]) -> str:

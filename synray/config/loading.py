@@ -130,7 +130,7 @@ Choices = Mapping[str, Collection[str]]
 
 
 def validate(raw: dict[str, Any], choices: Choices | None = None) -> RunConfig:
-    """The typed config; `choices` ({"train.loss": names, ...}, see REGISTERED_KEYS) are checked too."""
+    """The typed config; `choices` ({"train.loss": names, ...}: synray.plan.registry_choices) are checked too."""
     try:
         return RunConfig.model_validate(raw, context={"choices": dict(choices or {})})
     except ValidationError as e:

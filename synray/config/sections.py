@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -12,8 +12,8 @@ from synray.config.tune import TuneConfig
 
 __all__ = ["RayConfig", "TemplateWeights", "RELATIONS", "ConceptsConfig", "SamplingConfig", "EngineConfig",
            "CleanupConfig", "RewriteConfig", "CaptionsConfig", "ImagesConfig", "DataConfig", "BackboneConfig",
-           "HeadConfig", "AugmentConfig", "SynCLRConfig", "TextTowerConfig", "TrainConfig", "EvalProtocol",
-           "EVAL_PROTOCOLS", "EvalConfig", "RunConfig"]
+           "HeadConfig", "AugmentConfig", "SynCLRConfig", "TextTowerConfig", "TrainConfig", "EvalConfig",
+           "RunConfig"]
 
 
 # ----------------------------------------------------------------------------------------- ray
@@ -402,13 +402,11 @@ class TrainConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------- eval
-#: the evaluation protocols (synray.eval.protocols runs them), in report order
-EvalProtocol = Literal["knn", "linear", "zeroshot", "segmentation"]
-EVAL_PROTOCOLS: tuple[str, ...] = get_args(EvalProtocol)
 
 class EvalConfig(Section):
     enabled: bool = True
-    protocols: list[EvalProtocol] = Field(default_factory=lambda: ["knn"])
+    protocols: list[str] = Field(default_factory=lambda: ["knn"], description="protocols of synray.eval.registry: "
+                                 "knn, linear, zeroshot, segmentation")
     heldout_captions: int = Field(64, ge=1, description="rows of the held-out set (rendered with other seeds)")
     seed_offset: int = Field(1_000_003, ge=1, description="added to the run seed for the held-out set")
     knn_k: int = Field(20, ge=1)
@@ -444,6 +442,11 @@ class EvalConfig(Section):
     use_gpu: bool = Field(False, description="`synray eval`: one GPU per feature-extraction actor")
     resources: CustomResources
     dataset: str | None = Field(None, description="evaluate on this dataset instead of a held-out set")
+
+    @field_validator("protocols")
+    @classmethod
+    def _protocols_registered(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        return [_registered("eval.protocols", p, info) for p in v]
 
     @field_validator("linear_weight_decay", mode="before")
     @classmethod

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from synray.config.base import Section
+from synray.config.base import Section, _registered
 
-__all__ = ["SpaceSpec", "TuneConfig", "UnitCosts", "SPACE_KINDS", "TUNE_METRICS"]
+__all__ = ["SpaceSpec", "TuneConfig", "UnitCosts", "SPACE_KINDS", "LOSS_METRIC"]
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-#: what a sweep ranks trials by: a probe figure (maximised) or the final training loss (minimised)
-TuneMetric = Literal["knn_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou",
-                     "segmentation_pixel_accuracy", "loss"]
-TUNE_METRICS: tuple[str, ...] = get_args(TuneMetric)
+#: the metric every trial reports while it trains; the other values of tune.metric are the probe figures that
+#: synray.eval.registry marks tunable (checked against it when a config is loaded, see `validate`)
+LOSS_METRIC = "loss"
 
 
 class SpaceSpec(Section):
@@ -65,7 +64,7 @@ class TuneConfig(Section):
         default_factory=dict, description="named groups of config-path overrides swept together (methods, e.g. "
         "SimCLR: {train.loss: simclr, images.per_caption: 1}); crossed with the space")
     num_samples: int = Field(1, ge=1, description="trials per grid point (random search: values drawn)")
-    metric: TuneMetric = "knn_accuracy"
+    metric: str = Field("knn_accuracy", description="what trials are ranked and fitted by: a probe figure, or loss")
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["none", "asha"] = Field("none", description="asha: stop trials early on their training "
                                                "loss at the same step (comparable within one objective only)")
@@ -90,8 +89,14 @@ class TuneConfig(Section):
     budgets: list[float] = Field(default_factory=list, description="device-second budgets the allocation report "
                                  "splits (default: the cheapest, the median and the dearest trial's cost)")
 
+    @field_validator("metric")
+    @classmethod
+    def _metric_registered(cls, v: str, info: ValidationInfo) -> str:
+        return _registered("tune.metric", v, info)
+
     @model_validator(mode="after")
     def _metric_mode(self) -> "TuneConfig":
-        if (self.metric == "loss") != (self.mode == "min"):
-            raise ValueError(f"metric {self.metric} is ranked with mode={'min' if self.metric == 'loss' else 'max'}")
+        if (self.metric == LOSS_METRIC) != (self.mode == "min"):
+            raise ValueError(f"metric {self.metric} is ranked with mode="
+                             f"{'min' if self.metric == LOSS_METRIC else 'max'}")
         return self

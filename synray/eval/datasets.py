@@ -1,10 +1,11 @@
-"""Evaluation datasets read through Ray Data: Parquet files, synray stores and image folders, to extracted arrays."""
+"""Evaluation datasets read through Ray Data: Parquet files, synray stores, image folders and WebDataset shards, in
+the canonical columns every protocol reads."""
 
 from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,20 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
-import torch
-from ray.data import ActorPoolStrategy
 
 from synray.data.storage import Location, is_uri
 from synray.data.store import META_FILE, ParquetStore
 from synray.eval.errors import EvalError
-from synray.eval.evaluate import rows_to_masks
-from synray.eval.features import FeatureExtractor
-from synray.eval.protocols import EvalArrays, label_names
 
 __all__ = ["IMAGE_EXTENSIONS", "ParquetLayout", "EvalSource", "parquet_layout", "hf_label_names",
            "normalise_parquet_batch", "scan_image_folder", "image_folder_batch", "scan_webdataset", "webdataset_batch",
-           "inspect_dataset", "source_dataset", "caption_key", "caption_groups", "rows_to_arrays", "add_extractors",
-           "in_order", "collect_rows", "model_rows", "extract_arrays"]
+           "inspect_dataset", "source_dataset"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 #: accepted names of the per-row image column(s), in order of preference
@@ -359,109 +354,3 @@ def source_dataset(source: EvalSource) -> Any:
     columns = [c for c in (layout.image, layout.label, layout.mask, layout.name, layout.split, layout.caption) if c]
     ds = ray.data.read_parquet(source.files).select_columns(columns)
     return ds.map_batches(normalise_parquet_batch, batch_format="numpy", fn_kwargs={"layout": layout})
-
-
-# -------------------------------------------------------------------------------- extraction
-def _stack(rows: Sequence[Mapping[str, Any]], key: str) -> Any:
-    parts = [np.asarray(r[key], dtype=np.float32) for r in rows if len(r[key])]
-    return torch.from_numpy(np.concatenate(parts)) if parts else None
-
-
-def caption_key(text: Any) -> str:
-    """A caption as the split compares it: lower case, runs of white space as one space, no end punctuation."""
-    return " ".join(str(text).lower().split()).strip(" .!?,;:")
-
-
-def caption_groups(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """One group id per row: rows whose captions are equal once normalised (`caption_key`) share one, so an
-    identical caption never lies on both sides of a reference/query split; a row without a caption is its own."""
-    keys = [caption_key(r["caption"]) if r.get("caption") not in (None, "") else f"\0row {i}"
-            for i, r in enumerate(rows)]
-    return np.unique(np.asarray(keys, dtype=object), return_inverse=True)[1].astype(np.int64).reshape(-1)
-
-
-def rows_to_arrays(rows: Sequence[Mapping[str, Any]], image_size: int, outputs: Sequence[str],
-                   class_names: Mapping[int, str] | None = None, has_labels: bool = True) -> EvalArrays:
-    """Collected rows (canonical columns plus one feature column per output, [m_i, ...] per row) -> arrays.
-
-    Each image gets its row's label, split and class name, and its row's caption group (`caption_groups`).
-    Masks are decoded and nearest-resized to ``image_size``.
-    """
-    counts = [len(r[outputs[0]]) if outputs else len(r["images"]) for r in rows]
-    labels = np.repeat(np.asarray([int(r["label"]) for r in rows], np.int64), counts)
-    arrays = EvalArrays(labels=labels, groups=np.repeat(caption_groups(rows), counts), has_labels=has_labels)
-    for name in outputs:
-        setattr(arrays, name, _stack(rows, name))
-    if rows and "split" in rows[0]:
-        arrays.split = np.repeat(np.asarray([r["split"] for r in rows], dtype=object), counts)
-    if any(isinstance(r.get("masks"), (list, tuple, np.ndarray)) for r in rows):  # an all-null column: none
-        arrays.masks = rows_to_masks([{"masks": r["masks"], "images": [None] * n} for r, n in zip(rows, counts)],
-                                     image_size)
-    names = dict(class_names or {})
-    if rows and "class_name" in rows[0]:
-        names.update(label_names([r["label"] for r in rows], [r["class_name"] for r in rows]))
-    arrays.class_names = names or None
-    return arrays
-
-
-def _eval_error_in(exc: BaseException) -> str | None:
-    """The message of an EvalError raised inside a Ray task (Ray passes it on as text), else None."""
-    marker = f"{EvalError.__module__}.{EvalError.__name__}: "
-    lines = [line for line in str(exc).splitlines() if line.startswith(marker)]
-    return lines[-1][len(marker):] if lines else None
-
-
-def in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """``ds`` executed in input order (reproducible groups, splits and ``limit``s: a held-out stream's
-    `limit` keeps its first rows by row id, not the first to finish). Set on the dataset's own context: a
-    Dataset copies the global DataContext when it is built, so setting that at execution time does nothing."""
-    ds.context.execution_options.preserve_order = True
-    return ds
-
-
-def add_extractors(ds: ray.data.Dataset, models: Mapping[str, str], image_size: int, outputs: Sequence[str],
-                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False,
-                   drop_images: bool = False, resources: Mapping[str, float] | None = None) -> ray.data.Dataset:
-    """One pool of FeatureExtractor actors, each holding every model, adding their outputs to the rows.
-
-    ``models`` maps a name to a model directory; the outputs of model ``name`` get the columns
-    ``name/output`` (a model named "" keeps the plain output names). Each image is decoded once for all
-    models. With ``drop_images`` the encoded images are dropped from the output.
-    """
-    return ds.map_batches(
-        FeatureExtractor, batch_format="numpy", batch_size=batch_size,
-        fn_constructor_kwargs={"model_dir": {f"{name}/" if name else "": d for name, d in models.items()},
-                               "image_size": image_size, "batch_size": batch_size,
-                               "device": "cuda" if use_gpu else "cpu", "outputs": tuple(outputs),
-                               "drop_images": drop_images},
-        compute=ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0,
-        **({"resources": dict(resources)} if resources else {}))
-
-
-def collect_rows(ds: ray.data.Dataset, where: str) -> list[dict[str, Any]]:
-    """Run a feature-extraction dataset in input order; an EvalError inside a task comes back as one."""
-    try:
-        rows = in_order(ds).take_all()
-    except Exception as e:
-        message = _eval_error_in(e)
-        if message is None:
-            raise
-        raise EvalError(f"{where}: {message}") from None
-    if not rows:
-        raise EvalError(f"evaluation dataset {where} holds no rows")
-    return rows
-
-
-def model_rows(rows: Sequence[Mapping[str, Any]], name: str, outputs: Sequence[str]) -> list[dict[str, Any]]:
-    """The rows with model ``name``'s outputs under their plain names (what rows_to_arrays reads)."""
-    return [{**r, **{o: r[f"{name}/{o}"] for o in outputs}} for r in rows]
-
-
-def extract_arrays(source: EvalSource, model_dir: str, image_size: int, outputs: Sequence[str],
-                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False,
-                   resources: Mapping[str, float] | None = None) -> EvalArrays:
-    """Read ``source`` through Ray Data and extract ``outputs`` once with a pool of FeatureExtractor actors."""
-    ds = add_extractors(source_dataset(source), {"": model_dir}, image_size, outputs, batch_size, actors, use_gpu,
-                        drop_images=True, resources=resources)
-    rows = collect_rows(ds, source.path)
-    return rows_to_arrays(rows, image_size, outputs, source.class_names, source.has_labels)

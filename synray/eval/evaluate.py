@@ -1,23 +1,28 @@
-"""Evaluation of a frozen backbone on labelled caption rows in this process: the protocols of synray.eval.protocols."""
+"""The one evaluation path (`synray run`, `synray eval`, sweep trials): labelled rows through a Ray Data pool of
+feature actors holding every model, then the protocols of the registry on each model's features."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.data
+import torch
+from ray.data import ActorPoolStrategy
 
 from synray.config import EvalConfig
 from synray.data.codecs import decode_masks
 from synray.eval.errors import EvalError
-from synray.eval.features import encode_images, rows_to_images
-from synray.eval.protocols import BACKBONE_PROTOCOLS, EvalArrays, check_protocols, label_names, outputs_for, \
-    run_protocols
-from synray.models.backbone import Encoder
+from synray.eval.features import FeatureExtractor
+from synray.eval.protocols import EvalArrays, label_names, run_protocols
+from synray.eval.registry import PROTOCOLS, outputs_for
 from synray.models.image_text import is_image_text_dir, load_image_text
 
-__all__ = ["evaluate_backbone", "resolve_image_text", "rows_to_masks", "rows_class_names"]
+__all__ = ["Scored", "evaluate_models", "resolve_image_text", "caption_key", "caption_groups", "rows_to_arrays",
+           "add_extractors", "in_order", "collect_rows", "model_rows", "keep_sample_images"]
 
 
 def resolve_image_text(image_text: Any) -> tuple[Any, Any, int]:
@@ -33,84 +38,159 @@ def resolve_image_text(image_text: Any) -> tuple[Any, Any, int]:
                     f"that load_image_text returns, got {type(image_text).__name__}")
 
 
-def _column(rows: Sequence[Mapping[str, Any]] | Mapping[str, Any], names: Sequence[str]) -> list[Any] | None:
-    """The first of ``names`` that the rows have, as a list (None if they have none of them)."""
-    if isinstance(rows, Mapping):
-        col = next((n for n in names if n in rows), None)
-        return None if col is None else list(rows[col])
-    if not rows:
-        return []
-    col = next((n for n in names if all(n in r for r in rows)), None)
-    return None if col is None else [r[col] for r in rows]
+# ------------------------------------------------------------------------------- rows -> arrays
+def caption_key(text: Any) -> str:
+    """A caption as the split compares it: lower case, runs of white space as one space, no end punctuation."""
+    return " ".join(str(text).lower().split()).strip(" .!?,;:")
 
 
-def rows_to_masks(rows: Sequence[Mapping[str, Any]] | Mapping[str, Any], size: int) -> Any:
-    """The rows' ``masks`` (one encoded class mask per image) -> int64 [N, size, size], in image order."""
-    masks, images = _column(rows, ("masks",)), _column(rows, ("images",)) or []
-    if masks is None:
-        raise EvalError("the segmentation protocol needs rows with a 'masks' column (one class mask per image; "
-                        "the procedural image backend writes them)")
+def caption_groups(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """One group id per row: rows whose captions are equal once normalised (`caption_key`) share one, so an
+    identical caption never lies on both sides of a reference/query split; a row without a caption is its own."""
+    keys = [caption_key(r["caption"]) if r.get("caption") not in (None, "") else f"\0row {i}"
+            for i, r in enumerate(rows)]
+    return np.unique(np.asarray(keys, dtype=object), return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
+def _stack(rows: Sequence[Mapping[str, Any]], key: str) -> Any:
+    parts = [np.asarray(r[key], dtype=np.float32) for r in rows if len(r[key])]
+    return torch.from_numpy(np.concatenate(parts)) if parts else None
+
+
+def _masks(rows: Sequence[Mapping[str, Any]], counts: Sequence[int], size: int) -> np.ndarray:
+    """Each row's encoded class masks (one per image) -> int64 [N, size, size], in image order."""
     flat: list[bytes] = []
-    for i, (row_masks, row_images) in enumerate(zip(masks, images)):
-        row_masks = [] if row_masks is None else list(row_masks)
-        n_images = 0 if row_images is None else len(row_images)
-        if len(row_masks) != n_images:
-            raise EvalError(f"row {i} has {len(row_masks)} masks for {n_images} images")
+    for i, (r, n) in enumerate(zip(rows, counts)):
+        row_masks = [] if r.get("masks") is None else list(r["masks"])
+        if len(row_masks) != n:
+            raise EvalError(f"row {i} has {len(row_masks)} masks for {n} images")
         flat.extend(row_masks)
-    return decode_masks(flat, size) if flat else np.zeros((0, size, size), np.int64)
+    return decode_masks(flat, size)
 
 
-def rows_class_names(rows: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dict[int, str] | None:
-    """label -> name from the rows' ``class_name`` or ``concept`` column (None when they have neither)."""
-    names = _column(rows, ("class_name", "concept"))
-    labels = _column(rows, ("label",))
-    if names is None or labels is None:
-        return None
-    return label_names(labels, names)
+def rows_to_arrays(rows: Sequence[Mapping[str, Any]], image_size: int, outputs: Sequence[str],
+                   class_names: Mapping[int, str] | None = None, has_labels: bool = True) -> EvalArrays:
+    """Collected rows (canonical columns plus one feature column per output, [m_i, ...] per row) -> arrays.
 
-
-def evaluate_backbone(encoder: Encoder, rows: Sequence[Mapping[str, Any]] | Mapping[str, Any],
-                      protocols: Sequence[str] | None, cfg: EvalConfig, image_size: int, *,
-                      seed: int = 0, query_fraction: float | None = None, batch_size: int | None = None,
-                      image_text: Any = None, class_names: Mapping[int, str] | None = None) -> dict[str, Any]:
-    """Run the evaluation protocols on ``encoder`` with held-out caption rows (in this process).
-
-    The rows' images are embedded (eval transform at ``image_size``) and split into reference
-    and query sets by caption (no caption on both sides), stratified by label. Labels are
-    re-indexed to the classes present. ``protocols=None`` means ``cfg.protocols``;
-    ``query_fraction`` / ``batch_size`` default to ``cfg.query_fraction`` / ``cfg.batch_size``.
-
-    - ``knn`` / ``linear``: CLS embeddings of ``encoder``.
-    - ``segmentation``: patch tokens of ``encoder``; the rows need ``masks`` (one PNG class mask
-      per image, resized to ``image_size``).
-    - ``zeroshot``: ``image_text`` (a ``save_image_text`` directory or the tuple ``load_image_text``
-      returns) embeds the images and the prompts; class names come from ``class_names`` or the
-      rows' ``class_name`` / ``concept`` column.
-
-    Returns what :func:`synray.eval.protocols.run_protocols` returns (``knn_accuracy``,
-    ``linear_accuracy``, ``zeroshot_accuracy``, ``segmentation_miou``, ... plus ``num_reference`` /
-    ``num_query`` (images), ``num_classes`` (present), ``chance``).
+    Each image gets its row's label, split and class name, and its row's caption group (`caption_groups`).
+    Masks are decoded and nearest-resized to ``image_size``.
     """
-    todo = check_protocols(list(cfg.protocols if protocols is None else protocols))
-    if "zeroshot" in todo and image_text is None:
-        raise EvalError("protocol 'zeroshot' needs an image-text model: pass image_text= (a directory written by "
-                        "save_image_text or the tuple load_image_text returns); the protocols that need only "
-                        f"the backbone are {', '.join(BACKBONE_PROTOCOLS)}")
-    text = resolve_image_text(image_text) if "zeroshot" in todo else None
-    bs = cfg.batch_size if batch_size is None else batch_size
-    images, labels, groups = rows_to_images(rows, image_size=image_size)
-    if np.unique(groups).size < 2:
-        raise EvalError(f"evaluation needs at least two held-out rows with images, got {np.unique(groups).size}")
-    arrays = EvalArrays(labels=labels, groups=groups)
-    if "segmentation" in todo:
-        arrays.masks = rows_to_masks(rows, image_size)
-    backbone_outputs = tuple(o for o in outputs_for(todo) if o != "image_embeds")
-    if backbone_outputs:
-        encoded = encode_images(encoder, images, image_size, bs, backbone_outputs)
-        arrays.features, arrays.patch_tokens = encoded.get("features"), encoded.get("patch_tokens")
-    if text is not None:
-        model = text[0]
-        arrays.image_embeds = encode_images(model.encoder, images, image_size, bs, ("image_embeds",),
-                                            model.image_projection)["image_embeds"]
-        arrays.class_names = dict(class_names) if class_names is not None else rows_class_names(rows)
-    return run_protocols(arrays, todo, cfg, seed=seed, query_fraction=query_fraction, image_text=text)
+    counts = [len(r[outputs[0]]) if outputs else len(r["images"]) for r in rows]
+    labels = np.repeat(np.asarray([int(r["label"]) for r in rows], np.int64), counts)
+    arrays = EvalArrays(labels=labels, groups=np.repeat(caption_groups(rows), counts), has_labels=has_labels)
+    for name in outputs:
+        setattr(arrays, name, _stack(rows, name))
+    if rows and "split" in rows[0]:
+        arrays.split = np.repeat(np.asarray([r["split"] for r in rows], dtype=object), counts)
+    if any(isinstance(r.get("masks"), (list, tuple, np.ndarray)) for r in rows):  # an all-null column: none
+        arrays.masks = _masks(rows, counts, image_size)
+    names = dict(class_names or {})
+    if rows and "class_name" in rows[0]:
+        names.update(label_names([r["label"] for r in rows], [r["class_name"] for r in rows]))
+    arrays.class_names = names or None
+    return arrays
+def _eval_error_in(exc: BaseException) -> str | None:
+    """The message of an EvalError raised inside a Ray task (Ray passes it on as text), else None."""
+    marker = f"{EvalError.__module__}.{EvalError.__name__}: "
+    lines = [line for line in str(exc).splitlines() if line.startswith(marker)]
+    return lines[-1][len(marker):] if lines else None
+
+
+def in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """``ds`` executed in input order (reproducible groups, splits and ``limit``s: a held-out stream's
+    `limit` keeps its first rows by row id, not the first to finish). Set on the dataset's own context: a
+    Dataset copies the global DataContext when it is built, so setting that at execution time does nothing."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def add_extractors(ds: ray.data.Dataset, models: Mapping[str, str], image_size: int, outputs: Sequence[str],
+                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False,
+                   drop_images: bool = False, resources: Mapping[str, float] | None = None) -> ray.data.Dataset:
+    """One pool of FeatureExtractor actors, each holding every model, adding their outputs to the rows.
+
+    ``models`` maps a name to a model directory; the outputs of model ``name`` get the columns
+    ``name/output`` (a model named "" keeps the plain output names). Each image is decoded once for all
+    models. With ``drop_images`` the encoded images are dropped from the output.
+    """
+    return ds.map_batches(
+        FeatureExtractor, batch_format="numpy", batch_size=batch_size,
+        fn_constructor_kwargs={"model_dir": {f"{name}/" if name else "": d for name, d in models.items()},
+                               "image_size": image_size, "batch_size": batch_size,
+                               "device": "cuda" if use_gpu else "cpu", "outputs": tuple(outputs),
+                               "drop_images": drop_images},
+        compute=ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0,
+        **({"resources": dict(resources)} if resources else {}))
+
+
+def collect_rows(ds: ray.data.Dataset, where: str) -> list[dict[str, Any]]:
+    """Run a feature-extraction dataset in input order; an EvalError inside a task comes back as one."""
+    try:
+        rows = in_order(ds).take_all()
+    except Exception as e:
+        message = _eval_error_in(e)
+        if message is None:
+            raise
+        raise EvalError(f"{where}: {message}") from None
+    if not rows:
+        raise EvalError(f"evaluation dataset {where} holds no rows")
+    return rows
+
+
+def model_rows(rows: Sequence[Mapping[str, Any]], name: str, outputs: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows with model ``name``'s outputs under their plain names (what rows_to_arrays reads)."""
+    return [{**r, **{o: r[f"{name}/{o}"] for o in outputs}} for r in rows]
+
+
+
+def keep_sample_images(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
+    """Drop the images of all rows but a seeded sample of about `fraction` (drawn by caption id): the sample
+    grid's rows reach the driver with their images, the rest as features only."""
+    keep = [int(str(cid)[:8], 16) < fraction * 2**32 for cid in batch["caption_id"]]
+    images = np.empty(len(keep), dtype=object)
+    for i, k in enumerate(keep):
+        images[i] = batch["images"][i] if k else np.asarray([], dtype=object)
+    return {**batch, "images": images}
+
+
+# ---------------------------------------------------------------------------------- the path
+@dataclass
+class Scored:
+    """What evaluating several models on one dataset gave."""
+
+    figures: dict[str, dict[str, Any]]   # model name -> what run_protocols returned
+    rows: int
+    images: int
+    samples: list[dict[str, Any]]        # rows that kept their images (a run's sample grid)
+
+
+def evaluate_models(ds: ray.data.Dataset, models: Mapping[str, str], protocols: Sequence[str], cfg: EvalConfig,
+                    image_size: int, *, seed: int, where: str, readable: Mapping[str, str] | None = None,
+                    class_names: Mapping[int, str] | None = None, has_labels: bool = True,
+                    sample_fraction: float = 0.0) -> Scored:
+    """``protocols`` on each of ``models`` (name -> saved model) over the labelled rows of ``ds`` (the canonical
+    columns of `synray.eval.datasets`, or a generated held-out set's).
+
+    The images are encoded by all models in one pass through Ray Data (a pool of `eval.feature_actors` actors,
+    on GPUs when eval.use_gpu; ``readable`` names where the actors load a model when that differs, a remote run's
+    storage), and only features reach the driver, plus the images of a seeded ``sample_fraction`` of the rows
+    (drawn by caption id). Rows are put in caption-id order, so the reference/query split repeats across runs.
+    """
+    outputs = outputs_for(protocols)
+    keep = sample_fraction > 0
+    at = {name: (readable or {}).get(name) or d for name, d in models.items()}
+    ds = add_extractors(ds, at, image_size, outputs, cfg.batch_size, cfg.feature_actors, cfg.use_gpu,
+                        drop_images=not keep, resources=cfg.resources)
+    if keep:
+        ds = ds.map_batches(keep_sample_images, fn_kwargs={"fraction": sample_fraction}, batch_format="numpy")
+    rows = collect_rows(ds, where)
+    rows.sort(key=lambda r: str(r.get("caption_id", "")))
+    image_text = any(PROTOCOLS[p].image_text for p in protocols)
+    figures, images = {}, 0
+    for name, directory in models.items():
+        arrays = rows_to_arrays(model_rows(rows, name, outputs), image_size, outputs, class_names, has_labels)
+        figures[name] = run_protocols(arrays, protocols, cfg, seed=seed,
+                                      image_text=resolve_image_text(directory) if image_text else None)
+        images = len(arrays)
+    samples = [r for r in rows if keep and r.get("images") is not None and len(r["images"])]
+    return Scored(figures, len(rows), images, samples)

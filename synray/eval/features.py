@@ -15,8 +15,7 @@ from synray.models.backbone import Encoder, load_backbone
 from synray.models.image_text import load_image_text
 from synray.models.preprocess import build_eval_transform
 
-__all__ = ["OUTPUTS", "encode_images", "encode_arrays", "extract_features", "extract_patch_tokens",
-           "rows_to_images", "decode_row_images", "FeatureExtractor"]
+__all__ = ["OUTPUTS", "encode_images", "encode_arrays", "decode_row_images", "FeatureExtractor"]
 
 
 def _as_nchw_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -101,20 +100,8 @@ def encode_images(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, ima
     return {o: torch.cat(v) for o, v in out.items()}
 
 
-def extract_features(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, image_size: int,
-                     batch_size: int = 256) -> torch.Tensor:
-    """CLS embeddings [N, D] (float32, on the CPU) of images resized to ``image_size`` and normalised.
-
-    ``images_uint8``: torch [N, 3, H, W] or numpy [N, H, W, 3]. The encoder runs in eval mode
-    under ``torch.inference_mode``; its previous train/eval mode is restored afterwards.
-    """
-    return encode_images(encoder, images_uint8, image_size, batch_size)["features"]
 
 
-def extract_patch_tokens(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, image_size: int,
-                         batch_size: int = 256) -> torch.Tensor:
-    """Patch tokens [N, P, D] (float32, CPU) of images resized to ``image_size``; P = (image_size / patch)^2."""
-    return encode_images(encoder, images_uint8, image_size, batch_size, outputs=("patch_tokens",))["patch_tokens"]
 
 
 def encode_arrays(encoder: Encoder, arrays: Sequence[np.ndarray], image_size: int, batch_size: int = 256,
@@ -149,49 +136,6 @@ def decode_row_images(row_images: Any, image_size: int | None = None) -> list[np
     return [_decode(data, image_size) for data in list(row_images)]
 
 
-def _column_view(rows: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
-    if isinstance(rows, Mapping):
-        for col in ("images", "label"):
-            if col not in rows:
-                raise ValueError(f"rows lack the column {col!r} (they have {sorted(rows)})")
-        images, labels = list(rows["images"]), list(rows["label"])
-        if len(images) != len(labels):
-            raise ValueError(f"columns differ in length: images {len(images)}, label {len(labels)}")
-        return images, labels
-    images, labels = [], []
-    for i, row in enumerate(rows):
-        if "images" not in row or "label" not in row:
-            raise ValueError(f"row {i} lacks 'images' or 'label' (it has {sorted(row)})")
-        images.append(row["images"])
-        labels.append(row["label"])
-    return images, labels
-
-
-def rows_to_images(rows: Sequence[Mapping[str, Any]] | Mapping[str, Any],
-                   image_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flatten caption rows to (images uint8 [N, H, W, 3], labels int64 [N], group ids int64 [N]).
-
-    ``rows`` is a list of row dicts or a dict of columns (a Ray Data / pyarrow batch); each needs
-    ``images`` (encoded bytes) and ``label``. Every image of a row gets the row's label, and the
-    row index as its group id. Images of different sizes raise ValueError unless ``image_size`` is
-    given, in which case each image is resized to ``image_size`` x ``image_size`` on decoding.
-    """
-    row_images, row_labels = _column_view(rows)
-    arrays: list[np.ndarray] = []
-    labels: list[int] = []
-    groups: list[int] = []
-    for g, (imgs, label) in enumerate(zip(row_images, row_labels)):
-        decoded = decode_row_images(imgs, image_size)
-        arrays.extend(decoded)
-        labels.extend([int(label)] * len(decoded))
-        groups.extend([g] * len(decoded))
-    if not arrays:
-        size = image_size or 0
-        return (np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
-    shapes = sorted({a.shape for a in arrays})
-    if len(shapes) != 1:
-        raise ValueError(f"images differ in size {shapes}; pass image_size= to resize them on decoding")
-    return np.stack(arrays), np.asarray(labels, np.int64), np.asarray(groups, np.int64)
 
 
 def _per_row_column(flat: np.ndarray, counts: list[int]) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_votes", "knn_predict", "knn_accuracies", "knn_accuracy", "split_reference_query"]
+__all__ = ["knn_votes", "knn_accuracies", "knn_accuracy", "split_reference_query"]
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -56,11 +56,6 @@ def knn_votes(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: Array
     return torch.cat(out) if out else torch.zeros(0, c)
 
 
-def knn_predict(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike, k: int = 20,
-                temperature: float = 0.07, num_classes: int | None = None, chunk_size: int = 1024) -> torch.Tensor:
-    """Predicted class [M] of each test row: vote of its k most cosine-similar train rows, weighted exp(sim / T)."""
-    votes = knn_votes(train_feats, train_labels, test_feats, k, temperature, num_classes, chunk_size)
-    return votes.argmax(dim=1) if votes.shape[0] else torch.empty(0, dtype=torch.long)
 
 
 def knn_accuracies(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike, test_labels: ArrayLike,

@@ -1,4 +1,5 @@
-"""The evaluation protocols (kNN, linear, zero-shot, segmentation) run on features already extracted."""
+"""The evaluation protocols' code (kNN, linear, zero-shot, segmentation), run on features already extracted; what
+each protocol is, needs and reports is its entry in `synray.eval.registry`."""
 
 from __future__ import annotations
 
@@ -9,38 +10,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from synray.config import EVAL_PROTOCOLS, EvalConfig
+from synray.config import EvalConfig
 from synray.eval.errors import EvalError
 from synray.eval.knn import knn_accuracies, split_reference_query
 from synray.eval.linear import selected_linear_probe
+from synray.eval.registry import PROTOCOLS, get_protocol
 from synray.eval.segmentation import segmentation_probe
 from synray.eval.zeroshot import zeroshot_classify
 
-__all__ = ["SUPPORTED_PROTOCOLS", "BACKBONE_PROTOCOLS", "VALIDATION_FIGURES", "fit_validation", "check_protocols",
-           "EvalArrays", "label_names", "reference_query", "run_protocols", "outputs_for"]
+__all__ = ["fit_validation", "EvalArrays", "ProtocolInput", "label_names", "reference_query",
+           "run_protocols", "run_knn", "run_linear", "run_zeroshot", "run_segmentation"]
 
-#: every protocol, in report order (zeroshot needs an image-text model, segmentation images with masks)
-SUPPORTED_PROTOCOLS = EVAL_PROTOCOLS
-#: protocols that need nothing beyond the backbone and labelled images
-BACKBONE_PROTOCOLS = ("knn", "linear", "segmentation")
-#: a query figure -> the same figure on the validation part of the reference side, what runs are chosen by
-VALIDATION_FIGURES = {"knn_accuracy": "val_knn_accuracy", "linear_accuracy": "val_linear_accuracy"}
 #: values of a `split` column: reference (probe training / kNN memory) and query (scored) images
 REFERENCE_SPLITS = ("train",)
 QUERY_SPLITS = ("test", "val", "validation", "query")
-
-
-def check_protocols(protocols: Sequence[str]) -> list[str]:
-    """The requested protocols, deduplicated in order; EvalError for any that cannot run."""
-    out: list[str] = []
-    for p in protocols:
-        if p not in SUPPORTED_PROTOCOLS:
-            raise EvalError(f"evaluation protocol {p!r} is not supported; supported: {', '.join(SUPPORTED_PROTOCOLS)}")
-        if p not in out:
-            out.append(p)
-    if not out:
-        raise EvalError(f"no evaluation protocol requested; supported: {', '.join(SUPPORTED_PROTOCOLS)}")
-    return out
 
 
 @dataclass
@@ -64,18 +47,6 @@ class EvalArrays:
 
     def __len__(self) -> int:
         return int(np.asarray(self.labels).shape[0])
-
-
-def outputs_for(protocols: Sequence[str]) -> tuple[str, ...]:
-    """The feature outputs (see ``synray.eval.features.OUTPUTS``) that the protocols need."""
-    out: list[str] = []
-    if "knn" in protocols or "linear" in protocols:
-        out.append("features")
-    if "segmentation" in protocols:
-        out.append("patch_tokens")
-    if "zeroshot" in protocols:
-        out.append("image_embeds")
-    return tuple(out)
 
 
 def label_names(labels: Sequence[Any], names: Sequence[Any]) -> dict[int, str]:
@@ -128,70 +99,90 @@ def fit_validation(arrays: EvalArrays, ref: np.ndarray, fraction: float,
     return ref[fit], ref[val]
 
 
-def _knn(feats: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, query: torch.Tensor,
-         fit_val: tuple[torch.Tensor, torch.Tensor] | None, cfg: EvalConfig, c: int) -> dict[str, Any]:
-    def acc(a: torch.Tensor, b: torch.Tensor, tops: tuple[int, ...] = (1,)) -> dict[int, float]:
+@dataclass(frozen=True)
+class ProtocolInput:
+    """What every protocol is given: the arrays, dense labels, the reference/query split (shared by all protocols)
+    and its fit/validation split of the reference side."""
+
+    arrays: EvalArrays
+    y: torch.Tensor                 # labels re-indexed to 0..num_classes-1
+    ref: np.ndarray
+    query: np.ndarray
+    fit_val: tuple[np.ndarray, np.ndarray] | None
+    cfg: EvalConfig
+    num_classes: int
+    seed: int
+    image_text: tuple[Any, Any, int] | None = None
+
+    def need(self, attr: str, protocol: str) -> Any:
+        value = getattr(self.arrays, attr)
+        if value is None:
+            raise EvalError(f"protocol {protocol!r} needs {attr.replace('_', ' ')}, which were not extracted")
+        return value
+
+
+def _t(idx: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(idx)
+
+
+def run_knn(p: ProtocolInput) -> dict[str, Any]:
+    feats, y, cfg = p.need("features", "knn"), p.y, p.cfg
+
+    def acc(a: np.ndarray, b: np.ndarray, tops: tuple[int, ...] = (1,)) -> dict[int, float]:
+        a, b = _t(a), _t(b)
         return knn_accuracies(feats[a], y[a], feats[b], y[b], k=cfg.knn_k, temperature=cfg.knn_temperature,
-                              num_classes=c, tops=tops)
-    query_side = acc(ref, query, (1, 5))   # one vote for both figures
+                              num_classes=p.num_classes, tops=tops)
+    query_side = acc(p.ref, p.query, (1, 5))   # one vote for both figures
     return {"knn_accuracy": query_side[1], "knn_top5_accuracy": query_side[5],
-            "val_knn_accuracy": acc(*fit_val)[1] if fit_val is not None else float("nan")}
+            "val_knn_accuracy": acc(*p.fit_val)[1] if p.fit_val is not None else float("nan")}
 
 
-def _linear(feats: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, query: torch.Tensor,
-            fit_val: tuple[torch.Tensor, torch.Tensor] | None, cfg: EvalConfig, c: int, seed: int) -> dict[str, Any]:
-    fit, val = fit_val if fit_val is not None else (ref, None)
+def run_linear(p: ProtocolInput) -> dict[str, Any]:
+    feats, y, cfg = p.need("features", "linear"), p.y, p.cfg
+    fit, val = (_t(i) for i in p.fit_val) if p.fit_val is not None else (_t(p.ref), None)
+    ref, query = _t(p.ref), _t(p.query)
     probe = selected_linear_probe((feats[fit], y[fit]), (feats[val], y[val]) if val is not None else None,
                                   (feats[ref], y[ref]), (feats[query], y[query]), cfg.linear_weight_decay,
                                   epochs=cfg.linear_epochs, lr=cfg.linear_lr, batch_size=cfg.linear_batch_size,
-                                  use_bn=cfg.linear_bn, seed=seed, num_classes=c)
+                                  use_bn=cfg.linear_bn, seed=p.seed, num_classes=p.num_classes)
     return {"linear_accuracy": probe["accuracy"], "linear_train_accuracy": probe["train_accuracy"],
             "val_linear_accuracy": probe["val_accuracy"], "linear_weight_decay": probe["weight_decay"]}
 
 
-def _need(arrays: EvalArrays, attr: str, protocol: str) -> Any:
-    value = getattr(arrays, attr)
-    if value is None:
-        raise EvalError(f"protocol {protocol!r} needs {attr.replace('_', ' ')}, which were not extracted")
-    return value
-
-
-def _zeroshot(arrays: EvalArrays, ref_query: tuple[np.ndarray, np.ndarray], cfg: EvalConfig,
-              image_text: tuple[Any, Any, int]) -> dict[str, Any]:
-
+def run_zeroshot(p: ProtocolInput) -> dict[str, Any]:
+    arrays = p.arrays
+    if p.image_text is None:
+        raise EvalError("zero-shot needs an image-text model (its text tower and image projection)")
     names = arrays.class_names or {}
-    _, query = ref_query
-    present = np.unique(arrays.labels[query])
+    present = np.unique(arrays.labels[p.query])
     missing = [int(x) for x in present if int(x) not in names]
     if missing:
         raise EvalError(f"zero-shot needs a class name for every label; labels {missing[:10]} have none (give the "
                         "dataset a class_name or concept column, or use an image folder named by class)")
     candidates = sorted(names)
     position = {label: i for i, label in enumerate(candidates)}
-    y = np.asarray([position[int(x)] for x in arrays.labels[query]], np.int64)
-    model, tokenizer, max_length = image_text
-    embeds = _need(arrays, "image_embeds", "zeroshot")[torch.from_numpy(query)]
+    y = np.asarray([position[int(x)] for x in arrays.labels[p.query]], np.int64)
+    model, tokenizer, max_length = p.image_text
+    embeds = p.need("image_embeds", "zeroshot")[_t(p.query)]
     out = zeroshot_classify(model, tokenizer, max_length, embeds, y, [names[c] for c in candidates],
-                            cfg.zeroshot_templates)
+                            p.cfg.zeroshot_templates)
     return {"zeroshot_accuracy": out["accuracy"], "zeroshot_num_classes": out["num_classes"],
             "zeroshot_chance": 1.0 / out["num_classes"]}
 
 
-def _segmentation(arrays: EvalArrays, ref: np.ndarray, query: np.ndarray, cfg: EvalConfig,
-                  seed: int) -> dict[str, Any]:
-
-    tokens = _need(arrays, "patch_tokens", "segmentation")
-    masks = arrays.masks
+def run_segmentation(p: ProtocolInput) -> dict[str, Any]:
+    tokens, cfg = p.need("patch_tokens", "segmentation"), p.cfg
+    masks = p.arrays.masks
     if masks is None:
         raise EvalError("the segmentation probe needs per-pixel class masks (a mask column, or a synray store "
                         "generated with images.backend=procedural)")
-    ref_t, query_t = torch.from_numpy(ref), torch.from_numpy(query)
+    ref_t, query_t = _t(p.ref), _t(p.query)
     masks_t = torch.as_tensor(np.asarray(masks)).long()
     try:
         out = segmentation_probe(tokens[ref_t], masks_t[ref_t], tokens[query_t], masks_t[query_t],
                                  num_classes=cfg.segmentation_num_classes, epochs=cfg.segmentation_epochs,
                                  lr=cfg.segmentation_lr, batch_size=cfg.segmentation_batch_size,
-                                 use_bn=cfg.segmentation_bn, ignore_index=cfg.segmentation_ignore_index, seed=seed)
+                                 use_bn=cfg.segmentation_bn, ignore_index=cfg.segmentation_ignore_index, seed=p.seed)
     except ValueError as e:
         raise EvalError(f"segmentation probe: {e}") from e
     objects = [v for i, v in enumerate(out["iou_per_class"]) if v is not None and i != cfg.segmentation_background]
@@ -204,23 +195,23 @@ def _segmentation(arrays: EvalArrays, ref: np.ndarray, query: np.ndarray, cfg: E
 def run_protocols(arrays: EvalArrays, protocols: Sequence[str], cfg: EvalConfig, *, seed: int = 0,
                   query_fraction: float | None = None,
                   image_text: tuple[Any, Any, int] | None = None) -> dict[str, Any]:
-    """Run ``protocols`` on extracted arrays; the reference/query split is shared by all of them.
+    """Run ``protocols`` (entries of `synray.eval.registry.PROTOCOLS`) on extracted arrays; the reference/query
+    split is shared by all of them.
 
     The reference side is split again (by group, ``cfg.val_fraction``) into a fit part and a validation
     part: the linear probe's weight decay is chosen there, and the ``val_*`` figures (for choosing among
     runs without looking at the query side) are scored there.
     Returns ``num_reference`` / ``num_query`` / ``num_fit`` / ``num_val`` (images), ``num_classes`` (labels
-    present), ``chance``, ``split`` (how the split was made) and per protocol: ``knn_accuracy``,
-    ``knn_top5_accuracy``, ``val_knn_accuracy``; ``linear_accuracy``, ``linear_train_accuracy``,
-    ``val_linear_accuracy``, ``linear_weight_decay`` (the chosen one); ``zeroshot_accuracy``,
-    ``zeroshot_num_classes``, ``zeroshot_chance``; ``segmentation_miou``, ``segmentation_miou_objects`` (the
-    background class left out), ``segmentation_pixel_accuracy``, ``segmentation_train_miou``,
-    ``segmentation_num_classes``, ``segmentation_iou_per_class``.
+    present), ``chance``, ``split`` (how the split was made) and each protocol's figures (its registry entry's
+    metrics, and details: ``linear_weight_decay`` chosen, ``segmentation_iou_per_class``, ...).
     ``image_text`` is ``(ImageTextModel, tokenizer, max_length)`` for zero-shot.
     """
-    if not arrays.has_labels and any(p in protocols for p in ("knn", "linear", "zeroshot")):
-        raise EvalError("the dataset has no label column; only the segmentation protocol can run on it")
-    if "zeroshot" in protocols and image_text is None:
+    todo = [get_protocol(name) for name in protocols]
+    labelled = [p.name for p in todo if p.labels]
+    if not arrays.has_labels and labelled:
+        raise EvalError(f"the dataset has no label column, which {', '.join(labelled)} need; only "
+                        f"{', '.join(p.name for p in PROTOCOLS.values() if not p.labels)} can run on it")
+    if image_text is None and any(p.image_text for p in todo):
         raise EvalError("zero-shot needs an image-text model (its text tower and image projection)")
     fraction = cfg.query_fraction if query_fraction is None else query_fraction
     ref, query, how = reference_query(arrays, seed=seed, query_fraction=fraction)
@@ -228,18 +219,11 @@ def run_protocols(arrays: EvalArrays, protocols: Sequence[str], cfg: EvalConfig,
     c = int(classes.size)
     result: dict[str, Any] = {"num_reference": int(ref.size), "num_query": int(query.size),
                               "num_classes": c, "chance": 1.0 / c, "split": how}
-    y = torch.from_numpy(dense.reshape(-1).astype(np.int64))
-    ref_t, query_t = torch.from_numpy(ref), torch.from_numpy(query)
-    split = fit_validation(arrays, ref, cfg.val_fraction, seed)
-    fit_val = (torch.from_numpy(split[0]), torch.from_numpy(split[1])) if split is not None else None
-    if split is not None:
-        result.update(num_fit=int(split[0].size), num_val=int(split[1].size))
-    if "knn" in protocols:
-        result.update(_knn(_need(arrays, "features", "knn"), y, ref_t, query_t, fit_val, cfg, c))
-    if "linear" in protocols:
-        result.update(_linear(_need(arrays, "features", "linear"), y, ref_t, query_t, fit_val, cfg, c, seed))
-    if "zeroshot" in protocols:
-        result.update(_zeroshot(arrays, (ref, query), cfg, image_text))
-    if "segmentation" in protocols:
-        result.update(_segmentation(arrays, ref, query, cfg, seed))
+    fit_val = fit_validation(arrays, ref, cfg.val_fraction, seed)
+    if fit_val is not None:
+        result.update(num_fit=int(fit_val[0].size), num_val=int(fit_val[1].size))
+    inputs = ProtocolInput(arrays, torch.from_numpy(dense.reshape(-1).astype(np.int64)), ref, query, fit_val, cfg,
+                           c, seed, image_text)
+    for protocol in todo:
+        result.update(protocol.runner()(inputs))
     return result

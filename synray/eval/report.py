@@ -1,4 +1,4 @@
-"""Evaluation of a saved model on a dataset (features through Ray Data, then the protocols) and its report files."""
+"""`synray eval`'s request and report: a saved model on a dataset, through the one evaluation path, into eval.json/.md."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 
 from synray.config import RunConfig
 from synray.data.storage import Location
-from synray.eval.datasets import EvalSource, extract_arrays
+from synray.eval.datasets import EvalSource, source_dataset
 from synray.eval.errors import EvalError
-from synray.eval.evaluate import resolve_image_text
-from synray.eval.protocols import outputs_for, run_protocols
+from synray.eval.evaluate import evaluate_models
+from synray.eval.registry import PROTOCOLS
 from synray.models.image_text import is_image_text_dir
 
 __all__ = ["EvalPlan", "model_image_size", "check_request", "evaluate_dataset", "format_table", "write_report", "default_out_dir"]
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 JSON_FILE = "eval.json"
 TABLE_FILE = "eval.md"
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+#: the name `synray eval` gives its one model (its feature columns are "model/<output>")
+MODEL = "model"
 
 
 def model_image_size(model_dir: str | Path) -> int:
@@ -43,17 +45,20 @@ def model_image_size(model_dir: str | Path) -> int:
 
 
 def check_request(model_dir: str | Path, protocols: Sequence[str], source: EvalSource) -> None:
-    """Refuse, before any Ray work, protocols that the model or the dataset cannot support."""
-    if "zeroshot" in protocols and not is_image_text_dir(model_dir):
-        raise EvalError(f"zero-shot needs an image-text model, but {model_dir} holds only an image backbone (no "
-                        "text/ tower and image_text.safetensors projection); train with train.loss=clip, or drop "
-                        "--protocol zeroshot")
-    if "segmentation" in protocols and not source.has_masks:
-        raise EvalError(f"the segmentation protocol needs per-pixel class masks, and {source.path} has none "
-                        "(a Parquet 'mask' column, or a synray store generated with images.backend=procedural)")
-    without_labels = [p for p in protocols if p != "segmentation"]
-    if without_labels and not source.has_labels:
-        raise EvalError(f"{source.path} has no label column, which {', '.join(without_labels)} need")
+    """Refuse, before any Ray work, protocols that the model or the dataset cannot support (what each needs is its
+    registry entry)."""
+    todo = [PROTOCOLS[name] for name in protocols]
+    for p in todo:
+        if p.image_text and not is_image_text_dir(model_dir):
+            raise EvalError(f"{p.name} needs an image-text model, but {model_dir} holds only an image backbone (no "
+                            "text/ tower and image_text.safetensors projection); train with train.loss=clip, or drop "
+                            f"--protocol {p.name}")
+        if p.masks and not source.has_masks:
+            raise EvalError(f"the {p.name} protocol needs per-pixel class masks, and {source.path} has none "
+                            "(a Parquet 'mask' column, or a synray store generated with images.backend=procedural)")
+    with_labels = [p.name for p in todo if p.labels]
+    if with_labels and not source.has_labels:
+        raise EvalError(f"{source.path} has no label column, which {', '.join(with_labels)} need")
 
 
 @dataclass(frozen=True)
@@ -70,44 +75,22 @@ class EvalPlan:
 def evaluate_dataset(plan: EvalPlan, cfg: RunConfig) -> dict[str, Any]:
     """Extract features once through Ray Data, run the protocols, and return the report (Ray must be connected)."""
     todo = list(plan.protocols)
-    image_text = resolve_image_text(plan.model_dir) if "zeroshot" in todo else None
-    log.info("extracting %s of %s (%s, %d files) at %dpx", ", ".join(outputs_for(todo)), plan.dataset,
-             plan.source.kind, len(plan.source.files), plan.image_size)
-    arrays = extract_arrays(plan.source, plan.model_dir, plan.image_size, outputs_for(todo),
-                            batch_size=cfg.eval.batch_size, actors=cfg.eval.feature_actors, use_gpu=cfg.eval.use_gpu,
-                            resources=cfg.eval.resources)
-    log.info("running %s on %d images", ", ".join(todo), len(arrays))
-    results = run_protocols(arrays, todo, cfg.eval, seed=cfg.seed, image_text=image_text)
+    log.info("evaluating %s on %s (%s, %d files) at %dpx: %s", plan.model_dir, plan.dataset, plan.source.kind,
+             len(plan.source.files), plan.image_size, ", ".join(todo))
+    scored = evaluate_models(source_dataset(plan.source), {MODEL: plan.model_dir}, todo, cfg.eval, plan.image_size,
+                             seed=cfg.seed, where=plan.source.path, class_names=plan.source.class_names,
+                             has_labels=plan.source.has_labels)
     return {"model_dir": str(Location.of(plan.model_dir)), "dataset": str(Location.of(plan.dataset)),
             "dataset_kind": plan.source.kind, "protocols": todo, "image_size": plan.image_size,
-            "num_images": len(arrays), "seed": cfg.seed, "results": results,
+            "num_images": scored.images, "seed": cfg.seed, "results": scored.figures[MODEL],
             "eval_config": {**cfg.eval.model_dump(mode="json"), "protocols": todo},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _rows(results: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
-    rows: list[tuple[str, str, Any]] = []
-    if "knn_accuracy" in results:
-        rows.append(("knn", f"top-1 accuracy (k={cfg.get('knn_k')}, T={cfg.get('knn_temperature')})",
-                     results["knn_accuracy"]))
-        rows.append(("knn", "top-5 accuracy", results["knn_top5_accuracy"]))
-        rows.append(("knn", "validation top-1 accuracy", results["val_knn_accuracy"]))
-    if "linear_accuracy" in results:
-        rows.append(("linear", f"top-1 accuracy (weight decay {results['linear_weight_decay']:g}, chosen on "
-                               "validation)", results["linear_accuracy"]))
-        rows.append(("linear", "validation accuracy", results["val_linear_accuracy"]))
-        rows.append(("linear", "train accuracy", results["linear_train_accuracy"]))
-    if "zeroshot_accuracy" in results:
-        templates = len(cfg.get("zeroshot_templates") or [])
-        rows.append(("zeroshot", f"top-1 accuracy ({results['zeroshot_num_classes']} classes, {templates} templates)",
-                     results["zeroshot_accuracy"]))
-    if "segmentation_miou" in results:
-        rows.append(("segmentation", f"mIoU ({results['segmentation_num_classes']} classes)",
-                     results["segmentation_miou"]))
-        rows.append(("segmentation", f"mIoU of the objects (class {cfg.get('segmentation_background')} left out)",
-                     results["segmentation_miou_objects"]))
-        rows.append(("segmentation", "pixel accuracy", results["segmentation_pixel_accuracy"]))
-    return rows
+    """(protocol, metric, value) for every figure of the protocols that ran, as their registry entries word them."""
+    return [(p.name, m.row(results, cfg), results[m.key]) for p in PROTOCOLS.values() for m in p.metrics
+            if m.key in results]
 
 
 def format_table(report: Mapping[str, Any]) -> str:

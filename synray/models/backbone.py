@@ -13,8 +13,7 @@ from synray.config import BackboneConfig
 if TYPE_CHECKING:   # transformers is imported where a model is built or loaded: importing it costs seconds
     from transformers import PretrainedConfig
 
-__all__ = ["SIZES", "backbone_config", "build_backbone", "Encoder", "save_backbone", "load_backbone",
-           "count_parameters"]
+__all__ = ["SIZES", "backbone_config", "build_backbone", "Encoder", "save_backbone", "load_backbone"]
 
 # size -> (hidden, layers, heads); MLP width is 4 x hidden. tiny is for CPU tests, mini for CPU runs
 # that must learn something in minutes (the shapes world).
@@ -101,8 +100,6 @@ def build_backbone(cfg: BackboneConfig, device: torch.device | str | None = None
         return Encoder(_model_from_config(config))
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def save_backbone(encoder: Encoder, directory: str | Path) -> Path:

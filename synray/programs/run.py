@@ -9,16 +9,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.data
 from ray.data import ActorPoolStrategy
 
 from synray.data.ledger import ROW_ID, SkipConsumed
 from synray.data.stats import rejections_text
 from synray.data.store import ParquetStore
-from synray.eval.datasets import add_extractors, collect_rows, model_rows, rows_to_arrays
-from synray.eval.evaluate import resolve_image_text
-from synray.eval.protocols import outputs_for, run_protocols
+from synray.eval import registry
+from synray.eval.evaluate import evaluate_models
 from synray.generation.pipeline import (LIGHT_STAGE_CPUS, add_store_stage, build_pipeline, replay_dataset,
                                         store_fingerprint, store_info)
 from synray.plan import HeldoutPlan, RunPlan
@@ -32,10 +30,6 @@ log = logging.getLogger(__name__)
 
 #: rows of the held-out set drawn in the sample grid
 GRID_ROWS = 8
-#: evaluation results printed at the end of a run, and those compared with chance
-HEADLINE_METRICS = ("knn_accuracy", "knn_top5_accuracy", "linear_accuracy", "zeroshot_accuracy",
-                    "segmentation_miou", "segmentation_miou_objects", "segmentation_pixel_accuracy")
-CHANCE_METRICS = ("knn_accuracy", "linear_accuracy", "zeroshot_accuracy")
 
 
 def training_dataset(plan: RunPlan, stats_actor: Any) -> tuple[ray.data.Dataset, Any]:
@@ -79,42 +73,21 @@ def heldout_dataset(heldout: HeldoutPlan) -> ray.data.Dataset:
     return ds.rename_columns({"concept": "class_name"}) if "concept" in heldout.columns else ds
 
 
-def keep_sample_images(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
-    """Drop the images of all rows but a seeded sample of about `fraction` (drawn by caption id): the sample
-    grid's rows reach the driver with their images, the rest as features only."""
-    keep = [int(str(cid)[:8], 16) < fraction * 2**32 for cid in batch["caption_id"]]
-    images = np.empty(len(keep), dtype=object)
-    for i, k in enumerate(keep):
-        images[i] = batch["images"][i] if k else np.asarray([], dtype=object)
-    return {**batch, "images": images}
-
-
 def evaluate(plan: RunPlan, models: Mapping[str, str],
              shared: Mapping[str, str | None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The run's protocols on each of ``models`` (name -> saved backbone; a run scores "trained" and "init", the
-    same network as the workers built it at step 0).
+    same network as the workers built it at step 0), through the one evaluation path on the held-out rows.
 
-    The held-out images are encoded by all models in one pass through Ray Data (pools of feature
-    actors, on GPUs when eval.use_gpu), and only features (plus a few sample rows' images) reach the
-    driver. ``shared`` names where the feature actors read a model when that differs (a remote run's
-    storage). Returns the figures per model and the sample rows for the grid.
+    ``shared`` names where the feature actors read a model when that differs (a remote run's storage). Returns
+    the figures per model (and ``heldout_rows``) and the sample rows for the grid.
     """
     cfg = plan.cfg
-    size, outputs = cfg.train.backbone.image_size, outputs_for(plan.protocols)
-    readable = {k: (shared or {}).get(k) or v for k, v in models.items()}   # where the feature actors load them
-    fraction = min(1.0, 4 * GRID_ROWS / max(1, cfg.eval.heldout_captions))
-    ds = add_extractors(heldout_dataset(plan.heldout), readable, size, outputs, cfg.eval.batch_size,
-                        cfg.eval.feature_actors, cfg.eval.use_gpu, resources=cfg.eval.resources)
-    rows = collect_rows(ds.map_batches(keep_sample_images, fn_kwargs={"fraction": fraction}, batch_format="numpy"),
-                        plan.heldout.dataset or "the held-out set")
-    rows.sort(key=lambda r: str(r.get("caption_id", "")))  # the reference/query split then repeats across runs
-    out: dict[str, Any] = {}
-    for side, directory in models.items():
-        arrays = rows_to_arrays(model_rows(rows, side, outputs), size, outputs)
-        image_text = resolve_image_text(directory) if "zeroshot" in plan.protocols else None
-        out[side] = run_protocols(arrays, list(plan.protocols), cfg.eval, seed=cfg.seed, image_text=image_text)
-    out["heldout_rows"] = len(rows)
-    return out, [r for r in rows if r.get("images") is not None and len(r["images"])][:GRID_ROWS]
+    scored = evaluate_models(heldout_dataset(plan.heldout), models, plan.protocols, cfg.eval,
+                             cfg.train.backbone.image_size, seed=cfg.seed,
+                             where=plan.heldout.dataset or "the held-out set",
+                             readable={k: v for k, v in (shared or {}).items() if v},
+                             sample_fraction=min(1.0, 4 * GRID_ROWS / max(1, cfg.eval.heldout_captions)))
+    return {**scored.figures, "heldout_rows": scored.rows}, scored.samples[:GRID_ROWS]
 
 
 def trained_and_init(result: TrainResult) -> dict[str, str]:
@@ -218,9 +191,10 @@ def print_summary(rd: RunDir, summary: dict[str, Any]) -> None:
               f"{s['steady_rows_per_s']} rows/s after start-up")
     ev = summary.get("eval")
     if ev:
-        for key in HEADLINE_METRICS:
+        chance_metrics = registry.chance_metrics()
+        for key in registry.headline_metrics():
             if key in ev["trained"]:
-                chance = f" (chance {ev['trained']['chance']:.3f})" if key in CHANCE_METRICS else ""
+                chance = f" (chance {ev['trained']['chance']:.3f})" if key in chance_metrics else ""
                 print(f"  {key}: trained {ev['trained'][key]:.3f} vs init {ev['init'][key]:.3f}{chance}")
     print(f"  summary: {rd.locate(rd.summary_path)}")
 

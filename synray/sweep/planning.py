@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from synray.config import ConfigError, RunConfig
+from synray.config import LOSS_METRIC, ConfigError, RunConfig
 from synray.data.storage import Location, local_file
+from synray.eval.registry import protocol_of
 from synray.generation.pipeline import LIGHT_STAGE_CPUS
 from synray.plan import check_eval_protocols, check_subset_fills_a_batch, load_run_config
 from synray.sweep.fit import MIN_SCALES
@@ -17,8 +18,6 @@ from synray.sweep.space import SCALE_KEY, SearchSpace, check_space
 
 __all__ = ["SweepPlan", "TrialResources", "plan_sweep", "plan_sweep_command", "sweep_root", "LOSS_METRIC"]
 
-#: the metric every trial reports while it trains (ASHA stops on it)
-LOSS_METRIC = "loss"
 #: how much of tune.driver_resource a trial's driver takes
 DRIVER_RESOURCE_SHARE = 0.01
 
@@ -81,7 +80,7 @@ def _check_metric(cfg: RunConfig) -> None:
     if not protocols:
         raise ConfigError(f"tune.metric={t.metric} is a probe figure, but eval.enabled is false; "
                           f"enable evaluation or rank by tune.metric={LOSS_METRIC}")
-    protocol = t.metric.split("_")[0]
+    protocol = protocol_of(t.metric)
     if protocol not in protocols:
         raise ConfigError(f"tune.metric={t.metric} comes from the {protocol} probe, which eval.protocols "
                           f"({', '.join(protocols)}) does not run")

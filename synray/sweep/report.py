@@ -16,7 +16,7 @@ import numpy as np
 from synray.config import RunConfig, load_config
 from synray.data.files import atomic_write_text, write_json
 from synray.data.storage import Location, copy_tree, local_file
-from synray.eval.protocols import VALIDATION_FIGURES
+from synray.eval.registry import LOSS_METRIC, headline_metrics, validation_figures
 from synray.sweep.budget import write_allocation
 from synray.sweep.fit import MIN_SCALES, WITH_C, ScalingFitError, fit_scaling
 from synray.sweep.space import SCALE_KEY, file_slug, method_name
@@ -29,9 +29,6 @@ TRIAL_FILE = "trial.json"
 #: what each trial writes when it starts (its parameters and data scale), so an unfinished one is reported too
 START_FILE = "started.json"
 SWEEP_CONFIG = "config.yaml"
-#: the per-trial figures the table shows, when the trials have them
-TABLE_METRICS = ("knn_accuracy", "knn_top5_accuracy", "linear_accuracy", "zeroshot_accuracy", "segmentation_miou",
-                 "segmentation_miou_objects")
 
 
 @dataclass
@@ -93,7 +90,7 @@ def _value(trial: dict[str, Any], metric: str) -> float | None:
     """A finished trial's figure: a probe's (trained), or its final training loss."""
     if trial.get("status") != "finished":
         return None
-    if metric == "loss":
+    if metric == LOSS_METRIC:
         return trial.get("train", {}).get("final_loss")
     return trial.get("trained", {}).get(metric)
 
@@ -112,18 +109,18 @@ def _scale(trial: dict[str, Any], unit: str) -> float:
 
 
 def _table_rows(trials: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    rows = []
+    rows, validation = [], validation_figures()
     for t in trials:
         row: dict[str, Any] = {"trial": t["trial_id"], **{k: v for k, v in sorted(t["params"].items())},
                                "status": t["status"], "captions": t["captions"],
                                "images_per_caption": t["images_per_caption"], "steps": t.get("steps"),
                                "final_loss": t.get("train", {}).get("final_loss")}
-        for m in dict.fromkeys((metric, *TABLE_METRICS)):
+        for m in dict.fromkeys((metric, *headline_metrics())):   # the figures the trials have
             if m in t.get("trained", {}):
                 row[m] = t["trained"][m]
                 row[f"{m} (init)"] = t.get("init", {}).get(m)
-                if VALIDATION_FIGURES.get(m) in t["trained"]:
-                    row[VALIDATION_FIGURES[m]] = t["trained"][VALIDATION_FIGURES[m]]
+                if validation.get(m) in t["trained"]:
+                    row[validation[m]] = t["trained"][validation[m]]
         rows.append(row)
     return rows
 
@@ -131,11 +128,12 @@ def _table_rows(trials: list[dict[str, Any]], metric: str) -> list[dict[str, Any
 def selection(trials: list[dict[str, Any]], metric: str) -> list[str]:
     """The trial each method would be picked by, overall and per method: chosen on the metric's validation figure
     (a part of each trial's reference side), reporting its query figure, which takes no part in the choice."""
-    chosen_on = VALIDATION_FIGURES.get(metric, metric if metric == "loss" else None)
+    validation = validation_figures()
+    chosen_on = validation.get(metric, metric if metric == LOSS_METRIC else None)
     if chosen_on is None:
-        return [f"selection: {metric} has no validation figure (only {', '.join(VALIDATION_FIGURES)} do); no trial "
+        return [f"selection: {metric} has no validation figure (only {', '.join(validation)} do); no trial "
                 "is chosen here, to keep the query figures out of the choice"]
-    sign = -1 if chosen_on == "loss" else 1   # probe figures are maximised, the loss minimised
+    sign = -1 if chosen_on == LOSS_METRIC else 1   # probe figures are maximised, the loss minimised
     scored = [(t, _value(t, chosen_on), _value(t, metric)) for t in trials]
     scored = [(t, v, q) for t, v, q in scored if v is not None and math.isfinite(v)]
     if not scored:
@@ -146,7 +144,7 @@ def selection(trials: list[dict[str, Any]], metric: str) -> list[str]:
     if len(groups) > 1:
         groups = {"all trials": scored, **groups}
     lines = [f"selection on {chosen_on}" + (" (a validation part of each trial's reference side); the query "
-                                            f"{metric} is reported, never used to choose:" if chosen_on != "loss"
+                                            f"{metric} is reported, never used to choose:" if chosen_on != LOSS_METRIC
                                             else " (the final training loss):")]
     for name, items in groups.items():
         t, v, q = max(items, key=lambda item: sign * item[1])

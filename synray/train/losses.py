@@ -3,7 +3,7 @@
 Distributed convention (used by every loss here that gathers across ranks):
 
 * Each rank passes only its local rows. Features are all-gathered *with* gradient
-  (:func:`gather_with_grad`); the backward pass of the gather **sums** the gradients that every
+  (:func:`gather_rows` with ``grad=True``); the backward pass of the gather **sums** the gradients that every
   rank's loss sends to a row, so the gradient reaching a rank's local features is the gradient of
   the sum of all ranks' losses.
 * Each rank returns ``sum of its local per-anchor losses * world_size / total_anchors``. With equal
@@ -30,8 +30,6 @@ __all__ = [
     "dist_rank_world",
     "equal_sizes",
     "gather_rows",
-    "gather_with_grad",
-    "gather_no_grad",
     "multi_positive_contrastive",
     "multi_positive_terms",
     "info_nce",
@@ -126,14 +124,8 @@ def gather_rows(x: Tensor, *, grad: bool, sizes: tuple[int, ...] | None = None) 
     return Gathered(out, offset, sizes)
 
 
-def gather_with_grad(x: Tensor) -> Tensor:
-    """All rows of all ranks, differentiable w.r.t. this rank's rows; identity on one process."""
-    return gather_rows(x, grad=True).tensor
 
 
-def gather_no_grad(x: Tensor) -> Tensor:
-    """All rows of all ranks, detached; identity (detached) on one process."""
-    return gather_rows(x, grad=False).tensor.detach()
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
