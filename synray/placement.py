@@ -12,57 +12,23 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from synray.stages import EVAL_PHASE, TRAINING_PHASE, StageResources
+
 __all__ = ["StageResources", "NodeType", "ClusterSpec", "Placement", "PlacementError", "pack", "phase_totals",
            "load_cluster_file", "TRAINING_PHASE", "EVAL_PHASE"]
 
-TRAINING_PHASE = "training"
-EVAL_PHASE = "evaluation"
 #: amounts below this are rounding (Ray keeps resources to 1e-4)
 EPS = 1e-6
 
 
 class PlacementError(ValueError):
     """A plan whose stages can never be placed on the cluster at once."""
-
-
-@dataclass(frozen=True)
-class StageResources:
-    """A stage's actors (or workers), what each asks of the cluster, and the config keys that size it."""
-
-    stage: str
-    actors: int
-    cpus: float
-    gpus: float = 0.0
-    custom: Mapping[str, float] = field(default_factory=dict)
-    keys: tuple[str, ...] = ()   # the config keys of (the actor count, CPUs per actor, GPUs per actor)
-    phase: str = TRAINING_PHASE
-    tasks: bool = False   # short tasks, not actors: they need room on some node now and then, and hold nothing
-
-    def bundle(self) -> dict[str, float]:
-        """One actor's resource request, as Ray sees it."""
-        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {}), **self.custom}
-
-    def total(self, key: str) -> float:
-        """What the stage holds of one resource while it runs (tasks hold nothing for long)."""
-        return 0.0 if self.tasks else self.actors * self.bundle().get(key, 0.0)
-
-    def describe(self) -> str:
-        each = f"{self.cpus:g} CPU" + (f" + {self.gpus:g} GPU" if self.gpus else "")
-        each += "".join(f" + {v:g} {k}" for k, v in self.custom.items())
-        kind = " tasks" if self.tasks else ""
-        keys = ", ".join(k for k in self.keys if k)
-        return f"{self.stage}: {self.actors}{kind} x ({each})" + (f"  [{keys}]" if keys else "")
-
-    def keys_for(self, resource: str) -> list[str]:
-        """The settings that decide how much of `resource` the stage holds: its actor count and per-actor amount."""
-        per_actor = {"CPU": 1, "GPU": 2}.get(resource)
-        return [k for i, k in enumerate(self.keys) if k and (i == 0 or i == per_actor)]
 
 
 @dataclass(frozen=True)

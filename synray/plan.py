@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from synray.captions.files import CaptionFileError, read_caption_file
-from synray.captions.llm import CPU_STAGE_CPUS
+from synray.captions.backends import caption_backend_names, get_caption_backend
 from synray.captions.rewrite import check_source, rewrite_fingerprint
 from synray.concepts import load_bank
 from synray.config import ConfigError, RunConfig, load_config, with_overrides
@@ -26,17 +26,18 @@ from synray.eval.datasets import inspect_dataset
 from synray.eval.errors import EvalError
 from synray.eval.registry import PROTOCOLS, check_protocols, protocol_names, tune_metrics
 from synray.eval.report import EvalPlan, check_request, model_image_size
-from synray.generation.pipeline import LIGHT_STAGE_CPUS, GenerationPlan, store_fingerprint
+from synray.generation.pipeline import GenerationPlan, store_fingerprint
 from synray.images.registry import RENDERERS, get_renderer, renderer_names
 from synray.models.tiny import ModelError, resolve_model
-from synray.placement import EVAL_PHASE, TRAINING_PHASE, ClusterSpec, Placement, StageResources, pack
+from synray.pipelines import DataPlan, HeldoutPlan, run_stages
+from synray.placement import ClusterSpec, Placement, StageResources, pack
 from synray.train.engine import check_compatible
 from synray.train.objectives import OBJECTIVES, Objective, TrainSetupError, get_objective, objective_names
 from synray.train.spec import TrainPlan
 
 __all__ = ["StageResources", "DataPlan", "HeldoutPlan", "RunPlan", "RewritePlan", "registry_choices",
            "load_run_config", "derive_config", "heldout_config", "check_eval_protocols", "check_subset_fills_a_batch",
-           "plan_generation", "generation_stages", "run_stages", "plan_run", "plan_eval", "plan_rewrite"]
+           "plan_generation", "run_plan_stages", "plan_run", "plan_eval", "plan_rewrite"]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ EVAL_COLUMNS = ("caption_id", "caption", "label", "concept", "images", "masks")
 # ------------------------------------------------------------------------------------ configs
 def registry_choices() -> dict[str, tuple[str, ...]]:
     """The names the registries offer for the config keys that select an implementation."""
-    return {"train.loss": objective_names(), "images.backend": renderer_names(), "eval.protocols": protocol_names(),
-            "tune.metric": tune_metrics()}
+    return {"train.loss": objective_names(), "images.backend": renderer_names(),
+            "captions.backend": caption_backend_names(), "eval.protocols": protocol_names(), "tune.metric": tune_metrics()}
 
 
 def load_run_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -68,28 +69,6 @@ def heldout_config(cfg: RunConfig) -> RunConfig:
 
 
 # -------------------------------------------------------------------------------------- plans
-@dataclass(frozen=True)
-class DataPlan:
-    """Where training rows come from: a live generation stream, or a store (read, or kept while streaming)."""
-
-    mode: str                            # stream, stored or stream+store
-    store_dir: str | None
-    generation: GenerationPlan | None    # the live pipeline (stream modes)
-    max_row_id: int | None = None        # stored: only rows up to this plan row (the store's first data.first_rows)
-    first_images: int | None = None      # stored: only the first m images of each row
-    passes: int = 1                      # stored subsets: times the subset is read in one execution (one epoch)
-    subset_shards: tuple[str, ...] = ()  # stored subsets: the shards holding the subset's rows
-
-
-@dataclass(frozen=True)
-class HeldoutPlan:
-    """The labelled rows evaluation scores: a held-out set generated with another seed, or eval.dataset."""
-
-    generation: GenerationPlan | None
-    dataset: str | None
-    columns: tuple[str, ...]
-
-
 @dataclass(frozen=True)
 class RunPlan:
     """Everything `synray run` / `synray train` do, decided before Ray starts."""
@@ -149,9 +128,14 @@ def plan_generation(cfg: RunConfig, store: ParquetStore | None = None) -> Genera
         if cfg.data.num_captions > held:
             raise CaptionFileError(f"data.num_captions={cfg.data.num_captions}, but captions.source="
                                    f"{cfg.captions.source} holds {held} captions (row i renders caption i)")
+    backend = get_caption_backend(cfg.captions.backend)
+    try:
+        backend.check(cfg.captions)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     renderer = get_renderer(cfg.images.backend)
     renderer.check(cfg.images)
-    llm = resolve_model(cfg.captions.model, cfg.model_cache) if cfg.captions.backend == "vllm" else None
+    llm = resolve_model(cfg.captions.model, cfg.model_cache) if backend.needs_model else None
     t2i = resolve_model(cfg.images.model, cfg.model_cache) if renderer.needs_model else None
     plan = GenerationPlan(cfg, llm, t2i, renderer, wanted=cfg.data.num_captions)
     if store is not None and store.check_writable(store_fingerprint(cfg)):
@@ -161,48 +145,12 @@ def plan_generation(cfg: RunConfig, store: ParquetStore | None = None) -> Genera
     return plan
 
 
-def generation_stages(cfg: RunConfig, keep_store: bool, phase: str = TRAINING_PHASE,
-                      prefix: str = "") -> list[StageResources]:
-    """The stream's stages, as `synray.generation.pipeline.build_pipeline` lays them out (an engine's
-    tensor-parallel bundles counted as one request: they go on one node)."""
-    out = [StageResources(f"{prefix}plan rows", 1, LIGHT_STAGE_CPUS, phase=phase)]
-    if cfg.captions.backend == "vllm":
-        e, engine = cfg.captions.engine, "captions.engine."
-        tp = e.tensor_parallel_size
-        out += [StageResources(f"{prefix}caption pre/post-processing", 2, CPU_STAGE_CPUS, phase=phase, tasks=True),
-                StageResources(f"{prefix}vLLM engines", e.pool_size, e.num_cpus * tp, e.num_gpus * tp,
-                               {k: v * tp for k, v in e.resources.items()},
-                               (f"{engine}pool_size", f"{engine}num_cpus", f"{engine}num_gpus"), phase)]
-    else:
-        out.append(StageResources(f"{prefix}template captions", 1, LIGHT_STAGE_CPUS, phase=phase, tasks=True))
-    out += [StageResources(f"{prefix}caption clean-up", 1, LIGHT_STAGE_CPUS, phase=phase),
-            StageResources(f"{prefix}{cfg.images.backend} renderers", cfg.images.pool_size, cfg.images.num_cpus,
-                           cfg.images.num_gpus, cfg.images.resources,
-                           ("images.pool_size", "images.num_cpus", "images.num_gpus"), phase)]
-    if keep_store:
-        out.append(StageResources(f"{prefix}store writer", 1, LIGHT_STAGE_CPUS, phase=phase))
-    return out
-
-
-def run_stages(cfg: RunConfig, protocols: tuple[str, ...]) -> tuple[StageResources, ...]:
-    """What a run holds at once while training (its stream's stages, preprocessing, the workers) and then while
-    evaluating (the held-out stream and the feature actors, each holding the trained and the initial backbone); from the
-    config alone, so that `synray plan` shows it before the inputs of a run exist."""
-    t, d = cfg.train, cfg.data
-    stages = generation_stages(cfg, d.mode == "stream+store") if d.mode != "stored" else []
-    stages.append(StageResources("row preprocessing", d.preprocess_actors, d.preprocess_cpus, 0.0,
-                                 d.preprocess_resources, ("data.preprocess_actors", "data.preprocess_cpus")))
-    stages.append(StageResources("training workers", t.num_workers, t.cpus_per_worker,
-                                 t.gpus_per_worker if t.use_gpu else 0.0, t.resources,
-                                 ("train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker")))
-    if protocols:
-        if not cfg.eval.dataset:
-            stages += generation_stages(heldout_config(cfg), False, EVAL_PHASE, "held-out ")
-        stages.append(StageResources("feature extractors", cfg.eval.feature_actors, 1.0,
-                                     1.0 if cfg.eval.use_gpu else 0.0, cfg.eval.resources,
-                                     ("eval.feature_actors", "", "eval.use_gpu"),
-                                     EVAL_PHASE))
-    return tuple(stages)
+def run_plan_stages(cfg: RunConfig, protocols: tuple[str, ...], tracks_rows: bool = True) -> tuple[StageResources, ...]:
+    """What a run holds at once while training, then while evaluating: `synray.pipelines.run_stages` of the run's
+    config and its held-out set's (from the config alone, so that `synray plan` shows it before the inputs of a run
+    exist)."""
+    heldout = heldout_config(cfg) if protocols and not cfg.eval.dataset else None
+    return run_stages(cfg, heldout, protocols, tracks_rows)
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -249,7 +197,7 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -
     train = TrainPlan(objective.name, per_caption, num_classes, epochs=stored, columns=columns,
                       text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step,
                       tracks_rows=tracks, draw_images=draw)
-    return RunPlan(cfg, data, train, heldout, protocols, run_stages(cfg, protocols), fresh)
+    return RunPlan(cfg, data, train, heldout, protocols, run_plan_stages(cfg, protocols, tracks), fresh)
 
 
 def _plan_store(cfg: RunConfig, objective: Objective, data_dir: str | None) -> tuple[str, tuple[str, ...], int]:

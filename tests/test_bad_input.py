@@ -113,7 +113,7 @@ def test_captions_that_are_all_rejected_fail_the_command_with_the_counts(ray_clu
 def test_a_run_without_one_batch_fails_naming_the_rejections():
     from synray.programs.run import EmptyStreamError, check_trained
 
-    summary = {"train": {"ended_early": True, "steps": 0}, "rejected": {"captions": {"too_short": 50}, "images": {}}}
+    rejected = {"captions": {"too_short": 50}, "images": {}}
     with pytest.raises(EmptyStreamError, match=r"before step 1 \(rows rejected by captions: too_short=50\)"):
-        check_trained(summary)
-    check_trained({"train": {"ended_early": True, "steps": 3}})   # a short stream that trained is fine
+        check_trained({"ended_early": True, "steps": 0}, rejected)
+    check_trained({"ended_early": True, "steps": 3}, {})   # a short stream that trained is fine

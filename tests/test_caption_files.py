@@ -27,7 +27,8 @@ def caption_file(tmp_path: Path) -> Path:
 
 
 def test_row_i_renders_caption_i_of_the_file_with_its_provenance(caption_file: Path):
-    from synray.captions.stage import PlanRows, template_captions
+    from synray.captions.rows import template_captions
+    from synray.captions.stage import PlanRows
 
     rows = template_captions(PlanRows(file_config(caption_file))({"id": np.arange(6)}))
     assert list(rows["prompt"]) == [c for c in CAPTIONS if c]   # blank lines skipped; rows past the end dropped

@@ -80,11 +80,11 @@ def test_rayjob_runs_the_pipeline_on_an_autoscaling_cluster_with_the_same_stage_
 @pytest.mark.parametrize("cluster_file", [CLUSTER, RAYJOB], ids=["cluster.yaml", "rayjob"])
 @pytest.mark.parametrize("name", GPU_CONFIGS)
 def test_gpu_configs_pack_on_the_cluster_files_with_stages_on_their_node_types(name: str, cluster_file: Path):
-    from synray.plan import check_eval_protocols, load_run_config, run_stages
+    from synray.plan import check_eval_protocols, load_run_config, run_plan_stages
     from synray.placement import pack
 
     cfg = load_run_config(name)
-    stages = run_stages(cfg, check_eval_protocols(cfg))
+    stages = run_plan_stages(cfg, check_eval_protocols(cfg))
     cluster = load_cluster_file(cluster_file)
     kind = {t.name: next((k for k in t.resources if k in STAGE_RESOURCES), None) for t in cluster.node_types}
     for phase in {s.phase for s in stages}:

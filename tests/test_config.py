@@ -51,7 +51,6 @@ def test_with_overrides_for_tune_trials():
     ("no.such.key=1", "no: unknown key"),
     ("train.nope=1", "train.nope: unknown key"),
     ("train.steps=many", "train.steps: \"many\" is not allowed"),
-    ("captions.backend=gpt", "captions.backend: \"gpt\" is not allowed: must be one of 'vllm' or 'template'"),
     ("images.resolution=100", "must be divisible by 8"),
     ("images.per_caption=0", "images.per_caption: 0 is not allowed"),
     ("train.precision=bf16", "needs use_gpu=true"),

@@ -23,7 +23,9 @@ from synray.eval.datasets import (
     parquet_layout,
     scan_image_folder,
 )
-from synray.eval.evaluate import add_extractors, collect_rows, model_rows, rows_to_arrays
+from synray.eval.evaluate import collect_rows, extractor_stages, model_rows, rows_to_arrays
+from synray.eval.registry import outputs_for
+from synray.stages import build
 from synray.eval.features import encode_images
 from synray.eval.protocols import run_protocols
 from synray.models.backbone import load_backbone
@@ -142,13 +144,16 @@ def test_image_folder_scan(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- through Ray Data
-def extract_arrays(source, model_dir: str, outputs: tuple[str, ...], batch_size: int):
+def extract_arrays(source, model_dir: str, protocols: tuple[str, ...], batch_size: int):
     """A dataset's arrays as the evaluation path (synray.eval.evaluate.evaluate_models) makes them: read by Ray Data,
     a pool of feature actors, collected in input order, flattened for one model."""
     from synray.eval.datasets import source_dataset
+    from synray.stages import Stage
 
-    ds = add_extractors(source_dataset(source), {"m": model_dir}, SIZE, outputs, batch_size, drop_images=True)
-    rows = model_rows(collect_rows(ds, source.path), "m", outputs)
+    read = Stage((), lambda _: source_dataset(source))
+    stages = extractor_stages(EvalConfig(batch_size=batch_size), SIZE, protocols, {"m": model_dir})
+    outputs = outputs_for(protocols)
+    rows = model_rows(collect_rows(build([read, *stages]), source.path), "m", outputs)
     return rows_to_arrays(rows, SIZE, outputs, source.class_names, source.has_labels)
 
 
@@ -163,7 +168,7 @@ def test_parquet_with_masks_through_ray(ray_cluster: str, tmp_path: Path, model_
         "split": ["train"] * 5 + ["test"] * 3})
     source = inspect_dataset(path.parent)
     assert source.kind == "parquet" and source.has_masks and source.has_labels
-    arrays = extract_arrays(source, model_dir, ("features", "patch_tokens", "image_embeds"), batch_size=3)
+    arrays = extract_arrays(source, model_dir, ("knn", "segmentation", "zeroshot"), batch_size=3)
     assert arrays.labels.tolist() == labels and arrays.groups.tolist() == list(range(8))  # input order kept
     assert arrays.class_names == {0: "red", 1: "green", 2: "blue"}
     assert list(arrays.split) == ["train"] * 5 + ["test"] * 3
@@ -231,7 +236,7 @@ def test_a_generated_held_out_set_is_its_first_rows_by_row_id_in_every_execution
     one network once scored kNN 0.168 and 0.169 on differing sets)."""
     from synray.captions.stage import PlanRows
     from synray.plan import heldout_config, load_run_config, plan_run
-    from synray.programs.run import heldout_dataset
+    from synray.pipelines import build_heldout
 
     cfg = load_run_config("shapes", ["eval.heldout_captions=160", "captions.oversample=2.0",
                                      "images.per_caption=2", "images.pool_size=2"])
@@ -240,7 +245,7 @@ def test_a_generated_held_out_set_is_its_first_rows_by_row_id_in_every_execution
     planner = PlanRows(heldout_config(cfg))
     first = [planner.plan(i)["caption_id"] for i in range(160)]
     for _ in range(2):
-        rows = collect_rows(heldout_dataset(plan.heldout), "held-out")
+        rows = collect_rows(build_heldout(plan.heldout, plan.cfg), "held-out")
         assert [r["caption_id"] for r in rows] == first
 
 
@@ -294,7 +299,7 @@ def test_webdataset_shards_with_split_folders_through_ray(ray_cluster: str, tmp_
               for img, lab in zip(images[split], labs)])
     source = inspect_dataset(tmp_path / "wds")
     assert source.kind == "webdataset" and source.has_labels and len(source.files) == 2
-    arrays = extract_arrays(source, model_dir, ("features",), batch_size=3)
+    arrays = extract_arrays(source, model_dir, ("knn",), batch_size=3)
     order = sorted(range(8), key=lambda i: (arrays.split[i], i))   # shards may arrive in either order
     assert sorted(arrays.labels.tolist()) == sorted(labels["train"] + labels["test"])
     assert list(arrays.split).count("train") == 5 and list(arrays.split).count("test") == 3

@@ -84,17 +84,21 @@ def test_tasks_hold_nothing_but_need_a_node_that_fits():
 
 
 def test_run_plan_phases_follow_the_data_mode():
-    from synray.plan import run_stages
+    from synray.plan import run_plan_stages
 
-    stream = run_stages(small_config(), ("knn",))
+    stream = run_plan_stages(small_config(), ("knn",))
     names = {s.phase: [x.stage for x in stream if x.phase == s.phase] for s in stream}
     assert "vLLM engines" in names["training"] and "training workers" in names["training"]
     assert "feature extractors" in names["evaluation"] and "held-out diffusers renderers" in names["evaluation"]
-    stored = run_stages(small_config("data.mode=stored", "data.store_dir=/nowhere", "eval.dataset=/nowhere"),
-                        ("knn",))
-    assert [s.stage for s in stored if s.phase == "training"] == ["row preprocessing", "training workers"]
-    assert [s.stage for s in stored if s.phase == "evaluation"] == ["feature extractors"]
-    fractional = run_stages(small_config("train.use_gpu=true", "train.gpus_per_worker=0.25"), ())
+    stored = run_plan_stages(small_config("data.mode=stored", "data.store_dir=/nowhere", "eval.dataset=/nowhere"),
+                             ("knn",))
+    assert [s.stage for s in stored if s.phase == "training"] == [
+        "file listing", "store reads", "consumed rows skipped", "columns training reads", "row preprocessing",
+        "training workers"]
+    assert [s.stage for s in stored if s.phase == "evaluation"] == [
+        "file listing", "evaluation dataset reads", "columns evaluation reads", "feature extractors",
+        "sample images kept"]
+    fractional = run_plan_stages(small_config("train.use_gpu=true", "train.gpus_per_worker=0.25"), ())
     assert [s.gpus for s in fractional if s.stage == "training workers"] == [0.25]
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import small_config
 from synray.config import EvalConfig, ImagesConfig, TrainConfig
+from synray.captions.backends import CAPTION_BACKENDS
 from synray.eval.registry import PROTOCOLS
 from synray.images.registry import RENDERERS
 from synray.plan import plan_run
@@ -83,13 +84,34 @@ def test_every_protocol_is_a_complete_registry_entry(name: str):
     assert all(m.row(results, EvalConfig().model_dump()) for m in p.metrics)
 
 
+@pytest.mark.parametrize("name", list(CAPTION_BACKENDS))
+def test_every_caption_backend_is_a_complete_registry_entry(name: str):
+    """Its stages declare resources with the names Ray gives their operators, and a row's prompt and provenance come
+    from it; a style it does not write is refused naming the backends that do."""
+    from synray.concepts import load_bank, plan_row
+    from synray.config import CaptionsConfig, ConceptsConfig
+
+    b = CAPTION_BACKENDS[name]
+    styles = b.styles or ("synclr",)
+    cfg = CaptionsConfig(backend=name, style=styles[0], source="/x" if styles[0] == "file" else None)
+    stages = b.stages(cfg, lambda: None, "training", "")
+    assert stages and all(r.udf and r.stage for s in stages for r in s.resources)
+    plan = plan_row(load_bank("builtin:everyday"), ConceptsConfig(), 0, 3)
+    assert b.prompt(plan, cfg, 0, 3) and b.model_label(cfg) and b.sampling_json(cfg).startswith("{")
+    assert b.describe(cfg)
+    others = [s for s in ("synclr", "classname") if b.styles is not None and s not in b.styles]
+    for style in others:
+        with pytest.raises(ValueError, match=f"captions.style={style} needs captions.backend="):
+            b.check(CaptionsConfig(backend=name, style=style))
+
+
 #: attributes whose values share a name with an objective without meaning it ("synclr" is a caption style too)
 OTHER_NAMESPACES = {"style"}
 
 
 def _name_choices(path: Path) -> list[str]:
     """Comparisons in a module that pick an objective, an image backend or an evaluation protocol by name."""
-    names = set(OBJECTIVES) | set(RENDERERS) | set(PROTOCOLS)
+    names = set(OBJECTIVES) | set(RENDERERS) | set(PROTOCOLS) | set(CAPTION_BACKENDS)
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if not isinstance(node, ast.Compare):
@@ -102,7 +124,8 @@ def _name_choices(path: Path) -> list[str]:
     return found
 
 
-def test_no_objective_backend_or_protocol_is_chosen_by_name_outside_the_registries():
-    registries = {SYNRAY / "train" / "objectives.py", SYNRAY / "images" / "registry.py", SYNRAY / "eval" / "registry.py"}
+def test_no_objective_backend_caption_backend_or_protocol_is_chosen_by_name_outside_the_registries():
+    registries = {SYNRAY / "train" / "objectives.py", SYNRAY / "images" / "registry.py", SYNRAY / "eval" / "registry.py",
+                  SYNRAY / "captions" / "backends.py"}
     found = [hit for path in sorted(SYNRAY.rglob("*.py")) if path not in registries for hit in _name_choices(path)]
     assert found == []

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import small_config
 from synray.captions.cleanup import clean_caption
-from synray.captions.stage import CleanCaptions, PlanRows, template_captions
+from synray.captions.rows import template_captions
+from synray.captions.stage import CleanCaptions, PlanRows
 from synray.concepts import load_bank, plan_row
 from synray.config import ConceptsConfig, ImagesConfig
 from synray.generation.regenerate import images_config, regenerate_caption, regenerate_images

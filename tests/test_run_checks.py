@@ -35,7 +35,7 @@ def test_unknown_protocol_is_refused_by_the_config():
         small_config("eval.protocols=[knn, retrieval]")
 
 
-def test_unknown_objective_and_backend_are_refused_with_the_registry_names():
+def test_unknown_objective_backend_and_metric_are_refused_with_the_registry_names():
     from synray.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.loss: \"dino\" is not allowed: must be one of 'stablerep', "
@@ -44,6 +44,12 @@ def test_unknown_objective_and_backend_are_refused_with_the_registry_names():
     with pytest.raises(ConfigError, match="images.backend: \"gan\" is not allowed: must be one of 'diffusers' "
                                           "or 'procedural'"):
         small_config("images.backend=gan")
+    with pytest.raises(ConfigError, match="captions.backend: \"gpt\" is not allowed: must be one of 'vllm' or "
+                                          "'template'"):
+        small_config("captions.backend=gpt")
+    with pytest.raises(ConfigError, match="tune.metric: \"knn_top5_accuracy\" is not allowed: must be one of "
+                                          "'knn_accuracy', 'linear_accuracy', "):
+        small_config("tune.metric=knn_top5_accuracy")
 
 
 def test_shapes_config_is_consistent():

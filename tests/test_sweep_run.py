@@ -103,3 +103,28 @@ def test_asha_stops_the_trial_that_learns_nothing_and_the_report_lists_it_unfini
     assert all(int(rows[lr]["steps"]) == 4 for lr in LRS[:2])
     assert "2 finished trial(s), 1 unfinished" in r.stdout
     assert "a power-law fit needs at least 3" in r.stdout and f"sweep directory: {sweep_drill['out']}" in r.stdout
+
+
+def test_the_resumed_sweeps_trials_started_the_stages_their_plans_listed(sweep_drill, ray_cluster):
+    """Each trial the resubmitted job ran (the second, and the third that ASHA stopped) started what its run plan
+    lists (synray.pipelines, as `trial_resources` counts it), plus its Tune function with the trial driver's
+    resources (test_stages_run.py's check)."""
+    from test_stages_run import check_plan_ran
+
+    from synray.plan import plan_run
+    from synray.stages import StageResources
+    from synray.sweep.planning import plan_sweep_command
+    from synray.sweep.pools import trial_config
+
+    out = sweep_drill["out"]
+    sweep = plan_sweep_command(None, [], resume=str(out))
+    resumed = [json.loads(p.read_text()) for p in (out / TRIALS_DIR).glob("*/started.json")
+               if p.parent.name != sweep_drill["first"].parent.name]
+    assert len(resumed) == 2 and len({t["ray_job_id"] for t in resumed}) == 1
+    plans = [plan_run(trial_config(sweep.cfg, sweep.space, sweep.data, t["params"]), fresh=True) for t in resumed]
+    assert {p.stages for p in plans} == {plans[0].stages}   # the trials differ by learning rate only
+    driver = sweep.resources.driver
+    stages = [*plans[0].stages, StageResources("trial driver", 1, driver["CPU"],
+                                               custom={k: v for k, v in driver.items() if k != "CPU"},
+                                               udf="ImplicitFunc")]
+    check_plan_ran(stages, resumed[0]["ray_job_id"], ray_cluster, len(resumed) * plans[0].cfg.train.num_workers)

@@ -22,7 +22,7 @@ import ray
 from synray.bench.report import Ratio
 from synray.config import RunConfig
 from synray.plan import derive_config, plan_run
-from synray.programs.run import training_dataset
+from synray.pipelines import training_input
 from synray.programs.session import ObjectStoreProbe
 from synray.train.preprocess import ingest_options
 
@@ -107,7 +107,7 @@ def stream_peaks(cfg: RunConfig, captions: int, s_per_row: float = CONSUMER_S_PE
     run_cfg = derive_config(cfg, {"data.num_captions": captions, "data.mode": "stream", "data.store_dir": None,
                                   "train.num_workers": 1, "eval.enabled": False})
     plan = plan_run(run_cfg)
-    ds, _ = training_dataset(plan, None)
+    ds, _ = training_input(plan.cfg, plan.data, plan.train, None)
     ds.context.execution_options = ingest_options(run_cfg.data)  # as Ray Train's DataConfig sets it
     wait_for_store_to_drain(ObjectStoreProbe())
     consumer = Consumer.remote()

@@ -20,7 +20,8 @@ import torch
 
 from synray.bench.report import Ratio
 from synray.captions.llm import build_llm_processor, engine_kwargs
-from synray.captions.stage import PLAN_COLUMNS, PlanRows, llm_sampling, vllm_postprocess, vllm_preprocess
+from synray.captions.rows import PLAN_COLUMNS, llm_sampling, vllm_postprocess, vllm_preprocess
+from synray.captions.stage import PlanRows
 from synray.config import ImagesConfig, RunConfig
 from synray.images.diffusion import DiffusionRenderer, first_seeds
 

@@ -1,30 +1,20 @@
-"""The caption stage as Ray Data operators: plan rows, write captions (vLLM or templates), clean them up."""
+"""The caption stage's actors: plan rows (prompts from the caption backend), clean up the captions written."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import numpy as np
-import ray
 
+from synray.captions.backends import get_caption_backend
 from synray.captions.cleanup import CaptionDeduper, RejectionCounter, clean_captions
 from synray.captions.files import read_caption_file
+from synray.captions.rows import PLAN_COLUMNS, plan_columns, stream_view
 from synray.concepts import load_bank, plan_row
 from synray.config import CaptionsConfig, RunConfig
 from synray.data.schema import caption_id, prompt_seed
 from synray.data.stats import StatsClient
-from synray.language.prompts import synclr_prompt
-from synray.language.templates import template_caption
-
-#: a vLLM completion ends at the first newline (SynCLR keeps the completion's first line)
-STOP_STRINGS = ["\n"]
-
-
-def llm_sampling(cfg: CaptionsConfig) -> dict[str, Any]:
-    s = cfg.sampling
-    return {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "stop": STOP_STRINGS}
 
 
 class PlanRows:
@@ -38,11 +28,12 @@ class PlanRows:
         self.skip_rows = set(stream_view(ledger).skip_rows.tolist()) if ledger is not None else set()
         self.stats = StatsClient(stats_actor)
         cap = cfg.captions
-        self.llm_model = cap.model if cap.backend == "vllm" else f"template:{cap.style}"
+        self.backend = get_caption_backend(cap.backend)
+        self.llm_model = self.backend.model_label(cap)
         self.file = read_caption_file(cap.source) if cap.style == "file" else None
         if self.file is not None:
             self.llm_model = f"file:{cap.source}"
-        self.sampling_json = json.dumps(llm_sampling(cap) if cap.backend == "vllm" else {}, sort_keys=True)
+        self.sampling_json = self.backend.sampling_json(cap)
 
     def plan(self, row_id: int) -> dict[str, Any] | None:
         cfg, seed = self.cfg, self.cfg.seed
@@ -54,10 +45,7 @@ class PlanRows:
                     "kind": "caption", "template": "file", "prompt": prompt, "prompt_seed": prompt_seed(seed, row_id),
                     "run_seed": seed, "llm_model": self.llm_model, "llm_sampling": self.sampling_json}
         plan = plan_row(self.concepts, cfg.concepts, seed, row_id)
-        if cfg.captions.backend == "vllm":
-            prompt = synclr_prompt(plan, seed, row_id, cfg.captions.num_examples)
-        else:
-            prompt = template_caption(plan, cfg.captions.style, seed, row_id)
+        prompt = self.backend.prompt(plan, cfg.captions, seed, row_id)
         return {
             "row_id": row_id, "caption_id": caption_id(seed, row_id, prompt), "label": plan.label,
             "concept": plan.concept.name, "kind": plan.concept.kind, "template": plan.template,
@@ -70,50 +58,7 @@ class PlanRows:
         rows = [self.plan(int(i)) for i in batch["id"] if int(i) not in self.skip_rows]
         rows = [r for r in rows if r is not None and r["caption_id"] not in self.skip]
         self.stats.record("plan", len(rows), start)
-        return _columns(rows, PLAN_COLUMNS)
-
-
-PLAN_COLUMNS = ("row_id", "caption_id", "label", "concept", "kind", "template", "prompt", "prompt_seed",
-                "run_seed", "llm_model", "llm_sampling")
-
-
-def _columns(rows: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    out = {}
-    for n in names:
-        vals = [r[n] for r in rows]
-        out[n] = np.asarray(vals, dtype=np.int64 if n in ("row_id", "label", "prompt_seed", "run_seed") else object)
-    return out
-
-
-def template_captions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Template backend: the prompt already is the caption."""
-    batch["raw_caption"] = batch["prompt"]
-    return batch
-
-
-def vllm_preprocess(cfg: CaptionsConfig):
-    """A row -> vLLM request (prompt + per-request seeded sampling params), other columns carried along."""
-    sampling = llm_sampling(cfg)
-
-    def pre(row: dict[str, Any]) -> dict[str, Any]:
-        out = dict(row)
-        out["sampling_params"] = {**sampling, "seed": int(row["prompt_seed"])}
-        out["t_llm_in"] = time.time()
-        return out
-
-    return pre
-
-
-def vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
-    out = {k: row[k] for k in PLAN_COLUMNS if k in row}
-    out["raw_caption"] = row.get("generated_text") or ""
-    out["t_llm_in"] = row.get("t_llm_in", time.time())
-    return out
-
-
-def stream_view(ledger: Any) -> Any:
-    """The `StreamView` of a training stream's ledger actor (one snapshot per worker-group start)."""
-    return ray.get(ledger.view.remote())
+        return plan_columns(rows, PLAN_COLUMNS)
 
 
 class CleanCaptions:

@@ -116,7 +116,8 @@ class RewriteConfig(Section):
 
 
 class CaptionsConfig(Section):
-    backend: Literal["vllm", "template"] = "vllm"
+    backend: str = Field("vllm", description="a caption backend of synray.captions.backends: vllm (an LLM), template "
+                         "(model-free)")
     model: str = Field("tiny:llm", description="tiny:llm, a HF model name or a local directory")
     style: Literal["synclr", "classname", "clip_templates", "concept_background", "shapes", "file"] = Field(
         "synclr", description="synclr needs the vllm backend; the others are model-free templates; file: the "
@@ -132,11 +133,13 @@ class CaptionsConfig(Section):
     oversample: float = Field(1.25, ge=1.0, le=10.0,
                               description="prompts per wanted caption, to make up for rejected captions")
 
+    @field_validator("backend")
+    @classmethod
+    def _backend_registered(cls, v: str, info: ValidationInfo) -> str:
+        return _registered("captions.backend", v, info)
+
     @model_validator(mode="after")
-    def _style_needs_backend(self) -> "CaptionsConfig":
-        if self.style == "synclr" and self.backend != "vllm":
-            raise ValueError("style 'synclr' needs backend 'vllm'; template styles: classname, "
-                             "clip_templates, concept_background, shapes, file")
+    def _file_has_a_source(self) -> "CaptionsConfig":
         if (self.style == "file") != (self.source is not None):
             raise ValueError("style 'file' and source go together: style=file reads its captions from source")
         return self

@@ -28,9 +28,6 @@ SHARD_PREFIX = "shard-"
 #: the plan-row id column (see synray.data.ledger) and the per-image list columns a subset slices
 ROW_ID = "row_id"
 PER_IMAGE_COLUMNS = ("images", "masks")
-SUBSET_READ_CPUS = 0.25
-#: subset reads in flight at once (each reads a shard): enough to stay ahead of training, few enough to leave it CPUs
-SUBSET_READ_TASKS = 2
 
 
 class StoreError(ValueError):
@@ -148,26 +145,28 @@ class ParquetStore:
             raise StoreError(f"dataset {self.root} lacks the columns {missing} (it has {sorted(names)})")
         return shards
 
-    def read_dataset(self, columns: list[str] | None = None):
-        """The store as a Ray Dataset (only committed shards are read)."""
+    def read_dataset(self, columns: list[str] | None = None, num_cpus: float | None = None,
+                     tasks: int | None = None):
+        """The store as a Ray Dataset (only committed shards are read), by read tasks of `num_cpus` each, at most
+        `tasks` at once (Ray Data's defaults when None)."""
         shards = self.check_readable(tuple(columns) if columns else ())
-        ds = ray.data.read_parquet(shards)
-        return ds.select_columns(columns) if columns else ds
+        return ray.data.read_parquet(shards, columns=columns or None, num_cpus=num_cpus, concurrency=tasks)
 
     def read_subset(self, columns: list[str], shards: list[str], max_row_id: int | None,
-                    first_images: int | None, passes: int = 1) -> ray.data.Dataset:
+                    first_images: int | None, passes: int = 1, num_cpus: float = 0.25,
+                    tasks: int = 2) -> ray.data.Dataset:
         """A nested subset of the store as a Ray Dataset: from `shards` (those `first_rows` names), rows up to
         plan row `max_row_id`, the first `first_images` images (and masks) of each, read `passes` times in one
         execution (a small subset then feeds a whole step budget without restarting its pipeline). Each pass
         offsets `row_id` by the pass number x (max_row_id + 1), so every row a run trains on has its own id for
-        the stream ledger."""
+        the stream ledger. Read by tasks of `num_cpus` each, at most `tasks` at once."""
         if passes > 1 and max_row_id is None:
             raise ValueError("reading a subset in passes needs its max_row_id (the ids of each pass are offset by it)")
         stride = 0 if max_row_id is None else max_row_id + 1
         work = [{"shard": str(s), "offset": k * stride} for k in range(passes) for s in shards]
         return ray.data.from_items(work, override_num_blocks=len(work)).map_batches(
-            _read_subset_block, batch_size=1, batch_format="pyarrow", num_cpus=SUBSET_READ_CPUS,
-            concurrency=SUBSET_READ_TASKS,
+            _read_subset_block, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
+            compute=ray.data.TaskPoolStrategy(size=tasks),
             fn_kwargs={"columns": columns, "max_row_id": max_row_id, "first_images": first_images})
 
     # ---------------------------------------------------------------- writing

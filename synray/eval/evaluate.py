@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import ray.data
 import torch
-from ray.data import ActorPoolStrategy
 
 from synray.config import EvalConfig
 from synray.data.codecs import decode_masks
@@ -20,9 +19,10 @@ from synray.eval.features import FeatureExtractor
 from synray.eval.protocols import EvalArrays, label_names, run_protocols
 from synray.eval.registry import PROTOCOLS, outputs_for
 from synray.models.image_text import is_image_text_dir, load_image_text
+from synray.stages import EVAL_PHASE, LIGHT_STAGE_CPUS, Stage, StageResources, map_stage
 
 __all__ = ["Scored", "evaluate_models", "resolve_image_text", "caption_key", "caption_groups", "rows_to_arrays",
-           "add_extractors", "in_order", "collect_rows", "model_rows", "keep_sample_images"]
+           "extractor_stages", "in_order", "collect_rows", "model_rows", "keep_sample_images"]
 
 
 def resolve_image_text(image_text: Any) -> tuple[Any, Any, int]:
@@ -104,23 +104,33 @@ def in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds
 
 
-def add_extractors(ds: ray.data.Dataset, models: Mapping[str, str], image_size: int, outputs: Sequence[str],
-                   batch_size: int = 64, actors: int = 1, use_gpu: bool = False,
-                   drop_images: bool = False, resources: Mapping[str, float] | None = None) -> ray.data.Dataset:
-    """One pool of FeatureExtractor actors, each holding every model, adding their outputs to the rows.
+def extractor_stages(cfg: EvalConfig, image_size: int, protocols: Sequence[str],
+                     models: Mapping[str, str] | None = None, sample_fraction: float = 0.0) -> list[Stage]:
+    """The feature pass over labelled rows: one pool of `eval.feature_actors` FeatureExtractor actors, each holding
+    every model (``models``: name -> directory, needed only to build it; the outputs of model ``name`` get the
+    columns ``name/output``), and with ``sample_fraction`` the tasks that keep the images of a seeded sample of
+    rows (the rest leave the actors as features only)."""
+    outputs = outputs_for(protocols)
+    actors = StageResources("feature extractors", cfg.feature_actors, 1.0, 1.0 if cfg.use_gpu else 0.0,
+                            cfg.resources, ("eval.feature_actors", "", "eval.use_gpu"), EVAL_PHASE,
+                            udf="FeatureExtractor")
+    keep = StageResources("sample images kept", 1, LIGHT_STAGE_CPUS, phase=EVAL_PHASE, tasks=True,
+                          udf="keep_sample_images")
 
-    ``models`` maps a name to a model directory; the outputs of model ``name`` get the columns
-    ``name/output`` (a model named "" keeps the plain output names). Each image is decoded once for all
-    models. With ``drop_images`` the encoded images are dropped from the output.
-    """
-    return ds.map_batches(
-        FeatureExtractor, batch_format="numpy", batch_size=batch_size,
-        fn_constructor_kwargs={"model_dir": {f"{name}/" if name else "": d for name, d in models.items()},
-                               "image_size": image_size, "batch_size": batch_size,
-                               "device": "cuda" if use_gpu else "cpu", "outputs": tuple(outputs),
-                               "drop_images": drop_images},
-        compute=ActorPoolStrategy(size=actors), num_gpus=1 if use_gpu else 0,
-        **({"resources": dict(resources)} if resources else {}))
+    def add_actors(ds: ray.data.Dataset) -> ray.data.Dataset:
+        if models is None:
+            raise ValueError("the feature pass is built with the models it encodes")
+        return map_stage(ds, actors, FeatureExtractor, batch_format="numpy", batch_size=cfg.batch_size,
+                         fn_constructor_kwargs={"model_dir": {f"{name}/": d for name, d in models.items()},
+                                                "image_size": image_size, "batch_size": cfg.batch_size,
+                                                "device": "cuda" if cfg.use_gpu else "cpu", "outputs": outputs,
+                                                "drop_images": not sample_fraction})
+
+    stages = [Stage((actors,), add_actors)]
+    if sample_fraction:
+        stages.append(Stage((keep,), lambda ds: map_stage(ds, keep, keep_sample_images, batch_format="numpy",
+                                                          fn_kwargs={"fraction": sample_fraction})))
+    return stages
 
 
 def collect_rows(ds: ray.data.Dataset, where: str) -> list[dict[str, Any]]:
@@ -171,18 +181,16 @@ def evaluate_models(ds: ray.data.Dataset, models: Mapping[str, str], protocols: 
     """``protocols`` on each of ``models`` (name -> saved model) over the labelled rows of ``ds`` (the canonical
     columns of `synray.eval.datasets`, or a generated held-out set's).
 
-    The images are encoded by all models in one pass through Ray Data (a pool of `eval.feature_actors` actors,
-    on GPUs when eval.use_gpu; ``readable`` names where the actors load a model when that differs, a remote run's
-    storage), and only features reach the driver, plus the images of a seeded ``sample_fraction`` of the rows
-    (drawn by caption id). Rows are put in caption-id order, so the reference/query split repeats across runs.
+    The images are encoded by all models in one pass through Ray Data (`extractor_stages`: a pool of
+    `eval.feature_actors` actors, on GPUs when eval.use_gpu; ``readable`` names where the actors load a model when
+    that differs, a remote run's storage), and only features reach the driver, plus the images of a seeded
+    ``sample_fraction`` of the rows (drawn by caption id). Rows are put in caption-id order, so the reference/query
+    split repeats across runs.
     """
     outputs = outputs_for(protocols)
-    keep = sample_fraction > 0
     at = {name: (readable or {}).get(name) or d for name, d in models.items()}
-    ds = add_extractors(ds, at, image_size, outputs, cfg.batch_size, cfg.feature_actors, cfg.use_gpu,
-                        drop_images=not keep, resources=cfg.resources)
-    if keep:
-        ds = ds.map_batches(keep_sample_images, fn_kwargs={"fraction": sample_fraction}, batch_format="numpy")
+    for stage in extractor_stages(cfg, image_size, protocols, at, sample_fraction):
+        ds = stage.add(ds)
     rows = collect_rows(ds, where)
     rows.sort(key=lambda r: str(r.get("caption_id", "")))
     image_text = any(PROTOCOLS[p].image_text for p in protocols)
@@ -192,5 +200,5 @@ def evaluate_models(ds: ray.data.Dataset, models: Mapping[str, str], protocols: 
         figures[name] = run_protocols(arrays, protocols, cfg, seed=seed,
                                       image_text=resolve_image_text(directory) if image_text else None)
         images = len(arrays)
-    samples = [r for r in rows if keep and r.get("images") is not None and len(r["images"])]
+    samples = [r for r in rows if sample_fraction and r.get("images") is not None and len(r["images"])]
     return Scored(figures, len(rows), images, samples)

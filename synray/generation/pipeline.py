@@ -12,22 +12,20 @@ from typing import Any
 
 import ray
 import ray.data
-from ray.data import ActorPoolStrategy
 
-from synray.captions.llm import build_llm_processor
-from synray.captions.stage import CleanCaptions, PlanRows, template_captions, vllm_postprocess, vllm_preprocess
+from synray.captions.backends import get_caption_backend
+from synray.captions.stage import CleanCaptions, PlanRows
 from synray.config import RunConfig
 from synray.data.ledger import replay_rows
 from synray.data.store import ShardWriter
 from synray.images.base import Renderer
 from synray.images.registry import get_renderer
+from synray.stages import LIGHT_STAGE_CPUS, TRAINING_PHASE, Stage, StageResources, build, map_stage
 
 log = logging.getLogger(__name__)
 
 #: rows per block of the plan; small blocks keep the pipeline streaming
 PLAN_ROWS_PER_BLOCK = 16
-#: CPUs of the light single-actor stages (planning, clean-up, shard writing)
-LIGHT_STAGE_CPUS = 0.25
 #: caption settings that decide resources, not which rows are written (left out of store fingerprints)
 CAPTION_RESOURCE_KEYS = ("engine", "oversample")
 
@@ -68,51 +66,72 @@ def store_info(cfg: RunConfig) -> dict[str, Any]:
     return {"config_name": cfg.name, "config": cfg.to_dict()}
 
 
-def build_pipeline(plan: GenerationPlan, stats_actor: Any | None = None, row_offset: int = 0,
-                   ledger: Any | None = None) -> ray.data.Dataset:
-    """The lazy Ray Dataset of finished rows (caption + m images + provenance).
+def generation_stages(cfg: RunConfig, gen: GenerationPlan | None = None, *, stats_actor: Any | None = None,
+                      ledger: Any | None = None, store: str | None = None, passthrough: bool = True,
+                      phase: str = TRAINING_PHASE, prefix: str = "") -> list[Stage]:
+    """The generation stream: plan rows -> captions (the backend's stages) -> clean-up -> the renderer's pool (->
+    the store's shard writer, `store` given: teeing rows into it with `passthrough`, else turning them into shard
+    metadata). Resources come from `cfg`; `gen` (models resolved, the store's rows read) and the handles are needed
+    only to build the Dataset.
 
     With a `StreamLedger` actor (training streams), each execution of the dataset (the first, and one per
     worker-group restart) skips the rows the ledger names (consumed by training, or already stored) and
-    generates only what is still missing of `plan.wanted`.
+    generates only what is still missing of `gen.wanted`.
     """
-    cfg = plan.cfg
-    blocks = max(1, plan.plan_rows // PLAN_ROWS_PER_BLOCK)
-    ds = ray.data.range(plan.plan_rows, override_num_blocks=blocks)
-    if row_offset:
-        ds = ds.map_batches(lambda b: {"id": b["id"] + row_offset}, num_cpus=LIGHT_STAGE_CPUS)
-    ds = ds.map_batches(PlanRows, fn_constructor_kwargs={"cfg": cfg, "skip_ids": plan.skip_ids,
-                                                         "stats_actor": stats_actor, "ledger": ledger},
-                        compute=ActorPoolStrategy(size=1), num_cpus=LIGHT_STAGE_CPUS)
-    if plan.llm_path is not None:
-        proc = build_llm_processor(cfg.captions, plan.llm_path, vllm_preprocess(cfg.captions), vllm_postprocess)
-        ds = proc(ds)
-    else:
-        ds = ds.map_batches(template_captions, num_cpus=LIGHT_STAGE_CPUS)
-    ds = ds.map_batches(CleanCaptions, fn_constructor_kwargs={
-        "cfg": cfg.captions, "existing": plan.existing_captions, "stats_actor": stats_actor, "ledger": ledger,
-        "wanted": plan.wanted},
-        compute=ActorPoolStrategy(size=1), num_cpus=LIGHT_STAGE_CPUS)
-    ds = ds.limit(plan.wanted)
-    return add_image_stage(ds, plan, stats_actor)
+    img, light = cfg.images, {"cpus": LIGHT_STAGE_CPUS, "phase": phase}
+    plan_rows = math.ceil(cfg.data.num_captions * cfg.captions.oversample)
+    read = StageResources(f"{prefix}plan row ids", 1, 1.0, phase=phase, tasks=True, udf="ReadRange")
+    rows = StageResources(f"{prefix}plan rows", 1, udf="PlanRows", **light)
+    clean = StageResources(f"{prefix}caption clean-up", 1, udf="CleanCaptions", **light)
+    renderer = get_renderer(img.backend)
+    render = StageResources(f"{prefix}{img.backend} renderers", img.pool_size, img.num_cpus, img.num_gpus,
+                            img.resources, ("images.pool_size", "images.num_cpus", "images.num_gpus"), phase,
+                            udf=renderer.__name__)
+
+    def built() -> GenerationPlan:
+        if gen is None:
+            raise ValueError("a generation stream is built from its GenerationPlan (synray.plan.plan_generation)")
+        return gen
+
+    def add_rows(_: Any) -> ray.data.Dataset:
+        ds = ray.data.range(plan_rows, override_num_blocks=max(1, plan_rows // PLAN_ROWS_PER_BLOCK))
+        return map_stage(ds, rows, PlanRows, fn_constructor_kwargs={
+            "cfg": cfg, "skip_ids": built().skip_ids, "stats_actor": stats_actor, "ledger": ledger})
+
+    def add_clean(ds: ray.data.Dataset) -> ray.data.Dataset:
+        ds = map_stage(ds, clean, CleanCaptions, fn_constructor_kwargs={
+            "cfg": cfg.captions, "existing": built().existing_captions, "stats_actor": stats_actor, "ledger": ledger,
+            "wanted": built().wanted})
+        return ds.limit(built().wanted)
+
+    def add_render(ds: ray.data.Dataset) -> ray.data.Dataset:
+        return map_stage(ds, render, renderer, batch_size=img.batch_size, fn_constructor_kwargs={
+            "cfg": img, "model_path": built().t2i_path, "run_seed": cfg.seed, "stats_actor": stats_actor})
+
+    stages = [Stage((read, rows), add_rows),
+              *get_caption_backend(cfg.captions.backend).stages(cfg.captions, lambda: built().llm_path, phase, prefix),
+              Stage((clean,), add_clean), Stage((render,), add_render)]
+    if store is not None:
+        stages.append(store_stage(store, passthrough, cfg.data.rows_per_shard, stats_actor, phase, prefix))
+    return stages
 
 
-def add_image_stage(ds: ray.data.Dataset, plan: GenerationPlan, stats_actor: Any | None) -> ray.data.Dataset:
-    """Fixed-size actor pool of the configured renderer."""
-    img = plan.cfg.images
-    return ds.map_batches(
-        plan.renderer,
-        fn_constructor_kwargs={"cfg": img, "model_path": plan.t2i_path, "run_seed": plan.cfg.seed,
-                               "stats_actor": stats_actor},
-        compute=ActorPoolStrategy(size=img.pool_size), batch_size=img.batch_size,
-        num_cpus=img.num_cpus, num_gpus=img.num_gpus or None, **({"resources": img.resources} if img.resources else {}))
+def build_pipeline(plan: GenerationPlan, stats_actor: Any | None = None, ledger: Any | None = None) -> ray.data.Dataset:
+    """The lazy Ray Dataset of finished rows (caption + m images + provenance): `generation_stages` built."""
+    return build(generation_stages(plan.cfg, plan, stats_actor=stats_actor, ledger=ledger))
 
 
-def replay_dataset(ledger: Any, columns: list[str]) -> ray.data.Dataset:
-    """The stored rows training has not consumed, read when an execution starts (stream+store restarts)."""
-    return ray.data.range(1, override_num_blocks=1).map_batches(
-        _replay_stored, fn_kwargs={"ledger": ledger, "columns": columns}, batch_format="pyarrow",
-        num_cpus=LIGHT_STAGE_CPUS)
+def replay_stage(ledger: Any, columns: list[str], phase: str = TRAINING_PHASE) -> Stage:
+    """The stored rows training has not consumed, read when an execution starts (stream+store restarts), ahead of
+    what the stages before it stream (a union)."""
+    res = StageResources("stored rows replayed", 1, 1.0, phase=phase, tasks=True, udf="_replay_stored")
+
+    def add(ds: ray.data.Dataset) -> ray.data.Dataset:
+        replay = map_stage(ray.data.range(1, override_num_blocks=1), res, _replay_stored,
+                           fn_kwargs={"ledger": ledger, "columns": columns}, batch_format="pyarrow")
+        return replay.union(ds)
+
+    return Stage((res,), add)
 
 
 def _replay_stored(batch: Any, ledger: Any, columns: list[str]) -> Iterator[Any]:
@@ -123,10 +142,10 @@ def _replay_stored(batch: Any, ledger: Any, columns: list[str]) -> Iterator[Any]
             yield table
 
 
-def add_store_stage(ds: ray.data.Dataset, root: str, passthrough: bool, rows_per_shard: int,
-                    stats_actor: Any | None) -> ray.data.Dataset:
+def store_stage(root: str, passthrough: bool, rows_per_shard: int, stats_actor: Any | None,
+                phase: str = TRAINING_PHASE, prefix: str = "") -> Stage:
     """Tee rows into atomic Parquet shards (passthrough) or turn them into shard metadata."""
-    return ds.map_batches(ShardWriter, fn_constructor_kwargs={"root": root, "passthrough": passthrough,
-                                                             "stats_actor": stats_actor},
-                          batch_size=rows_per_shard, batch_format="pyarrow",
-                          compute=ActorPoolStrategy(size=1), num_cpus=LIGHT_STAGE_CPUS)
+    res = StageResources(f"{prefix}store writer", 1, LIGHT_STAGE_CPUS, phase=phase, udf="ShardWriter")
+    return Stage((res,), lambda ds: map_stage(ds, res, ShardWriter, batch_size=rows_per_shard, batch_format="pyarrow",
+                                              fn_constructor_kwargs={"root": root, "passthrough": passthrough,
+                                                                     "stats_actor": stats_actor}))

@@ -8,7 +8,8 @@ from typing import Any
 
 from synray.data.stats import rejections_text
 from synray.data.store import SUMMARY_FILE, ParquetStore, StoreError
-from synray.generation.pipeline import GenerationPlan, add_store_stage, build_pipeline, store_fingerprint, store_info
+from synray.generation.pipeline import GenerationPlan, generation_stages, store_fingerprint, store_info
+from synray.stages import build
 from synray.programs.session import session, stage_stats, stats_summary
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def generate_to_store(plan: GenerationPlan, out: str) -> dict[str, Any]:
     if plan.wanted:
         with session(cfg.ray):
             actor = stage_stats()
-            ds = add_store_stage(build_pipeline(plan, actor), out, False, cfg.data.rows_per_shard, actor)
+            ds = build(generation_stages(cfg, plan, stats_actor=actor, store=out, passthrough=False))
             for batch in ds.iter_batches(batch_size=None):
                 rows += int(sum(batch["rows"]))
             stats = stats_summary(actor)

@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from synray.captions.backends import get_caption_backend
 from synray.config import RunConfig
 from synray.data.store import StoreMissingError
 from synray.images.registry import get_renderer
 from synray.placement import ClusterSpec, Placement, PlacementError, StageResources, load_cluster_file, pack, \
     phase_totals
-from synray.plan import check_eval_protocols, plan_run, run_stages
+from synray.plan import check_eval_protocols, plan_run, run_plan_stages
 from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
 from synray.programs.session import cluster_spec, ray_address, session
 
@@ -38,8 +39,7 @@ def data_flow(cfg: RunConfig, protocols: Sequence[str]) -> str:
     if d.mode == "stored":
         steps.append(f"store {d.store_dir}")
     else:
-        caption = (f"vLLM {c.model}, engines: {c.engine.pool_size}" if c.backend == "vllm"
-                   else f"{c.style} templates")
+        caption = get_caption_backend(c.backend).describe(c)
         renderer = f"{i.backend} {i.model}" if get_renderer(i.backend).needs_model else i.backend
         steps += [f"concepts {cfg.concepts.bank}", f"captions: {caption}",
                   f"images: {renderer}, {i.per_caption} per caption, actors: {i.pool_size}"]
@@ -105,7 +105,7 @@ def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec) -> tup
 def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None) -> PlanView:
     view = PlanView()
     protocols = check_eval_protocols(cfg)
-    stages = run_stages(cfg, protocols)
+    stages = run_plan_stages(cfg, protocols)
     view.lines += [f"plan: {cfg.name}" + (f" - {cfg.description}" if cfg.description else ""),
                    f"data flow: {data_flow(cfg, protocols)}", "stages:"]
     view.lines += [f"  {line}" for line in stage_lines(stages)]

@@ -5,72 +5,25 @@ from __future__ import annotations
 import csv
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray.data
-from ray.data import ActorPoolStrategy
 
-from synray.data.ledger import ROW_ID, SkipConsumed
 from synray.data.stats import rejections_text
-from synray.data.store import ParquetStore
 from synray.eval import registry
 from synray.eval.evaluate import evaluate_models
-from synray.generation.pipeline import (LIGHT_STAGE_CPUS, add_store_stage, build_pipeline, replay_dataset,
-                                        store_fingerprint, store_info)
-from synray.plan import HeldoutPlan, RunPlan
+from synray.pipelines import SAMPLE_GRID_ROWS, build_heldout, sample_fraction, training_input
+from synray.plan import RunPlan
 from synray.programs.rundir import RunDir
-from synray.programs.session import cluster_spec, session, stage_stats, stats_summary, stream_ledger
-from synray.train.preprocess import add_preprocessing
+from synray.programs.session import cluster_spec, session, stage_stats, stats_summary
 from synray.train.trainer import TrainResult, fit
 from synray.viz import loss_curve, sample_grid
 
 log = logging.getLogger(__name__)
 
-#: rows of the held-out set drawn in the sample grid
-GRID_ROWS = 8
-
-
-def training_dataset(plan: RunPlan, stats_actor: Any) -> tuple[ray.data.Dataset, Any]:
-    """The Ray Dataset training reads, turned into ready arrays by the preprocessing actors, and a stream's ledger.
-
-    A store is read in epochs (its rows trained on in the restored checkpoint's epoch skipped, when they carry
-    `row_id`). A stream is the live pipeline; in stream+store mode it is teed into the store,
-    and the stored rows training has not consumed are replayed first. Each execution (the first, and one per
-    worker-group restart) skips what the ledger names: rows the restored checkpoint consumed, rows stored.
-    """
-    data, cfg = plan.data, plan.cfg
-    tracks = plan.train.tracks_rows
-    if data.generation is None:
-        ledger = stream_ledger(None) if tracks else None
-        columns = list(plan.train.columns) + ([ROW_ID] if tracks and ROW_ID not in plan.train.columns else [])
-        store = ParquetStore(data.store_dir)
-        if data.subset_shards:  # a nested subset (sweep trials), read in passes that cover the step budget
-            ds = store.read_subset(columns, list(data.subset_shards), data.max_row_id, data.first_images, data.passes)
-        else:
-            ds = store.read_dataset(columns=columns)
-        ds = ds.randomize_block_order(seed=cfg.seed)
-        if tracks:
-            ds = ds.map_batches(SkipConsumed, fn_constructor_kwargs={"ledger": ledger}, batch_format="pyarrow",
-                                compute=ActorPoolStrategy(size=1), num_cpus=LIGHT_STAGE_CPUS)
-        return add_preprocessing(ds, cfg, plan.train, track_rows=tracks), ledger
-    ledger = stream_ledger(data.store_dir if data.mode == "stream+store" else None)
-    ds = build_pipeline(data.generation, stats_actor, ledger=ledger)
-    if data.mode == "stream+store":
-        ParquetStore(data.store_dir).open_for_writing(store_fingerprint(cfg), store_info(cfg))
-        ds = add_store_stage(ds, data.store_dir, True, cfg.data.rows_per_shard, stats_actor)
-        ds = replay_dataset(ledger, list(plan.train.columns) + [ROW_ID]).union(ds)
-    return add_preprocessing(ds, cfg, plan.train, track_rows=True), ledger
-
-
-def heldout_dataset(heldout: HeldoutPlan) -> ray.data.Dataset:
-    """The labelled evaluation rows (generated, or read from eval.dataset) in the evaluation's column names."""
-    if heldout.dataset:
-        ds = ParquetStore(heldout.dataset).read_dataset(columns=list(heldout.columns))
-    else:
-        ds = build_pipeline(heldout.generation).select_columns(list(heldout.columns))
-    return ds.rename_columns({"concept": "class_name"}) if "concept" in heldout.columns else ds
 
 
 def evaluate(plan: RunPlan, models: Mapping[str, str],
@@ -82,17 +35,46 @@ def evaluate(plan: RunPlan, models: Mapping[str, str],
     the figures per model (and ``heldout_rows``) and the sample rows for the grid.
     """
     cfg = plan.cfg
-    scored = evaluate_models(heldout_dataset(plan.heldout), models, plan.protocols, cfg.eval,
+    scored = evaluate_models(build_heldout(plan.heldout, cfg), models, plan.protocols, cfg.eval,
                              cfg.train.backbone.image_size, seed=cfg.seed,
                              where=plan.heldout.dataset or "the held-out set",
                              readable={k: v for k, v in (shared or {}).items() if v},
-                             sample_fraction=min(1.0, 4 * GRID_ROWS / max(1, cfg.eval.heldout_captions)))
-    return {**scored.figures, "heldout_rows": scored.rows}, scored.samples[:GRID_ROWS]
+                             sample_fraction=sample_fraction(cfg))
+    return {**scored.figures, "heldout_rows": scored.rows}, scored.samples[:SAMPLE_GRID_ROWS]
 
 
 def trained_and_init(result: TrainResult) -> dict[str, str]:
     """What a run scores: the trained backbone and the same network at step 0."""
     return {"trained": result.backbone_dir, "init": result.init_dir}
+
+
+@dataclass
+class Executed:
+    """What the body of a run or a sweep trial did: the fit, its summary, the stage counters, the probes."""
+
+    result: TrainResult
+    train: dict[str, Any]
+    stats: dict[str, Any]
+    figures: dict[str, Any] | None = None     # per model ("trained", "init") and heldout_rows
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def execute(plan: RunPlan, out: RunDir, callbacks: Sequence[Any] = ()) -> Executed:
+    """The body of a run and of a sweep trial: the training input, the fit (its Train run under out/train, so a
+    restarted run resumes its checkpoints), the exports synced to where feature actors on other nodes read them,
+    then the probes on the trained network and on the same network at step 0."""
+    stats_actor = stage_stats()
+    dataset, ledger = training_input(plan.cfg, plan.data, plan.train, stats_actor)
+    result = fit(plan.cfg, plan.train, dataset, out.path / "train", ledger, callbacks=list(callbacks),
+                 storage=out.train_storage)
+    out.sync()   # a remote run: the exports go up now
+    stats = stats_summary(stats_actor)
+    done = Executed(result, train_summary(result), stats)
+    check_trained(done.train, stats.get("rejected", {}))
+    if plan.heldout is not None and result.backbone_dir:
+        shared = {"trained": out.locate(result.backbone_dir), "init": out.locate(result.init_dir)}
+        done.figures, done.samples = evaluate(plan, trained_and_init(result), shared)
+    return done
 
 
 def write_metrics(rd: RunDir, metrics: list[dict[str, Any]]) -> Path:
@@ -127,24 +109,20 @@ def _run_in_session(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
     for line in plan.describe():
         log.info("plan: %s", line)
     summary: dict[str, Any] = {"name": cfg.name, "run_dir": rd.where, "mode": plan.data.mode,
-                               "per_caption": plan.train.per_caption}
+                               "per_caption": plan.train.per_caption,
+                               "ray_job_id": ray.get_runtime_context().get_job_id()}   # its actors, tasks and logs
     try:
-        stats = stage_stats()
-        dataset, ledger = training_dataset(plan, stats)
-        result = fit(cfg, plan.train, dataset, rd.path / "train", ledger, storage=rd.train_storage)
-        rd.sync()   # a remote run: the exports go up now, where feature actors on other nodes read them
-        summary.update(stats_summary(stats))
-        summary["train"] = train_summary(result)
-        check_trained(summary)
-        if plan.heldout is not None and result.backbone_dir:
-            shared = {"trained": rd.locate(result.backbone_dir), "init": rd.locate(result.init_dir)}
-            summary["eval"], samples = evaluate(plan, trained_and_init(result), shared)
-            sample_grid(samples, rd.path / "samples.png")
-        if result.metrics:
-            write_metrics(rd, result.metrics)
-            loss_curve(result.metrics, rd.path / "loss_curve.png")
-        summary["backbone_dir"] = rd.locate(result.backbone_dir)
-        summary["init_backbone_dir"] = rd.locate(result.init_dir)
+        done = execute(plan, rd)
+        summary.update(done.stats)
+        summary["train"] = done.train
+        if done.figures is not None:
+            summary["eval"] = done.figures
+            sample_grid(done.samples, rd.path / "samples.png")
+        if done.result.metrics:
+            write_metrics(rd, done.result.metrics)
+            loss_curve(done.result.metrics, rd.path / "loss_curve.png")
+        summary["backbone_dir"] = rd.locate(done.result.backbone_dir)
+        summary["init_backbone_dir"] = rd.locate(done.result.init_dir)
         summary["elapsed_s"] = round(time.time() - start, 2)
         rd.write_summary(summary)
     finally:
@@ -156,11 +134,10 @@ class EmptyStreamError(ValueError):
     """Training got not one batch: the data gave no usable rows."""
 
 
-def check_trained(summary: dict[str, Any]) -> None:
+def check_trained(train: dict[str, Any], rejected: dict[str, Any]) -> None:
     """EmptyStreamError when training ended at step 0 for lack of data, naming what the stages rejected."""
-    t = summary["train"]
-    if t["ended_early"] and not t["steps"]:
-        rejected = rejections_text(summary.get("rejected", {}))
+    if train["ended_early"] and not train["steps"]:
+        rejected = rejections_text(rejected)
         raise EmptyStreamError("training got no full batch: the data ran out before step 1 ("
                                + (f"rows rejected by {rejected}" if rejected else "no rows") + "); check the "
                                "caption and image settings, or raise data.num_captions")

@@ -12,7 +12,6 @@ from typing import Any
 import ray
 
 from synray.config import RayConfig
-from synray.data.ledger import StreamLedger
 from synray.data.stats import StageStats
 from synray.placement import ClusterSpec, NodeType
 
@@ -113,11 +112,6 @@ def session(cfg: RayConfig) -> Iterator[None]:
 def stage_stats() -> Any:
     """A StageStats actor that the pipeline's stages report their counts to."""
     return ray.remote(num_cpus=0)(StageStats).remote()
-
-
-def stream_ledger(store_dir: str | None) -> Any:
-    """A StreamLedger actor: what a training stream skips and replays after a worker-group restart."""
-    return ray.remote(num_cpus=0)(StreamLedger).remote(store_dir)
 
 
 def cluster_resources() -> dict[str, float]:

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -18,16 +19,15 @@ from synray.data.files import write_json
 from synray.data.store import ParquetStore
 from synray.plan import plan_generation, plan_run
 from synray.programs.generate import generate_to_store
-from synray.programs.run import evaluate, trained_and_init, train_summary, training_dataset
+from synray.programs.run import execute
 from synray.programs.rundir import RunDir
-from synray.programs.session import cluster_resources, session, stage_stats
+from synray.programs.session import cluster_resources, session
 from synray.sweep.planning import LOSS_METRIC, SweepPlan
 from synray.sweep.pools import trial_config
 from synray.sweep.report import SWEEP_CONFIG, START_FILE, TRIAL_FILE, TRIALS_DIR, SweepReport, write_report
 from synray.sweep.space import trial_overrides
 from synray.train.engine import images_per_step
 from synray.train.objectives import get_objective
-from synray.train.trainer import fit
 
 __all__ = ["TUNE_DIR", "prepare_data", "run_trial", "sweep", "sweep_command"]
 
@@ -68,20 +68,16 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     out = trial_dir(plan, trial_id)
     started = {"trial_id": trial_id, "params": params, "overrides": trial_overrides(plan.space, params),
                "captions": cfg.data.first_rows, "images_per_caption": run_plan.train.per_caption,
-               "workers": cfg.train.num_workers, "views_per_step": views_per_step(cfg, run_plan)}
+               "workers": cfg.train.num_workers, "views_per_step": views_per_step(cfg, run_plan),
+               "ray_job_id": ray.get_runtime_context().get_job_id()}
     _write_json(out, START_FILE, started)
-    dataset, ledger = training_dataset(run_plan, stage_stats())
-    result = fit(cfg, run_plan.train, dataset, out.path / "train", ledger, callbacks=[TrainingReportCallback()],
-                 storage=out.train_storage)
-    out.sync()   # under a cloud URI: the exports go up, where the feature actors read them
-    train = train_summary(result)
+    done = execute(run_plan, out, callbacks=[TrainingReportCallback()])
+    train = done.train
     record: dict[str, Any] = {**started, "steps": train["steps"], "train": train, "trained": {}, "init": {},
                               "work": trial_work(started, train["steps"])}
     final: dict[str, Any] = {"step": train["steps"], LOSS_METRIC: train["final_loss"]}
-    if run_plan.heldout is not None and result.backbone_dir:
-        shared = {"trained": out.locate(result.backbone_dir), "init": out.locate(result.init_dir)}
-        figures, _ = evaluate(run_plan, trained_and_init(result), shared)
-        record["trained"], record["init"] = _numbers(figures["trained"]), _numbers(figures["init"])
+    if done.figures is not None:
+        record["trained"], record["init"] = _numbers(done.figures["trained"]), _numbers(done.figures["init"])
         final.update(record["trained"])
     _write_json(out, TRIAL_FILE, record)
     tune.report({k: v for k, v in final.items() if v is not None and not (isinstance(v, float) and math.isnan(v))})

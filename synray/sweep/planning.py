@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from synray.config import LOSS_METRIC, ConfigError, RunConfig
 from synray.data.storage import Location, local_file
 from synray.eval.registry import protocol_of
-from synray.generation.pipeline import LIGHT_STAGE_CPUS
-from synray.plan import check_eval_protocols, check_subset_fills_a_batch, load_run_config
+from synray.plan import check_eval_protocols, check_subset_fills_a_batch, load_run_config, run_plan_stages
 from synray.sweep.fit import MIN_SCALES
 from synray.sweep.pools import SweepData, plan_pools, trial_config
 from synray.sweep.report import SWEEP_CONFIG
@@ -97,15 +96,21 @@ def _check_scales(cfg: RunConfig, space: SearchSpace) -> None:
                           f"{MIN_SCALES} (give more values, or drop {SCALE_KEY} from tune.space)")
 
 
-def trial_resources(cfg: RunConfig) -> TrialResources:
-    """A trial's driver, training workers, preprocessing actors and the light stage that skips consumed rows."""
-    t, d = cfg.train, cfg.data
+def trial_resources(cfg: RunConfig, trials: list[RunConfig]) -> TrialResources:
+    """A trial's driver and what its run holds in its busiest phase (synray.pipelines: the store's read tasks, the
+    actor that skips consumed rows, the preprocessing actors and the training workers; then the held-out pass),
+    the most any grid trial asks; tasks are counted too (a trial needs room for them while it runs)."""
     driver = {"CPU": cfg.tune.trial_cpus}
     if cfg.tune.driver_resource:
         driver[cfg.tune.driver_resource] = DRIVER_RESOURCE_SHARE
-    cpus = cfg.tune.trial_cpus + t.num_workers * t.cpus_per_worker + d.preprocess_actors * d.preprocess_cpus \
-        + LIGHT_STAGE_CPUS
-    return TrialResources(driver, cpus, t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0)
+    cpus = gpus = 0.0
+    for trial in trials:
+        stages = run_plan_stages(trial, check_eval_protocols(trial))
+        for phase in dict.fromkeys(s.phase for s in stages):
+            held = [s for s in stages if s.phase == phase]
+            cpus = max(cpus, sum(s.actors * s.cpus for s in held))
+            gpus = max(gpus, sum(s.actors * s.gpus for s in held))
+    return TrialResources(driver, cfg.tune.trial_cpus + cpus, gpus)
 
 
 def plan_sweep_command(config: str | None, overrides: list[str], out: str | None = None,
@@ -127,9 +132,11 @@ def plan_sweep(cfg: RunConfig, root: str | None = None) -> SweepPlan:
     _check_scales(cfg, space)
     base = sweep_root(cfg, root)
     data = plan_pools(cfg, space, base.uri)
+    trials = []
     for params in space.finite_points():
         try:  # every grid trial's config validates as it will run, and fills a batch
-            check_subset_fills_a_batch(trial_config(cfg, space, data, params))
+            trials.append(trial_config(cfg, space, data, params))
+            check_subset_fills_a_batch(trials[-1])
         except ValueError as e:
             raise ConfigError(f"tune trial {params}: {e}") from None
-    return SweepPlan(cfg, space, data, base, trial_resources(cfg))
+    return SweepPlan(cfg, space, data, base, trial_resources(cfg, trials))

@@ -9,14 +9,15 @@ import numpy as np
 import ray.data
 import ray.train
 import torch
-from ray.data import ActorPoolStrategy, ExecutionOptions
+from ray.data import ExecutionOptions
 
 from synray.config import DataConfig, RunConfig
 from synray.data.ledger import ROW_ID
+from synray.stages import LIGHT_STAGE_CPUS, Stage, StageResources, map_stage
 from synray.train.objectives import get_objective
 from synray.train.spec import TrainPlan
 
-__all__ = ["RowPreprocessor", "add_preprocessing", "ingest_options"]
+__all__ = ["RowPreprocessor", "preprocessing_stage", "add_preprocessing", "ingest_options"]
 
 
 class RowPreprocessor:
@@ -35,16 +36,29 @@ class RowPreprocessor:
         return out
 
 
+def preprocessing_stage(cfg: RunConfig, plan: TrainPlan | None = None, track_rows: bool = False) -> Stage:
+    """The rows training reads -> ready arrays, by a fixed pool of `data.preprocess_actors` CPU actors.
+    `track_rows`: also pass each row's `row_id`, so checkpoints record what training consumed. `plan` is needed
+    only to build the Dataset."""
+    d = cfg.data
+    keep = StageResources("columns training reads", 1, LIGHT_STAGE_CPUS, tasks=True, udf="Project")
+    res = StageResources("row preprocessing", d.preprocess_actors, d.preprocess_cpus, 0.0, d.preprocess_resources,
+                         ("data.preprocess_actors", "data.preprocess_cpus"), udf="RowPreprocessor")
+
+    def add(ds: ray.data.Dataset) -> ray.data.Dataset:
+        if plan is None:
+            raise ValueError("row preprocessing is built from the run's TrainPlan")
+        columns = list(plan.columns) + ([ROW_ID] if track_rows and ROW_ID not in plan.columns else [])
+        return map_stage(ds.select_columns(columns, num_cpus=keep.cpus), res, RowPreprocessor, batch_format="numpy",
+                         batch_size=d.preprocess_batch_rows, fn_constructor_kwargs={"cfg": cfg, "plan": plan})
+
+    return Stage((keep, res), add)
+
+
 def add_preprocessing(ds: ray.data.Dataset, cfg: RunConfig, plan: TrainPlan,
                       track_rows: bool = False) -> ray.data.Dataset:
-    """The rows training reads -> ready arrays, by a fixed pool of `data.preprocess_actors` CPU actors.
-    `track_rows`: also pass each row's `row_id`, so checkpoints record what training consumed."""
-    d = cfg.data
-    columns = list(plan.columns) + ([ROW_ID] if track_rows and ROW_ID not in plan.columns else [])
-    return ds.select_columns(columns).map_batches(
-        RowPreprocessor, fn_constructor_kwargs={"cfg": cfg, "plan": plan}, batch_format="numpy",
-        batch_size=d.preprocess_batch_rows, compute=ActorPoolStrategy(size=d.preprocess_actors),
-        num_cpus=d.preprocess_cpus, **({"resources": d.preprocess_resources} if d.preprocess_resources else {}))
+    """`preprocessing_stage` added to ``ds``."""
+    return preprocessing_stage(cfg, plan, track_rows).add(ds)
 
 
 def ingest_options(data: DataConfig) -> ExecutionOptions:
