@@ -11,6 +11,7 @@ import pytest
 import torch.multiprocessing as mp
 
 import worker_harness as harness
+from synray.train.objectives import OBJECTIVES
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def _losses(result: dict[str, Any]) -> list[float]:
     return [r["loss"] for r in result["reports"] if "loss" in r]
 
 
-@pytest.mark.parametrize("objective", ["stablerep", "simclr", "synclr", "supervised", "clip"])
+@pytest.mark.parametrize("objective", list(OBJECTIVES))   # every registry entry
 def test_every_objective_lowers_its_loss_on_a_fixed_batch(results, objective: str):
     rank0, rank1 = results[objective]
     losses = _losses(rank0)
@@ -36,7 +37,7 @@ def test_every_objective_lowers_its_loss_on_a_fixed_batch(results, objective: st
     assert _losses(rank1) == losses  # the logged loss is the mean over ranks, the same on both
 
 
-@pytest.mark.parametrize("objective", ["stablerep", "simclr", "synclr", "supervised", "clip"])
+@pytest.mark.parametrize("objective", list(OBJECTIVES))   # every registry entry
 def test_the_worker_reports_the_step0_export_first_and_the_trained_export_last(results, objective: str):
     reports = results[objective][0]["reports"]
     assert reports[0]["init_export"] and reports[0]["step"] == 0 and reports[0]["checkpoint"]

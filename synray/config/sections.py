@@ -116,8 +116,8 @@ class RewriteConfig(Section):
 
 
 class CaptionsConfig(Section):
-    backend: str = Field("vllm", description="a caption backend of synray.captions.backends: vllm (an LLM), template "
-                         "(model-free)")
+    backend: str = Field("vllm", description="an entry of synray.captions.backends (an unknown one is "
+                         "refused naming them)")
     model: str = Field("tiny:llm", description="tiny:llm, a HF model name or a local directory")
     style: Literal["synclr", "classname", "clip_templates", "concept_background", "shapes", "file"] = Field(
         "synclr", description="synclr needs the vllm backend; the others are model-free templates; file: the "
@@ -147,7 +147,8 @@ class CaptionsConfig(Section):
 
 # -------------------------------------------------------------------------------------- images
 class ImagesConfig(Section):
-    backend: str = Field("diffusers", description="a renderer of synray.images.registry: diffusers, procedural")
+    backend: str = Field("diffusers", description="an entry of synray.images.registry (an unknown one is "
+                         "refused naming them)")
     model: str = Field("tiny:sd", description="tiny:sd, a HF model name or a local diffusers directory")
     per_caption: int = Field(4, ge=1, le=64, description="m: images rendered per caption")
     guidance_scale: float = Field(2.5, ge=0.0, le=30.0)
@@ -346,8 +347,8 @@ class TextTowerConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(200, ge=1, description="optimizer step budget")
-    loss: str = Field("stablerep", description="an objective of synray.train.objectives: stablerep, simclr, "
-                      "synclr, supervised, clip")
+    loss: str = Field("stablerep", description="an entry of synray.train.objectives (an unknown one is "
+                      "refused naming them)")
     temperature: float = Field(0.1, gt=0, le=10, description="contrastive temperature; for loss=clip the "
                                "initial value of the learnable one (CLIP: 0.07)")
     num_workers: int = Field(2, ge=1)
@@ -408,8 +409,8 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     enabled: bool = True
-    protocols: list[str] = Field(default_factory=lambda: ["knn"], description="protocols of synray.eval.registry: "
-                                 "knn, linear, zeroshot, segmentation")
+    protocols: list[str] = Field(default_factory=lambda: ["knn"], description="entries of synray.eval.registry "
+                                 "(an unknown one is refused naming them)")
     heldout_captions: int = Field(64, ge=1, description="rows of the held-out set (rendered with other seeds)")
     seed_offset: int = Field(1_000_003, ge=1, description="added to the run seed for the held-out set")
     knn_k: int = Field(20, ge=1)

@@ -10,7 +10,8 @@ from synray.images.procedural import ProceduralRenderer
 
 __all__ = ["RENDERERS", "get_renderer", "renderer_for_row", "renderer_names"]
 
-#: images.backend -> renderer class; a new backend is one entry here plus its tests
+#: images.backend -> renderer class; a new backend is one entry here (a Renderer subclass) plus its settings in
+#: ImagesConfig; its stage's resources and the plan follow from the entry
 RENDERERS: dict[str, type[Renderer]] = {cls.name: cls for cls in (DiffusionRenderer, ProceduralRenderer)}
 
 

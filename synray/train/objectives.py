@@ -3,7 +3,8 @@
 Everything the rest of the system asks of a loss goes through an `Objective` here: the planning
 step (views per image, images per caption, columns, text tower, checks), the worker (model,
 batches, loss, export) and the driver (checkpoint fingerprints). Adding an objective is one entry
-in `OBJECTIVES` plus its tests.
+in `OBJECTIVES` (a subclass of `Objective`) plus its settings in `TrainConfig`: `train.loss` is checked against the
+registry's names, and the registry guard tests and every per-objective test run over all entries.
 """
 
 from __future__ import annotations
