@@ -49,7 +49,8 @@ EVAL_COLUMNS = ("caption_id", "caption", "label", "concept", "images", "masks")
 def registry_choices() -> dict[str, tuple[str, ...]]:
     """The names the registries offer for the config keys that select an implementation."""
     return {"train.loss": objective_names(), "images.backend": renderer_names(),
-            "captions.backend": caption_backend_names(), "eval.protocols": protocol_names(), "tune.metric": tune_metrics()}
+            "captions.backend": caption_backend_names(), "eval.protocols": protocol_names(),
+            "tune.metric": tune_metrics()}
 
 
 def load_run_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -125,7 +125,7 @@ def _name_choices(path: Path) -> list[str]:
 
 
 def test_no_objective_backend_caption_backend_or_protocol_is_chosen_by_name_outside_the_registries():
-    registries = {SYNRAY / "train" / "objectives.py", SYNRAY / "images" / "registry.py", SYNRAY / "eval" / "registry.py",
-                  SYNRAY / "captions" / "backends.py"}
+    registries = {SYNRAY / "train" / "objectives.py", SYNRAY / "images" / "registry.py",
+                  SYNRAY / "eval" / "registry.py", SYNRAY / "captions" / "backends.py"}
     found = [hit for path in sorted(SYNRAY.rglob("*.py")) if path not in registries for hit in _name_choices(path)]
     assert found == []

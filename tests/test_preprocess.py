@@ -62,14 +62,14 @@ def test_the_stage_keeps_each_captions_images_in_one_batch_on_one_worker(ray_clu
     import ray
 
     from conftest import small_config
-    from synray.train.preprocess import add_preprocessing
+    from synray.train.preprocess import preprocessing_stage
     from synray.train.spec import TrainPlan
 
     cfg = small_config(f"images.per_caption={M}", "data.preprocess_batch_rows=5", "data.preprocess_actors=1",
                        "data.preprocess_cpus=0.5")
     plan = TrainPlan("stablerep", M, num_classes=8, epochs=False, columns=("caption_id", "label", "caption", "images"))
     items = [{k: (list(v[i]) if k == "images" else v[i]) for k, v in rows.items()} for i in range(len(CAPTIONS))]
-    shards = add_preprocessing(ray.data.from_items(items), cfg, plan).streaming_split(2, equal=True)
+    shards = preprocessing_stage(cfg, plan).add(ray.data.from_items(items)).streaming_split(2, equal=True)
     seen: list[list[list[int]]] = [[], []]
 
     def consume(rank: int) -> None:

@@ -105,7 +105,8 @@ def bench_trainer(cfg: RunConfig, work: Path, quick: bool) -> list[Ratio]:
                                         "train.checkpoint_every": steps, "train.fail_at_step": None,
                                         "train.resume_from": None})
     plan = plan_run(run_cfg, data_dir=store)
-    result = fit(run_cfg, plan.train, training_input(plan.cfg, plan.data, plan.train, None)[0], work / "trainer-stored" / "train")
+    dataset = training_input(plan.cfg, plan.data, plan.train, None)[0]
+    result = fit(run_cfg, plan.train, dataset, work / "trainer-stored" / "train")
     stored = _steady(result.metrics)
     task = ray.remote(num_cpus=run_cfg.train.cpus_per_worker, num_gpus=1 if t.use_gpu else 0, max_calls=1)
     memory = _steady(ray.get(task(train_in_memory).remote(run_cfg, plan.train, store,

@@ -60,7 +60,8 @@ def _vllm_stages(cfg: CaptionsConfig, model_path: Callable[[], str | None], phas
         StageResources(f"{prefix}caption pre-processing", 1, CPU_STAGE_CPUS, phase=phase, tasks=True, udf="pre"),
         StageResources(f"{prefix}vLLM engines", e.pool_size, e.num_cpus * tp, e.num_gpus * tp,
                        {k: v * tp for k, v in e.resources.items()},
-                       (f"{engine}pool_size", f"{engine}num_cpus", f"{engine}num_gpus"), phase, udf="vLLMEngineStageUDF"),
+                       (f"{engine}pool_size", f"{engine}num_cpus", f"{engine}num_gpus"), phase,
+                       udf="vLLMEngineStageUDF"),
         StageResources(f"{prefix}caption post-processing", 1, CPU_STAGE_CPUS, phase=phase, tasks=True,
                        udf="vllm_postprocess"))
 
@@ -94,4 +95,5 @@ def get_caption_backend(name: str) -> CaptionBackend:
     try:
         return CAPTION_BACKENDS[name]
     except KeyError:
-        raise ValueError(f"captions.backend {name!r} is not available; allowed: {', '.join(CAPTION_BACKENDS)}") from None
+        raise ValueError(f"captions.backend {name!r} is not available; allowed: "
+                         f"{', '.join(CAPTION_BACKENDS)}") from None

@@ -18,7 +18,8 @@ from synray.eval.evaluate import evaluate_models
 from synray.eval.registry import PROTOCOLS
 from synray.models.image_text import is_image_text_dir
 
-__all__ = ["EvalPlan", "model_image_size", "check_request", "evaluate_dataset", "format_table", "write_report", "default_out_dir"]
+__all__ = ["EvalPlan", "model_image_size", "check_request", "evaluate_dataset", "format_table", "write_report",
+           "default_out_dir"]
 
 log = logging.getLogger(__name__)
 

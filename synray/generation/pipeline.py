@@ -20,7 +20,7 @@ from synray.data.ledger import replay_rows
 from synray.data.store import ShardWriter
 from synray.images.base import Renderer
 from synray.images.registry import get_renderer
-from synray.stages import LIGHT_STAGE_CPUS, TRAINING_PHASE, Stage, StageResources, build, map_stage
+from synray.stages import LIGHT_STAGE_CPUS, TRAINING_PHASE, Stage, StageResources, map_stage
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,6 @@ def generation_stages(cfg: RunConfig, gen: GenerationPlan | None = None, *, stat
     if store is not None:
         stages.append(store_stage(store, passthrough, cfg.data.rows_per_shard, stats_actor, phase, prefix))
     return stages
-
-
-def build_pipeline(plan: GenerationPlan, stats_actor: Any | None = None, ledger: Any | None = None) -> ray.data.Dataset:
-    """The lazy Ray Dataset of finished rows (caption + m images + provenance): `generation_stages` built."""
-    return build(generation_stages(plan.cfg, plan, stats_actor=stats_actor, ledger=ledger))
 
 
 def replay_stage(ledger: Any, columns: list[str], phase: str = TRAINING_PHASE) -> Stage:

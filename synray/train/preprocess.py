@@ -17,7 +17,7 @@ from synray.stages import LIGHT_STAGE_CPUS, Stage, StageResources, map_stage
 from synray.train.objectives import get_objective
 from synray.train.spec import TrainPlan
 
-__all__ = ["RowPreprocessor", "preprocessing_stage", "add_preprocessing", "ingest_options"]
+__all__ = ["RowPreprocessor", "preprocessing_stage", "ingest_options"]
 
 
 class RowPreprocessor:
@@ -53,12 +53,6 @@ def preprocessing_stage(cfg: RunConfig, plan: TrainPlan | None = None, track_row
                          batch_size=d.preprocess_batch_rows, fn_constructor_kwargs={"cfg": cfg, "plan": plan})
 
     return Stage((keep, res), add)
-
-
-def add_preprocessing(ds: ray.data.Dataset, cfg: RunConfig, plan: TrainPlan,
-                      track_rows: bool = False) -> ray.data.Dataset:
-    """`preprocessing_stage` added to ``ds``."""
-    return preprocessing_stage(cfg, plan, track_rows).add(ds)
 
 
 def ingest_options(data: DataConfig) -> ExecutionOptions:
