@@ -22,8 +22,7 @@ from synray.config import LOSS_METRIC
 from synray.eval.errors import EvalError
 
 __all__ = ["Metric", "Protocol", "PROTOCOLS", "LOSS_METRIC", "protocol_names", "get_protocol", "check_protocols",
-           "outputs_for",
-           "headline_metrics", "chance_metrics", "validation_figures", "tune_metrics", "protocol_of"]
+           "outputs_for", "headline_metrics", "chance_metrics", "validation_figures", "tune_metrics", "protocol_of"]
 
 Row = Callable[[Mapping[str, Any], Mapping[str, Any]], str]
 
