@@ -93,7 +93,7 @@ def _plan_of(run_dir: Path) -> Any:
 def test_the_stored_run_started_the_stages_its_plan_listed(stored_runs, ray_cluster):
     summary = json.loads((stored_runs.run_dir / "summary.json").read_text())
     plan = _plan_of(stored_runs.run_dir)
-    assert plan.data.mode == "stored" and {s.udf for s in plan.stages} >= {"SkipConsumed", "FeatureExtractor"}
+    assert plan.data.mode == "stored" and {s.udf for s in plan.stages} >= {"ReadFiles", "FeatureExtractor"}
     check_plan_ran(list(plan.stages), summary["ray_job_id"], ray_cluster, plan.cfg.train.num_workers)
 
 
