@@ -31,8 +31,8 @@ __all__ = ["DataPlan", "HeldoutPlan", "STORE_READ_TASKS", "STORE_READ_CPUS", "SA
            "heldout_source_stages", "heldout_stages", "run_stages", "stream_ledger", "training_input", "build_heldout",
            "sample_fraction"]
 
-#: store reads in flight at once while training (each reads a shard or a block): enough to stay ahead of training,
-#: few enough to leave it CPUs
+#: store reads in flight at once (each reads a shard or a block), at least: training reads as many at once as it
+#: has preprocessing actors to feed, so that reads stay ahead of them and leave training its CPUs
 STORE_READ_TASKS = 2
 STORE_READ_CPUS = 0.25
 #: Ray Data's listing of a Parquet read's files: one task of 1 CPU (its resources are not settable)
@@ -68,7 +68,8 @@ def _store_stages(cfg: RunConfig, data: DataPlan | None, columns: list[str], tra
     """A store read in epochs (a nested subset in passes), its blocks in a seeded order, the rows the restored
     checkpoint's epoch trained on skipped."""
     subset = cfg.data.first_rows is not None or cfg.data.first_images is not None
-    read = StageResources("store reads", STORE_READ_TASKS, STORE_READ_CPUS, tasks=True,
+    read = StageResources("store reads", max(STORE_READ_TASKS, cfg.data.preprocess_actors), STORE_READ_CPUS,
+                          keys=("data.preprocess_actors",), tasks=True,
                           udf="_read_subset_block" if subset else "ReadFiles")
     skip = StageResources("consumed rows skipped", 1, LIGHT_STAGE_CPUS, udf="SkipConsumed")
     reads = (read,) if subset else (LIST_FILES, read)
