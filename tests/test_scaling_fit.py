@@ -158,5 +158,5 @@ def test_the_readme_quotes_the_fit_of_the_scaling_local_trials():
 
     lines = describe_fit("SimCLR m=1", simclr.to_dict()) + describe_fit("multi-positive m=4", multi.to_dict())
     report = (root / "tuning" / "reports" / "scaling-local" / "fits.md").read_text().splitlines()
-    assert report == lines
+    assert report[:len(lines)] == lines and report[len(lines)].startswith("selection on val_knn_accuracy")
     assert lines[0] in readme_text.splitlines() and lines[3] in readme_text.splitlines()
