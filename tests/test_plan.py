@@ -46,7 +46,9 @@ def test_a_stored_plan_takes_images_per_caption_and_columns_from_the_store(gener
     assert plan.data.mode == "stored" and plan.data.generation is None and plan.train.epochs
     assert plan.train.per_caption == 3  # from the rows, not from images.per_caption
     assert plan.train.columns == ("caption_id", "label", "caption", "images")
-    assert [s.stage for s in plan.stages if s.phase == "training"] == ["row preprocessing", "training workers"]
+    assert [s.stage for s in plan.stages if s.phase == "training"] == [
+        "file listing", "store reads", "consumed rows skipped", "columns training reads", "row preprocessing",
+        "training workers"]
     # the store is part of the run's config: a crashed run on one store is never continued on another
     assert (plan.cfg.data.mode, plan.cfg.data.store_dir) == ("stored", generated_store.dir)
     assert plan.train.tracks_rows  # synray stores carry row_id: a restart skips what its epoch trained on
