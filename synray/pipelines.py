@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from synray.config import RunConfig
 import ray
 
+from synray.config import RunConfig
 from synray.data.ledger import ROW_ID, SkipConsumed, StreamLedger
 from synray.data.store import ParquetStore
 from synray.eval.evaluate import extractor_stages

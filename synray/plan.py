@@ -31,6 +31,7 @@ from synray.images.registry import RENDERERS, get_renderer, renderer_names
 from synray.models.tiny import ModelError, resolve_model
 from synray.pipelines import DataPlan, HeldoutPlan, run_stages
 from synray.placement import ClusterSpec, Placement, StageResources, pack
+from synray.stages import by_phase
 from synray.train.engine import check_compatible
 from synray.train.objectives import OBJECTIVES, Objective, TrainSetupError, get_objective, objective_names
 from synray.train.spec import TrainPlan
@@ -88,10 +89,7 @@ class RunPlan:
 
     def phases(self) -> dict[str, tuple[StageResources, ...]]:
         """The stages that hold resources at the same time, per phase (training, then evaluation)."""
-        out: dict[str, tuple[StageResources, ...]] = {}
-        for s in self.stages:
-            out[s.phase] = out.get(s.phase, ()) + (s,)
-        return out
+        return by_phase(self.stages)
 
     def place(self, cluster: ClusterSpec) -> list[Placement]:
         """Each phase packed on the cluster's nodes; PlacementError (naming the settings) when one never fits."""

@@ -6,8 +6,8 @@ carry row ids); its `add` puts it on a Dataset with exactly those resources (`ma
 Dataset from the list (`build`); `synray plan`, the placement check and a sweep trial's resources read the same
 list, so what a run is planned to hold is what it starts (tests/test_stages_run.py compares both with Ray's state).
 
-A new stage is one `Stage` in the list of the pipeline it belongs to (synray.generation.pipeline, synray.train.input,
-synray.eval.evaluate), made with `map_stage` or a read function that takes its resources.
+A new stage is one `Stage` in the list of the pipeline it belongs to (synray.generation.pipeline, synray.pipelines,
+synray.train.preprocess, synray.eval.evaluate), made with `map_stage` or a read function that takes its resources.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 __all__ = ["LIGHT_STAGE_CPUS", "TRAINING_PHASE", "EVAL_PHASE", "StageResources", "Stage", "map_stage", "build",
-           "stage_resources", "remote_args"]
+           "stage_resources", "by_phase", "remote_args"]
 
 #: CPUs of the light single-actor stages (planning rows, caption clean-up, shard writing, skipping consumed rows)
 LIGHT_STAGE_CPUS = 0.25
@@ -91,6 +91,14 @@ def build(stages: Sequence[Stage]) -> Any:
         if stage.add is not None:
             ds = stage.add(ds)
     return ds
+
+
+def by_phase(stages: Sequence[StageResources]) -> dict[str, tuple[StageResources, ...]]:
+    """The stages that hold resources at the same time, per phase, in the order the phases first come."""
+    out: dict[str, tuple[StageResources, ...]] = {}
+    for s in stages:
+        out[s.phase] = out.get(s.phase, ()) + (s,)
+    return out
 
 
 def stage_resources(stages: Sequence[Stage]) -> list[StageResources]:

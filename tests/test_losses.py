@@ -154,7 +154,8 @@ def test_gathers_are_identity_without_dist() -> None:
     x = torch.randn(3, 2, requires_grad=True)
     assert dist_rank_world() == (0, 1)
     g = gather_rows(x, grad=True)
-    assert g.offset == 0 and g.sizes == (3,)
+    assert g.tensor is x and g.offset == 0 and g.sizes == (3,)
+    assert gather_rows(x, grad=False).tensor is x
 
 
 def test_bad_shapes() -> None:

@@ -152,7 +152,6 @@ def model_rows(rows: Sequence[Mapping[str, Any]], name: str, outputs: Sequence[s
     return [{**r, **{o: r[f"{name}/{o}"] for o in outputs}} for r in rows]
 
 
-
 def keep_sample_images(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
     """Drop the images of all rows but a seeded sample of about `fraction` (drawn by caption id): the sample
     grid's rows reach the driver with their images, the rest as features only."""

@@ -100,10 +100,6 @@ def encode_images(encoder: Encoder, images_uint8: torch.Tensor | np.ndarray, ima
     return {o: torch.cat(v) for o, v in out.items()}
 
 
-
-
-
-
 def encode_arrays(encoder: Encoder, arrays: Sequence[np.ndarray], image_size: int, batch_size: int = 256,
                   outputs: Sequence[str] = ("features",),
                   projection: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -134,8 +130,6 @@ def decode_row_images(row_images: Any, image_size: int | None = None) -> list[np
     if row_images is None:
         return []
     return [_decode(data, image_size) for data in list(row_images)]
-
-
 
 
 def _per_row_column(flat: np.ndarray, counts: list[int]) -> np.ndarray:

@@ -56,8 +56,6 @@ def knn_votes(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: Array
     return torch.cat(out) if out else torch.zeros(0, c)
 
 
-
-
 def knn_accuracies(train_feats: ArrayLike, train_labels: ArrayLike, test_feats: ArrayLike, test_labels: ArrayLike,
                    k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
                    chunk_size: int = 1024, tops: Sequence[int] = (1,)) -> dict[int, float]:

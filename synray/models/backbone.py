@@ -100,8 +100,6 @@ def build_backbone(cfg: BackboneConfig, device: torch.device | str | None = None
         return Encoder(_model_from_config(config))
 
 
-
-
 def save_backbone(encoder: Encoder, directory: str | Path) -> Path:
     """Save the transformers model (config.json + model.safetensors) so AutoModel can load it."""
     directory = Path(directory)

@@ -9,8 +9,8 @@ from typing import Any
 from synray.data.stats import rejections_text
 from synray.data.store import SUMMARY_FILE, ParquetStore, StoreError
 from synray.generation.pipeline import GenerationPlan, generation_stages, store_fingerprint, store_info
-from synray.stages import build
 from synray.programs.session import session, stage_stats, stats_summary
+from synray.stages import build
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from synray.placement import ClusterSpec, Placement, PlacementError, StageResour
 from synray.plan import check_eval_protocols, plan_run, run_plan_stages
 from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
 from synray.programs.session import cluster_spec, ray_address, session
+from synray.stages import by_phase
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ def storage_lines(cfg: RunConfig) -> list[str]:
 
 def stage_lines(stages: Sequence[StageResources]) -> list[str]:
     out: list[str] = []
-    for phase in dict.fromkeys(s.phase for s in stages):
-        members = [s for s in stages if s.phase == phase]
+    for phase, members in by_phase(stages).items():
         out.append(f"{phase} phase (held at once):")
         out += [f"  {s.describe()}" for s in members]
         totals = phase_totals(members)
@@ -82,9 +82,9 @@ def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec) -> tup
     """The nodes each phase needs on the cluster's node types, and the phases that can never be placed."""
     lines, problems = [f"nodes on {cluster.source}:"], []
     placements: list[Placement] = []
-    for phase in dict.fromkeys(s.phase for s in stages):
+    for phase, members in by_phase(stages).items():
         try:
-            placements.append(pack([s for s in stages if s.phase == phase], cluster, phase))
+            placements.append(pack(members, cluster, phase))
         except PlacementError as e:
             problems.append(str(e))
     for p in placements:

@@ -25,7 +25,6 @@ from synray.viz import loss_curve, sample_grid
 log = logging.getLogger(__name__)
 
 
-
 def evaluate(plan: RunPlan, models: Mapping[str, str],
              shared: Mapping[str, str | None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The run's protocols on each of ``models`` (name -> saved backbone; a run scores "trained" and "init", the

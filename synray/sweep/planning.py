@@ -10,6 +10,7 @@ from synray.config import LOSS_METRIC, ConfigError, RunConfig
 from synray.data.storage import Location, local_file
 from synray.eval.registry import protocol_of
 from synray.plan import check_eval_protocols, check_subset_fills_a_batch, load_run_config, run_plan_stages
+from synray.stages import by_phase
 from synray.sweep.fit import MIN_SCALES
 from synray.sweep.pools import SweepData, plan_pools, trial_config
 from synray.sweep.report import SWEEP_CONFIG
@@ -105,9 +106,7 @@ def trial_resources(cfg: RunConfig, trials: list[RunConfig]) -> TrialResources:
         driver[cfg.tune.driver_resource] = DRIVER_RESOURCE_SHARE
     cpus = gpus = 0.0
     for trial in trials:
-        stages = run_plan_stages(trial, check_eval_protocols(trial))
-        for phase in dict.fromkeys(s.phase for s in stages):
-            held = [s for s in stages if s.phase == phase]
+        for held in by_phase(run_plan_stages(trial, check_eval_protocols(trial))).values():
             cpus = max(cpus, sum(s.actors * s.cpus for s in held))
             gpus = max(gpus, sum(s.actors * s.gpus for s in held))
     return TrialResources(driver, cfg.tune.trial_cpus + cpus, gpus)

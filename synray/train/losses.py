@@ -124,10 +124,6 @@ def gather_rows(x: Tensor, *, grad: bool, sizes: tuple[int, ...] | None = None) 
     return Gathered(out, offset, sizes)
 
 
-
-
-
-
 def _at_least_fp32(x: Tensor) -> Tensor:
     """Half-precision features are promoted to float32 (float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
