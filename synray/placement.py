@@ -175,18 +175,38 @@ def _cannot_place(stage: StageResources, stages: Sequence[StageResources], clust
             "before them. Lower the count or the per-actor amounts, or raise those nodes' maximum.")
 
 
+TRAINING = "training workers"
+
+
 def _advice(key: str, users: Sequence[StageResources], have: float) -> str:
     keys = ", ".join(k for s in users for k in s.keys_for(key))
     text = f"Change {keys}, or add nodes." if keys else "Add nodes."
     names = {s.stage for s in users}
-    actors = sum(s.actors for s in users)
-    share = math.floor(100 * have / actors) / 100 if actors else 0.0
-    if key == "GPU" and "training workers" in names and len(names) > 1 and share >= 0.01:
-        fractions = " and ".join(f"{s.keys[2]}={share:g}" for s in users if len(s.keys) > 2)
-        text += (f" Generation and training run at the same time in the stream modes: share the GPUs ({fractions} "
-                 f"fits {actors} GPU actors on {have:g} GPU), or generate first (`synray generate`) and train with "
-                 "data.mode=stored.")
+    if key == "GPU" and TRAINING in names and len(names) > 1:
+        text += (" Generation and training run at the same time in the stream modes: "
+                 f"{_gpu_split(users, have)}, or generate first (`synray generate`) and train with data.mode=stored.")
     return text
+
+
+def _gpu_split(users: Sequence[StageResources], have: float) -> str:
+    """A split of `have` GPUs that Ray can place: training workers on whole GPUs (NCCL refuses two ranks on one
+    device; a single worker may share), the other GPU actors sharing the GPUs left, each share on one device."""
+    train = next(s for s in users if s.stage == TRAINING)
+    others = [s for s in users if s.stage != TRAINING]
+    actors = sum(s.actors for s in others)
+    gpu_keys = [s.keys[2] for s in others if len(s.keys) > 2]
+    whole = math.floor(have + EPS)
+    if whole >= 2:
+        workers = min(train.actors, whole - 1)
+        free = whole - workers
+        per_gpu = math.ceil(actors / free)
+        share = " and ".join(f"{k}={math.floor(100 / per_gpu) / 100:g}" for k in gpu_keys)
+        return (f"{train.keys[0]}={workers} on whole GPUs, and {share} ({per_gpu} actor(s) on each of the other "
+                f"{free} GPU(s))")
+    share = math.floor(100 / (actors + 1)) / 100
+    fractions = " and ".join(f"{k}={share:g}" for k in (*gpu_keys, train.keys[2]))
+    return (f"one training worker may share a GPU ({train.keys[0]}=1 with {fractions} puts {actors + 1} actors on "
+            "it; two workers on one GPU are refused by NCCL)")
 
 
 def _fmt(resources: Mapping[str, float]) -> str:

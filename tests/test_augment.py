@@ -1,13 +1,20 @@
-"""Tests for the kornia augmentation presets."""
+"""Tests for the augmentation presets: shapes, seeds, and each op against the published formula written out here."""
 
 from __future__ import annotations
 
+import colorsys
+import math
+
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from synray.config import AugmentConfig
 from synray.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
-from synray.train.augment import DEFAULT_CROP_SCALE_MIN, blur_kernel_size, build_augment
+from synray.train.augment import (DEFAULT_CROP_SCALE_MIN, blur_kernel_size, build_augment, crop_boxes, jitter_steps,
+                                  resized_crops)
+from synray.train.syncguard import watch_host_syncs
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -73,3 +80,91 @@ def test_rejects_bad_input() -> None:
         aug(torch.rand(3, 32, 32))
     with pytest.raises(TypeError):
         aug(torch.ones(1, 3, 32, 32, dtype=torch.int32))
+
+
+def torchvision_crop_params(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, written out (torchvision 0.2x, transforms.py)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("shape,scale", [((64, 64), (0.08, 1.0)), ((48, 96), (0.08, 1.0)), ((64, 64), (0.32, 1.0)),
+                                         ((40, 200), (0.5, 1.0))])
+def test_crop_boxes_follow_torchvision_law(shape: tuple[int, int], scale: tuple[float, float]) -> None:
+    """Box area share, aspect ratio and position have torchvision's distribution (two-sample KS), boxes fit."""
+    height, width = shape
+    torch.manual_seed(0)
+    ours = crop_boxes(4000, height, width, scale, torch.device("cpu")).numpy().astype(float)
+    rng = np.random.default_rng(0)
+    ref = np.array([torchvision_crop_params(rng, height, width, scale) for _ in range(4000)], dtype=float)
+    top, left, h, w = ours.T
+    assert (h >= 1).all() and (w >= 1).all() and (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    assert np.array_equal(ours, ours.round())
+    for name, a, b in [("area", ours[:, 2] * ours[:, 3], ref[:, 2] * ref[:, 3]),
+                       ("aspect", ours[:, 3] / ours[:, 2], ref[:, 3] / ref[:, 2]),
+                       ("centre x", ours[:, 1] + ours[:, 3] / 2, ref[:, 1] + ref[:, 3] / 2)]:
+        assert stats.ks_2samp(a, b).pvalue > 1e-3, name
+
+
+def test_resized_crops_match_crop_then_interpolate() -> None:
+    """Each box resampled equals cropping it and resizing it with F.interpolate (bilinear), away from the box
+    edge (where the warp reads the pixels beyond the box, as a continuous crop does); flip mirrors the output."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 40, 50, generator=g)
+    boxes = torch.tensor([[0, 0, 40, 50], [5, 7, 20, 30], [10, 2, 16, 16], [3, 30, 30, 20]], dtype=torch.float)
+    out = resized_crops(x, boxes, 24)
+    for i, (top, left, h, w) in enumerate(boxes.int().tolist()):
+        ref = torch.nn.functional.interpolate(x[i:i + 1, :, top:top + h, left:left + w], size=(24, 24),
+                                              mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out[i:i + 1, :, 2:-2, 2:-2], ref[:, :, 2:-2, 2:-2], atol=1e-5, rtol=0)
+    flipped = resized_crops(x, boxes, 24, flip=torch.tensor([True, False, True, False]))
+    torch.testing.assert_close(flipped[0], out[0].flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flipped[1], out[1])
+
+
+def test_colour_steps_match_torchvision_formulas() -> None:
+    """Brightness, contrast and saturation as torchvision's adjust_* blend (ITU-R 601 grey), hue as a rotation in
+    HSV (Python's colorsys), one factor per image."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 3, 8, 8, generator=g)
+    f = torch.tensor([0.6, 1.0, 1.3])
+    brightness, contrast, saturation, hue = jitter_steps()
+    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+    fv = f.view(-1, 1, 1, 1)
+    torch.testing.assert_close(brightness(x, f).clamp(0, 1), (fv * x).clamp(0, 1))
+    mean = grey.mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(contrast(x, f), (fv * x + (1 - fv) * mean).clamp(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(saturation(x, f), (fv * x + (1 - fv) * grey).clamp(0, 1), atol=1e-5, rtol=0)
+    shift = torch.tensor([-0.1, 0.0, 0.05])
+    out = hue(x, shift)
+    for i in range(3):
+        for r, c in [(0, 0), (3, 5), (7, 2)]:
+            h, s_, v = colorsys.rgb_to_hsv(*x[i, :, r, c].tolist())
+            want = colorsys.hsv_to_rgb((h + float(shift[i])) % 1.0, s_, v)
+            assert np.allclose(out[i, :, r, c].tolist(), want, atol=1e-4), (i, r, c)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_make_no_host_sync(preset: str) -> None:
+    """Every random draw and op stays on the images' device: nothing reads a device value on the host."""
+    aug = build_augment(AugmentConfig(preset=preset), image_size=32)
+    with watch_host_syncs() as syncs:
+        aug(_images())
+    assert [str(s) for s in syncs.found] == []

@@ -4,7 +4,6 @@ test_train.py read their LaCLIP store from the bucket too)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa

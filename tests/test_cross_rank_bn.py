@@ -68,3 +68,22 @@ def test_single_process_is_plain_batchnorm() -> None:
     ref.load_state_dict(ours.state_dict())
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_mean, ref.running_mean)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bf16_parameters_beside_float32_statistics_as_deepspeed_casts(training: bool) -> None:
+    """DeepSpeed's bf16 casts a module's parameters, not its buffers: the layer then normalises in float32 and
+    gives BatchNorm1d's float64 result to bf16 precision, with the running statistics updated alike."""
+    x, _ = _batch()
+    ours, ref = _layer(), torch.nn.BatchNorm1d(5).double()
+    ref.load_state_dict(ours.state_dict())
+    ours = ours.float()
+    for p in ours.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    ours.train(training)
+    ref.train(training)
+    out = ours(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref(x), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(ours.running_mean.double(), ref.running_mean, atol=0.01, rtol=0.01)
+    torch.testing.assert_close(ours.running_var.double(), ref.running_var, atol=0.01, rtol=0.01)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_pairs_draw_among_caption_and_rewrites(text_tower):
     assert seen[0] == {"a red cube", "one red cube on grass", "a crimson block"}
     assert seen[1] == {"a dog", "a small puppy"}  # the one-word rewrite falls back to the original
     assert pairs.images.shape == (2, 3, 16, 16) and pairs.images.dtype == torch.uint8  # 24px resized
-    assert pairs.input_ids.shape == pairs.attention_mask.shape == (2, 16)
+    assert pairs.input_ids.shape == (2, 16)
     want = tok(options[1][int(pairs.caption_index[1])], padding="max_length", max_length=16)["input_ids"]
     assert pairs.input_ids[1].tolist() == want  # the drawn caption's own tokens
 
@@ -95,7 +96,7 @@ def test_clip_training_matches_images_to_their_captions(text_tower):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
     for _ in range(40):
-        img, txt, scale = model(images, tokens["input_ids"], tokens["attention_mask"])
+        img, txt, scale = model(images, tokens["input_ids"])
         loss = clip_loss(img, txt, logit_scale=scale)
         opt.zero_grad()
         loss.backward()
@@ -103,7 +104,7 @@ def test_clip_training_matches_images_to_their_captions(text_tower):
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.3 * losses[0]
     with torch.no_grad():
-        img, txt, _ = model(images, tokens["input_ids"], tokens["attention_mask"])
+        img, txt, _ = model(images, tokens["input_ids"])
         sims = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
     assert torch.equal(sims.argmax(dim=1), torch.arange(8))
 
@@ -123,8 +124,8 @@ def test_export_reloads_identically(text_tower, tmp_path: Path):
     x = torch.rand(2, 3, 16, 16)
     t = tokenize(tok, ["a red cube", "two cats"], 16)
     with torch.no_grad():
-        for a, b in zip(model(x, t["input_ids"], t["attention_mask"]),
-                        loaded(x, t["input_ids"], t["attention_mask"])):
+        for a, b in zip(model(x, t["input_ids"]),
+                        loaded(x, t["input_ids"])):
             torch.testing.assert_close(a, b)
     assert AutoModel.from_pretrained(str(tmp_path / "m")).config.model_type == "vit"  # still a plain backbone
 
@@ -150,3 +151,18 @@ def test_clip_uses_the_laclip_crop_by_default():
     cfg = small_config("train.loss=clip").train
     assert build_augment(cfg.augment, 32, get_objective(cfg.loss).default_augment).preset == "crop"
     assert build_augment(cfg.augment, 32, get_objective("stablerep").default_augment).preset == "strong"
+
+
+def test_text_features_without_a_mask_equal_the_masked_forward(text_tower: Any) -> None:
+    """The causal text tower pools at the end token: its features without a mask (what training passes) equal
+    transformers' forward with the tokenizer's attention mask, for captions short, long and truncated."""
+    from synray.models.image_text import tokenize
+
+    model, tokenizer = text_tower
+    texts = ["x", "a red circle", "two blue squares on a big green field beside a small house and a tall tree " * 3]
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        masked = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).text_embeds
+        ours = _tiny_image_text((model, tokenizer)).encode_text(tokenize(tokenizer, texts, 16)["input_ids"])
+    assert (enc["attention_mask"] == 0).any()  # some captions are padded
+    torch.testing.assert_close(ours, masked)

@@ -53,11 +53,11 @@ def test_one_gpu_stream_plan_is_refused_before_anything_starts(ray_cluster, tmp_
 
 
 def test_fractional_gpus_make_the_same_plan_fit_one_gpu(ray_cluster):
-    shared = sets("images.num_gpus=0.5", "train.use_gpu=true", "train.gpus_per_worker=0.25")
+    shared = sets("images.num_gpus=0.5", "train.use_gpu=true", "train.num_workers=1", "train.gpus_per_worker=0.5")
     r = synray_main("plan", "local", *shared, "--address", ray_cluster)
     assert r.code == 0, (r.error, r.trace, r.out[-3000:])
     assert "nodes on the Ray cluster at" in r.out and "checks: ok" in r.out
-    assert "training workers: 2 x (0.5 CPU + 0.25 GPU)" in r.out
+    assert "training workers: 1 x (0.5 CPU + 0.5 GPU)" in r.out
 
 
 # ----------------------------------------------------------------------------- bad input, every job

@@ -172,7 +172,6 @@ def test_pick_pairs_draws_captions_uniformly_with_laclips_fallback() -> None:
         k = len(options)
         return {"images": torch.zeros(count, 1, 3, 2, 2, dtype=torch.uint8),
                 "input_ids": torch.arange(k).repeat(count, 1)[..., None],
-                "attention_mask": torch.ones(count, k, 1, dtype=torch.int64),
                 "caption_ok": torch.tensor([[caption_ok(c) for c in options]] * count, dtype=torch.bool)}
 
     pairs = pick_pairs(rows(caps, n), np.random.default_rng(0))

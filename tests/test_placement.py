@@ -27,7 +27,21 @@ def test_one_gpu_stream_plan_is_refused_naming_the_settings():
     assert "holds 2 GPU at once" in text and "has at most 1 GPU" in text
     for key in ("images.num_gpus", "train.gpus_per_worker", "data.mode=stored"):
         assert key in text, key
-    assert "images.num_gpus=0.5 and train.gpus_per_worker=0.5" in text   # a share that fits, computed
+    assert "train.num_workers=1 with images.num_gpus=0.5 and train.gpus_per_worker=0.5" in text  # a share that fits
+
+
+def test_gpu_advice_keeps_training_workers_on_whole_gpus():
+    """With GPUs to spare, the advice gives the workers whole GPUs and shares the rest among the renderers, at
+    shares that Ray places on one device each (3 renderers on 1 GPU: 0.33; 5 on 1: 0.2)."""
+    for gpus, renderers, workers, want in [(4, 3, 4, "train.num_workers=3 on whole GPUs, and images.num_gpus=0.33"),
+                                           (4, 5, 3, "train.num_workers=3 on whole GPUs, and images.num_gpus=0.2"),
+                                           (2, 2, 2, "train.num_workers=1 on whole GPUs, and images.num_gpus=0.5")]:
+        stages = stream_stages(1.0, 1.0, workers=workers)
+        stages[0] = StageResources("diffusers renderers", renderers, 1, 1.0, keys=stages[0].keys)
+        with pytest.raises(PlacementError) as e:
+            pack(stages, ClusterSpec("a GPU box", (NodeType("box", {"CPU": 64, "GPU": gpus}, existing=1, max_workers=1),)))
+        assert want in str(e.value), str(e.value)
+        assert "train.gpus_per_worker=0." not in str(e.value)
 
 
 def test_fractional_gpus_share_one_gpu():
@@ -98,7 +112,8 @@ def test_run_plan_phases_follow_the_data_mode():
     assert [s.stage for s in stored if s.phase == "evaluation"] == [
         "file listing", "evaluation dataset reads", "columns evaluation reads", "feature extractors",
         "sample images kept"]
-    fractional = run_plan_stages(small_config("train.use_gpu=true", "train.gpus_per_worker=0.25"), ())
+    fractional = run_plan_stages(small_config("train.use_gpu=true", "train.num_workers=1",
+                                              "train.gpus_per_worker=0.25"), ())
     assert [s.gpus for s in fractional if s.stage == "training workers"] == [0.25]
 
 
@@ -109,6 +124,10 @@ def test_gpu_shares_and_custom_resources_are_validated():
         small_config("train.use_gpu=true", "train.gpus_per_worker=1.5")
     with pytest.raises(ConfigError, match="gpus_per_worker=0.5 needs use_gpu=true"):
         small_config("train.gpus_per_worker=0.5")
+    with pytest.raises(ConfigError, match="NCCL refuses two ranks on one device"):
+        small_config("train.use_gpu=true", "train.num_workers=2", "train.gpus_per_worker=0.5")
+    with pytest.raises(ConfigError, match="zero_stage=0 runs DeepSpeed's BF16_Optimizer"):
+        small_config("train.use_gpu=true", "train.precision=bf16", "train.zero_stage=0")
     with pytest.raises(ConfigError, match="GPU is set by the stage's own num_cpus/num_gpus keys"):
         small_config("images.resources={GPU: 1}")
     assert small_config("images.resources={diffusion_node: 0.001}").images.resources == {"diffusion_node": 0.001}

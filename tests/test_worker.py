@@ -1,4 +1,5 @@
-"""The training worker's step on 2 gloo processes, without Ray: every objective learns a fixed batch,
+"""The training worker's step on 2 gloo processes, without Ray: every objective learns a fixed batch and makes no host
+sync in the GPU configuration (but DeepSpeed's clipping check), bf16 exports float32 master weights,
 `grad_accum` counts one step per window, a new worker group resumes at the latest checkpoint, and SynCLR's
 resume restores its teacher and schedule."""
 
@@ -72,3 +73,35 @@ def test_synclr_resume_restores_the_teacher_exactly_and_the_ema_schedule_at_its_
         # the first update after the resume moves the teacher with the momentum of step 6 of 6 (0.99), not step 0's
         assert rank["ema_momentum"] == pytest.approx(0.99) and rank["ema_error"] < 1e-6
     assert results["synclr_resume"][0]["restored_teacher"] == results["synclr_resume"][1]["restored_teacher"]
+
+
+#: the one host read DeepSpeed's ZeRO keeps when it clips: the validity of the global norm, once per optimizer step
+DEEPSPEED_CLIP_CHECK = {("read", "__bool__", "is_invalid_grad_norm"), ("blocking copy", "tensor",
+                                                                        "mask_nan_or_inf_with_val_inplace")}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))   # every registry entry
+def test_the_gpu_step_makes_no_host_sync(results, objective: str):
+    """bf16, ZeRO 1 and gradient accumulation, each objective's own augmentation: no micro-step reads a device value
+    on the host, sizes a tensor by its data, copies to the device blocking, or synchronises (the CPU account of
+    synray.train.syncguard; on a GPU, CUDA's sync debug mode joins it). The one exception is DeepSpeed's check of
+    the clipping norm, at optimizer steps of the objectives that clip (SynCLR does not)."""
+    for rank in results[f"no_host_sync_{objective}"]:
+        assert rank["dtype"] == "torch.bfloat16"            # the module DeepSpeed trains is bf16, as on GPUs
+        steps = rank["micro_steps"]
+        assert [s["boundary"] for s in steps] == [False, True, False, True]
+        for s in steps:
+            found = {(kind, call, where.rsplit("(", 1)[-1].rstrip(")")) for kind, call, where in s["syncs"]}
+            allowed = DEEPSPEED_CLIP_CHECK if s["boundary"] and rank["grad_clip"] > 0 else set()
+            assert found <= allowed, s["syncs"]
+        if objective == "synclr":
+            assert rank["grad_clip"] == 0 and all(not s["syncs"] for s in steps)
+
+
+def test_bf16_training_exports_the_float32_master_weights(results):
+    """The export holds the optimizer's float32 weights (DeepSpeed's own zero_to_fp32 consolidation of the
+    checkpoint), not the bf16 module's rounding of them."""
+    rank0 = results["bf16_export"][0]
+    assert rank0["module_dtype"] == "torch.bfloat16" and rank0["export_dtypes"] == ["torch.float32"]
+    assert rank0["compared"] > 10 and rank0["max_difference"] == 0.0
+    assert rank0["bf16_rounding"] > 0.0   # the weights are not all bf16 values: the export is not the bf16 module

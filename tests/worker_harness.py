@@ -41,7 +41,18 @@ CASES: dict[str, list[str]] = {
     # momentum 0.9 -> 0.99: the update after a resume at step 6 tells the schedule's position (0.99 x 0.9^...)
     "synclr_resume": ["train.loss=synclr", "train.steps=6", "train.checkpoint_every=3", *SYNCLR,
                       "train.synclr.ema_momentum=0.9", "train.synclr.ema_momentum_final=0.99"],
+    # bf16 master weights exported as float32, against DeepSpeed's own consolidation of the checkpoint
+    "bf16_export": ["train.loss=stablerep", "train.steps=2", "train.zero_stage=1"],
 }
+#: the GPU built-ins' step (bf16, ZeRO 1, 2 micro-steps a window, each objective's own augmentation and clipping)
+#: watched for host syncs, one case per objective; grad checkpointing on in the image-text case
+SYNC_BASE = ["train.steps=3", "train.grad_accum=2", "train.zero_stage=1", "train.augment.preset=null"]
+for _objective, _extra in {"stablerep": [], "simclr": [], "supervised": [],
+                           "clip": ["train.text.max_length=16", "train.grad_checkpointing=true"],
+                           "synclr": SYNCLR}.items():
+    CASES[f"no_host_sync_{_objective}"] = [f"train.loss={_objective}", *SYNC_BASE, *_extra]
+#: cases trained in bf16 on the CPU, as the GPU configs do (the config refuses bf16 without use_gpu)
+BF16 = {"bf16_export", *(name for name in CASES if name.startswith("no_host_sync_"))}
 
 
 def free_port() -> int:
@@ -108,6 +119,57 @@ def _synclr_resume(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, 
     return out
 
 
+def _host_syncs(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, root: Path) -> dict[str, Any]:
+    """Every micro-step after the first window (which creates the optimizer's state) under the host-sync guard."""
+    from synray.train.context import LocalContext
+    from synray.train.syncguard import optimizer_host_tensors, watch_host_syncs
+    from synray.train.worker import Meter, setup, train_step
+
+    state = setup(cfg, plan, LocalContext(rank, WORLD, rows, root))
+    steps = []
+    for i, (batch, _) in enumerate(state.batches):
+        if i < cfg.train.grad_accum:
+            train_step(state, batch, 0.0, Meter())
+            continue
+        with watch_host_syncs(state.device, optimizer_host_tensors(state.engine.optimizer)) as syncs:
+            boundary = train_step(state, batch, 0.0, Meter())
+        steps.append({"boundary": boundary, "syncs": [[s.kind, s.call, s.where] for s in syncs.found]})
+    return {"micro_steps": steps, "dtype": str(next(state.engine.module.parameters()).dtype),
+            "grad_clip": state.objective.grad_clip(cfg.train)}
+
+
+def _bf16_export(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, root: Path) -> dict[str, Any]:
+    """Train in bf16, then compare the exported backbone with DeepSpeed's zero_to_fp32 consolidation of the
+    last checkpoint's optimizer shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from synray.models.backbone import load_backbone
+    from synray.train.context import LocalContext
+    from synray.train.engine import CHECKPOINT_TAG
+    from synray.train.worker import BACKBONE_DIR, setup, train
+
+    ctx = LocalContext(rank, WORLD, rows, root)
+    state = setup(cfg, plan, ctx)
+    train(state)
+    dist.barrier()
+    out: dict[str, Any] = {"module_dtype": str(next(state.engine.module.parameters()).dtype)}
+    if rank == 0:
+        last = ctx.checkpoints()[-1]
+        export = load_backbone(last / BACKBONE_DIR).state_dict()
+        master = get_fp32_state_dict_from_zero_checkpoint(str(last), tag=CHECKPOINT_TAG)
+        out["export_dtypes"] = sorted({str(v.dtype) for v in export.values()})
+        out["max_difference"] = max(float((v - master[f"encoder.{k}"].float()).abs().max())
+                                    for k, v in export.items() if f"encoder.{k}" in master)
+        out["compared"] = sum(f"encoder.{k}" in master for k in export)
+        out["bf16_rounding"] = max(float((v - v.bfloat16().float()).abs().max()) for v in export.values())
+    return out
+
+
+def _as_gpu_precision(cfg: Any) -> Any:
+    """The config with bf16 training, which validation allows only with use_gpu (DeepSpeed runs bf16 on the CPU)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "bf16"})})
+
+
 def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, Any]:
     from conftest import small_config
 
@@ -118,6 +180,8 @@ def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, An
     from synray.train.worker import Meter, setup, train, train_step
 
     cfg = small_config(*BASE, *CASES[name])
+    if name in BF16:
+        cfg = _as_gpu_precision(cfg)
     objective = get_objective(cfg.train.loss)
     plan = TrainPlan(objective.name, M, num_classes=2 * ROWS, epochs=False,
                      columns=tuple(objective.columns(None)) + ("caption_id", "label"),
@@ -136,6 +200,10 @@ def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, An
                    scheduler_steps=int(state.scheduler.last_epoch))
         state = setup(cfg, plan, LocalContext(rank, WORLD, rows, root / "grad_accum_train"))
         out.update(final_step=train(state), train_global_steps=int(state.engine.global_steps))
+    elif name.startswith("no_host_sync_"):
+        out.update(_host_syncs(cfg, plan, rows, rank, root / name))
+    elif name == "bf16_export":
+        out.update(_bf16_export(cfg, plan, rows, rank, root / name))
     elif name == "synclr_resume":
         out.update(_synclr_resume(cfg, plan, rows, rank, root / name))
     elif name == "resume":

@@ -84,7 +84,8 @@ def train_in_memory(cfg: RunConfig, plan: TrainPlan, store_dir: str, root: str) 
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                       LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(minutes=5))
+    backend = "nccl" if cfg.train.use_gpu else "gloo"   # as Ray Train's TorchConfig picks for the other side
+    dist.init_process_group(backend, rank=0, world_size=1, timeout=timedelta(minutes=5))
     try:
         rows = _preprocessed(cfg, plan, _store_rows(store_dir, plan.columns))
         train(setup(cfg, plan, LocalContext(0, 1, rows, root)))

@@ -354,7 +354,8 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu; a fraction (0.5) lets "
-                                   "one GPU serve training and diffusion actors together")
+                                   "one worker share its GPU with diffusion actors (num_workers=1 only: NCCL "
+                                   "refuses two ranks on one device)")
     cpus_per_worker: float = Field(0.5, gt=0)
     resources: CustomResources
     captions_per_worker: int = Field(8, ge=1, description="n: rows (captions) per worker micro-batch")
@@ -369,7 +370,11 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(None, ge=0, description="gradient-norm clipping (0: none); default: the "
                                     "objective's own, 1.0, or none for synclr (its published code does not clip)")
     zero_stage: int = Field(1, ge=0, le=2, description="DeepSpeed ZeRO stage (0-2: weights stay whole on every rank)")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16 on GPUs (with zero_stage >= 1); "
+                                                       "fp16's loss scaling reads an overflow flag every step")
+    grad_checkpointing: bool = Field(False, description="recompute each transformer block in the backward pass "
+                                     "(the image encoder's, and the text tower's for loss=clip): about a third "
+                                     "more compute for the activations of one block instead of all")
     backbone: BackboneConfig = BackboneConfig()
     head: HeadConfig = HeadConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -396,6 +401,15 @@ class TrainConfig(Section):
             raise ValueError(f"precision {self.precision!r} needs use_gpu=true; use fp32 on the CPU")
         if "gpus_per_worker" in self.model_fields_set and self.gpus_per_worker != 1 and not self.use_gpu:
             raise ValueError(f"gpus_per_worker={self.gpus_per_worker:g} needs use_gpu=true")
+        if self.use_gpu and self.gpus_per_worker < 1 and self.num_workers > 1:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker:g} with num_workers={self.num_workers}: Ray may "
+                             "place two workers on one GPU, and NCCL refuses two ranks on one device. Training "
+                             "workers take whole GPUs (gpus_per_worker=1); only a single worker (num_workers=1) "
+                             "may share its GPU with diffusion actors")
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError("precision 'bf16' with zero_stage=0 runs DeepSpeed's BF16_Optimizer, which reads an "
+                             "overflow flag of every gradient on the host each step; use zero_stage=1 (the same "
+                             "weights on every rank, the optimizer state partitioned)")
         if self.fail_at_step is not None and self.fail_at_step <= self.checkpoint_every:
             raise ValueError(f"train.fail_at_step={self.fail_at_step} must be after the first checkpoint "
                              f"(train.checkpoint_every={self.checkpoint_every}): a restart before it has no "

@@ -59,8 +59,7 @@ def class_text_embeddings(model: ImageTextModel, tokenizer: Any, class_names: Se
         with torch.inference_mode():
             for start in range(0, len(prompts), batch_size):
                 enc = tokenize(tokenizer, prompts[start:start + batch_size], max_length)
-                out.append(model.encode_text(enc["input_ids"].to(device),
-                                             enc["attention_mask"].to(device)).float().cpu())
+                out.append(model.encode_text(enc["input_ids"].to(device)).float().cpu())
     finally:
         model.train(was_training)
     return average_template_embeddings(torch.cat(out), len(class_names))

@@ -13,7 +13,8 @@ from synray.config import BackboneConfig
 if TYPE_CHECKING:   # transformers is imported where a model is built or loaded: importing it costs seconds
     from transformers import PretrainedConfig
 
-__all__ = ["SIZES", "backbone_config", "build_backbone", "Encoder", "save_backbone", "load_backbone"]
+__all__ = ["SIZES", "backbone_config", "build_backbone", "Encoder", "save_backbone", "load_backbone",
+           "enable_grad_checkpointing"]
 
 # size -> (hidden, layers, heads); MLP width is 4 x hidden. tiny is for CPU tests, mini for CPU runs
 # that must learn something in minutes (the shapes world).
@@ -120,3 +121,18 @@ def load_backbone(directory: str | Path, device: torch.device | str = "cpu") -> 
         raise ValueError(f"{directory}: model type {config.model_type!r} is not a ViT or DINOv2 backbone")
     model = AutoModel.from_pretrained(str(directory), **kwargs)
     return Encoder(model.to(device))
+
+
+def enable_grad_checkpointing(model: nn.Module) -> int:
+    """Turn on transformers' gradient checkpointing (non-reentrant) in every transformers model inside `model` (the
+    image encoder, a text tower); returns how many. Each block's activations are then recomputed in the backward."""
+    from transformers import PreTrainedModel
+
+    found: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        inside = any(name.startswith(f"{outer}.") or outer == "" for outer in found)
+        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing and not inside:
+            found[name] = m
+    for m in found.values():
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return len(found)

@@ -26,25 +26,33 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
 
     With per-rank statistics, a contrastive loss over features gathered from all ranks can be
     lowered by telling the ranks apart through their batch statistics instead of the images; on
-    the CPU nn.SyncBatchNorm does not run, so this layer sums [sum(x), sum(x^2), n] over ranks with
-    a differentiable all-reduce. One process, eval mode or no process group: plain BatchNorm1d.
+    nn.SyncBatchNorm does not run on the CPU and syncs the host on a GPU, so this layer sums [sum(x), sum(x^2), n] over ranks with
+    a differentiable all-reduce. One process, eval mode or no process group: plain BatchNorm1d, unless the rows
+    and parameters are in half precision (then float32 statistics, as across ranks).
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        distributed = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not distributed and x.dtype == self.running_mean.dtype == getattr(self.weight, "dtype", x.dtype):
             return super().forward(x)
-        d = x.shape[1]
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision: statistics in float32
-        count = torch.full((1,), float(x.shape[0]), device=x.device, dtype=x32.dtype)
-        stats = all_reduce(torch.cat([x32.sum(0), (x32 * x32).sum(0), count]))
-        n = stats[-1]
-        mean = stats[:d] / n
-        var = (stats[d:2 * d] / n - mean * mean).clamp_min(0.0)
-        if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), n.detach())
+        # across ranks, or half-precision rows and parameters beside float32 statistics (DeepSpeed's bf16 casts
+        # parameters, not buffers): statistics and normalisation in float32
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        if self.training or not self.track_running_stats:
+            d = x.shape[1]
+            count = torch.full((1,), float(x.shape[0]), device=x.device, dtype=x32.dtype)
+            stats = torch.cat([x32.sum(0), (x32 * x32).sum(0), count])
+            stats = all_reduce(stats) if distributed else stats
+            n = stats[-1]
+            mean = stats[:d] / n
+            var = (stats[d:2 * d] / n - mean * mean).clamp_min(0.0)
+            if self.training and self.track_running_stats:
+                self._update_running_stats(mean.detach(), var.detach(), n.detach())
+        else:
+            mean, var = self.running_mean.to(x32.dtype), self.running_var.to(x32.dtype)
         y = (x32 - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
-            y = y * self.weight + self.bias
+            y = y * self.weight.to(x32.dtype) + self.bias.to(x32.dtype)
         return y.to(x.dtype)
 
     @torch.no_grad()
@@ -62,8 +70,8 @@ class MLPHead(nn.Sequential):
     one by nothing (StableRep: 3 layers, hidden 4096, out 256).
 
     The BatchNorm layers normalise over the rows of all ranks (:class:`CrossRankBatchNorm1d`, as
-    StableRep's synchronised BN); on GPUs ``nn.SyncBatchNorm.convert_sync_batchnorm`` swaps in
-    PyTorch's fused kernel.
+    StableRep's synchronised BN), on GPUs too: PyTorch's SyncBatchNorm indexes with a boolean mask (a host
+    sync) in every forward.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) -> None:

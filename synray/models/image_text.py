@@ -32,8 +32,10 @@ class TextTowerError(ValueError):
 class ImageTextModel(nn.Module):
     """Image encoder + linear projection, a CLIPTextModelWithProjection, and CLIP's learnable logit scale.
 
-    ``forward(pixels, input_ids, attention_mask) -> (image_features, text_features, logit_scale)``
-    with unnormalised features of the text tower's ``projection_dim``.
+    ``forward(pixels, input_ids) -> (image_features, text_features, logit_scale)`` with unnormalised features of the
+    text tower's ``projection_dim``. The text tower is causal and pools at the end token, so the padding after it
+    changes nothing and no attention mask is passed (as CLIP's and open_clip's text encoders; with a mask,
+    transformers' SDPA path reads it on the host to decide whether it may skip it).
     """
 
     def __init__(self, encoder: Encoder, text_tower: nn.Module, init_temperature: float = 0.07) -> None:
@@ -47,15 +49,14 @@ class ImageTextModel(nn.Module):
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         return self.image_projection(self.encoder(pixel_values))
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self.text(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+    def encode_text(self, input_ids: Tensor) -> Tensor:
+        return self.text(input_ids=input_ids).text_embeds
 
     def scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), self.scale()
+    def forward(self, pixel_values: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.encode_image(pixel_values), self.encode_text(input_ids), self.scale()
 
 
 def text_tower_config(path: str) -> Any:
@@ -90,10 +91,10 @@ def load_text_tower(path: str) -> tuple[nn.Module, Any]:
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
-    """input_ids and attention_mask [B, max_length] (padded and truncated)."""
+    """input_ids [B, max_length]: padded and truncated (keeping the end token the text tower pools at)."""
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
                     return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    return {"input_ids": enc["input_ids"]}
 
 
 def save_image_text(model: ImageTextModel, tokenizer: Any, directory: str | Path, max_length: int) -> Path:

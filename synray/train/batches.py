@@ -61,7 +61,8 @@ def image_text_rows(batch: dict[str, np.ndarray], image_size: int, tokenizer: An
     """Image-text rows -> every candidate of each row, ready for a per-step draw on the worker.
 
     `images` uint8 [n, k_img, 3, S, S]: the row's `image`, or all of its `images`, resized to `image_size`;
-    `input_ids` and `attention_mask` int64 [n, 1 + r, L]: the caption then its r rewrites, tokenised;
+    `input_ids` int64 [n, 1 + r, L]: the caption then its r rewrites, tokenised and padded (the text tower is causal
+    and reads its end token, so padding after it changes nothing and no mask travels);
     `caption_ok` bool [n, 1 + r]: whether a candidate may be drawn (LaCLIP's fallback rule).
     """
     if "image" in batch:
@@ -84,7 +85,6 @@ def image_text_rows(batch: dict[str, np.ndarray], image_size: int, tokenizer: An
     n = len(options)
     return {"images": images,
             "input_ids": tokens["input_ids"].numpy().reshape(n, k, max_length),
-            "attention_mask": tokens["attention_mask"].numpy().reshape(n, k, max_length),
             "caption_ok": np.asarray([[caption_ok(t) for t in o] for o in options], dtype=bool).reshape(n, k)}
 
 
@@ -122,7 +122,6 @@ class ImageTextBatch:
 
     images: torch.Tensor          # uint8 [n, 3, H, W]
     input_ids: torch.Tensor       # int64 [n, L]
-    attention_mask: torch.Tensor  # int64 [n, L]
     caption_index: torch.Tensor   # int64 [n]: 0 = the original caption, i = rewrite i
 
     @property
@@ -132,7 +131,6 @@ class ImageTextBatch:
     def to(self, device: torch.device) -> "ImageTextBatch":
         return replace(self, images=self.images.to(device, non_blocking=True),
                        input_ids=self.input_ids.to(device, non_blocking=True),
-                       attention_mask=self.attention_mask.to(device, non_blocking=True),
                        caption_index=self.caption_index.to(device, non_blocking=True))
 
 
@@ -148,8 +146,7 @@ def pick_pairs(tensors: dict[str, torch.Tensor], rng: np.random.Generator) -> Im
     image_pick = rng.integers(k_img, size=n) if k_img > 1 else np.zeros(n, dtype=np.int64)
     caption_pick = rng.integers(k_cap, size=n) if k_cap > 1 else np.zeros(n, dtype=np.int64)
     rows = torch.arange(n, device=images.device)
-    img = torch.as_tensor(image_pick, device=images.device)
-    cap = torch.as_tensor(caption_pick, device=images.device)
+    img = torch.from_numpy(image_pick).to(images.device, non_blocking=True)   # no wait for the copy
+    cap = torch.from_numpy(caption_pick).to(images.device, non_blocking=True)
     cap = torch.where(ok[rows, cap], cap, torch.zeros_like(cap))  # on the device: no sync
-    return ImageTextBatch(images[rows, img], tensors["input_ids"][rows, cap], tensors["attention_mask"][rows, cap],
-                          cap)
+    return ImageTextBatch(images[rows, img], tensors["input_ids"][rows, cap], cap)

@@ -240,7 +240,7 @@ class Clip(Objective):
         return pick_pairs(tensors, rng)
 
     def loss(self, model: nn.Module, augment: Augment, batch: ImageTextBatch, t: TrainConfig, step: int) -> Tensor:
-        image_features, text_features, scale = model(augment(batch.images), batch.input_ids, batch.attention_mask)
+        image_features, text_features, scale = model(augment(batch.images), batch.input_ids)
         return losses.clip_loss(image_features, text_features, logit_scale=scale, same_size=True)
 
     def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:

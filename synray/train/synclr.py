@@ -180,4 +180,9 @@ class MultiCrop(nn.Module):
         self.local_view = Augment(preset, local_size, local_scale[0], local_scale[1])
 
     def forward(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
-        return self.global_view(images), [self.local_view(images) for _ in range(self.local_crops)]
+        """The global views, and the local ones made as one batch of `local_crops` x the images (one pass of each
+        op for all of them)."""
+        if not self.local_crops:
+            return self.global_view(images), []
+        local = self.local_view(images.repeat(self.local_crops, 1, 1, 1))
+        return self.global_view(images), list(local.chunk(self.local_crops))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from synray.config import RunConfig
+from synray.models.backbone import enable_grad_checkpointing
 from synray.data.ledger import ROW_ID, load_consumed, load_epoch, save_consumed, save_epoch
 from synray.train import engine as ds_engine
 from synray.train.context import RayTrainContext, WorkerContext
@@ -96,9 +98,9 @@ def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     parts = objective.build(cfg, plan.num_classes, plan.text_model)
-    model = parts.model.to(device)
-    if t.use_gpu:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # StableRep's synchronised BN
+    if t.grad_checkpointing:
+        enable_grad_checkpointing(parts.model)
+    model = parts.model.to(device)  # its BatchNorm layers already span ranks (CrossRankBatchNorm1d), on any device
     images_per_step = ds_engine.images_per_step(t, objective.images_per_row(plan.per_caption), objective.views,
                                                 ctx.world_size)
     micro_batch = images_per_step // (ctx.world_size * t.grad_accum)  # images (views) per worker per forward
@@ -273,8 +275,10 @@ def save_checkpoint(state: WorkerState, metrics: dict[str, Any], export: bool = 
         save_consumed(Path(tmp), rank, state.consumed)
         if rank == 0:
             save_epoch(Path(tmp), state.epoch)
-        if export and rank == 0:
-            state.objective.export(unwrap(state.engine), Path(tmp) / BACKBONE_DIR, state.parts, state.cfg.train)
+        if export:
+            with master_weights(state.engine) as module:   # a collective in mixed precision: every rank
+                if rank == 0:
+                    state.objective.export(module, Path(tmp) / BACKBONE_DIR, state.parts, state.cfg.train)
         state.ctx.report({**metrics, CHECKPOINT_SCORE: float(state.step)}, Path(tmp))
 
 
@@ -290,6 +294,28 @@ def export_initial(model: nn.Module, objective: Objective, parts: ModelParts, cf
 
 def unwrap(engine: Any) -> nn.Module:
     return getattr(engine, "module", engine)
+
+
+@contextlib.contextmanager
+def master_weights(engine: Any) -> Iterator[nn.Module]:
+    """The trained module with the optimizer's float32 master weights in its parameters while inside (bf16/fp16
+    training keeps them in the optimizer, partitioned in ZeRO: assembling each is a collective, so every rank
+    enters); the module itself in fp32 training. The export is then float32, as the step-0 export is."""
+    module = unwrap(engine)
+    swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+    if any(p.dtype != torch.float32 for p in module.parameters()):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for p in module.parameters():
+            master = safe_get_full_fp32_param(p)
+            if master is not None:
+                swapped.append((p, p.data))
+                p.data = master.detach().view(p.shape)
+    try:
+        yield module
+    finally:
+        for p, data in swapped:
+            p.data = data
 
 
 # ---------------------------------------------------------------------------------- Ray Train
