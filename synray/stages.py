@@ -18,13 +18,22 @@ from typing import Any
 
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-__all__ = ["LIGHT_STAGE_CPUS", "TRAINING_PHASE", "EVAL_PHASE", "StageResources", "Stage", "map_stage", "build",
+__all__ = ["LIGHT_STAGE_CPUS", "TRAINING_PHASE", "EVAL_PHASE", "Rate", "StageResources", "Stage", "map_stage", "build",
            "stage_resources", "by_phase", "remote_args"]
 
 #: CPUs of the light single-actor stages (planning rows, caption clean-up, shard writing, skipping consumed rows)
 LIGHT_STAGE_CPUS = 0.25
 TRAINING_PHASE = "training"
 EVAL_PHASE = "evaluation"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Rows (captions) one actor of a stage handles per second when it never waits, and where the figure comes from
+    (a reference measurement scaled to the settings, a config value, or a measured run)."""
+
+    rows_per_s: float
+    source: str
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class StageResources:
     tasks: bool = False   # short tasks, not actors (`actors` of them at once): they need room on some node now
     # and then, and hold nothing
     udf: str = ""         # what Ray names its actors or tasks after: the function or class the stage maps
+    rate: Rate | None = None   # expected rows/s per actor (training workers: row uses/s); None: not declared
 
     def bundle(self) -> dict[str, float]:
         """One actor's resource request, as Ray sees it."""

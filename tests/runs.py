@@ -121,7 +121,7 @@ def generated_store(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) 
 # ------------------------------------------------------------------------------------ the stream
 #: the stream drill: 60 template captions (about half pass the caption filters) streamed and stored, 4 rows a
 #: step, a checkpoint every 2 steps, and a 50-step budget that the stream runs out before
-STREAM_STEPS, STREAM_EVERY, STREAM_ROWS_PER_STEP, STREAM_CAPTIONS = 50, 2, 4, 60
+STREAM_STEPS, STREAM_EVERY, STREAM_ROWS_PER_STEP, STREAM_CAPTIONS, STREAM_REPLAY = 50, 2, 4, 60, 2
 
 
 @dataclass
@@ -133,7 +133,8 @@ class StreamDrill:
 
 @pytest.fixture(scope="session")
 def stream_drill(ray_cluster: str, ray_jobs: Any, tmp_path_factory: pytest.TempPathFactory) -> StreamDrill:
-    """`synray run local` in stream+store mode, in its own process on the suite's Ray: a training worker killed after
+    """`synray run local` in stream+store mode with each row used up to twice (data.replay), in its own process on
+    the suite's Ray: a training worker killed after
     step 3 (the group restarts from its checkpoint and the stream goes on), the driver killed after step 5; then
     the same run submitted with `ray job submit` to the suite's Ray (as after a preemption), which continues it
     until the stream of 60 captions runs out before the 50-step budget. The training workers are killed with the
@@ -145,6 +146,7 @@ def stream_drill(ray_cluster: str, ray_jobs: Any, tmp_path_factory: pytest.TempP
                  f"data.num_captions={STREAM_CAPTIONS}", "data.mode=stream+store", f"data.store_dir={store}",
                  "data.rows_per_shard=4", "images.per_caption=2", "images.steps=2", f"train.steps={STREAM_STEPS}",
                  "train.captions_per_worker=2", "train.log_every=1", f"train.checkpoint_every={STREAM_EVERY}",
+                 f"data.replay={STREAM_REPLAY}",
                  "eval.enabled=false", f"output_root={runs}"]
     proc = start(cli("run", "local", *sets(*overrides)), ray_env(ray_cluster), root / "first.log")
 

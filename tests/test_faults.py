@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import small_config
 from procs import metrics_log, stored_rows
-from runs import ENGINE, GENERATED_ROWS, RENDERER, STREAM_EVERY, STREAM_ROWS_PER_STEP, STREAM_STEPS
+from runs import (ENGINE, GENERATED_ROWS, RENDERER, STREAM_EVERY, STREAM_REPLAY, STREAM_ROWS_PER_STEP,
+                  STREAM_STEPS)
 
 
 # ------------------------------------------------------------------------------------ fast
@@ -92,15 +95,18 @@ def test_after_each_failure_the_steps_go_on_from_the_last_checkpoint_before_it(s
 
 
 def test_each_stored_row_is_trained_on_once_and_every_trained_row_is_stored_once(stream_drill):
-    """Across a killed worker, a killed driver and the resubmitted job: the final checkpoint's record of trained rows
-    holds one entry per row of each step (none twice), all of them stored rows, and the store holds each caption id
-    once and every row trained on, but for a last partial batch."""
+    """Across a killed worker, a killed driver and the resubmitted job, each row used up to twice: the final
+    checkpoint's record of trained rows holds one entry per first use of a row (none used anew after a restart),
+    all of them stored rows, and the store holds each caption id once and every row trained on, but for a last
+    partial batch; the summary's uses per row are the steps' rows over the rows trained."""
     from synray.data.ledger import load_consumed
     from synray.generation.regenerate import regenerate_images
 
     t = json.loads((stream_drill.run_dir / "summary.json").read_text())["train"]
     consumed = set(load_consumed(Path(t["checkpoint"])).tolist())
-    assert len(consumed) == t["steps"] * STREAM_ROWS_PER_STEP, "a row trained before a checkpoint was trained again"
+    assert len(consumed) == t["rows_trained"], "a row trained before a checkpoint was first used again"
+    assert t["uses_per_row"] == pytest.approx(t["steps"] * STREAM_ROWS_PER_STEP / len(consumed))
+    assert 1.2 < t["uses_per_row"] <= STREAM_REPLAY
     rows = stored_rows(stream_drill.store)
     ids = [r["caption_id"] for r in rows]
     assert len(ids) == len(set(ids)), "a caption id stored twice"

@@ -105,3 +105,27 @@ def test_bf16_training_exports_the_float32_master_weights(results):
     assert rank0["module_dtype"] == "torch.bfloat16" and rank0["export_dtypes"] == ["torch.float32"]
     assert rank0["compared"] > 10 and rank0["max_difference"] == 0.0
     assert rank0["bf16_rounding"] > 0.0   # the weights are not all bf16 values: the export is not the bf16 module
+
+
+def test_replay_keeps_training_while_the_stream_is_slow_and_records_each_row_once(results):
+    """Each streamed row used up to 3 times: the worker waits for the stream in a smaller share of its time, trains
+    about 3 times the steps on the same rows, and the checkpoint's record of trained rows holds each row once (all
+    but less than a batch of each rank's rows), matching the rows_trained it reports."""
+    once, thrice = results["replay_1"][0], results["replay_3"][0]
+
+    def wait_share(result: dict[str, Any]) -> float:
+        waits = [r["data_wait_fraction"] for r in result["reports"] if "data_wait_fraction" in r]
+        return sum(waits) / len(waits)
+
+    assert wait_share(thrice) < 0.7 * wait_share(once), (wait_share(thrice), wait_share(once))
+    rows_streamed = once["rows_streamed"] * harness.WORLD
+    per_step = harness.ROWS * harness.WORLD
+    assert once["final_step"] == rows_streamed // per_step
+    assert 2.5 * once["final_step"] <= thrice["final_step"] <= 3 * once["final_step"]
+    for result in (once, thrice):
+        consumed = result["consumed"]
+        last = result["reports"][-1]
+        assert len(consumed) == len(set(consumed)) == last["rows_trained"]
+        assert rows_streamed - len(consumed) < per_step
+        assert last["uses_per_row"] == pytest.approx(result["final_step"] * per_step / len(consumed))
+    assert thrice["reports"][-1]["uses_per_row"] > 2.5 and once["reports"][-1]["uses_per_row"] == 1.0

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,12 @@ for _objective, _extra in {"stablerep": [], "simclr": [], "supervised": [],
                            "clip": ["train.text.max_length=16", "train.grad_checkpointing=true"],
                            "synclr": SYNCLR}.items():
     CASES[f"no_host_sync_{_objective}"] = [f"train.loss={_objective}", *SYNC_BASE, *_extra]
+#: a stream slower than the step (REPLAY_ARRIVALS batches a rank, one every REPLAY_DELAY_S), each row used once or
+#: up to 3 times: the data-wait share falls, and the record of trained rows holds each row once
+REPLAY_ARRIVALS, REPLAY_DELAY_S = 24, 0.05
+for _uses in (1, 3):
+    CASES[f"replay_{_uses}"] = ["train.loss=stablerep", "train.steps=500", f"data.replay={_uses}",
+                                "data.replay_buffer_rows=8"]
 #: cases trained in bf16 on the CPU, as the GPU configs do (the config refuses bf16 without use_gpu)
 BF16 = {"bf16_export", *(name for name in CASES if name.startswith("no_host_sync_"))}
 
@@ -110,7 +117,7 @@ def _synclr_resume(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, 
     out.update(restored_step=again.step, restored_teacher=_digest(restored.teacher.parameters()),
                restored_student=_digest(restored.student.parameters()))
     teacher_before = [p.detach().clone() for p in restored.teacher.parameters()]
-    batch, _ = next(again.batches)
+    batch, *_ = next(again.batches)
     train_step(again, batch, 0.0, Meter())
     m = ema_momentum(again.step, cfg.train.steps, cfg.train.synclr.ema_momentum, cfg.train.synclr.ema_momentum_final)
     out["ema_error"] = max(float((t - (m * b + (1 - m) * s)).abs().max()) for t, b, s in
@@ -127,7 +134,7 @@ def _host_syncs(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, roo
 
     state = setup(cfg, plan, LocalContext(rank, WORLD, rows, root))
     steps = []
-    for i, (batch, _) in enumerate(state.batches):
+    for i, (batch, *_) in enumerate(state.batches):
         if i < cfg.train.grad_accum:
             train_step(state, batch, 0.0, Meter())
             continue
@@ -136,6 +143,25 @@ def _host_syncs(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, roo
         steps.append({"boundary": boundary, "syncs": [[s.kind, s.call, s.where] for s in syncs.found]})
     return {"micro_steps": steps, "dtype": str(next(state.engine.module.parameters()).dtype),
             "grad_clip": state.objective.grad_clip(cfg.train)}
+
+
+def _slow_stream(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, root: Path) -> dict[str, Any]:
+    """The worker over a stream that delivers a batch every REPLAY_DELAY_S, to its end; row ids on every row."""
+    from synray.data.ledger import ROW_ID, load_consumed
+    from synray.train.context import LocalContext
+    from synray.train.worker import setup, train
+
+    class SlowStream(LocalContext):
+        def batches(self, rows_per_batch: int, epoch: int, shuffle_rows: int, seed: int):
+            for batch in super().batches(rows_per_batch, epoch, shuffle_rows, seed):
+                time.sleep(REPLAY_DELAY_S)
+                yield batch
+
+    n = len(rows["label"])
+    rows = {**rows, ROW_ID: np.arange(n, dtype=np.int64) + rank * 100_000}
+    ctx = SlowStream(rank, WORLD, rows, root)
+    final = train(setup(cfg, plan, ctx))
+    return {"final_step": final, "consumed": load_consumed(ctx.checkpoints()[-1]).tolist(), "rows_streamed": n}
 
 
 def _bf16_export(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, root: Path) -> dict[str, Any]:
@@ -186,14 +212,14 @@ def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, An
     plan = TrainPlan(objective.name, M, num_classes=2 * ROWS, epochs=False,
                      columns=tuple(objective.columns(None)) + ("caption_id", "label"),
                      text_model=text_model if objective.image_text else None)
-    steps = cfg.train.steps * cfg.train.grad_accum
+    steps = REPLAY_ARRIVALS if name.startswith("replay_") else cfg.train.steps * cfg.train.grad_accum
     rows = RowPreprocessor(cfg, plan)(fixed_rows(rank, steps))  # the Ray Data stage's code, in this process
     ctx = LocalContext(rank, WORLD, rows, root / name)
     out: dict[str, Any] = {}
     if name == "grad_accum":
         state = setup(cfg, plan, ctx)
         flags, sums = [], [_weights(state)]
-        for batch, _ in state.batches:
+        for batch, *_ in state.batches:
             flags.append(train_step(state, batch, 0.0, Meter()))
             sums.append(_weights(state))
         out.update(boundaries=flags, weight_sums=sums, global_steps=int(state.engine.global_steps),
@@ -202,6 +228,8 @@ def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, An
         out.update(final_step=train(state), train_global_steps=int(state.engine.global_steps))
     elif name.startswith("no_host_sync_"):
         out.update(_host_syncs(cfg, plan, rows, rank, root / name))
+    elif name.startswith("replay_"):
+        out.update(_slow_stream(cfg, plan, rows, rank, root / name))
     elif name == "bf16_export":
         out.update(_bf16_export(cfg, plan, rows, rank, root / name))
     elif name == "synclr_resume":

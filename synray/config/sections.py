@@ -217,11 +217,19 @@ class DataConfig(Section):
     first_rows: int | None = Field(None, ge=1, description="stored mode: train on the store's first N rows in "
                                    "plan-row order (nested subsets: a smaller N's rows are among a larger one's)")
     first_images: int | None = Field(None, ge=1, description="stored mode: train on the first m images of each row")
+    replay: int = Field(1, ge=1, description="stream modes: uses of each streamed row, drawn from a buffer on the "
+                        "worker's device (each use freshly augmented), so that training works while diffusion "
+                        "fills the stream; 1: each row once")
+    replay_buffer_rows: int | None = Field(None, ge=1, description="rows each worker's replay buffer holds; default: "
+                                           "4 x replay x train.captions_per_worker")
 
     @model_validator(mode="after")
     def _subsets_read_stores(self) -> "DataConfig":
         if (self.first_rows or self.first_images) and self.mode != "stored":
             raise ValueError("first_rows and first_images select from a store: they need mode=stored")
+        if self.replay > 1 and self.mode == "stored":
+            raise ValueError(f"replay={self.replay} reuses streamed rows: it needs mode=stream or stream+store (a "
+                             "store is read in epochs instead)")
         return self
 
 

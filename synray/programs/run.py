@@ -151,6 +151,7 @@ def train_summary(result: TrainResult) -> dict[str, Any]:
         "first_loss": result.metrics[0]["loss"] if result.metrics else None,
         "images_per_s": last.get("images_per_s"),
         "data_wait_fraction": sum(waits) / len(waits) if waits else None,
+        "rows_trained": last.get("rows_trained"), "uses_per_row": last.get("uses_per_row"),
         "ended_early": bool(result.final.get("ended_early", False)),
         "worker_failures": result.failures, "elapsed_s": round(result.elapsed_s, 2),
         "checkpoint": result.checkpoint_dir,
@@ -161,7 +162,8 @@ def print_summary(rd: RunDir, summary: dict[str, Any]) -> None:
     t = summary.get("train", {})
     print(f"run directory: {rd.where}")
     print(f"  trained {t.get('steps')} steps: loss {t.get('first_loss')} -> {t.get('final_loss')}, "
-          f"data-wait fraction {t.get('data_wait_fraction')}")
+          f"data-wait fraction {t.get('data_wait_fraction')}"
+          + (f", {t['rows_trained']} rows used {t['uses_per_row']:.2f} times each" if t.get("rows_trained") else ""))
     for stage, s in summary.get("stages", {}).items():
         print(f"  {stage:>9}: {s['rows']} rows, {s['rows_per_s']} rows/s overall, "
               f"{s['steady_rows_per_s']} rows/s after start-up")

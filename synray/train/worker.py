@@ -22,6 +22,7 @@ from synray.data.ledger import ROW_ID, load_consumed, load_epoch, save_consumed,
 from synray.train import engine as ds_engine
 from synray.train.context import RayTrainContext, WorkerContext
 from synray.train.objectives import ModelParts, Objective, get_objective
+from synray.train.replay import default_capacity, replayed
 from synray.train.spec import TrainPlan
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,14 @@ class WorkerState:
     engine: Any
     scheduler: Any
     augment: nn.Module                                  # the objective's on-device augmentation
-    batches: Iterator[tuple[dict[str, torch.Tensor], float]]
+    batches: Iterator[tuple[dict[str, torch.Tensor], float, int]]   # (batch, seconds waited, rows new to training)
     rng: np.random.Generator
     step: int
     restarted: bool
     consumed: np.ndarray                                # rows of this epoch trained on up to the last checkpoint
     pending_rows: list[torch.Tensor] = field(default_factory=list)   # rows trained on since (device tensors)
     epoch: int = 0                                      # the epoch of a store being read (a stream: 0)
+    rows_trained: int = 0                               # rows trained on at least once, over all ranks
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,6 +67,7 @@ class Meter:
     wait_s: float = 0.0
     busy_s: float = 0.0
     images: int = 0
+    new_rows: int = 0                           # rows of this rank used for the first time (a host count)
     micro_steps: int = 0
     loss_sum: torch.Tensor | None = None        # [1 + parts]: the loss, then each of its logged parts
     part_names: tuple[str, ...] = ()
@@ -78,14 +81,19 @@ class Meter:
         self.loss_sum = values if self.loss_sum is None else self.loss_sum + values
         self.micro_steps += 1
 
-    def report(self, step: int, lr: float, world: int) -> dict[str, Any]:
-        """The metrics since the meter started: the mean loss and parts over micro-steps and ranks (one
-        all-reduce)."""
+    def report(self, step: int, lr: float, world: int) -> tuple[dict[str, Any], int]:
+        """The metrics since the meter started (the mean loss and parts over micro-steps and ranks), and the rows
+        all ranks used for the first time (one all-reduce)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        means = [v / max(1, self.micro_steps) for v in means_over_ranks(self.loss_sum, 1 + len(self.part_names))]
+        if self.loss_sum is None:
+            return {"step": step, "loss": float("nan"), "lr": lr}, self.new_rows
+        values = torch.cat(
+            [self.loss_sum, torch.tensor([float(self.new_rows)], device=self.loss_sum.device)])
+        *sums, new_rows = means_over_ranks(values, 2 + len(self.part_names))
+        means = [v / max(1, self.micro_steps) for v in sums]
         return {"step": step, "loss": means[0], **dict(zip(self.part_names, means[1:])), "lr": lr,
                 "images_per_s": self.images * world / elapsed,
-                "data_wait_fraction": self.wait_s / max(self.wait_s + self.busy_s, 1e-9)}
+                "data_wait_fraction": self.wait_s / max(self.wait_s + self.busy_s, 1e-9)}, round(new_rows * world)
 
 
 # -------------------------------------------------------------------------------------- setup
@@ -119,10 +127,15 @@ def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
     augment = objective.augmentation(t).to(device)
     state = WorkerState(cfg, plan, objective, ctx, device, parts, engine, scheduler, augment, iter(()),
                         rng=np.random.default_rng([cfg.seed, ctx.rank, step]), step=step, restarted=restarted,
-                        consumed=consumed, epoch=epoch)
+                        consumed=consumed, epoch=epoch, rows_trained=int(consumed.size))
     state.batches = timed_batches(ctx, t.captions_per_worker, plan.epochs, cfg.data.shuffle_buffer_rows,
                                   cfg.seed * 31 + ctx.rank, first_epoch=epoch,
                                   on_new_epoch=lambda e: start_epoch(state, e))
+    if cfg.data.replay > 1 and not plan.epochs:
+        d = cfg.data
+        state.batches = replayed(state.batches, d.replay, t.captions_per_worker,
+                                 d.replay_buffer_rows or default_capacity(t.captions_per_worker, d.replay),
+                                 np.random.default_rng([cfg.seed, ctx.rank, step, 1]))
     return state
 
 
@@ -147,9 +160,9 @@ def restore(engine: Any, checkpoint: Path | None, objective: Objective, cfg: Run
 
 def timed_batches(ctx: WorkerContext, rows: int, epochs: bool, shuffle_rows: int, seed: int,
                   first_epoch: int = 0, on_new_epoch: Callable[[int], None] | None = None,
-                  ) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
-    """(batch, seconds waited for it) from this worker's rows; loops over epochs when training on a store,
-    from `first_epoch` (a restored checkpoint's), calling `on_new_epoch` before each later one."""
+                  ) -> Iterator[tuple[dict[str, torch.Tensor], float, int]]:
+    """(batch, seconds waited for it, its rows) from this worker's rows; loops over epochs when training on a
+    store, from `first_epoch` (a restored checkpoint's), calling `on_new_epoch` before each later one."""
     epoch = first_epoch
     while True:
         got = 0
@@ -164,7 +177,7 @@ def timed_batches(ctx: WorkerContext, rows: int, epochs: bool, shuffle_rows: int
             except StopIteration:
                 break
             got += 1
-            yield batch, time.perf_counter() - t0
+            yield batch, time.perf_counter() - t0, rows
         if not epochs or got == 0:
             return
 
@@ -174,10 +187,10 @@ def train(state: WorkerState) -> int:
     """Optimizer steps until the step budget (or the data) ends; returns the last step."""
     t = state.cfg.train
     meter = Meter()
-    for rows, wait_s in state.batches:
+    for rows, wait_s, new_rows in state.batches:
         if state.step >= t.steps:
             break
-        stepped = train_step(state, rows, wait_s, meter)
+        stepped = train_step(state, rows, wait_s, meter, new_rows)
         if not stepped:
             continue
         state.step += 1
@@ -191,7 +204,8 @@ def train(state: WorkerState) -> int:
     return state.step
 
 
-def train_step(state: WorkerState, tensors: dict[str, torch.Tensor], wait_s: float, meter: Meter) -> bool:
+def train_step(state: WorkerState, tensors: dict[str, torch.Tensor], wait_s: float, meter: Meter,
+               new_rows: int | None = None) -> bool:
     """One micro-step on a ready batch; True when it applied an optimizer update (the end of a `grad_accum`
     window). Nothing here waits for the device: the loss is only read at reports."""
     t0 = time.perf_counter()
@@ -209,6 +223,7 @@ def train_step(state: WorkerState, tensors: dict[str, torch.Tensor], wait_s: flo
     meter.wait_s += wait_s
     meter.busy_s += time.perf_counter() - t0
     meter.images += batch.num_images * state.objective.views
+    meter.new_rows += int(next(iter(tensors.values())).shape[0]) if new_rows is None else new_rows
     return bool(boundary)
 
 
@@ -233,9 +248,20 @@ def checkpoint_due(state: WorkerState) -> bool:
     return state.step % t.checkpoint_every == 0 or state.step == t.steps
 
 
+def window_metrics(state: WorkerState, meter: Meter) -> dict[str, Any]:
+    """The meter's metrics; in a stream also the rows trained on so far (over ranks) and the uses of each."""
+    metrics, new_rows = meter.report(state.step, current_lr(state), state.ctx.world_size)
+    if not state.plan.epochs:
+        t = state.cfg.train
+        state.rows_trained += new_rows
+        row_uses = state.step * t.captions_per_worker * state.ctx.world_size * t.grad_accum
+        metrics.update(rows_trained=state.rows_trained, uses_per_row=row_uses / max(1, state.rows_trained))
+    return metrics
+
+
 def log_and_checkpoint(state: WorkerState, meter: Meter) -> Meter:
     """Report the metrics since the last report, with a checkpoint when one is due; a fresh meter follows."""
-    state.last_metrics = meter.report(state.step, current_lr(state), state.ctx.world_size)
+    state.last_metrics = window_metrics(state, meter)
     if checkpoint_due(state):
         save_checkpoint(state, state.last_metrics, export=state.step == state.cfg.train.steps)
     else:
@@ -245,8 +271,7 @@ def log_and_checkpoint(state: WorkerState, meter: Meter) -> Meter:
 
 def finish_early(state: WorkerState, meter: Meter) -> None:
     """The stream ran out before the step budget: a last checkpoint with the export, marked as ended early."""
-    metrics = meter.report(state.step, current_lr(state), state.ctx.world_size) if meter.micro_steps \
-        else state.last_metrics
+    metrics = window_metrics(state, meter) if meter.micro_steps else state.last_metrics
     save_checkpoint(state, {**metrics, "step": state.step, "ended_early": True}, export=True)
 
 
@@ -268,7 +293,8 @@ def save_checkpoint(state: WorkerState, metrics: dict[str, Any], export: bool = 
     """Every rank writes its DeepSpeed shards (and rank 0 the export); the context merges them into one checkpoint."""
     rank = state.ctx.rank
     if state.pending_rows:  # the one device-to-host copy of the row ids: at checkpoints only
-        state.consumed = np.union1d(state.consumed, torch.cat(state.pending_rows).cpu().numpy())
+        ids = torch.cat(state.pending_rows).cpu().numpy()
+        state.consumed = np.union1d(state.consumed, ids[ids >= 0])   # -1: a replayed use of a row
         state.pending_rows.clear()
     with tempfile.TemporaryDirectory(prefix="synray-ckpt-") as tmp:
         ds_engine.save(state.engine, Path(tmp), state.step, state.objective.fingerprint(state.cfg.train), rank)
