@@ -54,7 +54,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from synray.plan import load_run_config
     from synray.programs.planview import plan_command
 
-    return plan_command(load_run_config(args.config, args.overrides), args.cluster, args.address)
+    return plan_command(load_run_config(args.config, args.overrides), args.cluster, args.address, args.rates)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "stages on (default: ./cluster.yaml when present)")
     plan.add_argument("--address", help="also check against this running cluster (default: ray.address, "
                                         "$RAY_ADDRESS)")
+    plan.add_argument("--rates", metavar="RUN_DIR", help="take the stage rates a finished run measured (its "
+                                                         "renderers' and training workers') instead of the "
+                                                         "reference figures")
     plan.set_defaults(func=cmd_plan)
 
     gen = sub.add_parser("generate", help="concepts -> captions -> images -> Parquet store (resumable)")

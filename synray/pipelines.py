@@ -24,6 +24,7 @@ from synray.data.store import ParquetStore
 from synray.eval.evaluate import extractor_stages
 from synray.generation.pipeline import GenerationPlan, generation_stages, replay_stage, store_fingerprint, store_info
 from synray.stages import EVAL_PHASE, LIGHT_STAGE_CPUS, Stage, StageResources, build, map_stage, stage_resources
+from synray.train.objectives import training_rate
 from synray.train.preprocess import preprocessing_stage
 from synray.train.spec import TrainPlan
 
@@ -96,7 +97,7 @@ def _workers(cfg: RunConfig) -> Stage:
     return Stage((StageResources("training workers", t.num_workers, t.cpus_per_worker,
                                  t.gpus_per_worker if t.use_gpu else 0.0, t.resources,
                                  ("train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker"),
-                                 udf="RayTrainWorker"),), None)
+                                 udf="RayTrainWorker", rate=training_rate(cfg), rate_key="rates.train"),), None)
 
 
 def training_stages(cfg: RunConfig, *, data: DataPlan | None = None, train: TrainPlan | None = None,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -31,7 +32,7 @@ from synray.images.registry import RENDERERS, get_renderer, renderer_names
 from synray.models.tiny import ModelError, resolve_model
 from synray.pipelines import DataPlan, HeldoutPlan, run_stages
 from synray.placement import ClusterSpec, Placement, StageResources, pack
-from synray.stages import by_phase
+from synray.stages import Rate, by_phase
 from synray.train.engine import check_compatible
 from synray.train.objectives import OBJECTIVES, Objective, TrainSetupError, get_objective, objective_names
 from synray.train.spec import TrainPlan
@@ -149,7 +150,18 @@ def run_plan_stages(cfg: RunConfig, protocols: tuple[str, ...], tracks_rows: boo
     config and its held-out set's (from the config alone, so that `synray plan` shows it before the inputs of a run
     exist)."""
     heldout = heldout_config(cfg) if protocols and not cfg.eval.dataset else None
-    return run_stages(cfg, heldout, protocols, tracks_rows)
+    configured = {k: v for k, v in cfg.rates.model_dump().items() if v}
+    return with_rates(run_stages(cfg, heldout, protocols, tracks_rows), configured, "config: rates.{key}")
+
+
+def with_rates(stages: Sequence[StageResources], rates: Mapping[str, float], source: str) -> tuple[StageResources, ...]:
+    """The stages with the given rates (keys of the `rates` section; `source` may name {key}) in place of their
+    reference figures."""
+    out = []
+    for s in stages:
+        key = s.rate_key.removeprefix("rates.")
+        out.append(replace(s, rate=Rate(rates[key], source.format(key=key))) if s.rate_key and key in rates else s)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -273,10 +285,10 @@ def _check_stream_size(cfg: RunConfig) -> None:
         raise TrainSetupError(f"data.num_captions={cfg.data.num_captions} cannot fill one global batch of "
                               f"train.captions_per_worker={t.captions_per_worker} x train.num_workers="
                               f"{t.num_workers} rows")
-    if cfg.data.num_captions < t.steps * rows_per_step:
-        log.warning(
-            "stream mode: %d captions feed at most %d of the %d steps (each step takes %d rows)",
-            cfg.data.num_captions, cfg.data.num_captions // rows_per_step, t.steps, rows_per_step)
+    uses = cfg.data.num_captions * cfg.data.replay
+    if uses < t.steps * rows_per_step:
+        log.warning("stream mode: %d captions used up to %d times feed at most %d of the %d steps (each step takes "
+                    "%d rows)", cfg.data.num_captions, cfg.data.replay, uses // rows_per_step, t.steps, rows_per_step)
 
 
 def check_eval_protocols(cfg: RunConfig) -> tuple[str, ...]:

@@ -51,6 +51,7 @@ class StageResources:
     # and then, and hold nothing
     udf: str = ""         # what Ray names its actors or tasks after: the function or class the stage maps
     rate: Rate | None = None   # expected rows/s per actor (training workers: row uses/s); None: not declared
+    rate_key: str = ""         # the `rates` key that overrides it (rates.images, ...)
 
     def bundle(self) -> dict[str, float]:
         """One actor's resource request, as Ray sees it."""

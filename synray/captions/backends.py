@@ -19,7 +19,7 @@ from synray.concepts import RowPlan
 from synray.config import CaptionsConfig
 from synray.language.prompts import synclr_prompt
 from synray.language.templates import template_caption
-from synray.stages import LIGHT_STAGE_CPUS, Stage, StageResources, map_stage
+from synray.stages import LIGHT_STAGE_CPUS, Rate, Stage, StageResources, map_stage
 
 __all__ = ["CaptionBackend", "CAPTION_BACKENDS", "caption_backend_names", "get_caption_backend"]
 
@@ -52,6 +52,22 @@ class CaptionBackend:
         return json.dumps(llm_sampling(cfg) if self.needs_model else {}, sort_keys=True)
 
 
+#: published: vLLM serving Llama-3-8B on one H100, 256 tokens in and 256 out: ~6,200 output tokens/s
+REFERENCE_OUTPUT_TOKENS_PER_S = 6200.0
+
+
+def vllm_rate(cfg: CaptionsConfig) -> Rate | None:
+    """Captions one engine writes per second on GPUs: the reference throughput over its GPUs, each caption taking
+    `sampling.max_tokens` tokens (an upper bound: captions stop at a newline earlier)."""
+    e = cfg.engine
+    if not e.num_gpus:
+        return None
+    gpus = e.num_gpus * e.tensor_parallel_size
+    return Rate(REFERENCE_OUTPUT_TOKENS_PER_S * gpus / cfg.sampling.max_tokens,
+                f"reference: vLLM Llama-3-8B on one H100, ~{REFERENCE_OUTPUT_TOKENS_PER_S:,.0f} output tokens/s "
+                f"(published), {cfg.sampling.max_tokens} tokens a caption at most")
+
+
 def _vllm_stages(cfg: CaptionsConfig, model_path: Callable[[], str | None], phase: str, prefix: str) -> list[Stage]:
     """ray.data.llm's processor: pre-processing tasks, the engine pool (an engine's tensor-parallel bundles counted as
     one request: they go on one node), post-processing tasks."""
@@ -61,7 +77,7 @@ def _vllm_stages(cfg: CaptionsConfig, model_path: Callable[[], str | None], phas
         StageResources(f"{prefix}vLLM engines", e.pool_size, e.num_cpus * tp, e.num_gpus * tp,
                        {k: v * tp for k, v in e.resources.items()},
                        (f"{engine}pool_size", f"{engine}num_cpus", f"{engine}num_gpus"), phase,
-                       udf="vLLMEngineStageUDF"),
+                       udf="vLLMEngineStageUDF", rate=vllm_rate(cfg), rate_key="rates.captions"),
         StageResources(f"{prefix}caption post-processing", 1, CPU_STAGE_CPUS, phase=phase, tasks=True,
                        udf="vllm_postprocess"))
 

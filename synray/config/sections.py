@@ -8,6 +8,7 @@ import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from synray.config.base import CustomResources, MountedPath, Section, _registered, check_gpu_share
+from synray.config.rates import RatesConfig
 from synray.config.tune import TuneConfig
 
 __all__ = ["RayConfig", "TemplateWeights", "RELATIONS", "ConceptsConfig", "SamplingConfig", "EngineConfig",
@@ -511,6 +512,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     tune: TuneConfig = TuneConfig()
+    rates: RatesConfig = RatesConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

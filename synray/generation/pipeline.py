@@ -86,7 +86,7 @@ def generation_stages(cfg: RunConfig, gen: GenerationPlan | None = None, *, stat
     renderer = get_renderer(img.backend)
     render = StageResources(f"{prefix}{img.backend} renderers", img.pool_size, img.num_cpus, img.num_gpus,
                             img.resources, ("images.pool_size", "images.num_cpus", "images.num_gpus"), phase,
-                            udf=renderer.__name__)
+                            udf=renderer.__name__, rate=renderer.expected_rate(img), rate_key="rates.images")
 
     def built() -> GenerationPlan:
         if gen is None:

@@ -18,6 +18,7 @@ import numpy as np
 from synray.config import ImagesConfig
 from synray.data.codecs import object_array
 from synray.data.stats import StatsClient
+from synray.stages import Rate
 
 __all__ = ["Rendered", "Renderer", "RendererError"]
 
@@ -72,6 +73,11 @@ class Renderer:
         self.early_drops: Counter[str] = Counter()   # images dropped by reason meanwhile
 
     # ------------------------------------------------------------------ what a backend declares
+    @classmethod
+    def expected_rate(cls, cfg: ImagesConfig) -> Rate | None:
+        """Captions one actor renders per second (all their images) when it never waits; None: no reference."""
+        return None
+
     @classmethod
     def check(cls, cfg: ImagesConfig) -> None:
         """RendererError for settings this backend cannot use (no Ray, no model loading)."""

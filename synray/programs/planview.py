@@ -13,8 +13,9 @@ from synray.data.store import StoreMissingError
 from synray.images.registry import get_renderer
 from synray.placement import ClusterSpec, Placement, PlacementError, StageResources, load_cluster_file, pack, \
     phase_totals
-from synray.plan import check_eval_protocols, plan_run, run_plan_stages
+from synray.plan import check_eval_protocols, plan_run, run_plan_stages, with_rates
 from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
+from synray.programs.rateview import measured_rates, rate_lines
 from synray.programs.session import cluster_spec, ray_address, session
 from synray.stages import by_phase
 
@@ -102,13 +103,17 @@ def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec) -> tup
     return lines, problems
 
 
-def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None) -> PlanView:
+def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
+              rates_from: str | None = None) -> PlanView:
     view = PlanView()
     protocols = check_eval_protocols(cfg)
     stages = run_plan_stages(cfg, protocols)
+    if rates_from:
+        stages = with_rates(stages, measured_rates(rates_from), f"measured by {rates_from}")
     view.lines += [f"plan: {cfg.name}" + (f" - {cfg.description}" if cfg.description else ""),
                    f"data flow: {data_flow(cfg, protocols)}", "stages:"]
     view.lines += [f"  {line}" for line in stage_lines(stages)]
+    view.lines += rate_lines(cfg, stages)
     view.lines += ["storage:"] + [f"  {line}" for line in storage_lines(cfg)]
     try:
         plan_run(cfg)
@@ -130,12 +135,13 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None) -> 
     return view
 
 
-def plan_command(cfg: RunConfig, cluster_file: str | None = None, address: str | None = None) -> int:
+def plan_command(cfg: RunConfig, cluster_file: str | None = None, address: str | None = None,
+                 rates_from: str | None = None) -> int:
     """Print the plan; exit 2 when it can never run as configured (bad input, or a phase that cannot be placed)."""
     address = address or ray_address(cfg.ray)
     if cluster_file is None and address is None and Path(DEFAULT_CLUSTER_FILE).is_file():
         cluster_file = DEFAULT_CLUSTER_FILE
-    view = plan_view(cfg, cluster_file, address)
+    view = plan_view(cfg, cluster_file, address, rates_from)
     print("\n".join(view.lines))
     for line in view.inputs:
         print(f"to make first: {line} (an earlier job writes it: `synray generate` or `synray rewrite`)")

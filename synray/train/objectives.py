@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from synray.config import RunConfig, TrainConfig
 from synray.data.schema import TRAIN_COLUMNS
-from synray.models.backbone import build_backbone, save_backbone
+from synray.models.backbone import build_backbone, relative_cost, save_backbone
 from synray.models.heads import SynCLRModel, build_classifier, build_contrastive_model, build_synclr_model
 from synray.models.image_text import (ImageTextModel, TextTowerError, load_text_tower, load_tokenizer,
                                       save_image_text, text_tower_config)
@@ -32,6 +32,7 @@ from synray.train import synclr
 from synray.train.augment import Augment, build_augment
 from synray.train.batches import ImageBatch, ImageTextBatch, decode_rows, flatten_rows, image_text_rows, pick_pairs
 from synray.train.spec import TrainPlan
+from synray.stages import Rate
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class Objective:
     def grad_clip(self, t: TrainConfig) -> float:
         """The gradient-norm clipping of a run: train.grad_clip, else this objective's default (0: none)."""
         return self.default_grad_clip if t.grad_clip is None else t.grad_clip
+
+    def row_cost(self, t: TrainConfig, per_caption: int) -> float:
+        """A row's forward and backward passes, in images of ViT-B/16 at 224 px (the rate reference's unit)."""
+        return self.images_per_row(per_caption) * self.views * relative_cost(t.backbone)
 
     # -------------------------------------------------------------------------- what it needs
     def images_per_row(self, per_caption: int) -> int:
@@ -196,6 +201,11 @@ class Clip(Objective):
     def images_per_row(self, per_caption: int) -> int:
         return 1  # one (image, caption) pair per row
 
+    def row_cost(self, t: TrainConfig, per_caption: int) -> float:
+        """The image, and a caption through a CLIP ViT-B text tower (12 layers of 512 over 77 tokens: ~0.17 of a
+        ViT-B/16 image)."""
+        return relative_cost(t.backbone) + TEXT_TOWER_COST
+
     def required_columns(self) -> tuple[str, ...]:
         return ("caption",)
 
@@ -256,6 +266,12 @@ class SynCLR(Objective):
     min_images_per_caption: ClassVar[int] = 2
     default_grad_clip: ClassVar[float] = 0.0   # the published code does not clip
 
+    def row_cost(self, t: TrainConfig, per_caption: int) -> float:
+        """Each image's global crop through the student (forward and backward) and the teacher (forward: a third),
+        and its local crops through the student."""
+        local = relative_cost(t.backbone, t.synclr.local_crop_size(t.backbone))
+        return self.images_per_row(per_caption) * (relative_cost(t.backbone) * 4 / 3 + t.synclr.local_crops * local)
+
     def check(self, cfg: RunConfig, per_caption: int, text_model: str | None) -> None:
         """Besides the base checks: the local crops must be whole patches and no larger than the image; schedules
         and prototypes that cannot work at this run's length and batch are logged (`synclr_warnings`)."""
@@ -311,6 +327,26 @@ class SynCLR(Objective):
         m = _synclr_model(model)
         synclr.ema_update(m.teacher, m.student, synclr.ema_momentum(step, t.steps, t.synclr.momentum_at_start(t.steps),
                                                                     t.synclr.ema_momentum_final))
+
+
+#: a caption through CLIP ViT-B's text tower, in forward-backward passes of a ViT-B/16 224-px image
+TEXT_TOWER_COST = 0.17
+#: one H100 trains ViT-B/16 at 224 px in bf16 on ~1,650 images/s (synray's step on in-GPU tensors, measured)
+REFERENCE_TRAIN_IMAGES_PER_S = 1650.0
+
+
+def training_rate(cfg: RunConfig) -> Rate | None:
+    """Rows one training worker trains on per second on a GPU: the reference over the row's cost (its images and
+    views through the configured backbone, +1/3 with gradient checkpointing) and the worker's GPU share."""
+    t = cfg.train
+    if not t.use_gpu:
+        return None
+    cost = get_objective(t.loss).row_cost(t, t.images_per_row or cfg.images.per_caption)
+    cost *= 4 / 3 if t.grad_checkpointing else 1.0
+    return Rate(REFERENCE_TRAIN_IMAGES_PER_S * min(1.0, t.gpus_per_worker) / cost,
+                f"reference: ViT-B/16 at 224 px in bf16 on one H100, {REFERENCE_TRAIN_IMAGES_PER_S:,.0f} images/s "
+                f"(measured with synray), a row costing {cost:.2f} such images ({t.loss}, {t.backbone.size}/"
+                f"{t.backbone.patch_size} at {t.backbone.image_size} px)")
 
 
 #: a teacher whose averaging horizon at step 0 exceeds this share of the run is warned about

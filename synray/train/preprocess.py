@@ -13,7 +13,7 @@ from ray.data import ExecutionOptions
 
 from synray.config import DataConfig, RunConfig
 from synray.data.ledger import ROW_ID
-from synray.stages import LIGHT_STAGE_CPUS, Stage, StageResources, map_stage
+from synray.stages import LIGHT_STAGE_CPUS, Rate, Stage, StageResources, map_stage
 from synray.train.objectives import get_objective
 from synray.train.spec import TrainPlan
 
@@ -36,6 +36,21 @@ class RowPreprocessor:
         return out
 
 
+#: 256-px JPEGs one CPU core decodes per second: ~900 for noise-like images, ~3,100 for smooth ones (PIL, measured
+#: on this project's CI machine); the reference takes 1,000
+REFERENCE_DECODES_PER_CPU_S, REFERENCE_DECODE_SIZE = 1000.0, 256
+
+
+def preprocess_rate(cfg: RunConfig) -> Rate:
+    """Rows one preprocessing actor decodes per second: the reference scaled to the images' pixels, over the images
+    of a row that a step uses (the ones decoded)."""
+    i, d, t = cfg.images, cfg.data, cfg.train
+    decoded = get_objective(t.loss).images_per_row(t.images_per_row or i.per_caption)
+    decodes = REFERENCE_DECODES_PER_CPU_S * d.preprocess_cpus * (REFERENCE_DECODE_SIZE / i.output_size) ** 2
+    return Rate(decodes / decoded, f"reference: {REFERENCE_DECODES_PER_CPU_S:,.0f} {REFERENCE_DECODE_SIZE}-px JPEG "
+                f"decodes per CPU core a second (measured with PIL), {i.output_size} px, {decoded} a row")
+
+
 def preprocessing_stage(cfg: RunConfig, plan: TrainPlan | None = None, track_rows: bool = False) -> Stage:
     """The rows training reads -> ready arrays, by a fixed pool of `data.preprocess_actors` CPU actors.
     `track_rows`: also pass each row's `row_id`, so checkpoints record what training consumed. `plan` is needed
@@ -43,7 +58,8 @@ def preprocessing_stage(cfg: RunConfig, plan: TrainPlan | None = None, track_row
     d = cfg.data
     keep = StageResources("columns training reads", 1, LIGHT_STAGE_CPUS, tasks=True, udf="Project")
     res = StageResources("row preprocessing", d.preprocess_actors, d.preprocess_cpus, 0.0, d.preprocess_resources,
-                         ("data.preprocess_actors", "data.preprocess_cpus"), udf="RowPreprocessor")
+                         ("data.preprocess_actors", "data.preprocess_cpus"), udf="RowPreprocessor",
+                         rate=preprocess_rate(cfg), rate_key="rates.preprocess")
 
     def add(ds: ray.data.Dataset) -> ray.data.Dataset:
         if plan is None:
