@@ -182,3 +182,16 @@ def test_cli_bad_override_exits_with_status_2(override: str, needle: str, capsys
 
     assert main(["config", "show", "local", "--set", override]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_store_fingerprint_changes_with_how_renders_become_bytes(monkeypatch):
+    """A renderer that turns its renders into other bytes (its output_version) writes a store of another
+    fingerprint, as does the safety check setting, which decides which renders are kept."""
+    from synray.generation.pipeline import store_fingerprint
+    from synray.images.diffusion import DiffusionRenderer
+
+    cfg = load_config("local", [])
+    before = store_fingerprint(cfg)
+    assert store_fingerprint(load_config("local", ["images.safety_checker=false"])) != before
+    monkeypatch.setattr(DiffusionRenderer, "output_version", DiffusionRenderer.output_version + 1)
+    assert store_fingerprint(cfg) != before

@@ -39,7 +39,8 @@ def test_gpu_advice_keeps_training_workers_on_whole_gpus():
         stages = stream_stages(1.0, 1.0, workers=workers)
         stages[0] = StageResources("diffusers renderers", renderers, 1, 1.0, keys=stages[0].keys)
         with pytest.raises(PlacementError) as e:
-            pack(stages, ClusterSpec("a GPU box", (NodeType("box", {"CPU": 64, "GPU": gpus}, existing=1, max_workers=1),)))
+            box = NodeType("box", {"CPU": 64, "GPU": gpus}, existing=1, max_workers=1)
+            pack(stages, ClusterSpec("a GPU box", (box,)))
         assert want in str(e.value), str(e.value)
         assert "train.gpus_per_worker=0." not in str(e.value)
 

@@ -159,6 +159,8 @@ class ImagesConfig(Section):
     output_size: int = Field(256, ge=8, le=2048, description="saved size in pixels")
     image_format: Literal["png", "jpeg", "webp"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
+    safety_checker: bool = Field(True, description="run the pipeline's NSFW safety checker, when the model has one "
+                                 "(batched on the images' device; flagged images are dropped and replaced)")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
     compile: bool = Field(False, description="torch.compile the UNet (GPU only)")

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_FORMATS", "encode_image", "decode_image", "resize_square", "encode_mask", "decode_class_mask",
-           "decode_masks", "object_array"]
+__all__ = ["IMAGE_FORMATS", "encode_image", "encode_uint8", "decode_image", "resize_square", "encode_mask",
+           "decode_class_mask", "decode_masks", "object_array"]
 
 #: encoded image formats a row may hold (the `image_format` column)
 IMAGE_FORMATS = ("png", "jpeg", "webp")
@@ -18,11 +18,17 @@ IMAGE_FORMATS = ("png", "jpeg", "webp")
 
 def encode_image(arr: np.ndarray, fmt: str, size: int, quality: int = 95) -> bytes:
     """float [H, W, 3] in [0, 1] -> resized (Lanczos) and encoded image bytes (png, jpeg or webp)."""
-    if fmt not in IMAGE_FORMATS:
-        raise ValueError(f"unknown image format {fmt!r}; allowed: {', '.join(IMAGE_FORMATS)}")
     img = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.LANCZOS)
+    return encode_uint8(np.asarray(img), fmt, quality)
+
+
+def encode_uint8(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    """uint8 [H, W, 3] -> encoded image bytes (png, jpeg or webp), at its size."""
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"unknown image format {fmt!r}; allowed: {', '.join(IMAGE_FORMATS)}")
+    img = Image.fromarray(arr)
     out = io.BytesIO()
     if fmt == "png":
         img.save(out, format="PNG", optimize=False)

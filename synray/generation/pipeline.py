@@ -51,12 +51,14 @@ def store_fingerprint(cfg: RunConfig) -> str:
     """Hash of everything that decides which rows a generation run writes (not their count, not resources).
 
     Image settings count only where the configured backend reads them (`Renderer.reads`): the
-    procedural world's stores do not change with diffusion steps or guidance.
+    procedural world's stores do not change with diffusion steps or guidance. The backend's `output_version`
+    counts too: a change in how renders become stored bytes makes a new store.
     """
     d = cfg.to_dict()
-    reads = get_renderer(cfg.images.backend).reads
+    renderer = get_renderer(cfg.images.backend)
     keep = {"seed": d["seed"], "concepts": d["concepts"],
-            "images": {k: v for k, v in d["images"].items() if k in reads},
+            "images": {**{k: v for k, v in d["images"].items() if k in renderer.reads},
+                       "output_version": renderer.output_version},
             "captions": {k: v for k, v in d["captions"].items() if k not in CAPTION_RESOURCE_KEYS}}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

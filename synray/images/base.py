@@ -60,6 +60,8 @@ class Renderer:
     needs_model: ClassVar[bool] = False
     #: whether rows get a `masks` column (per-pixel class masks, for the segmentation probe)
     writes_masks: ClassVar[bool] = False
+    #: the version of what turns a render into stored bytes (part of a store's fingerprint): bump it when they change
+    output_version: ClassVar[int] = 1
 
     def __init__(self, cfg: ImagesConfig, model_path: str | None, run_seed: int,
                  stats_actor: Any | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from synray.config import ImagesConfig
-from synray.data.codecs import encode_image
+from synray.data.codecs import encode_uint8
 from synray.data.schema import image_seed
 from synray.images.base import Rendered, Renderer, RendererError
 from synray.stages import Rate
@@ -55,15 +56,23 @@ def check_t2i_model(path_or_name: str) -> None:
                             "not a text-to-image pipeline (needs a text encoder and a unet/transformer)")
 
 
+#: what the stored bytes of a render depend on besides the settings: bumped when post-processing changes (2: resize
+#: and quantisation on the device, replacements in one padded call, the safety check batched on the device)
+OUTPUT_VERSION = 2
+
+
 def t2i_params(cfg: ImagesConfig) -> dict[str, Any]:
     """The generation parameters recorded with every row (with its seeds they regenerate the images)."""
     return {"guidance_scale": cfg.guidance_scale, "steps": cfg.steps, "scheduler": cfg.scheduler,
             "resolution": cfg.resolution, "output_size": cfg.output_size, "dtype": cfg.dtype,
-            "negative_prompt": cfg.negative_prompt, "image_format": cfg.image_format}
+            "negative_prompt": cfg.negative_prompt, "image_format": cfg.image_format,
+            "safety_checker": cfg.safety_checker, "output_version": OUTPUT_VERSION}
 
 
 def load_pipeline(model_path: str, cfg: ImagesConfig):
-    """A diffusers pipeline on the configured device and dtype (safetensors only)."""
+    """A diffusers pipeline on the configured device and dtype (safetensors only). Its safety checker, if any, is
+    taken out of the pipeline (which would run it on the CPU through PIL) and kept as `pipe.synray_checker`, a
+    `SafetyCheck` run on the images' device, or None (none, or `images.safety_checker` off)."""
     import diffusers
 
     check_t2i_model(model_path)
@@ -72,7 +81,13 @@ def load_pipeline(model_path: str, cfg: ImagesConfig):
     if cfg.scheduler != "default":
         sched_cls = getattr(diffusers, SCHEDULERS[cfg.scheduler])
         pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+    checker = getattr(pipe, "safety_checker", None)
+    extractor = getattr(pipe, "feature_extractor", None)
+    if checker is not None:
+        pipe.safety_checker = None
     pipe = pipe.to(cfg.device)
+    pipe.synray_checker = (SafetyCheck(checker.to(cfg.device), extractor)
+                           if checker is not None and cfg.safety_checker else None)
     pipe.set_progress_bar_config(disable=True)
     if cfg.device == "cuda":
         if cfg.compile and hasattr(pipe, "unet"):
@@ -80,19 +95,59 @@ def load_pipeline(model_path: str, cfg: ImagesConfig):
     return pipe
 
 
-def is_bad_image(arr: np.ndarray) -> str | None:
-    """'nonfinite' / 'black' for images to drop, else None."""
-    if not np.isfinite(arr).all():
-        return "nonfinite"
-    if float(arr.max()) * 255 < BLACK_MAX_LEVEL:
-        return "black"
-    return None
+class SafetyCheck:
+    """SD's safety checker on a batch of images on their device: the CLIP preprocessing of its feature extractor
+    (bicubic resize to its crop size, its mean and std) as tensor ops, then the checker's vectorised forward
+    (`forward_onnx`): no PIL, no host round trip."""
+
+    def __init__(self, checker: Any, extractor: Any) -> None:
+        self.checker = checker
+        crop = getattr(extractor, "crop_size", None) or {"height": 224, "width": 224}
+        self.size = (int(crop["height"]), int(crop["width"]))
+        mean = getattr(extractor, "image_mean", None) or [0.48145466, 0.4578275, 0.40821073]
+        std = getattr(extractor, "image_std", None) or [0.26862954, 0.26130258, 0.27577711]
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def clip_input(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [0, 1] -> the checker's normalised input."""
+        x = images.float()
+        if tuple(x.shape[-2:]) != self.size:
+            x = torch.nn.functional.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return ((x.clamp(0, 1) - mean) / std).to(next(self.checker.parameters()).dtype)
+
+    @torch.no_grad()
+    def flags(self, images: torch.Tensor) -> torch.Tensor:
+        """bool [N]: the images the checker flags (a device tensor)."""
+        _, flagged = self.checker.forward_onnx(self.clip_input(images), images.clone())
+        return flagged
 
 
-def render_group(pipe, captions: list[str], seeds: list[list[int]], cfg: ImagesConfig) -> list[list[np.ndarray]]:
+def finish_images(images: torch.Tensor, cfg: ImagesConfig, checker: SafetyCheck | None) -> tuple[np.ndarray, list]:
+    """A call's images [N, 3, H, W] in [0, 1], on their device: each image's reason to drop it ('nonfinite',
+    'nsfw', 'black', or None), then resized to `output_size` (bicubic, antialiased) and quantised there; one copy of
+    uint8 [N, S, S, 3] to the host."""
+    x = images.float()
+    nonfinite = ~torch.isfinite(x).flatten(1).all(dim=1)
+    x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+    nsfw = checker.flags(x) if checker is not None else torch.zeros_like(nonfinite)
+    black = x.flatten(1).amax(dim=1) * 255 < BLACK_MAX_LEVEL
+    if tuple(x.shape[-2:]) != (cfg.output_size, cfg.output_size):
+        x = torch.nn.functional.interpolate(x, size=(cfg.output_size, cfg.output_size), mode="bicubic",
+                                            antialias=True, align_corners=False).clamp(0, 1)
+    pixels = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    flags = torch.stack([nonfinite, nsfw.to(nonfinite.device), black], dim=1)
+    host, flags = pixels.cpu().numpy(), flags.cpu().numpy()     # the call's one device-to-host copy
+    reasons = [next((name for name, bad in zip(("nonfinite", "nsfw", "black"), row) if bad), None) for row in flags]
+    return host, reasons
+
+
+def render_group(pipe, captions: list[str], seeds: list[list[int]], cfg: ImagesConfig) -> list[list[tuple]]:
     """One pipeline call for several captions: image k of caption i starts from its own generator seeds[i][k].
 
-    All captions must ask for the same number of images. Returns the images per caption, in order.
+    All captions must ask for the same number of images. Returns, per caption in order, its images as (uint8
+    [S, S, 3] at `output_size`, the reason to drop it or None).
     """
     m = len(seeds[0])
     if any(len(row) != m for row in seeds) or len(seeds) != len(captions):
@@ -101,71 +156,70 @@ def render_group(pipe, captions: list[str], seeds: list[list[int]], cfg: ImagesC
     with torch.inference_mode():
         out = pipe(prompt=list(captions), num_images_per_prompt=m, generator=gens,
                    guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.steps,
-                   height=cfg.resolution, width=cfg.resolution, output_type="np",
+                   height=cfg.resolution, width=cfg.resolution, output_type="pt",
                    negative_prompt=cfg.negative_prompt)
-    images = list(out.images)  # caption-major: the m images of caption 0, then caption 1, ...
+        pixels, reasons = finish_images(out.images, cfg, getattr(pipe, "synray_checker", None))
+    images = list(zip(pixels, reasons))  # caption-major: the m images of caption 0, then caption 1, ...
     return [images[i * m:(i + 1) * m] for i in range(len(captions))]
-
-
-def render_images(pipe, caption: str, seeds: list[int], cfg: ImagesConfig) -> list[np.ndarray]:
-    """One pipeline call for one caption: image k starts from the noise of its own generator seeds[k]."""
-    return render_group(pipe, [caption], [list(seeds)], cfg)[0]
 
 
 def first_seeds(run_seed: int, cap_id: str, m: int) -> list[int]:
     return [image_seed(run_seed, cap_id, k) for k in range(m)]
 
 
-def complete_row(pipe, caption: str, cap_id: str, run_seed: int, cfg: ImagesConfig, first: list[np.ndarray],
-                 drops: Counter[str] | None = None) -> tuple[list[bytes], list[int]]:
-    """m good images of one caption from its first m renders; bad ones are replaced by renders with further
-    seeds (one call per caption, up to MAX_EXTRA_RENDERS_FACTOR x m more images)."""
-    m = cfg.per_caption
-    good: list[bytes] = []
-    used: list[int] = []
-    budget = m * (1 + MAX_EXTRA_RENDERS_FACTOR)
-    arrays, seeds, next_index = first, first_seeds(run_seed, cap_id, m), m
-    while True:
-        for seed, arr in zip(seeds, arrays):
-            bad = is_bad_image(arr)
-            if bad:
-                if drops is not None:
-                    drops[bad] += 1
-                continue
-            good.append(encode_image(arr, cfg.image_format, cfg.output_size, cfg.jpeg_quality))
-            used.append(seed)
-        if len(good) >= m or next_index >= budget:
-            return good, used
-        want = min(m - len(good), budget - next_index)
-        seeds = [image_seed(run_seed, cap_id, next_index + k) for k in range(want)]
-        next_index += want
-        arrays = render_images(pipe, caption, seeds, cfg)
+def replacement_seeds(run_seed: int, cap_id: str, m: int) -> list[int]:
+    """The seeds a caption's replacements start from: the m after its first m (at most m extra images a caption)."""
+    return [image_seed(run_seed, cap_id, m + k) for k in range(m * MAX_EXTRA_RENDERS_FACTOR)]
 
 
-def render_row(pipe, caption: str, cap_id: str, run_seed: int, cfg: ImagesConfig,
-               drops: Counter[str] | None = None) -> tuple[list[bytes], list[int]]:
-    """m good images of one caption rendered on its own (the per-caption mode)."""
-    first = render_images(pipe, caption, first_seeds(run_seed, cap_id, cfg.per_caption), cfg)
-    return complete_row(pipe, caption, cap_id, run_seed, cfg, first, drops)
+def _padded(captions: list[str], seeds: list[list[int]], size: int) -> tuple[list[str], list[list[int]]]:
+    """A call's captions and seeds padded to `size` with copies of the last caption (its images are dropped), so
+    every call has one shape and torch.compile compiles once."""
+    pad = size - len(captions)
+    return list(captions) + [captions[-1]] * pad, list(seeds) + [seeds[-1]] * pad
 
 
 def padded_call(captions: list[str], cap_ids: list[str], run_seed: int,
                 cfg: ImagesConfig) -> tuple[list[str], list[list[int]]]:
-    """A batched call's captions and seeds, padded to `images.batch_size` with copies of its last caption,
-    so every call has one shape (torch.compile compiles once); the padding's images are dropped."""
-    pad = cfg.batch_size - len(captions)
-    captions = list(captions) + [captions[-1]] * pad
-    ids = list(cap_ids) + [cap_ids[-1]] * pad
-    return captions, [first_seeds(run_seed, cid, cfg.per_caption) for cid in ids]
+    """A batched call's captions and first seeds, padded to `images.batch_size`."""
+    return _padded(captions, [first_seeds(run_seed, cid, cfg.per_caption) for cid in cap_ids], cfg.batch_size)
 
 
-def render_batch_group(pipe, captions: list[str], cap_ids: list[str], run_seed: int, cfg: ImagesConfig,
-                       drops: Counter[str] | None = None) -> list[tuple[list[bytes], list[int]]]:
-    """Good images and seeds of every caption of one batched call (at most `images.batch_size` captions)."""
-    padded, seeds = padded_call(captions, cap_ids, run_seed, cfg)
-    firsts = render_group(pipe, padded, seeds, cfg)
-    return [complete_row(pipe, c, i, run_seed, cfg, first, drops)
-            for c, i, first in zip(captions, cap_ids, firsts)]
+def complete_group(pipe, captions: list[str], cap_ids: list[str], run_seed: int, cfg: ImagesConfig,
+                   firsts: list[list[tuple]], call_size: int,
+                   drops: Counter[str] | None = None) -> list[tuple[list[np.ndarray], list[int]]]:
+    """m good images and their seeds per caption of one call, from its first renders: the captions that lost images
+    get their replacement seeds in one more call of the same shape (`call_size` captions x m images)."""
+    m = cfg.per_caption
+    kept: list[list[tuple[np.ndarray, int]]] = []
+    for cid, first in zip(cap_ids, firsts):
+        kept.append(_good(first, first_seeds(run_seed, cid, m), drops))
+    short = [i for i, k in enumerate(kept) if len(k) < m]
+    if short and MAX_EXTRA_RENDERS_FACTOR:
+        extra = [replacement_seeds(run_seed, cap_ids[i], m) for i in short]
+        caps, seeds = _padded([captions[i] for i in short], extra, call_size)
+        again = render_group(pipe, caps, seeds, cfg)
+        for i, renders, s in zip(short, again, extra):
+            kept[i] += _good(renders, s, drops)[:m - len(kept[i])]
+    return [([a for a, _ in k[:m]], [s for _, s in k[:m]]) for k in kept]
+
+
+def _good(renders: list[tuple], seeds: list[int], drops: Counter[str] | None) -> list[tuple[np.ndarray, int]]:
+    out = []
+    for (pixels, reason), seed in zip(renders, seeds):
+        if reason is None:
+            out.append((pixels, seed))
+        elif drops is not None:
+            drops[reason] += 1
+    return out
+
+
+def render_captions(pipe, captions: list[str], cap_ids: list[str], run_seed: int, cfg: ImagesConfig,
+                    call_size: int, drops: Counter[str] | None = None) -> list[tuple[list[np.ndarray], list[int]]]:
+    """Good images and seeds of every caption of one call (at most `call_size` captions, padded to it)."""
+    caps, seeds = _padded(captions, [first_seeds(run_seed, cid, cfg.per_caption) for cid in cap_ids], call_size)
+    firsts = render_group(pipe, caps, seeds, cfg)[:len(captions)]
+    return complete_group(pipe, captions, cap_ids, run_seed, cfg, firsts, call_size, drops)
 
 
 def group_json(captions: list[str], cap_ids: list[str], index: int, size: int) -> str:
@@ -185,8 +239,9 @@ class DiffusionRenderer(Renderer):
     name: ClassVar[str] = "diffusers"
     reads: ClassVar[tuple[str, ...]] = ("backend", "model", "per_caption", "guidance_scale", "steps", "scheduler",
                                         "resolution", "output_size", "image_format", "jpeg_quality", "dtype",
-                                        "device", "negative_prompt", "batch_mode")
+                                        "device", "negative_prompt", "batch_mode", "safety_checker")
     needs_model: ClassVar[bool] = True
+    output_version: ClassVar[int] = OUTPUT_VERSION
 
     def __init__(self, cfg: ImagesConfig, model_path: str | None, run_seed: int,
                  stats_actor: Any | None = None) -> None:
@@ -196,6 +251,8 @@ class DiffusionRenderer(Renderer):
         if model_path is None:
             raise RendererError("the diffusers backend needs a model path (images.model)")
         self.pipe = load_pipeline(model_path, cfg)
+        # PIL's encoders release the GIL: the images of a call are encoded on the actor's CPUs at once
+        self.encoder = ThreadPoolExecutor(max_workers=max(1, int(cfg.num_cpus)), thread_name_prefix="encode")
 
     @classmethod
     def expected_rate(cls, cfg: ImagesConfig) -> Rate | None:
@@ -223,33 +280,36 @@ class DiffusionRenderer(Renderer):
 
     @classmethod
     def regenerate(cls, row: dict[str, Any], cfg: ImagesConfig, model_path: str | None) -> list[bytes]:
-        """The row's images rendered again: in the same batched call (its `render_group`), or on their own."""
+        """The row's images rendered again: its batched call (its `render_group`) with that call's replacements,
+        or its own call."""
         pipe = load_pipeline(str(model_path), cfg)
         run_seed, cap_id, caption = int(row["run_seed"]), str(row["caption_id"]), str(row["caption"])
         group = json.loads(row["render_group"]) if row.get("render_group") else None
         if group is None:
-            return render_row(pipe, caption, cap_id, run_seed, cfg)[0]
-        call = cfg.model_copy(update={"batch_size": int(group["size"])})
-        padded, seeds = padded_call(group["captions"], group["caption_ids"], run_seed, call)
-        first = render_group(pipe, padded, seeds, call)[int(group["index"])]
-        return complete_row(pipe, caption, cap_id, run_seed, cfg, first)[0]
+            images, _ = render_captions(pipe, [caption], [cap_id], run_seed, cfg, 1)[0]
+        else:
+            done = render_captions(pipe, group["captions"], group["caption_ids"], run_seed, cfg, int(group["size"]))
+            images, _ = done[int(group["index"])]
+        return [encode_uint8(a, cfg.image_format, cfg.jpeg_quality) for a in images]
 
     def render_caption(self, caption: str, cap_id: str, drops: Counter[str]) -> Rendered | None:
-        images, seeds = render_row(self.pipe, caption, cap_id, self.run_seed, self.cfg, drops)
-        return self._row(images, seeds, None, drops)
+        return self.render_batch([caption], [cap_id], drops)[0]
 
     def render_batch(self, captions: list[str], cap_ids: list[str], drops: Counter[str]) -> list[Rendered | None]:
-        """`images.batch_mode=batched`: up to `images.batch_size` captions (n x m images) in one call."""
-        if self.cfg.batch_mode == "per_caption":
-            return super().render_batch(captions, cap_ids, drops)
-        out: list[Rendered | None] = []
-        size = self.cfg.batch_size
+        """`images.batch_mode=batched`: up to `images.batch_size` captions (n x m images) in one call, padded to it;
+        `per_caption`: one call per caption. The images are encoded on the actor's thread pool."""
+        size = self.cfg.batch_size if self.cfg.batch_mode == "batched" else 1
+        out: list[tuple[list[np.ndarray], list[int], str | None]] = []
         for start in range(0, len(captions), size):
             caps, ids = captions[start:start + size], cap_ids[start:start + size]
-            done = render_batch_group(self.pipe, caps, ids, self.run_seed, self.cfg, drops)
-            out += [self._row(images, seeds, group_json(caps, ids, i, size), drops)
-                    for i, (images, seeds) in enumerate(done)]
-        return out
+            done = render_captions(self.pipe, caps, ids, self.run_seed, self.cfg, size, drops)
+            out += [(images, seeds, group_json(caps, ids, i, size) if size > 1 or self.cfg.batch_mode == "batched"
+                     else None) for i, (images, seeds) in enumerate(done)]
+        encoded = iter(self.encoder.map(self._encode, [a for images, _, _ in out for a in images]))
+        return [self._row([next(encoded) for _ in images], seeds, group, drops) for images, seeds, group in out]
+
+    def _encode(self, pixels: np.ndarray) -> bytes:
+        return encode_uint8(pixels, self.cfg.image_format, self.cfg.jpeg_quality)
 
     def _row(self, images: list[bytes], seeds: list[int], group: str | None, drops: Counter[str]) -> Rendered | None:
         if len(images) < self.cfg.per_caption:

@@ -25,10 +25,10 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics span every rank's rows, on any device (SimCLR's global BN).
 
     With per-rank statistics, a contrastive loss over features gathered from all ranks can be
-    lowered by telling the ranks apart through their batch statistics instead of the images; on
-    nn.SyncBatchNorm does not run on the CPU and syncs the host on a GPU, so this layer sums [sum(x), sum(x^2), n] over ranks with
-    a differentiable all-reduce. One process, eval mode or no process group: plain BatchNorm1d, unless the rows
-    and parameters are in half precision (then float32 statistics, as across ranks).
+    lowered by telling the ranks apart through their batch statistics instead of the images;
+    nn.SyncBatchNorm does not run on the CPU and syncs the host on a GPU, so this layer sums [sum(x), sum(x^2),
+    n] over ranks with a differentiable all-reduce. One process, eval mode or no process group: plain
+    BatchNorm1d, unless the rows and parameters are in half precision (then float32 statistics, as across ranks).
     """
 
     def forward(self, x: Tensor) -> Tensor:

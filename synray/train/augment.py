@@ -65,7 +65,8 @@ def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], devi
     # torchvision's fallback: the whole image cut to the nearest allowed aspect ratio, centred
     ch, cw = _centre_crop(height, width, ratio)
     box = torch.stack([top, left, h, w], dim=1)
-    centre = torch.tensor([(height - ch) // 2, (width - cw) // 2, ch, cw], dtype=box.dtype).to(device, non_blocking=True)
+    centre = torch.tensor([(height - ch) // 2, (width - cw) // 2, ch, cw], dtype=box.dtype)
+    centre = centre.to(device, non_blocking=True)
     return torch.where(any_fit[:, None], box, centre[None])
 
 
