@@ -117,24 +117,29 @@ def test_each_stored_row_is_trained_on_once_and_every_trained_row_is_stored_once
         assert regenerate_images(row) == list(row["images"])
 
 
-def test_synray_plan_takes_the_rates_the_stream_run_measured(stream_drill):
-    """`synray plan --rates RUN_DIR`: the renderers' rate is the run's rows per busy second of its image stage, the
-    training workers' its images/s with the data wait taken out, per worker and per row (stablerep: 2 images, one
-    view each)."""
+def _shown_rate(lines: list[str], stage: str, source: str) -> float:
+    """The per-actor rate `synray plan` prints for a stage, after checking where it says it came from."""
     import re
 
+    (line,) = [x for x in lines if x.strip().startswith(f"{stage}:") and "rows/s" in x]
+    assert source in line, line
+    return float(re.search(r": \d+ x ([\d.,e+-]+) =", line).group(1).replace(",", ""))
+
+
+def test_synray_plan_takes_the_rates_a_run_and_a_store_measured(stream_drill, generated_store):
+    """`synray plan --rates DIR`: the training workers' rate is a run's images/s with the data wait taken out, per
+    worker and per row (stablerep: 2 images, one view each); the renderers' rate is a generated store's rows per
+    busy second of its image stage."""
     from synray.plan import load_run_config
     from synray.programs.planview import plan_view
 
-    summary = json.loads((stream_drill.run_dir / "summary.json").read_text())
-    images, t = summary["stages"]["images"], summary["train"]
-    want = {"diffusers renderers": images["rows"] / images["busy_s"],
-            "training workers": t["images_per_s"] / (1 - t["data_wait_fraction"]) / 2 / 2}
+    t = json.loads((stream_drill.run_dir / "summary.json").read_text())["train"]
+    images = json.loads((generated_store.store / "_summary.json").read_text())["stages"]["images"]
     cfg = load_run_config("local", ["captions.backend=template", "captions.style=concept_background"])  # the drill's
-    lines = plan_view(cfg, None, None, rates_from=str(stream_drill.run_dir)).lines
-    for stage, rate in want.items():
-        (line,) = [x for x in lines if x.strip().startswith(f"{stage}:") and "rows/s" in x]
-        assert f"measured by {stream_drill.run_dir}" in line, line
-        shown = float(re.search(r": \d+ x ([\d.,e+-]+) =", line).group(1).replace(",", ""))
-        assert shown == pytest.approx(rate, rel=5e-3), line
-    assert any("<- bottleneck" in x for x in lines)
+    run = plan_view(cfg, None, None, rates_from=str(stream_drill.run_dir)).lines
+    want = t["images_per_s"] / (1 - t["data_wait_fraction"]) / 2 / 2
+    assert _shown_rate(run, "training workers", f"measured by {stream_drill.run_dir}") == pytest.approx(want, rel=5e-3)
+    store = plan_view(cfg, None, None, rates_from=str(generated_store.store)).lines
+    want = images["rows"] / images["busy_s"]
+    assert _shown_rate(store, "diffusers renderers", f"measured by {generated_store.store}") == pytest.approx(
+        want, rel=5e-3)

@@ -11,6 +11,8 @@ from typing import Any
 
 from synray.balance import TRAINING_STAGE, balanced_split, stream_costs, stream_rates
 from synray.config import RunConfig, load_config
+from synray.data.store import SUMMARY_FILE as STORE_SUMMARY_FILE
+from synray.programs.rundir import SUMMARY_FILE
 from synray.stages import TRAINING_PHASE, StageResources, by_phase
 from synray.train.objectives import get_objective
 
@@ -22,20 +24,22 @@ def _n(x: float) -> str:
 
 
 def measured_rates(run_dir: str | Path) -> dict[str, float]:
-    """Rates per actor that a finished run measured: its renderers' rows per busy second (each actor's calls), and
-    its training workers' row uses per second with the data wait taken out. Keys as in the `rates` section."""
+    """Rates per actor that a finished run (or a `synray generate` store) measured: its renderers' rows per busy
+    second (each actor's calls), and a run's training workers' row uses per second with the data wait taken out.
+    Keys as in the `rates` section; what the run did not measure is left out."""
     run_dir = Path(run_dir)
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"--rates {run_dir}: no summary.json there (a finished run directory has one)")
-    summary = json.loads(path.read_text())
-    cfg = load_config(str(run_dir / "config.yaml"), [])
+    run, store = run_dir / SUMMARY_FILE, run_dir / STORE_SUMMARY_FILE
+    if not run.is_file() and not store.is_file():
+        raise FileNotFoundError(f"--rates {run_dir}: no {SUMMARY_FILE} (a finished run directory) or "
+                                f"{STORE_SUMMARY_FILE} (a store `synray generate` wrote) there")
+    summary = json.loads((run if run.is_file() else store).read_text())
     out: dict[str, float] = {}
     images = summary.get("stages", {}).get("images") or {}
     if images.get("rows") and images.get("busy_s"):
         out["images"] = images["rows"] / images["busy_s"]
     t = summary.get("train") or {}
-    if t.get("images_per_s"):
+    if t.get("images_per_s") and run.is_file():
+        cfg = load_config(str(run_dir / "config.yaml"), [])
         busy = max(1e-9, 1.0 - float(t.get("data_wait_fraction") or 0.0))
         objective = get_objective(cfg.train.loss)
         images_per_row = objective.images_per_row(cfg.train.images_per_row or cfg.images.per_caption) * objective.views
