@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from synray.sharedfs import kuberay_shared_paths, launcher_shared_paths
 from synray.stages import EVAL_PHASE, TRAINING_PHASE, StageResources
 
 __all__ = ["StageResources", "NodeType", "ClusterSpec", "Placement", "PlacementError", "pack", "phase_totals",
@@ -51,6 +52,7 @@ class ClusterSpec:
 
     source: str
     node_types: tuple[NodeType, ...]
+    shared_paths: tuple[str, ...] | None = None   # paths every node shares (None: not known, a running cluster)
 
     def max_total(self, key: str) -> float:
         """The most of one resource the cluster can ever hold (inf when a type carrying it has no maximum)."""
@@ -221,7 +223,7 @@ def load_cluster_file(path: str | Path) -> ClusterSpec:
         if "available_node_types" in doc:
             return _from_launcher(doc, str(path))
         if doc.get("kind") in ("RayJob", "RayCluster"):
-            return _from_kuberay(doc, str(path))
+            return _from_kuberay(doc, str(path), docs)
     raise PlacementError(f"{path}: neither a Ray cluster-launcher file (available_node_types) nor a KubeRay "
                          "RayJob/RayCluster manifest")
 
@@ -238,17 +240,17 @@ def _from_launcher(doc: dict[str, Any], source: str) -> ClusterSpec:
             types.append(NodeType(name, resources, 1, 1, existing=1))
         else:
             types.append(NodeType(name, resources, int(spec.get("min_workers", 0)), spec.get("max_workers")))
-    return ClusterSpec(source, tuple(types))
+    return ClusterSpec(source, tuple(types), launcher_shared_paths(doc))
 
 
-def _from_kuberay(doc: dict[str, Any], source: str) -> ClusterSpec:
+def _from_kuberay(doc: dict[str, Any], source: str, docs: list[dict[str, Any]]) -> ClusterSpec:
     spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
     head = spec["headGroupSpec"]
     types = [NodeType("head", _ray_start_resources(head), 1, 1, existing=1)]
     for group in spec.get("workerGroupSpecs", []):
         types.append(NodeType(group["groupName"], _ray_start_resources(group), int(group.get("minReplicas", 0)),
                               group.get("maxReplicas")))
-    return ClusterSpec(source, tuple(types))
+    return ClusterSpec(source, tuple(types), kuberay_shared_paths(docs, spec))
 
 
 def _ray_start_resources(group: dict[str, Any]) -> dict[str, float]:

@@ -57,8 +57,8 @@ def test_cluster_yaml_scales_from_zero_opens_only_ssh_and_pins_its_image():
 
 
 def test_rayjob_runs_the_pipeline_on_an_autoscaling_cluster_with_the_same_stage_resources():
-    (job,) = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d]
-    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    (job,) = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d and d.get("kind") == "RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
     assert spec["entrypoint"].split()[:2] == ["python", "/home/ray/synray/jobs/pipeline.py"]
     assert spec["entrypoint"].split()[2] in GPU_CONFIGS and spec["shutdownAfterJobFinishes"] is True
@@ -102,10 +102,10 @@ def test_every_built_in_config_validates_and_synray_plan_prints_its_plan(capsys,
     from synray.plan import load_run_config
     from synray.programs.planview import plan_command
 
-    for name in builtin_names():
-        rc = plan_command(load_run_config(name), cluster_file=str(CLUSTER))
+    for name, cluster_file in [(n, f) for n in builtin_names() for f in (CLUSTER, RAYJOB)]:
+        rc = plan_command(load_run_config(name), cluster_file=str(cluster_file))
         out = capsys.readouterr().out
-        assert rc == 0, (name, out)
+        assert rc == 0, (name, cluster_file, out)   # the storage check included: every built-in keeps it shared
         assert out.startswith(f"plan: {name}") and "data flow:" in out and "training phase" in out, name
         assert "nodes on" in out and "checks: ok" in out, name
         if load_run_config(name).data.mode == "stored":
@@ -121,3 +121,73 @@ def test_synray_plan_refuses_a_bad_plan_and_names_the_setting(capsys, tiny_model
     out = capsys.readouterr().out
     assert "refused:" in out and "16 of the 24 training workers (train.num_workers" in out
     assert "train_gpu (at most 2)" in out
+
+
+# ------------------------------------------------------------------------------------ shared storage
+def test_both_cluster_files_share_one_path_on_every_node():
+    """cluster.yaml mounts EFS on every host (initialization_commands) and binds it into the container; the RayJob
+    mounts a ReadWriteMany claim it declares in every Ray pod: both at /mnt/cluster_storage."""
+    assert load_cluster_file(CLUSTER).shared_paths == ("/mnt/cluster_storage",)
+    assert load_cluster_file(RAYJOB).shared_paths == ("/mnt/cluster_storage",)
+    (claim,) = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d and d.get("kind") == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["metadata"]["name"] == "synray-storage"
+
+
+def test_shared_paths_need_a_network_mount_on_every_node():
+    from synray.sharedfs import kuberay_shared_paths, launcher_shared_paths
+
+    mount = "mountpoint -q /mnt/s || sudo mount -t nfs4 -o nfsvers=4.1 fs-1.efs.x.amazonaws.com:/ /mnt/s"
+    assert launcher_shared_paths({"initialization_commands": [mount]}) == ("/mnt/s",)
+    assert launcher_shared_paths({"initialization_commands": [mount], "docker": {"image": "i"}}) == ()  # not bound
+    bound = {"image": "i", "run_options": ["-v /mnt/s:/data"]}
+    assert launcher_shared_paths({"initialization_commands": [mount], "docker": bound}) == ("/data",)
+    local = {"image": "i", "run_options": ["-v /tmp/x:/data"]}
+    assert launcher_shared_paths({"initialization_commands": [mount], "docker": local}) == ()   # a node's own disk
+    assert launcher_shared_paths({"initialization_commands": ["sudo mount /dev/nvme1n1 /mnt/s"]}) == ()
+
+    def group(volume: dict, path: str = "/mnt/s") -> dict:
+        return {"template": {"spec": {"containers": [{"volumeMounts": [{"name": "v", "mountPath": path}]}],
+                                      "volumes": [{"name": "v", **volume}]}}}
+
+    rwx = [{"kind": "PersistentVolumeClaim", "metadata": {"name": "c"}, "spec": {"accessModes": ["ReadWriteMany"]}}]
+    rwo = [{"kind": "PersistentVolumeClaim", "metadata": {"name": "c"}, "spec": {"accessModes": ["ReadWriteOnce"]}}]
+    claim = {"persistentVolumeClaim": {"claimName": "c"}}
+    spec = {"headGroupSpec": group(claim), "workerGroupSpecs": [group(claim)]}
+    assert kuberay_shared_paths(rwx, spec) == ("/mnt/s",)
+    assert kuberay_shared_paths(rwo, spec) == ()
+    nfs = {"headGroupSpec": group({"nfs": {"server": "n", "path": "/"}}), "workerGroupSpecs": [group(claim)]}
+    assert kuberay_shared_paths(rwx, nfs) == ("/mnt/s",)
+    elsewhere = {"headGroupSpec": group(claim), "workerGroupSpecs": [group(claim, "/other")]}
+    assert kuberay_shared_paths(rwx, elsewhere) == ()     # not at one path in every pod
+
+
+@pytest.mark.parametrize("override, key", [
+    ("output_root=runs", "output_root=runs is a relative path"),
+    ("output_root=/home/ray/runs", "output_root=/home/ray/runs is not on storage"),
+    ("data.store_dir=/tmp/store", "data.store_dir=/tmp/store is not on storage"),
+    ("eval.dataset=datasets/val", "eval.dataset=datasets/val is a relative path"),
+])
+def test_synray_plan_refuses_node_local_storage_on_several_nodes(override: str, key: str, capsys, tiny_models):
+    """A plan of several nodes that keeps a run, store or evaluation set where not every node sees it is refused,
+    naming the key and the shared path; cloud URIs pass, and a plan on one node is not concerned."""
+    from synray.plan import load_run_config
+    from synray.programs.planview import plan_command
+
+    for cluster_file in (CLUSTER, RAYJOB):
+        assert plan_command(load_run_config("synclr-vitb16", [override]), cluster_file=str(cluster_file)) == 2
+        out = capsys.readouterr().out
+        assert f"refused: {key}" in out and "/mnt/cluster_storage" in out, out[-2000:]
+    from synray.sharedfs import storage_problems
+
+    uri = load_run_config("synclr-vitb16", ["output_root=s3://bucket/runs", "data.store_dir=gs://bucket/store"])
+    assert storage_problems(uri, ("/mnt/cluster_storage",), "cluster.yaml", 12) == []   # (no bucket to reach here)
+    assert plan_command(load_run_config("local", ["output_root=runs"]), cluster_file=str(CLUSTER)) == 0  # one node
+
+
+def test_a_sweeps_storage_is_checked_too(capsys, tiny_models):
+    from synray.plan import load_run_config
+    from synray.programs.planview import plan_command
+
+    cfg = load_run_config("scaling-supervised", ["tune.storage=sweeps/here"])
+    assert plan_command(cfg, cluster_file=str(CLUSTER)) == 2
+    assert "refused: tune.storage=sweeps/here is a relative path" in capsys.readouterr().out

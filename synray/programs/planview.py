@@ -17,6 +17,7 @@ from synray.plan import check_eval_protocols, plan_run, run_plan_stages, with_ra
 from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
 from synray.programs.rateview import measured_rates, rate_lines
 from synray.programs.session import cluster_spec, ray_address, session
+from synray.sharedfs import storage_problems
 from synray.stages import by_phase
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,10 @@ def stage_lines(stages: Sequence[StageResources]) -> list[str]:
     return out
 
 
-def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec) -> tuple[list[str], list[str]]:
-    """The nodes each phase needs on the cluster's node types, and the phases that can never be placed."""
+def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec,
+                  cfg: RunConfig | None = None) -> tuple[list[str], list[str]]:
+    """The nodes each phase needs on the cluster's node types, and the phases that can never be placed; with `cfg`,
+    the paths a plan on several nodes keeps where not every node sees them."""
     lines, problems = [f"nodes on {cluster.source}:"], []
     placements: list[Placement] = []
     for phase, members in by_phase(stages).items():
@@ -100,6 +103,10 @@ def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec) -> tup
         grows = [t.name for t in cluster.node_types if not t.existing]
         lines.append("  to start: " + (", ".join(running) or "nothing") + (
             f"; {', '.join(grows)} are added on demand" if grows else "; a fixed cluster, nothing is added"))
+        nodes = max(sum(p.nodes.values()) for p in placements)
+        if cfg is not None and cluster.shared_paths is not None and nodes > 1:
+            problems += storage_problems(cfg, cluster.shared_paths, cluster.source, nodes)
+            lines.append(f"  shared storage: {', '.join(cluster.shared_paths) or 'none'} (mounted on every node)")
     return lines, problems
 
 
@@ -124,7 +131,7 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
             raise
         view.problems.append(str(e))
     if cluster_file:
-        lines, problems = cluster_lines(stages, load_cluster_file(cluster_file))
+        lines, problems = cluster_lines(stages, load_cluster_file(cluster_file), cfg)
         view.lines += lines
         view.problems += problems
     if address:
