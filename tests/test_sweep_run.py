@@ -35,14 +35,25 @@ def _stores(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "pools").glob("*/shard-*.parquet")}
 
 
+def _terminated(state: Path) -> set[str]:
+    """The trial ids a saved Tune experiment state (what --resume reads) holds as finished."""
+    try:
+        data = json.loads(state.read_text())
+    except (OSError, ValueError):   # being written
+        return set()
+    trials = [json.loads(t[0]) for t in data.get("trial_data", [])]
+    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+
+
 def _wait_for_first_trial(proc, out: Path) -> Path:
-    """The first finished trial's record, once Tune's experiment state (what --resume reads) is newer than it."""
+    """The first finished trial's record, once Tune's saved experiment state holds that trial as finished (a state
+    saved after the record was written may still hold it running: under load, the resumed sweep then ran it again)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the sweep ended before it could be interrupted"
         done = sorted((out / TRIALS_DIR).glob(f"*/{TRIAL_FILE}"))
         states = sorted((out / "tune").glob("experiment_state-*.json"))
-        if done and states and states[-1].stat().st_mtime > done[0].stat().st_mtime:
+        if done and states and json.loads(done[0].read_text())["trial_id"] in _terminated(states[-1]):
             return done[0]
         time.sleep(1.0)
     raise AssertionError("no trial finished in time")
