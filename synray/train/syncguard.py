@@ -6,16 +6,16 @@ the data (``nonzero``, ``masked_select``, ``unique``, indexing with a boolean ma
 tensor repeats and no output size), a blocking host-to-device copy (``torch.as_tensor(x, device=d)``, ``.to(d)``
 of a host tensor without ``non_blocking``), and an explicit device synchronisation (``torch.cuda.synchronize``,
 DeepSpeed's ``get_accelerator().synchronize()``). On the CPU none of these wait, so the guard records the calls that
-would: a `torch.overrides.TorchFunctionMode` sees every tensor call made inside it, and the synchronise functions
-are wrapped while it is active. On a GPU ``torch.cuda.set_sync_debug_mode("warn")`` adds what CUDA itself reports.
+would: a `torch.overrides.TorchFunctionMode` sees every tensor call made inside it (keeping its own account of which
+tensors would live on the device), and the synchronise functions are wrapped while it is active. On a GPU ``torch.cuda.set_sync_debug_mode("warn")`` adds what CUDA itself reports.
 """
 
 from __future__ import annotations
 
 import contextlib
 import traceback
-import weakref
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["HostSync", "HostSyncs", "watch_host_syncs"]
+__all__ = ["HostSync", "HostSyncs", "watch_host_syncs", "optimizer_host_tensors"]
 
 #: tensor methods that read a device value on the host
 READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "numpy", "cpu"})
