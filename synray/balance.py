@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from synray.stages import LIGHT_STAGE_CPUS, Rate, StageResources
 
 __all__ = ["Rate", "StageRate", "StreamRates", "stream_rates", "GpuSplit", "balanced_split", "Costs", "stream_costs",
-           "TRAINING_STAGE"]
+           "TRAINING_STAGE", "gpu_stages"]
 
 TRAINING_STAGE = "training workers"
 
@@ -43,6 +43,11 @@ class StreamRates:
 
     def of(self, stage: str) -> StageRate | None:
         return next((s for s in self.stages if s.name == stage), None)
+
+
+def gpu_stages(stages: Sequence[StageResources]) -> list[StageResources]:
+    """The rated actor pools that hold GPUs (what a GPU split divides)."""
+    return [s for s in stages if s.gpus > 0 and s.rate is not None and not s.tasks]
 
 
 def stage_rows_per_s(stage: StageResources, replay: int = 1) -> float:
@@ -82,17 +87,17 @@ def _per_gpu(stage: StageResources, replay: int) -> float:
 def balanced_split(stages: Sequence[StageResources], budget: int, replay: int = 1) -> GpuSplit | None:
     """The split of `budget` whole GPUs among the rated GPU stages (at least one GPU each) that makes the stream
     fastest: the largest minimum over stages of GPUs x rate per GPU (None when the stages outnumber the GPUs)."""
-    gpu_stages = [s for s in stages if s.gpus > 0 and s.rate is not None and not s.tasks]
-    if not gpu_stages or budget < len(gpu_stages):
+    pools = gpu_stages(stages)
+    if not pools or budget < len(pools):
         return None
-    per_gpu = [_per_gpu(s, replay) for s in gpu_stages]
+    per_gpu = [_per_gpu(s, replay) for s in pools]
     best: tuple[float, tuple[int, ...]] | None = None
-    for counts in _compositions(budget, len(gpu_stages)):
+    for counts in _compositions(budget, len(pools)):
         rate = min(n * r for n, r in zip(counts, per_gpu))
         if best is None or rate > best[0] + 1e-12:
             best = (rate, counts)
     assert best is not None
-    return GpuSplit({s.stage: n for s, n in zip(gpu_stages, best[1])}, best[0])
+    return GpuSplit({s.stage: n for s, n in zip(pools, best[1])}, best[0])
 
 
 def _compositions(total: int, parts: int) -> list[tuple[int, ...]]:
@@ -122,12 +127,12 @@ def stream_costs(stages: Sequence[StageResources], rows: int, train_row_uses: in
     replay): in a stream every GPU stage is held until both are done; generated first, all the stream's GPUs go to
     generation (split between its GPU stages for the fastest rate), then the training workers alone train on the
     store as many row uses at their own rate."""
-    gpu_stages = [s for s in stages if s.gpus > 0 and s.rate is not None and not s.tasks]
-    train = next((s for s in gpu_stages if s.stage == TRAINING_STAGE), None)
-    generation = [s for s in gpu_stages if s.stage != TRAINING_STAGE]
+    pools = gpu_stages(stages)
+    train = next((s for s in pools if s.stage == TRAINING_STAGE), None)
+    generation = [s for s in pools if s.stage != TRAINING_STAGE]
     if train is None or not generation:
         return None
-    gpus = sum(s.actors * s.gpus for s in gpu_stages)
+    gpus = sum(s.actors * s.gpus for s in pools)
     gen_rate = min(stage_rows_per_s(s) for s in generation)
     train_uses_per_s = stage_rows_per_s(train)     # row uses per second at full speed
     uses = min(train_row_uses, rows * replay)        # a stream ends with its rows

@@ -370,9 +370,10 @@ def test_the_synclr_heads_are_the_published_layer_norm_mlps_with_truncated_norma
 
 def test_synclr_does_not_clip_gradients_unless_asked_as_its_published_code_and_the_others_clip_at_1():
     from synray.plan import load_run_config
+    from synray.train.engine import deepspeed_config
     from synray.train.objectives import get_objective
 
     t = load_run_config("shapes-synclr", []).train
-    assert get_objective("synclr").grad_clip(t) == 0.0
+    assert deepspeed_config(t, 8, 1, get_objective("synclr").grad_clip(t))["gradient_clipping"] == 0.0
     assert get_objective("stablerep").grad_clip(t) == 1.0
     assert get_objective("synclr").grad_clip(t.model_copy(update={"grad_clip": 3.0})) == 3.0

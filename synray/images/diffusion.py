@@ -179,10 +179,11 @@ def _padded(captions: list[str], seeds: list[list[int]], size: int) -> tuple[lis
     return list(captions) + [captions[-1]] * pad, list(seeds) + [seeds[-1]] * pad
 
 
-def padded_call(captions: list[str], cap_ids: list[str], run_seed: int,
-                cfg: ImagesConfig) -> tuple[list[str], list[list[int]]]:
-    """A batched call's captions and first seeds, padded to `images.batch_size`."""
-    return _padded(captions, [first_seeds(run_seed, cid, cfg.per_caption) for cid in cap_ids], cfg.batch_size)
+def padded_call(captions: list[str], cap_ids: list[str], run_seed: int, cfg: ImagesConfig,
+                size: int | None = None) -> tuple[list[str], list[list[int]]]:
+    """A call's captions and first seeds, padded to `size` captions (default: `images.batch_size`)."""
+    return _padded(captions, [first_seeds(run_seed, cid, cfg.per_caption) for cid in cap_ids],
+                   cfg.batch_size if size is None else size)
 
 
 def complete_group(pipe, captions: list[str], cap_ids: list[str], run_seed: int, cfg: ImagesConfig,
@@ -217,7 +218,7 @@ def _good(renders: list[tuple], seeds: list[int], drops: Counter[str] | None) ->
 def render_captions(pipe, captions: list[str], cap_ids: list[str], run_seed: int, cfg: ImagesConfig,
                     call_size: int, drops: Counter[str] | None = None) -> list[tuple[list[np.ndarray], list[int]]]:
     """Good images and seeds of every caption of one call (at most `call_size` captions, padded to it)."""
-    caps, seeds = _padded(captions, [first_seeds(run_seed, cid, cfg.per_caption) for cid in cap_ids], call_size)
+    caps, seeds = padded_call(captions, cap_ids, run_seed, cfg, call_size)
     firsts = render_group(pipe, caps, seeds, cfg)[:len(captions)]
     return complete_group(pipe, captions, cap_ids, run_seed, cfg, firsts, call_size, drops)
 

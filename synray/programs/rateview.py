@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from synray.balance import TRAINING_STAGE, balanced_split, stream_costs, stream_rates
+from synray.balance import TRAINING_STAGE, balanced_split, gpu_stages, stream_costs, stream_rates
 from synray.config import RunConfig, load_config
 from synray.data.store import SUMMARY_FILE as STORE_SUMMARY_FILE
 from synray.programs.rundir import SUMMARY_FILE
@@ -82,7 +82,7 @@ def _stream_lines(cfg: RunConfig, phase: Sequence[StageResources], rates: Any) -
         needed = math.ceil(replay / (1.0 - train.idle_share))
         out.append(f"  training waits {100 * train.idle_share:.1f}% of the time: data.replay={needed} would keep it "
                    "busy (each row used that many times), or generate first")
-    gpu = [s for s in phase if s.gpus > 0 and s.rate is not None and not s.tasks]
+    gpu = gpu_stages(phase)
     budget = math.floor(sum(s.actors * s.gpus for s in gpu) + 1e-9)
     split = balanced_split(gpu, budget, replay)
     if split is not None and len(gpu) > 1:

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from synray.config import RunConfig
-from synray.models.backbone import enable_grad_checkpointing
 from synray.data.ledger import ROW_ID, load_consumed, load_epoch, save_consumed, save_epoch
+from synray.models.backbone import enable_grad_checkpointing
 from synray.train import engine as ds_engine
 from synray.train.context import RayTrainContext, WorkerContext
 from synray.train.objectives import ModelParts, Objective, get_objective
