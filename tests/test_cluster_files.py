@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import gzip
+import json
+import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -48,8 +52,15 @@ def test_cluster_yaml_scales_from_zero_opens_only_ssh_and_pins_its_image():
     assert cfg["provider"]["security_group"]["IpPermissions"] == []   # Ray adds SSH + intra-cluster only
     head_start = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
-    assert cfg["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
-    assert any("[gpu]" in c for c in cfg["setup_commands"])
+    # every node runs the project's image (the Dockerfile: the pinned Ray image plus synray's GPU extras), and no
+    # node installs packages at start-up
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert cfg["docker"]["image"].endswith(f".amazonaws.com/synray:{version}")
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile and "[gpu]" in dockerfile
+    assert not any("pip install" in c for c in cfg.get("setup_commands") or [])
+    registry = cfg["docker"]["image"].split("/")[0]
+    assert any(f"docker login --username AWS --password-stdin {registry}" in c for c in cfg["initialization_commands"])
     spot = {k for k, v in workers.items() if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType")}
     assert "train_gpu" not in spot and {"llm_gpu", "diffusion_gpu"} <= spot   # restarts cost little there only
     declared = {k for v in cfg["available_node_types"].values() for k in v["resources"]} - {"CPU", "GPU"}
@@ -74,7 +85,12 @@ def test_rayjob_runs_the_pipeline_on_an_autoscaling_cluster_with_the_same_stage_
     declared = {k for t in spec_types.node_types for k in t.resources} - {"CPU", "GPU"}
     assert declared == STAGE_RESOURCES
     launcher = {t.name.replace("_", "-"): dict(t.resources) for t in load_cluster_file(CLUSTER).node_types}
-    assert {t.name: dict(t.resources) for t in spec_types.node_types} == launcher   # one shape on VMs and k8s
+    pods = {t.name: dict(t.resources) for t in spec_types.node_types}
+    assert set(pods) == set(launcher)
+    for name, res in pods.items():   # one shape on VMs and k8s: the same GPUs and stage resources, the CPUs a pod
+        vm = launcher[name]          # gets once the node's reservations are paid (below)
+        assert {k: v for k, v in res.items() if k != "CPU"} == {k: v for k, v in vm.items() if k != "CPU"}, name
+        assert vm["CPU"] - 4 <= res["CPU"] < vm["CPU"], name
 
 
 @pytest.mark.parametrize("cluster_file", [CLUSTER, RAYJOB], ids=["cluster.yaml", "rayjob"])
@@ -191,3 +207,200 @@ def test_a_sweeps_storage_is_checked_too(capsys, tiny_models):
     cfg = load_run_config("scaling-supervised", ["tune.storage=sweeps/here"])
     assert plan_command(cfg, cluster_file=str(CLUSTER)) == 2
     assert "refused: tune.storage=sweeps/here is a relative path" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ cluster.yaml's nodes
+def test_every_node_boots_one_pinned_current_ami_that_ray_keeps():
+    """Without an ImageId, Ray's launcher fills in its default AMI (an Ubuntu 18.04 / CUDA 11 Deep Learning AMI);
+    every node type names one pinned AMI, and Ray's own AMI step leaves it as it is."""
+    from ray.autoscaler._private.aws.config import DEFAULT_AMI, _check_ami
+
+    cfg = yaml.safe_load(CLUSTER.read_text())
+    amis = {name: t["node_config"].get("ImageId") for name, t in cfg["available_node_types"].items()}
+    (ami,) = set(amis.values())
+    assert ami and ami.startswith("ami-") and len(ami) == 21 and ami not in DEFAULT_AMI.values(), amis
+    checked = copy.deepcopy(cfg)
+    _check_ami(checked)
+    assert {n: t["node_config"]["ImageId"] for n, t in checked["available_node_types"].items()} == amis
+    unpinned = copy.deepcopy(cfg)
+    del unpinned["available_node_types"]["train_gpu"]["node_config"]["ImageId"]
+    _check_ami(unpinned)     # what the file had before: Ray's default for the region
+    assert unpinned["available_node_types"]["train_gpu"]["node_config"]["ImageId"] == DEFAULT_AMI["us-west-2"]
+    text = CLUSTER.read_text()
+    assert "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)" in text   # which AMI it is, in the file
+    readme = (ROOT / "README.md").read_text()
+    assert "aws ec2 describe-images" in readme and ami in readme                  # and how to find it elsewhere
+
+
+def test_workers_get_an_instance_profile_of_their_own():
+    """Ray's launcher gives its default instance profile to the head only (`config["head_node"]`); workers then
+    have no credentials for S3 outputs or the image registry. Every worker type names a profile, and the head names
+    one too, so Ray's IAM step changes nothing (it would otherwise create and attach its own)."""
+    from ray.autoscaler._private.aws.config import _configure_iam_role
+
+    cfg = yaml.safe_load(CLUSTER.read_text())
+    head = cfg["head_node_type"]
+    profiles = {n: t["node_config"].get("IamInstanceProfile") for n, t in cfg["available_node_types"].items()}
+    assert all(profiles.values()), profiles
+    assert len({p["Name"] for n, p in profiles.items() if n != head}) == 1         # one worker profile
+    assert profiles[head]["Name"] != profiles["train_gpu"]["Name"]                  # the head's also launches nodes
+    prepared = {**copy.deepcopy(cfg), "head_node": {}}
+    assert _configure_iam_role(prepared)["head_node"] == {}                         # no AWS call, nothing added
+    readme = (ROOT / "README.md").read_text()
+    assert all(p["Name"] in readme for p in profiles.values()) and "iam:PassRole" in readme
+
+
+#: published instance sizes (vCPU, memory GiB) of the node types in both files
+INSTANCES = {"m6i.4xlarge": (16, 64), "g5.12xlarge": (48, 192), "p4d.24xlarge": (96, 1152)}
+
+
+def ray_default_object_store(memory_bytes: float) -> float:
+    from ray._private.ray_constants import DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES, \
+        DEFAULT_OBJECT_STORE_MEMORY_PROPORTION
+
+    return min(memory_bytes * DEFAULT_OBJECT_STORE_MEMORY_PROPORTION, DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES)
+
+
+def test_each_node_types_shared_memory_is_sized_by_ray_for_its_object_store():
+    """The container's /dev/shm caps Ray's object store. With no --shm-size in the run options, Ray's launcher sizes
+    it on each node from that node's /proc/meminfo (DockerCommandRunner._auto_configure_shm); a fixed 32g would have
+    capped every node type at 32 GB. Ray's own function, fed each instance's meminfo, gives each node type at least
+    the object store Ray sizes for it."""
+    from ray.autoscaler._private.command_runner import DockerCommandRunner
+
+    cfg = yaml.safe_load(CLUSTER.read_text())
+    options = cfg["docker"]["run_options"]
+    assert not any("--shm-size" in o for o in options)
+    for name, node_type in cfg["available_node_types"].items():
+        cpus, gib = INSTANCES[node_type["node_config"]["InstanceType"]]
+        available_kb = int(gib * 0.95 * 2**20)      # a booted node's MemAvailable: a little below its size
+        ssh = SimpleNamespace(run=lambda cmd, with_output=False, kb=available_kb:
+                              f"MemTotal: {kb} kB\nMemAvailable: {kb} kB\n".encode())
+        runner = SimpleNamespace(docker_config=cfg["docker"], ssh_command_runner=ssh)
+        (shm,) = [o for o in DockerCommandRunner._auto_configure_shm(runner, list(options)) if "--shm-size" in o]
+        size = float(shm.split("=")[1].strip("'b"))
+        assert size >= ray_default_object_store(available_kb * 1024), (name, shm)
+        assert size > 32e9 or gib <= 100, (name, shm)  # the GPU types get more than the old fixed cap
+
+
+# ------------------------------------------------------------------------------------ the RayJob
+def strict(schema: dict) -> dict:
+    """A CRD schema as the API server's strict field validation applies it (`kubectl apply --validate=strict`):
+    an object that lists its properties and does not keep unknown fields refuses any other field."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema and \
+                not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+def rayjob_docs() -> tuple[dict, dict]:
+    docs = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d]
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    return job, claim
+
+
+def test_rayjob_passes_kuberays_own_schema_strictly_and_a_broken_copy_does_not():
+    """KubeRay 1.6's RayJob CRD schema (tests/data, taken from the operator's release) validates the file with
+    unknown fields refused; a misspelt deadline or an authentication mode KubeRay does not know is refused."""
+    import jsonschema
+
+    with gzip.open(ROOT / "tests" / "data" / "kuberay-1.6.0-rayjob-schema.json.gz") as f:
+        schema = strict(json.load(f)["schema"])
+    job, _ = rayjob_docs()
+    jsonschema.validate(job, schema)
+    typo = copy.deepcopy(job)
+    typo["spec"]["activeDeadlineSecond"] = typo["spec"].pop("activeDeadlineSeconds")
+    with pytest.raises(jsonschema.ValidationError, match="activeDeadlineSecond"):
+        jsonschema.validate(typo, schema)
+    mode = copy.deepcopy(job)
+    mode["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "tokens"
+    with pytest.raises(jsonschema.ValidationError, match="tokens"):
+        jsonschema.validate(mode, schema)
+
+
+def test_rayjob_has_deadlines_and_token_authentication():
+    """A job whose pods never schedule ends (preRunningDeadlineSeconds, activeDeadlineSeconds); Ray's token
+    authentication is on through KubeRay (which needs Ray 2.52 or later for it)."""
+    import ray
+    from packaging.version import Version
+
+    job, _ = rayjob_docs()
+    spec = job["spec"]
+    assert 0 < spec["preRunningDeadlineSeconds"] <= 3600
+    assert spec["activeDeadlineSeconds"] >= 24 * 3600
+    cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert Version(cluster["rayVersion"]) >= Version("2.52.0") and cluster["rayVersion"] == ray.__version__
+
+
+def quantity(text: str | int) -> float:
+    """A Kubernetes quantity (\"500m\", \"52Gi\", \"16\") as a number (CPUs or bytes)."""
+    text = str(text)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * units[unit]
+    return float(text)
+
+
+def eks_allocatable(instance: str) -> tuple[float, float]:
+    """CPUs and bytes a pod can request on an EKS node of this type (the EKS AMI's bootstrap): capacity less
+    kubeReserved (CPU: 6% of the first core, 1% of the second, 0.5% of the next two, 0.25% of the rest; memory:
+    11 MiB per pod of the instance's max pods + 255 MiB) and the eviction threshold (memory.available 100Mi)."""
+    max_pods = {"m6i.4xlarge": 234, "g5.12xlarge": 737, "p4d.24xlarge": 737}[instance]   # eni-max-pods.txt
+    cpus, gib = INSTANCES[instance]
+    mc = cpus * 1000
+    reserved_mc = 0.06 * min(mc, 1000) + 0.01 * max(0, min(mc, 2000) - 1000) + \
+        0.005 * max(0, min(mc, 4000) - 2000) + 0.0025 * max(0, mc - 4000)
+    capacity = gib * 2**30 * 0.96          # the kernel keeps some: a node's reported capacity is below its size
+    return cpus - reserved_mc / 1000, capacity - (11 * max_pods + 255) * 2**20 - 100 * 2**20
+
+
+#: what DaemonSets (VPC CNI, kube-proxy, EBS/EFS CSI nodes, NVIDIA device plugin, a log agent) request per node
+DAEMONSETS = (1.0, 2 * 2**30)
+
+
+def test_rayjob_pods_fit_their_node_types_allocatable_with_room_for_system_pods():
+    """Requests at an instance's full vCPU count stay Pending for ever: each pod (and the head's autoscaler
+    sidecar) requests no more than its node type's allocatable resources less the DaemonSets, limits equal requests
+    (Guaranteed QoS), and Ray is told the pod's CPUs."""
+    job, _ = rayjob_docs()
+    cluster = job["spec"]["rayClusterSpec"]
+    sidecar = cluster["autoscalerOptions"]["resources"]["requests"]
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    for name, group in groups:
+        pod = group["template"]["spec"]
+        instance = pod["nodeSelector"]["node.kubernetes.io/instance-type"]
+        cpu_left, mem_left = eks_allocatable(instance)
+        (ray_container,) = pod["containers"]
+        res = ray_container["resources"]
+        assert res["limits"] == res["requests"], name
+        cpu, mem = quantity(res["requests"]["cpu"]), quantity(res["requests"]["memory"])
+        if name == "head":
+            cpu, mem = cpu + quantity(sidecar["cpu"]), mem + quantity(sidecar["memory"])
+        assert cpu <= cpu_left - DAEMONSETS[0] and mem <= mem_left - DAEMONSETS[1], (name, cpu, cpu_left, mem / 2**30)
+        assert cpu >= 0.85 * INSTANCES[instance][0], name                    # and not wasting the node
+        assert float(group["rayStartParams"]["num-cpus"]) == quantity(res["requests"]["cpu"]), name
+        gpus = res["requests"].get("nvidia.com/gpu")
+        assert group["rayStartParams"].get("num-gpus") == gpus, name
+
+
+def test_every_ray_pod_has_a_memory_backed_dev_shm_for_its_object_store():
+    """Without it a pod's /dev/shm is 64 MiB and Ray puts the object store in /tmp: every Ray pod mounts a memory
+    emptyDir at /dev/shm at least 10% larger than the object store Ray sizes from the pod's memory, and within it."""
+    job, _ = rayjob_docs()
+    cluster = job["spec"]["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory"
+        memory = quantity(container["resources"]["limits"]["memory"])
+        size = quantity(volume["emptyDir"]["sizeLimit"])
+        assert 1.1 * ray_default_object_store(memory) <= size <= 0.5 * memory, (group.get("groupName"), size)
