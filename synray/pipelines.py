@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-import ray
-
 from synray.config import RunConfig
+from synray.data.driver import driver_actor
 from synray.data.ledger import ROW_ID, SkipConsumed, StreamLedger
 from synray.data.store import ParquetStore
 from synray.eval.evaluate import extractor_stages
@@ -168,7 +167,7 @@ def run_stages(cfg: RunConfig, heldout_cfg: RunConfig | None, protocols: tuple[s
 
 def stream_ledger(store_dir: str | None) -> Any:
     """A StreamLedger actor: what a training stream skips and replays after a worker-group restart."""
-    return ray.remote(num_cpus=0)(StreamLedger).remote(store_dir)
+    return driver_actor(StreamLedger, store_dir)
 
 
 def training_input(cfg: RunConfig, data: DataPlan, train: TrainPlan, stats_actor: Any) -> tuple[Any, Any]:

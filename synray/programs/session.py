@@ -12,6 +12,7 @@ from typing import Any
 import ray
 
 from synray.config import RayConfig
+from synray.data.driver import driver_actor
 from synray.data.stats import StageStats
 from synray.placement import ClusterSpec, NodeType
 
@@ -111,7 +112,7 @@ def session(cfg: RayConfig) -> Iterator[None]:
 
 def stage_stats() -> Any:
     """A StageStats actor that the pipeline's stages report their counts to."""
-    return ray.remote(num_cpus=0)(StageStats).remote()
+    return driver_actor(StageStats)
 
 
 def cluster_resources() -> dict[str, float]:
@@ -124,7 +125,7 @@ def cluster_spec() -> ClusterSpec:
     their maximum counts; Ray publishes them in the GCS). A local Ray has no autoscaler: its nodes are all it has."""
     from ray._private.state import state  # Ray Train reads the autoscaler's limits the same way
 
-    types = [NodeType(f"node {n['NodeManagerAddress']}",
+    types = [NodeType(_live_node_name(n),
                       {k: float(v) for k, v in n["Resources"].items() if not k.startswith("node:")}, existing=1,
                       max_workers=1)
              for n in ray.nodes() if n["Alive"]]
@@ -134,6 +135,15 @@ def cluster_spec() -> ClusterSpec:
             types.append(NodeType(f"node group {group.name}", dict(group.resources), group.min_count,
                                   None if group.max_count < 0 else group.max_count))
     return ClusterSpec(f"the Ray cluster at {ray.get_runtime_context().gcs_address}", tuple(types))
+
+
+def _live_node_name(node: dict[str, Any]) -> str:
+    """A running node as a plan names it: its address and the custom resources it declares (the node type of a
+    cluster file, `diffusion_node` say), which tell apart the node types of one host too."""
+    builtin = ("CPU", "GPU", "memory", "object_store_memory")
+    custom = sorted(k for k in node["Resources"]
+                    if k not in builtin and not k.startswith(("node:", "accelerator_type:")))
+    return f"node {node['NodeManagerAddress']}" + (f" ({', '.join(custom)})" if custom else "")
 
 
 def stats_summary(actor: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from synray.stages import LIGHT_STAGE_CPUS, Rate, Stage, StageResources, map_sta
 from synray.train.objectives import get_objective
 from synray.train.spec import TrainPlan
 
-__all__ = ["RowPreprocessor", "preprocessing_stage", "ingest_options"]
+__all__ = ["RowPreprocessor", "preprocessing_stage", "ingest_options", "ingest_block_bytes"]
 
 
 class RowPreprocessor:
@@ -78,3 +78,17 @@ def ingest_options(data: DataConfig) -> ExecutionOptions:
     if data.stream_buffer_mb is not None:
         opts.resource_limits = opts.resource_limits.copy(object_store_memory=data.stream_buffer_mb * 2**20)
     return opts
+
+
+def ingest_block_bytes(data: DataConfig, num_workers: int) -> int | None:
+    """The largest block the training dataset may make under `data.stream_buffer_mb`: a small part of the cap.
+
+    Ray Data's equal split hands a worker a block only while the rows it holds back can still even out every
+    worker's share, so one large block (a restarted stream+store run replays its stored rows as one) needs as many
+    rows held back for each other worker; when the cap cannot hold them, nothing more is made, the other workers
+    wait for data and the first in a collective: the run hangs. With every block at most 1/(4 (n + 1)) of the cap,
+    the rows held back and a block in flight per worker fit in it (tests/test_cluster_rehearsal.py: a restart of
+    `shapes`, whose cap is 4 MB, hung without it)."""
+    if data.stream_buffer_mb is None:
+        return None
+    return max(64 * 2**10, int(data.stream_buffer_mb * 2**20 / (4 * (num_workers + 1))))

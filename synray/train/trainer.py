@@ -14,7 +14,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from synray.config import RunConfig
-from synray.train.preprocess import ingest_options
+from synray.train.preprocess import ingest_block_bytes, ingest_options
 from synray.train.spec import TrainPlan
 from synray.train.worker import BACKBONE_DIR, CHECKPOINT_SCORE, INIT_DIR, train_worker
 
@@ -113,6 +113,9 @@ def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: An
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_FILE
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {}), **t.resources}
+    block_bytes = ingest_block_bytes(cfg.data, t.num_workers)
+    if block_bytes is not None:   # on the dataset's own context, which its execution reads
+        dataset.context.target_max_block_size = block_bytes
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "plan": plan, "ledger": ledger},
