@@ -218,7 +218,14 @@ def _fmt(resources: Mapping[str, float]) -> str:
 # ------------------------------------------------------------------------------ cluster files
 def load_cluster_file(path: str | Path) -> ClusterSpec:
     """Node types from a Ray cluster-launcher YAML (available_node_types) or a KubeRay RayJob/RayCluster manifest."""
-    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if isinstance(d, dict)]
+    if not Path(path).is_file():
+        raise PlacementError(f"cluster file {path} (--cluster) does not exist")
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if isinstance(d, dict)]
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise PlacementError(f"cluster file {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     for doc in docs:
         if "available_node_types" in doc:
             return _from_launcher(doc, str(path))

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
 from synray.data.codecs import decode_image
+from synray.data.store import StoreError
 
 __all__ = ["loss_curve", "sample_grid", "sample_grid_from_store", "compare_bars", "scaling_plot", "allocation_plot"]
 
@@ -130,16 +131,16 @@ def sample_grid_from_store(store_dir: str | Path, out_path: str | Path, rows: in
     """A :func:`sample_grid` of the first ``rows`` rows of a Parquet store's ``shard-*.parquet`` files."""
     store = Path(store_dir)
     if not store.is_dir():
-        raise ValueError(f"store directory {store} does not exist")
+        raise StoreError(f"store directory {store} does not exist")
     shards = sorted(store.glob("shard-*.parquet"))
     if not shards:
-        raise ValueError(f"store directory {store} holds no shard-*.parquet files")
+        raise StoreError(f"store directory {store} holds no shard-*.parquet files (a store `synray generate` wrote)")
     picked: list[dict[str, Any]] = []
     for shard in shards:
         pf = pq.ParquetFile(shard)
         missing = [c for c in ("caption", "images") if c not in pf.schema_arrow.names]
         if missing:
-            raise ValueError(f"shard {shard} lacks the columns {missing}")
+            raise StoreError(f"shard {shard} lacks the columns {missing}")
         for batch in pf.iter_batches(batch_size=max(1, rows), columns=["caption", "images"]):
             picked.extend(batch.to_pylist()[:rows - len(picked)])
             if len(picked) >= rows:
@@ -147,7 +148,7 @@ def sample_grid_from_store(store_dir: str | Path, out_path: str | Path, rows: in
         if len(picked) >= rows:
             break
     if not picked:
-        raise ValueError(f"the shards of {store} hold no rows")
+        raise StoreError(f"the shards of {store} hold no rows")
     return sample_grid(picked, out_path, max_rows=rows, max_images=max_images)
 
 

@@ -117,3 +117,21 @@ def test_a_run_without_one_batch_fails_naming_the_rejections():
     with pytest.raises(EmptyStreamError, match=r"before step 1 \(rows rejected by captions: too_short=50\)"):
         check_trained({"ended_early": True, "steps": 0}, rejected)
     check_trained({"ended_early": True, "steps": 3}, {})   # a short stream that trained is fine
+
+
+def test_a_missing_store_or_cluster_file_is_one_line_naming_it(tmp_path: Path):
+    """`synray samples` of a folder that is not a store, and `synray plan --cluster` of a file that is missing or
+    not YAML: exit 2 with one line that names the path (and the flag), no traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("available_node_types:\n  head: {resources: {CPU: 4}\n  x: [\n")
+    cases = [(("samples", str(tmp_path / "nope"), "--out", str(tmp_path / "g.png")),
+              f"store directory {tmp_path / 'nope'} does not exist"),
+             (("samples", str(tmp_path), "--out", str(tmp_path / "g.png")), "holds no shard-*.parquet files"),
+             (("plan", "local", "--cluster", str(tmp_path / "nope.yaml")),
+              f"cluster file {tmp_path / 'nope.yaml'} (--cluster) does not exist"),
+             (("plan", "local", "--cluster", str(bad)), f"cluster file {bad} is not valid YAML (line 3")]
+    for args, message in cases:
+        r = synray_main(*args)
+        assert r.code == 2 and r.error is None, (args, r.error, r.trace[-2000:])
+        (line,) = [x for x in r.err.splitlines() if x.startswith("synray")]
+        assert message in line and "Traceback" not in r.err, (args, r.err)
