@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import cli, kill_group, metrics_log, ray_processes, sets, start, wait_until   # noqa: E402
+from procs import cli, free_port, kill_group, metrics_log, ray_processes, sets, start, wait_until   # noqa: E402
 
 #: the node types of cluster.yaml the rehearsal starts (2 of each worker type, so that one can be lost), scaled
 #: down to CPUs this machine can time-share; each declares its type's custom resource as cluster.yaml does
@@ -35,12 +34,6 @@ OVERRIDES = ("data.mode=stream+store", "data.num_captions=2000", "data.rows_per_
              "train.max_failures=3", "images.resources={diffusion_node: 0.001}",
              "train.resources={train_node: 0.001}", "data.preprocess_resources={train_node: 0.001}",
              "eval.resources={train_node: 0.001}", "eval.protocols=[knn]", "eval.heldout_captions=36")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def custom_resources() -> dict[str, str]:
@@ -99,8 +92,6 @@ def lose(cluster, nodes: dict[str, str], node_id: str, runs: Path, lost: list[di
 
 
 def main(out: Path) -> int:
-    import ray
-
     store, runs = out / "store", out / "runs"
     cluster, nodes = start_cluster()
     address = cluster.address
@@ -135,7 +126,6 @@ def main(out: Path) -> int:
         report["store"] = str(store)
     finally:
         (out / "report.json").write_text(json.dumps(report, indent=1))
-        ray.shutdown()
         cluster.shutdown()
     return 0
 

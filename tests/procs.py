@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,13 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 #: how long a test waits for the point where it kills something, or for a command to end
 WAIT_S = 600
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound once, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def sets(*overrides: str) -> list[str]:

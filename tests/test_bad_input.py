@@ -6,26 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from procs import cli, sets, synray_main
+from procs import cli, free_port, sets, synray_main
 
 from synray.programs.session import RayAddressError, check_reachable
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_ray_address_is_refused_with_its_source():
-    port = _closed_port()
+    port = free_port()
     with pytest.raises(RayAddressError, match=f"cannot reach Ray at 127.0.0.1:{port} \\(from \\$RAY_ADDRESS\\)"):
         check_reachable(f"127.0.0.1:{port}", "$RAY_ADDRESS")
     with pytest.raises(RayAddressError, match="not host:port"):
@@ -34,7 +27,7 @@ def test_an_unreachable_ray_address_is_refused_with_its_source():
 
 
 def test_cli_with_ray_address_pointing_nowhere_exits_2_with_the_address(tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{_closed_port()}"}
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
     r = subprocess.run([sys.executable, "-m", "synray.cli", "generate", "local", "--out", str(tmp_path / "s"),
                         "--set", "captions.backend=template", "--set", "captions.style=concept_background"],
                        env=env, capture_output=True, text=True, timeout=300)

@@ -68,7 +68,7 @@ def test_cluster_yaml_scales_from_zero_opens_only_ssh_and_pins_its_image():
 
 
 def test_rayjob_runs_the_pipeline_on_an_autoscaling_cluster_with_the_same_stage_resources():
-    (job,) = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d and d.get("kind") == "RayJob"]
+    job, _ = rayjob_docs()
     assert job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
     assert spec["entrypoint"].split()[:2] == ["python", "/home/ray/synray/jobs/pipeline.py"]
@@ -145,7 +145,7 @@ def test_both_cluster_files_share_one_path_on_every_node():
     mounts a ReadWriteMany claim it declares in every Ray pod: both at /mnt/cluster_storage."""
     assert load_cluster_file(CLUSTER).shared_paths == ("/mnt/cluster_storage",)
     assert load_cluster_file(RAYJOB).shared_paths == ("/mnt/cluster_storage",)
-    (claim,) = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d and d.get("kind") == "PersistentVolumeClaim"]
+    _, claim = rayjob_docs()
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["metadata"]["name"] == "synray-storage"
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch.multiprocessing as mp
 
 import worker_harness as harness
+from procs import free_port
 from synray.train.objectives import OBJECTIVES
 
 
@@ -20,7 +21,7 @@ def results(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactor
     """Every case of the harness, run once by one group of 2 processes: case -> [rank 0 result, rank 1 result]."""
     root = tmp_path_factory.mktemp("worker")
     names = list(harness.CASES)
-    mp.spawn(harness.worker, args=(harness.free_port(), str(root), tiny_models["text"], names),
+    mp.spawn(harness.worker, args=(free_port(), str(root), tiny_models["text"], names),
              nprocs=harness.WORLD, join=True)
     return {n: [json.loads((root / n / f"rank{r}.json").read_text()) for r in range(harness.WORLD)] for n in names}
 

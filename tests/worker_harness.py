@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -60,12 +59,6 @@ for _uses in (1, 3):
                                 "data.replay_buffer_rows=8"]
 #: cases trained in bf16 on the CPU, as the GPU configs do (the config refuses bf16 without use_gpu)
 BF16 = {"bf16_export", *(name for name in CASES if name.startswith("no_host_sync_"))}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fixed_rows(rank: int, steps: int) -> dict[str, np.ndarray]:
