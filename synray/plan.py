@@ -335,11 +335,12 @@ def plan_eval(cfg: RunConfig, model_dir: str, dataset: str, protocols: list[str]
 
 def plan_rewrite(cfg: RunConfig, source: str | None, out: str) -> RewritePlan:
     """Check a LaCLIP rewrite request (`synray rewrite`) and resolve its caption model."""
+    given = "--source" if source else "captions.rewrite.source"
     source = source or cfg.captions.rewrite.source
     if not source:
         raise ConfigError("rewrite needs --source or captions.rewrite.source")
     model = resolve_model(cfg.captions.model, cfg.model_cache)
-    check_source(source)
+    check_source(source, given)
     fingerprint = rewrite_fingerprint(cfg)
     ParquetStore(out).check_writable(fingerprint)
     return RewritePlan(cfg, source, out, model, fingerprint)

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import cli, free_port, kill_group, metrics_log, ray_processes, sets, start, wait_until   # noqa: E402
+from procs import cli, free_port, kill_group, metrics_log, ray_stacks, sets, start, wait_until   # noqa: E402
 
 #: the node types of cluster.yaml the rehearsal starts (2 of each worker type, so that one can be lost), scaled
 #: down to CPUs this machine can time-share; each declares its type's custom resource as cluster.yaml does
@@ -112,11 +112,9 @@ def main(out: Path) -> int:
             report["seen_before_second_loss"] = actors(address)
             lose(cluster, nodes, trainer, runs, report["lost"])
             try:
-                proc.wait(timeout=600)
+                proc.wait(timeout=420)
             except subprocess.TimeoutExpired:
-                for p in ray_processes("RayTrainWorker") + ray_processes("SplitCoordinator"):
-                    dump = subprocess.run(["py-spy", "dump", "--pid", str(p.pid)], capture_output=True, text=True)
-                    (out / f"stack-{p.pid}.txt").write_text(dump.stdout + dump.stderr)
+                report["stacks"] = ray_stacks()
                 raise
             report["seen_at_end"] = actors(address)
         finally:

@@ -122,6 +122,11 @@ def ray_cluster(tiny_models: dict[str, str], s3_server: dict[str, str]) -> Itera
     # until the controller has taken its previous report, which at 2 s is most of a tiny step
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     os.environ["HF_TOKEN"] = CANARY
+    # DeepSpeed's CPU communication op, built (once per machine, some 40 s) before any training worker needs it:
+    # left to the workers, the first two build it together, one waiting on the other's lock file, which stays
+    # behind for good if a test kills the builder
+    subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                   check=True, capture_output=True)
     init(RayConfig(num_cpus=RAY_TEST_CPUS, num_gpus=RAY_TEST_GPUS))
     address = ray.get_runtime_context().gcs_address
     yield address
@@ -135,14 +140,26 @@ class RayJobs:
     dashboard: str          # the job server's address (http://127.0.0.1:<port>)
     session_dir: Path       # its session folder: Ray's logs, the jobs' logs and working directories
 
-    def submit(self, *entrypoint: str, timeout_s: int = 900) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir <project> -- python <entrypoint...>`, waiting for the job to end."""
-        from procs import ROOT
+    def submit(self, *entrypoint: str, timeout_s: int = 480) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir <project> -- python <entrypoint...>`, waiting for the job to end; a job
+        still running after `timeout_s` is stopped and fails the caller with its log's tail and where it waited."""
+        from procs import ROOT, ray_stacks
 
         ray_cli = str(Path(sys.executable).parent / "ray")
-        return subprocess.run([ray_cli, "job", "submit", "--address", self.dashboard, "--working-dir", str(ROOT),
-                               "--", "python", *entrypoint], capture_output=True, text=True, timeout=timeout_s,
-                              cwd=ROOT)
+        submission = f"synray-test-{secrets.token_hex(4)}"
+        try:
+            return subprocess.run([ray_cli, "job", "submit", "--address", self.dashboard, "--working-dir", str(ROOT),
+                                   "--submission-id", submission, "--", "python", *entrypoint],
+                                  capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            stacks = ray_stacks()
+            logs = subprocess.run([ray_cli, "job", "logs", "--address", self.dashboard, submission],
+                                  capture_output=True, text=True, timeout=60).stdout
+            subprocess.run([ray_cli, "job", "stop", "--address", self.dashboard, submission], capture_output=True,
+                           timeout=120)
+            tail = "\n".join(line[:300] for line in logs.splitlines()[-60:])
+            raise AssertionError(f"job {' '.join(entrypoint[:2])} still running after {timeout_s} s; its log ends:"
+                                 f"\n{tail}\nwhere it waited:\n{stacks}") from None
 
 
 @pytest.fixture(scope="session")

@@ -177,7 +177,8 @@ def kill_pid(pid: int) -> None:
 
 def wait_until(cond: Callable[[], object], proc: subprocess.Popen | None, what: str, timeout_s: float = WAIT_S,
                every_s: float = 0.2) -> object:
-    """cond()'s first truthy value; fails when `proc` ends first or the time runs out."""
+    """cond()'s first truthy value; fails when `proc` ends first or the time runs out (then with the stacks of the
+    run's busiest Ray processes in the message)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = cond()
@@ -185,8 +186,30 @@ def wait_until(cond: Callable[[], object], proc: subprocess.Popen | None, what: 
             return value
         if proc is not None:
             assert proc.poll() is None, f"the command ended (rc {proc.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{ray_stacks()}")
         time.sleep(every_s)
+
+
+#: the Ray processes whose stacks tell where a run waits
+STACK_TITLES = ("RayTrainWorker", "TrainController", "SplitCoordinator", "StreamLedger")
+
+
+def ray_stacks(titles: tuple[str, ...] = STACK_TITLES, lines: int = 25) -> str:
+    """The innermost Python frames of each live Ray process whose title holds one of `titles` (py-spy, which
+    Ray's default extra installs), for a test that timed out to say where a run was waiting."""
+    spy = str(Path(sys.executable).parent / "py-spy")
+    out = []
+    for title in titles:
+        for proc in ray_processes(title):
+            try:
+                dump = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True,
+                                      timeout=30)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                out.append(f"--- {title} pid {proc.pid}: no stack ({e})")
+                continue
+            out.append(f"--- {title} pid {proc.pid}\n" + "\n".join((dump.stdout + dump.stderr).splitlines()[:lines]))
+    return "\n".join(out) or "(no Ray process of " + ", ".join(titles) + " alive)"
 
 
 def stored_rows(store: str | Path, columns: list[str] | None = None) -> list[dict]:

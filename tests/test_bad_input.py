@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import cli, free_port, sets, synray_main
+from procs import ROOT, cli, free_port, sets, synray_main
 
 from synray.programs.session import RayAddressError, check_reachable
 
@@ -34,6 +34,31 @@ def test_cli_with_ray_address_pointing_nowhere_exits_2_with_the_address(tmp_path
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"cannot reach Ray at {env['RAY_ADDRESS']} (from $RAY_ADDRESS)" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("given", ["--address", "ray.address", "$RAY_ADDRESS"])
+def test_an_unreachable_address_names_the_flag_key_or_variable_it_came_from(given, monkeypatch, tiny_models):
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = {"--address": ["--address", address], "ray.address": sets(f"ray.address={address}"), "$RAY_ADDRESS": []}
+    if given == "$RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    r = synray_main("plan", "local", "--cluster", str(ROOT / "cluster.yaml"), *args[given])
+    assert r.code == 2, (r.error, r.err)
+    assert f"cannot reach Ray at {address} (from {given})" in r.err.strip().splitlines()[-1]
+    assert "Traceback" not in r.err
+
+
+@pytest.mark.parametrize("given", ["--source", "captions.rewrite.source"])
+def test_a_rewrite_source_that_is_missing_or_empty_is_one_line_naming_the_flag_or_key(given, tmp_path, tiny_models):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for source, says in ((tmp_path / "nope", "does not exist"), (empty, "holds no .parquet or .tar files")):
+        args = ["--source", str(source)] if given == "--source" else sets(f"captions.rewrite.source={source}")
+        r = synray_main("rewrite", "local", "--out", str(tmp_path / "out"), *args)
+        assert r.code == 2, (r.error, r.err)
+        assert r.err.strip().splitlines()[-1] == f"synray: error: {given}: {source} {says}", r.err
+        assert "Traceback" not in r.err
 
 
 DISK_KIB = 400

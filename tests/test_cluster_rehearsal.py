@@ -24,11 +24,11 @@ pytestmark = pytest.mark.slow
 def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("cluster")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cluster_rehearsal.py"), str(out)],
-                          capture_output=True, text=True, timeout=1800, cwd=ROOT)
+                          capture_output=True, text=True, timeout=840, cwd=ROOT)
     assert (out / "report.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     log = (out / "run.log").read_text() if (out / "run.log").exists() else ""
-    assert proc.returncode == 0 and report.get("rc") == 0, (proc.stderr[-3000:], log[-5000:])
+    assert proc.returncode == 0 and report.get("rc") == 0, (proc.stderr[-3000:], log[-5000:], report.get("stacks"))
     (run_dir,) = report["run_dirs"]
     return {**report, "run_dir": Path(run_dir), "out": out}
 

@@ -116,6 +116,26 @@ def test_missing_and_malformed_files(tmp_path: Path):
         load_config("nosuchconfig")
 
 
+def test_an_empty_file_is_refused_and_a_folder_named_like_a_built_in_does_not_hide_it(tmp_path: Path, monkeypatch):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=f"config {empty} is empty; start from a built-in one"):
+        load_config(str(empty))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()            # a run's outputs, say
+    assert load_config("shapes").name == "shapes"
+    with pytest.raises(ConfigError, match="config shapes/ is a folder|config shapes is a folder"):
+        load_config("shapes/")
+
+
+def test_a_value_given_for_a_section_names_the_section_s_keys_not_pydantic_s_types():
+    with pytest.raises(ConfigError) as e:
+        load_config("local", ["train.backbone=vit"])
+    msg = str(e.value)
+    assert 'train.backbone: "vit" is not allowed: it is a section; set its keys (arch, size' in msg
+    assert "instance of" not in msg and "BackboneConfig" not in msg
+
+
 def test_batch_invariant_engines_get_the_vllm_switch():
     from synray.captions.llm import engine_env
 

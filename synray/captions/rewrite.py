@@ -27,13 +27,13 @@ class RewriteError(ValueError):
     """A source dataset that cannot be rewritten."""
 
 
-def _paths(source: str, suffix: str) -> list[str]:
+def _paths(source: str, suffix: str, given: str = "captions.rewrite.source") -> list[str]:
     p = Path(source)
     if p.is_file():
         return [str(p)]
     if p.is_dir():
         return sorted(str(f) for f in p.rglob(f"*{suffix}") if not f.name.startswith("."))
-    raise RewriteError(f"captions.rewrite.source: {source} does not exist")
+    raise RewriteError(f"{given}: {source} does not exist")
 
 
 def source_key(image: bytes, caption: str) -> str:
@@ -101,9 +101,11 @@ def rewrite_processor(cfg: RunConfig, model_path: str):
     return build_llm_processor(cfg.captions, model_path, pre, post), sampling
 
 
-def check_source(source: str) -> None:
-    """RewriteError when the source does not exist (checked before Ray starts)."""
-    _paths(source, "")
+def check_source(source: str, given: str = "captions.rewrite.source") -> None:
+    """RewriteError naming `given` (the flag or the config key) when the source does not exist (checked before Ray
+    starts)."""
+    if not any(f.endswith((".parquet", ".tar")) for f in _paths(source, "", given)):
+        raise RewriteError(f"{given}: {source} holds no .parquet or .tar files")
 
 
 def rewrite_fingerprint(cfg: RunConfig) -> str:

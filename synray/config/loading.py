@@ -42,8 +42,9 @@ def _read_yaml(path: Any, label: str) -> dict[str, Any]:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"malformed YAML in {label}: {e}") from None
-    if raw is None:
-        return {}
+    if raw is None:   # all defaults would be a 512-px, 50-step diffusion run on the CPU: surely not what was meant
+        raise ConfigError(f"config {label} is empty; start from a built-in one: "
+                          f"`synray config show local > {label}`")
     if not isinstance(raw, dict):
         raise ConfigError(f"config {label} must be a mapping of sections, got {type(raw).__name__}")
     return raw
@@ -54,9 +55,11 @@ def load_raw(name_or_path: str | None) -> dict[str, Any]:
     if name_or_path is None:
         name_or_path = "local"
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in name_or_path:
+    if p.is_file() or p.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        if p.is_dir():
+            raise ConfigError(f"config {p} is a folder; give a YAML file or a built-in name")
         return _read_yaml(p, str(p))
-    if name_or_path in builtin_names():
+    if name_or_path in builtin_names():   # before a folder of the same name (`shapes/`, a run's outputs)
         return _read_yaml(resources.files("synray") / "configs" / f"{name_or_path}.yaml", name_or_path)
     raise ConfigError(f"unknown config {name_or_path!r}: not a file, and not a built-in config "
                       f"(built-in: {', '.join(builtin_names())})")
@@ -105,6 +108,11 @@ def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
             continue
         value = e.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        section = _section_at(e["loc"])
+        if kind == "model_type" and section is not None:   # pydantic's "valid dictionary or instance of ..."
+            lines.append(f"  {loc}: {shown} is not allowed: it is a section; set its keys ("
+                         f"{', '.join(section.model_fields)}), e.g. {loc}.{next(iter(section.model_fields))}=...")
+            continue
         msg = e["msg"].removeprefix("Value error, ")
         if kind == "literal_error":
             msg = "must be one of " + msg.removeprefix("Input should be ")

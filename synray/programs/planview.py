@@ -16,7 +16,7 @@ from synray.placement import ClusterSpec, Placement, PlacementError, StageResour
 from synray.plan import check_eval_protocols, plan_run, run_plan_stages, with_rates
 from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
 from synray.programs.rateview import measured_rates, rate_lines
-from synray.programs.session import cluster_spec, ray_address, session
+from synray.programs.session import address_source, check_reachable, cluster_spec, ray_address, session
 from synray.sharedfs import storage_problems
 from synray.stages import by_phase
 
@@ -111,7 +111,7 @@ def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec,
 
 
 def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
-              rates_from: str | None = None) -> PlanView:
+              rates_from: str | None = None, address_from: str = "--address") -> PlanView:
     view = PlanView()
     protocols = check_eval_protocols(cfg)
     stages = run_plan_stages(cfg, protocols)
@@ -135,6 +135,7 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
         view.lines += lines
         view.problems += problems
     if address:
+        check_reachable(address, address_from)
         with session(cfg.ray.model_copy(update={"address": address})):
             lines, problems = cluster_lines(stages, cluster_spec())
         view.lines += lines
@@ -145,10 +146,11 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
 def plan_command(cfg: RunConfig, cluster_file: str | None = None, address: str | None = None,
                  rates_from: str | None = None) -> int:
     """Print the plan; exit 2 when it can never run as configured (bad input, or a phase that cannot be placed)."""
+    address_from = "--address" if address else address_source(cfg.ray)
     address = address or ray_address(cfg.ray)
     if cluster_file is None and address is None and Path(DEFAULT_CLUSTER_FILE).is_file():
         cluster_file = DEFAULT_CLUSTER_FILE
-    view = plan_view(cfg, cluster_file, address, rates_from)
+    view = plan_view(cfg, cluster_file, address, rates_from, address_from)
     print("\n".join(view.lines))
     for line in view.inputs:
         print(f"to make first: {line} (an earlier job writes it: `synray generate` or `synray rewrite`)")

@@ -34,6 +34,11 @@ def ray_address(cfg: RayConfig) -> str | None:
     return cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def address_source(cfg: RayConfig) -> str:
+    """Where `ray_address(cfg)` came from, as an error message names it."""
+    return "ray.address" if cfg.address else "$RAY_ADDRESS"
+
+
 def local_init_kwargs(cfg: RayConfig) -> dict[str, Any]:
     """Arguments for ray.init() when synray starts its own local Ray."""
     kwargs: dict[str, Any] = {
@@ -87,7 +92,7 @@ def init(cfg: RayConfig) -> bool:
         return False
     address = ray_address(cfg)
     if address:
-        check_reachable(address, "ray.address" if cfg.address else "$RAY_ADDRESS")
+        check_reachable(address, address_source(cfg))
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env=runtime_env())
     else:
