@@ -4,7 +4,9 @@ A run holds its stages' actors in phases: while training, every generation stage
 preprocessing pool and the training workers hold their resources at once (pools are fixed-size and
 Ray Train gang-schedules its workers); evaluation comes after. `pack` places one phase's actors on
 a cluster's node types, first-fit decreasing, opening nodes up to each type's maximum, and raises
-`PlacementError` naming the stages and settings to change when a phase can never be placed.
+`PlacementError` naming the stages and settings to change when a phase can never be placed. GPUs are
+placed per device as Ray's raylet places them: a fraction (< 1) on one device that has that much left
+(the best fit), a whole number on that many devices left whole; the rest of a bundle is node totals.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,25 @@ class NodeType:
     existing: int = 0
 
     def fits(self, bundle: Mapping[str, float]) -> bool:
-        return all(self.resources.get(k, 0.0) + EPS >= v for k, v in bundle.items() if v > 0)
+        return _Node(self, dict(self.resources), []).fits(bundle)
+
+
+def _devices(gpus: float) -> list[float]:
+    """A node's GPUs as devices, each with its free share (a node that declares a fraction has one device)."""
+    whole = math.floor(gpus + EPS)
+    return [1.0] * whole + ([gpus - whole] if gpus - whole > EPS else [])
+
+
+def _gpu_slots(devices: Sequence[float], need: float) -> list[int] | None:
+    """The devices Ray's raylet gives a GPU request (NodeResourceInstanceSet::TryAllocate): a fraction goes to the
+    device it fits best, a whole number to as many whole free devices; None when it does not fit."""
+    if need <= EPS:
+        return []
+    if need < 1:
+        fitting = [i for i, free in enumerate(devices) if free + EPS >= need]
+        return [min(fitting, key=lambda i: devices[i] - need)] if fitting else None
+    whole = [i for i, free in enumerate(devices) if free >= 1 - EPS]
+    return whole[:round(need)] if len(whole) >= round(need) else None
 
 
 @dataclass(frozen=True)
@@ -81,11 +101,19 @@ class _Node:
     type: NodeType
     free: dict[str, float]
     stages: list[str]
+    gpus: list[float] = field(default_factory=list)   # each device's free share
+
+    def __post_init__(self) -> None:
+        self.gpus = self.gpus or _devices(self.free.get("GPU", 0.0))
 
     def fits(self, bundle: Mapping[str, float]) -> bool:
-        return all(self.free.get(k, 0.0) + EPS >= v for k, v in bundle.items() if v > 0)
+        totals = all(self.free.get(k, 0.0) + EPS >= v for k, v in bundle.items() if v > 0 and k != "GPU")
+        return totals and _gpu_slots(self.gpus, bundle.get("GPU", 0.0)) is not None
 
     def take(self, bundle: Mapping[str, float], stage: str) -> None:
+        need = bundle.get("GPU", 0.0)
+        for i in _gpu_slots(self.gpus, need) or []:
+            self.gpus[i] -= min(need, 1.0)
         for k, v in bundle.items():
             self.free[k] = self.free.get(k, 0.0) - v
         if stage not in self.stages:
@@ -172,9 +200,13 @@ def _cannot_place(stage: StageResources, stages: Sequence[StageResources], clust
                 f"({shapes}). Lower the per-actor amounts, or add a node type that has them.")
     keys = ", ".join(k for k in stage.keys if k)
     hosts = ", ".join(f"{t.name} (at most {t.max_workers})" for t in cluster.node_types if t.fits(bundle))
+    share = bundle.get("GPU", 0.0)
+    fit = math.floor(1 / share + EPS) if 0 < share < 1 else 0
+    per_device = (f" A GPU share stays on one device: a GPU holds {fit} share{'s' if fit > 1 else ''} of {share:g},"
+                  " whatever the node's GPUs add up to." if fit else "")
     return (f"the {phase} phase does not fit the nodes of {cluster.source}: {placed} of the {stage.actors} "
             f"{stage.stage} ({keys}) found room on the nodes that can hold one ({hosts}) next to the stages placed "
-            "before them. Lower the count or the per-actor amounts, or raise those nodes' maximum.")
+            f"before them.{per_device} Lower the count or the per-actor amounts, or raise those nodes' maximum.")
 
 
 TRAINING = "training workers"

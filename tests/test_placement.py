@@ -132,3 +132,70 @@ def test_gpu_shares_and_custom_resources_are_validated():
     with pytest.raises(ConfigError, match="GPU is set by the stage's own num_cpus/num_gpus keys"):
         small_config("images.resources={GPU: 1}")
     assert small_config("images.resources={diffusion_node: 0.001}").images.resources == {"diffusion_node": 0.001}
+
+
+#: (GPUs on the node, one actor's GPU share, actors asked for): shares that add up under the node's GPUs but do
+#: not all fit on single devices (3 x 0.66 on 2 GPUs: one per device; 7 x 0.4 on 3: two per device), and some that do
+DEVICE_CASES = [(2, 0.66, 3), (2, 0.5, 4), (2, 0.5, 5), (3, 0.4, 7), (3, 0.4, 6), (1, 0.33, 3), (2, 1.0, 3)]
+
+RAY_PLACES = """
+import json, sys, ray
+cases, packed = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+ray.init(num_cpus=4, num_gpus=max(g for g, _, _ in cases), include_dashboard=False, log_to_driver=False)
+class Holder:
+    def ping(self):
+        return 1
+out = []
+for (gpus, share, n), expected in zip(cases, packed):
+    # the node's other GPUs held by a blocker, so that this case sees `gpus` free devices
+    blockers = [ray.remote(num_cpus=0, num_gpus=1)(Holder).remote() for _ in range(int(ray.cluster_resources()["GPU"]) - gpus)]
+    ray.get([b.ping.remote() for b in blockers])
+    actors = [ray.remote(num_cpus=0, num_gpus=share)(Holder).remote() for _ in range(n)]
+    refs = [a.ping.remote() for a in actors]
+    ready, _ = ray.wait(refs, num_returns=min(expected, n), timeout=120)   # what packing says: not a minute more
+    ready, _ = ray.wait(refs, num_returns=n, timeout=5)   # and whatever else Ray places within 5 s
+    out.append(len(ready))
+    for a in actors + blockers:
+        ray.kill(a)
+print(json.dumps(out))
+"""
+
+
+def test_a_share_that_fits_the_gpus_sum_but_not_single_devices_is_refused_saying_so():
+    two = ClusterSpec("a 2-GPU box", (NodeType("box", {"CPU": 16, "GPU": 2}, existing=1, max_workers=1),))
+    with pytest.raises(PlacementError) as e:
+        pack([StageResources("diffusers renderers", 3, 1, 0.66, keys=("images.pool_size", "", "images.num_gpus"))],
+             two)
+    assert "2 of the 3 diffusers renderers" in str(e.value)
+    assert "a GPU holds 1 share of 0.66, whatever the node's GPUs add up to" in str(e.value)
+    assert pack([StageResources("diffusers renderers", 4, 1, 0.5)], two).nodes == {"box": 1}
+
+
+@pytest.mark.slow
+def test_gpu_shares_are_packed_per_device_as_rays_raylet_places_them():
+    """How many actors of each share `pack` places on one node agrees with how many a real Ray starts on a node with
+    that many GPUs (where the GPUs' sum would admit more)."""
+    import json
+    import subprocess
+    import sys
+
+    def packed(gpus: int, share: float, n: int) -> int:
+        node = ClusterSpec("box", (NodeType("box", {"CPU": 64, "GPU": gpus}, existing=1, max_workers=1),))
+        fits = [k for k in range(1, n + 1) if _packs([StageResources("renderers", k, 0.1, share)], node)]
+        return max(fits, default=0)
+
+    expected = [packed(*case) for case in DEVICE_CASES]
+    r = subprocess.run([sys.executable, "-c", RAY_PLACES, json.dumps(DEVICE_CASES), json.dumps(expected)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    started = json.loads(r.stdout.strip().splitlines()[-1])
+    assert started == expected
+    assert started[0] == 2 and started[3] == 6        # fewer than the GPUs' sum admits (3 x 0.66 <= 2, 7 x 0.4 <= 3)
+
+
+def _packs(stages: list[StageResources], cluster: ClusterSpec) -> bool:
+    try:
+        pack(stages, cluster)
+    except PlacementError:
+        return False
+    return True
