@@ -215,3 +215,9 @@ def test_store_fingerprint_changes_with_how_renders_become_bytes(monkeypatch):
     assert store_fingerprint(load_config("local", ["images.safety_checker=false"])) != before
     monkeypatch.setattr(DiffusionRenderer, "output_version", DiffusionRenderer.output_version + 1)
     assert store_fingerprint(cfg) != before
+
+
+def test_a_cuda_renderer_that_asks_ray_for_no_gpu_is_refused():
+    with pytest.raises(ConfigError, match="device 'cuda' needs num_gpus > 0: Ray hides every GPU"):
+        load_config("local", ["images.device=cuda", "images.num_gpus=0"])
+    assert load_config("local", ["images.device=cuda", "images.num_gpus=0.5"]).images.num_gpus == 0.5

@@ -199,3 +199,22 @@ def _packs(stages: list[StageResources], cluster: ClusterSpec) -> bool:
     except PlacementError:
         return False
     return True
+
+
+def test_with_no_cluster_file_or_address_synray_plan_checks_this_machine_and_says_so(monkeypatch):
+    """From the repository root too (where cluster.yaml lies): a plan is checked against the local Ray the run would
+    start, with the config's CPU and GPU counts, GPU shares per device."""
+    from procs import ROOT, sets, synray_main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    r = synray_main("plan", "local", *sets("ray.num_gpus=0"))
+    assert r.code == 0 and "nodes on this machine (a local Ray with 8 CPU, 0 GPU;" in r.out, r.out[-2000:]
+    assert "cluster.yaml" not in r.out
+    r = synray_main("plan", "local", *sets("ray.num_gpus=0", "train.use_gpu=true"))
+    assert r.code == 2 and "but this machine (a local Ray with 8 CPU, 0 GPU;" in r.out and "at most 0 GPU" in r.out
+    shares = sets("ray.num_gpus=2", "images.num_gpus=0.66", "images.pool_size=3")
+    r = synray_main("plan", "local", *shares)
+    assert r.code == 2 and "a GPU holds 1 share of 0.66" in r.out, r.out[-2000:]
+    r = synray_main("plan", "local", *sets("ray.num_gpus=2", "images.num_gpus=0.5", "images.pool_size=4"))
+    assert r.code == 0 and "checks: ok" in r.out, r.out[-2000:]

@@ -303,7 +303,7 @@ def test_the_teacher_temperature_warms_up_over_its_share_or_its_published_steps(
 
 
 def test_synray_plan_warns_of_a_teacher_horizon_and_prototypes_that_do_not_fit_the_run_naming_the_keys():
-    from procs import synray_main
+    from procs import ROOT, synray_main
 
     r = synray_main("plan", "shapes-synclr", "--set", "train.synclr.ema_horizon=null", "--set",
                     "train.synclr.prototypes=1024")   # the published per-step settings at the shapes budget
@@ -313,7 +313,7 @@ def test_synray_plan_warns_of_a_teacher_horizon_and_prototypes_that_do_not_fit_t
     assert "train.synclr.prototypes=1024 outnumber the 256 masked tokens of a step" in r.log
     shipped = synray_main("plan", "shapes-synclr")   # a 2% horizon and 128 prototypes
     assert shipped.code == 0 and "train.synclr." not in shipped.log
-    published = synray_main("plan", "synclr-vitb16")
+    published = synray_main("plan", "synclr-vitb16", "--cluster", str(ROOT / "cluster.yaml"))
     assert published.code == 0 and "train.synclr." not in published.log
 
 

@@ -196,6 +196,9 @@ class ImagesConfig(Section):
             raise ValueError(f"dtype {self.dtype!r} needs device 'cuda'; use float32 on the CPU")
         if self.device == "cpu" and self.compile:
             raise ValueError("compile=true needs device 'cuda'")
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError("device 'cuda' needs num_gpus > 0: Ray hides every GPU from an actor that asks for none "
+                             "(CUDA_VISIBLE_DEVICES is empty there)")
         if self.output_size > self.resolution:
             raise ValueError(f"output_size {self.output_size} is larger than resolution {self.resolution}")
         return self

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from synray.captions.backends import get_caption_backend
 from synray.config import RunConfig
@@ -16,14 +15,13 @@ from synray.placement import ClusterSpec, Placement, PlacementError, StageResour
 from synray.plan import check_eval_protocols, plan_run, run_plan_stages, with_rates
 from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
 from synray.programs.rateview import measured_rates, rate_lines
-from synray.programs.session import address_source, check_reachable, cluster_spec, ray_address, session
+from synray.programs.session import (address_source, check_reachable, cluster_spec, local_spec, ray_address,
+                                     session)
 from synray.sharedfs import storage_problems
 from synray.stages import by_phase
 
 log = logging.getLogger(__name__)
 
-#: the cluster file `synray plan` reads when none is named and one lies in the working directory
-DEFAULT_CLUSTER_FILE = "cluster.yaml"
 
 
 @dataclass
@@ -140,6 +138,10 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
             lines, problems = cluster_lines(stages, cluster_spec())
         view.lines += lines
         view.problems += problems
+    if not cluster_file and not address:   # the run would start a local Ray here
+        lines, problems = cluster_lines(stages, local_spec(cfg.ray), cfg)
+        view.lines += lines
+        view.problems += problems
     return view
 
 
@@ -148,8 +150,6 @@ def plan_command(cfg: RunConfig, cluster_file: str | None = None, address: str |
     """Print the plan; exit 2 when it can never run as configured (bad input, or a phase that cannot be placed)."""
     address_from = "--address" if address else address_source(cfg.ray)
     address = address or ray_address(cfg.ray)
-    if cluster_file is None and address is None and Path(DEFAULT_CLUSTER_FILE).is_file():
-        cluster_file = DEFAULT_CLUSTER_FILE
     view = plan_view(cfg, cluster_file, address, rates_from, address_from)
     print("\n".join(view.lines))
     for line in view.inputs:

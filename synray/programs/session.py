@@ -125,6 +125,19 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
+def local_spec(cfg: RayConfig) -> ClusterSpec:
+    """This machine as the local Ray that synray would start for `cfg` sees it (its CPUs, at least 4 logical ones,
+    and the GPUs Ray detects, or the config's counts): what `synray plan` checks with no cluster file or address."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource   # how ray.init counts GPUs
+
+    cpus = local_init_kwargs(cfg)["num_cpus"]
+    gpus = cfg.num_gpus if cfg.num_gpus is not None else (
+        get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
+    return ClusterSpec(f"this machine (a local Ray with {cpus:g} CPU, {gpus:g} GPU; --cluster FILE or --address "
+                       "checks a cluster)", (NodeType("this machine", {"CPU": cpus, "GPU": gpus}, existing=1,
+                                                     max_workers=1),))
+
+
 def cluster_spec() -> ClusterSpec:
     """The connected cluster as node types: each running node, plus the node groups its autoscaler may add (up to
     their maximum counts; Ray publishes them in the GCS). A local Ray has no autoscaler: its nodes are all it has."""
