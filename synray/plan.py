@@ -339,8 +339,8 @@ def plan_rewrite(cfg: RunConfig, source: str | None, out: str) -> RewritePlan:
     source = source or cfg.captions.rewrite.source
     if not source:
         raise ConfigError("rewrite needs --source or captions.rewrite.source")
+    check_source(source, given)   # cheap checks first: the model may be built or fetched
     model = resolve_model(cfg.captions.model, cfg.model_cache)
-    check_source(source, given)
     fingerprint = rewrite_fingerprint(cfg)
     ParquetStore(out).check_writable(fingerprint)
     return RewritePlan(cfg, source, out, model, fingerprint)

@@ -118,7 +118,7 @@ def test_every_built_in_config_validates_and_synray_plan_prints_its_plan(capsys,
     from synray.plan import load_run_config
     from synray.programs.planview import plan_command
 
-    for name, cluster_file in [(n, f) for n in builtin_names() for f in (CLUSTER, RAYJOB)]:
+    for name, cluster_file in [(n, f) for n in builtin_names() if n not in ONE_MACHINE for f in (CLUSTER, RAYJOB)]:
         rc = plan_command(load_run_config(name), cluster_file=str(cluster_file))
         out = capsys.readouterr().out
         assert rc == 0, (name, cluster_file, out)   # the storage check included: every built-in keeps it shared
@@ -404,3 +404,26 @@ def test_every_ray_pod_has_a_memory_backed_dev_shm_for_its_object_store():
         memory = quantity(container["resources"]["limits"]["memory"])
         size = quantity(volume["emptyDir"]["sizeLimit"])
         assert 1.1 * ray_default_object_store(memory) <= size <= 0.5 * memory, (group.get("groupName"), size)
+
+
+#: the built-ins for one machine, with the CPUs and GPUs of the machine each is sized for
+ONE_MACHINE = {"one-gpu": (16, 1), "one-node": (96, 8)}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_MACHINE))
+def test_the_one_machine_built_ins_plan_cleanly_on_their_machine_and_not_on_a_smaller_one(name, tiny_models):
+    """Checked as `synray plan NAME` checks this machine (its counts given as ray.num_cpus/num_gpus): the generation
+    job, training and evaluation each fit the machine, a machine with fewer GPUs refuses them, and a cluster file
+    refuses their local paths once a phase spans nodes."""
+    from procs import sets, synray_main
+
+    cpus, gpus = ONE_MACHINE[name]
+    r = synray_main("plan", name, *sets(f"ray.num_cpus={cpus}", f"ray.num_gpus={gpus}"))
+    assert r.code == 0 and "checks: ok" in r.out, (r.error, r.out[-3000:])
+    for phase in ("generation job", "training", "evaluation"):
+        assert f"  {phase}: this machine x1 (" in r.out, phase
+    assert "`synray generate CONFIG`" in r.out and "to make first:" in r.out
+    smaller = synray_main("plan", name, *sets(f"ray.num_cpus={cpus}", f"ray.num_gpus={gpus // 2}"))
+    assert smaller.code == 2 and "refused: the generation job phase" in smaller.out, smaller.out[-3000:]
+    on_cluster = synray_main("plan", name, "--cluster", str(CLUSTER))
+    assert on_cluster.code == 2 and "output_root" in on_cluster.out

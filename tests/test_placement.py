@@ -136,7 +136,7 @@ def test_gpu_shares_and_custom_resources_are_validated():
 
 #: (GPUs on the node, one actor's GPU share, actors asked for): shares that add up under the node's GPUs but do
 #: not all fit on single devices (3 x 0.66 on 2 GPUs: one per device; 7 x 0.4 on 3: two per device), and some that do
-DEVICE_CASES = [(2, 0.66, 3), (2, 0.5, 4), (2, 0.5, 5), (3, 0.4, 7), (3, 0.4, 6), (1, 0.33, 3), (2, 1.0, 3)]
+DEVICE_CASES = [(2, 0.66, 3), (2, 0.5, 4), (3, 0.4, 7), (1, 0.33, 3), (2, 1.0, 3)]
 
 RAY_PLACES = """
 import json, sys, ray
@@ -190,7 +190,7 @@ def test_gpu_shares_are_packed_per_device_as_rays_raylet_places_them():
     assert r.returncode == 0, r.stderr[-3000:]
     started = json.loads(r.stdout.strip().splitlines()[-1])
     assert started == expected
-    assert started[0] == 2 and started[3] == 6        # fewer than the GPUs' sum admits (3 x 0.66 <= 2, 7 x 0.4 <= 3)
+    assert started[0] == 2 and started[2] == 6        # fewer than the GPUs' sum admits (3 x 0.66 <= 2, 7 x 0.4 <= 3)
 
 
 def _packs(stages: list[StageResources], cluster: ClusterSpec) -> bool:

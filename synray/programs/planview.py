@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from synray.captions.backends import get_caption_backend
 from synray.config import RunConfig
 from synray.data.store import StoreMissingError
+from synray.generation.pipeline import generation_stages
 from synray.images.registry import get_renderer
 from synray.placement import ClusterSpec, Placement, PlacementError, StageResources, load_cluster_file, pack, \
     phase_totals
@@ -18,7 +19,7 @@ from synray.programs.rateview import measured_rates, rate_lines
 from synray.programs.session import (address_source, check_reachable, cluster_spec, local_spec, ray_address,
                                      session)
 from synray.sharedfs import storage_problems
-from synray.stages import by_phase
+from synray.stages import by_phase, stage_resources
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,16 @@ def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec,
     return lines, problems
 
 
+#: the phase of `synray generate` in a plan that trains from a store yet to be made
+GENERATE_PHASE = "generation job"
+
+
+def generation_job_stages(cfg: RunConfig) -> tuple[StageResources, ...]:
+    """What `synray generate` holds at once for `cfg` (its stages, with the store's writer)."""
+    return tuple(stage_resources(generation_stages(cfg, None, store=cfg.data.store_dir or "store", passthrough=False,
+                                                   phase=GENERATE_PHASE)))
+
+
 def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
               rates_from: str | None = None, address_from: str = "--address") -> PlanView:
     view = PlanView()
@@ -124,6 +135,11 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
         plan_run(cfg)
     except StoreMissingError as e:
         view.inputs.append(str(e))
+        if cfg.data.mode == "stored":   # its placement is checked with the run's: generated first, then trained on
+            generate = generation_job_stages(cfg)
+            view.lines += ["the job that writes the store first (`synray generate CONFIG`):"]
+            view.lines += [f"  {line}" for line in stage_lines(generate)[:-1]]
+            stages = (*generate, *stages)
     except Exception as e:  # noqa: BLE001 - bad input is a problem to print; anything else is a bug
         if bad_input_message(e) is None:
             raise
@@ -150,6 +166,8 @@ def plan_command(cfg: RunConfig, cluster_file: str | None = None, address: str |
     """Print the plan; exit 2 when it can never run as configured (bad input, or a phase that cannot be placed)."""
     address_from = "--address" if address else address_source(cfg.ray)
     address = address or ray_address(cfg.ray)
+    if address:
+        check_reachable(address, address_from)   # before the models are resolved (built or fetched)
     view = plan_view(cfg, cluster_file, address, rates_from, address_from)
     print("\n".join(view.lines))
     for line in view.inputs:
