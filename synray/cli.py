@@ -127,6 +127,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from synray.sweep.report import write_report
 
     report = write_report(args.sweep_dir, args.metric)
+    for line in report.table_lines() if report.rows else []:
+        print(line)
     for line in report.fit_lines():
         print(line)
     for message in report.messages:

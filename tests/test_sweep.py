@@ -177,6 +177,24 @@ def test_synray_report_metric_fits_the_named_probe(tmp_path: Path, capsys):
     assert fits["groups"]["a"]["law"]["k"] == pytest.approx(0.4, abs=0.02)
 
 
+def test_synray_report_prints_the_table_and_refuses_a_metric_no_trial_has(tmp_path: Path, capsys):
+    """The table (results.md) is printed before the fits; a metric without values exits 2 naming the figures the
+    trials have, and leaves the last report as it was."""
+    from synray.cli import main
+
+    _fake_sweep(tmp_path / "s", [40, 80, 160, 320], 0.4)
+    assert main(["report", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    table = (tmp_path / "s" / "report" / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 8 and out[:len(table)] == table
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s" / "report").iterdir()}
+    assert main(["report", str(tmp_path / "s"), "--metric", "zeroshot_accuracy"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == ("synray: no finished trial has a value of zeroshot_accuracy (--metric, else tune.metric); "
+                    "they have: knn_accuracy, linear_accuracy, loss")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s" / "report").iterdir()} == before
+
+
 def test_trials_that_differ_by_seed_are_replicates_of_one_method(tmp_path: Path):
     _fake_sweep(tmp_path / "s", [40, 80, 160, 320], 0.4)
     for d in sorted((tmp_path / "s" / TRIALS_DIR).iterdir()):   # a second seed of every trial, 2% off

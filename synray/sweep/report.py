@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from synray.config import RunConfig, load_config
+from synray.config import ConfigError, RunConfig, load_config
 from synray.data.files import atomic_write_text, write_json
 from synray.data.storage import Location, copy_tree, local_file
 from synray.eval.registry import LOSS_METRIC, headline_metrics, validation_figures
@@ -43,6 +43,12 @@ class SweepReport:
     messages: list[str] = field(default_factory=list)
     selection_lines: list[str] = field(default_factory=list)
     failed: int = 0                  # trials Tune reports as errored (set by the sweep program)
+
+    def table_lines(self) -> list[str]:
+        """The results table as Markdown (results.md), one row per trial."""
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        return lines + ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in self.rows]
 
     def fit_lines(self) -> list[str]:
         """Each group's law, intervals, choice of law and extrapolation check, as printed and in fits.md; then the
@@ -157,17 +163,28 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _write_tables(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+def _write_tables(report: SweepReport, out: Path) -> list[Path]:
+    keys = list(dict.fromkeys(k for r in report.rows for k in r))
     csv_path, md_path = out / "results.csv", out / "results.md"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
-        w.writerows(rows)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    atomic_write_text(md_path, "\n".join(lines) + "\n")
+        w.writerows(report.rows)
+    atomic_write_text(md_path, "\n".join(report.table_lines()) + "\n")
     return [csv_path, md_path]
+
+
+#: what a report writes into its folder (cleared first: a report of another metric leaves nothing behind)
+REPORT_FILES = ("results.*", "selection.md", "fits.*", "scaling*.png", "allocation*")
+
+
+def _check_metric(trials: list[dict[str, Any]], metric: str) -> None:
+    """ConfigError when no finished trial has a value of `metric`, naming the figures they have."""
+    finished = [t for t in trials if t.get("status") == "finished"]
+    if finished and all(_value(t, metric) is None for t in finished):
+        have = sorted({LOSS_METRIC, *(m for t in finished for m in t.get("trained", {}))})
+        raise ConfigError(f"no finished trial has a value of {metric} (--metric, else tune.metric); "
+                          f"they have: {', '.join(have)}")
 
 
 def _error(value: float, mode: str) -> float:
@@ -208,12 +225,16 @@ def _write_report(where: Location, out: Path, metric: str | None) -> SweepReport
         cfg: RunConfig = load_config(path)
     metric = metric or cfg.tune.metric
     trials = load_trials(where)
+    _check_metric(trials, metric)
     out.mkdir(parents=True, exist_ok=True)
+    for pattern in REPORT_FILES:
+        for stale in out.glob(pattern):
+            stale.unlink()
     report = SweepReport(_table_rows(trials, metric))
     if not trials:
         report.messages.append(f"no finished trial under {where.join(TRIALS_DIR)}")
         return report
-    report.files += _write_tables(report.rows, out)
+    report.files += _write_tables(report, out)
     report.selection_lines = selection(trials, metric)
     if report.selection_lines:
         atomic_write_text(out / "selection.md", "\n".join(report.selection_lines) + "\n")
