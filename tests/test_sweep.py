@@ -300,3 +300,18 @@ def test_the_report_chooses_each_methods_trial_on_the_validation_figure_not_the_
     assert "trial b80 " in picked["b"] and "knn_accuracy 0.4000" in picked["b"]
     assert "trial a80 " in picked["all trials"]
     assert "no trial is chosen" in selection(trials, "segmentation_miou")[0]
+
+
+def test_synray_plan_of_a_sweep_shows_its_trials_pools_and_held_out_set_not_the_base_run(caplog):
+    """`synray plan scaling-local`: the sweep's search, its pools and held-out set, the largest trial's stages
+    placed at tune.max_concurrent_trials at once; no word on the base config's stream (trials read the pools)."""
+    from procs import synray_main
+
+    r = synray_main("plan", "scaling-local")
+    assert r.code == 0 and "checks: ok" in r.out, (r.error, r.out[-3000:])
+    assert "search: 1 sample(s) of 16 grid point(s)" in r.out and "data.num_captions: grid [150, 400, 1000, 2400]" \
+        in r.out
+    assert r.out.count("captions x 4 images -> ") == 2 and "held-out set: 200 captions -> " in r.out
+    assert "the largest trial (2400 captions; tune.max_concurrent_trials=2 at once):" in r.out
+    assert "2 trial(s) at once: training: this machine x1" in r.out
+    assert "stream mode" not in r.log and "data flow:" not in r.out

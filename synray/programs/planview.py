@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from synray.captions.backends import get_caption_backend
 from synray.config import RunConfig
@@ -119,9 +119,36 @@ def generation_job_stages(cfg: RunConfig) -> tuple[StageResources, ...]:
                                                    phase=GENERATE_PHASE)))
 
 
+def sweep_view(cfg: RunConfig) -> tuple[list[str], list[str], tuple[StageResources, ...]]:
+    """A sweep's plan (`synray sweep` decides it before Ray starts): its search, pools, held-out set and trials,
+    the problems that refuse it, and what its concurrent trials hold at once (the largest trial's stages, times
+    tune.max_concurrent_trials, else one)."""
+    from synray.sweep.planning import plan_sweep
+
+    try:
+        sweep = plan_sweep(cfg)
+    except Exception as e:  # noqa: BLE001 - bad input is a problem to print; anything else is a bug
+        if bad_input_message(e) is None:
+            raise
+        return [], [str(e)], ()
+    at_once = cfg.tune.max_concurrent_trials or 1
+    trial = max(sweep.trials, key=lambda t: (t.data.num_captions, t.images.per_caption))
+    stages = tuple(replace(s, actors=s.actors * at_once, phase=f"{at_once} trial(s) at once: {s.phase}")
+                   for s in run_plan_stages(trial, check_eval_protocols(trial)))
+    lines = ["sweep:"] + [f"  {line}" for line in sweep.describe()]
+    lines += [f"  the largest trial ({trial.data.num_captions} captions; tune.max_concurrent_trials={at_once} "
+              "at once):"] + [f"    {line}" for line in stage_lines(stages)[:-1]]
+    return lines, [], stages
+
+
 def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
               rates_from: str | None = None, address_from: str = "--address") -> PlanView:
     view = PlanView()
+    if cfg.tune.space:   # a sweep: its trials, not the base config's run
+        lines, view.problems, stages = sweep_view(cfg)
+        view.lines += [f"plan: {cfg.name}" + (f" - {cfg.description}" if cfg.description else ""), *lines]
+        view.lines += ["storage:"] + [f"  {line}" for line in storage_lines(cfg)]
+        return placement_view(view, cfg, stages, cluster_file, address, address_from)
     protocols = check_eval_protocols(cfg)
     stages = run_plan_stages(cfg, protocols)
     if rates_from:
@@ -144,6 +171,12 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
         if bad_input_message(e) is None:
             raise
         view.problems.append(str(e))
+    return placement_view(view, cfg, stages, cluster_file, address, address_from)
+
+
+def placement_view(view: PlanView, cfg: RunConfig, stages: Sequence[StageResources], cluster_file: str | None,
+                   address: str | None, address_from: str) -> PlanView:
+    """`view` with the nodes each phase needs on the cluster file, the running cluster, or this machine."""
     if cluster_file:
         lines, problems = cluster_lines(stages, load_cluster_file(cluster_file), cfg)
         view.lines += lines

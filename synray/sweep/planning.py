@@ -47,6 +47,7 @@ class SweepPlan:
     data: SweepData
     root: Location
     resources: TrialResources
+    trials: tuple[RunConfig, ...] = ()   # every grid trial's config, as it will run
 
     def describe(self) -> list[str]:
         t = self.cfg.tune
@@ -138,4 +139,4 @@ def plan_sweep(cfg: RunConfig, root: str | None = None) -> SweepPlan:
             check_subset_fills_a_batch(trials[-1])
         except ValueError as e:
             raise ConfigError(f"tune trial {params}: {e}") from None
-    return SweepPlan(cfg, space, data, base, trial_resources(cfg, trials))
+    return SweepPlan(cfg, space, data, base, trial_resources(cfg, trials), tuple(trials))
