@@ -429,3 +429,37 @@ def test_the_one_machine_built_ins_plan_cleanly_on_their_machine_and_not_on_a_sm
     assert smaller.code == 2 and "refused: the generation job phase" in smaller.out, smaller.out[-3000:]
     on_cluster = synray_main("plan", name, "--cluster", str(CLUSTER))
     assert on_cluster.code == 2 and "output_root" in on_cluster.out
+
+
+def test_every_node_gets_hf_token_from_a_secret_and_no_file_holds_one(tmp_path):
+    """Gated hub models need HF_TOKEN on every node. The RayJob takes it into every Ray container from the Secret
+    synray-hf-token (optional: public models run without it). On VMs, the host's initialization writes it from AWS
+    Secrets Manager into a file only its user reads, and docker passes that file into the container: the command
+    runs here against a stand-in `aws` that prints a token, then one that fails (no secret: an empty file)."""
+    import os
+    import stat
+    import subprocess
+
+    job, _ = rayjob_docs()
+    cluster = job["spec"]["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        (token,) = [e for e in container["env"] if e["name"] == "HF_TOKEN"]
+        assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": "synray-hf-token", "key": "token", "optional": True}}}
+        assert not [e for e in container["env"] if "value" in e and any(
+            w in e["name"].upper() for w in ("TOKEN", "SECRET", "PASSWORD", "KEY"))]
+
+    spec = yaml.safe_load(CLUSTER.read_text())
+    (env_file,) = [o.split()[1] for o in spec["docker"]["run_options"] if o.startswith("--env-file")]
+    (write,) = [c for c in spec["initialization_commands"] if env_file in c and "secretsmanager" in c]
+    bin_dir, out = tmp_path / "bin", tmp_path / "secrets.env"
+    bin_dir.mkdir()
+    for answer, want in (("echo hf_canary123", "HF_TOKEN=hf_canary123\n"), ("exit 255", "")):
+        (bin_dir / "aws").write_text(f"#!/bin/sh\n{answer}\n")
+        (bin_dir / "aws").chmod(0o755)
+        out.unlink(missing_ok=True)
+        subprocess.run(["bash", "-c", write.replace(env_file, str(out))], check=True,
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        assert out.read_text() == want and stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert "hf_" not in CLUSTER.read_text() and "hf_" not in RAYJOB.read_text()

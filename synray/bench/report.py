@@ -70,7 +70,7 @@ class BenchReport:
         return path
 
     def table(self) -> str:
-        """The Markdown table the README shows (and `synray bench` prints)."""
+        """The Markdown table docs/benchmarks.md shows (and `synray bench` prints)."""
         gpu = self.machine.get("gpu") or "no GPU"
         lines = [f"`synray bench{' --quick' if self.mode == 'quick' else ''}` on {self.machine['cpu_cores']} CPU "
                  f"cores ({gpu}), {self.date}, {self.elapsed_s:.0f} s"

@@ -93,7 +93,7 @@ class EngineConfig(Section):
         if self.batch_invariant and self.num_gpus == 0:
             raise ValueError("batch_invariant needs GPU engines (num_gpus > 0): vLLM's batch-invariant kernels are "
                              "CUDA-only; on the CPU backend a seeded caption was measured independent of its "
-                             "batch already (README: Reproducibility)")
+                             "batch already (docs/failures.md: Reproducibility)")
         return self
 
 

@@ -6,7 +6,7 @@ import hashlib
 
 import pyarrow as pa
 
-#: columns every stored row has (the README documents each one)
+#: columns every stored row has (docs/generation.md documents each one)
 ROW_SCHEMA = pa.schema([
     pa.field("caption_id", pa.string(), nullable=False),    # sha256(run seed, row id, prompt)[:16]
     pa.field("row_id", pa.int64(), nullable=False),          # index in the run's generation plan
