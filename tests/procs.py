@@ -27,6 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 600
 
 
+def docs_text() -> str:
+    """The README and every page of docs/, as one text: where the tests look for the figures and excerpts the
+    documentation quotes."""
+    return "\n\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (bound once, then released)."""
     with socket.socket() as s:

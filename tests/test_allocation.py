@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
+from procs import docs_text
 from synray.sweep.allocation import UnitCostRates, captions_within, fit_allocation, splits_for_budget
 from synray.sweep.fit import ScalingFitError
 
@@ -210,6 +211,6 @@ def test_the_stored_allocation_reports_and_the_readme_are_what_the_code_makes_of
     fit, _, plans = plan_group(load_run_config("allocation-local"), trials, rates)
     lines = (REPORT / f"{name}.md").read_text().splitlines()
     assert describe_allocation(group_name, fit, plans, rates.device) == lines[1:]
-    readme = (REPORT.parent.parent.parent / "README.md").read_text()
+    readme = docs_text()
     quoted = [lines[1], *lines[5:8]]   # the law, and the median budget: its best split and the two others
     assert all(line.strip() in readme for line in quoted), "README's allocation excerpt is stale"

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from procs import docs_text
 from synray.placement import load_cluster_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +231,7 @@ def test_every_node_boots_one_pinned_current_ami_that_ray_keeps():
     assert unpinned["available_node_types"]["train_gpu"]["node_config"]["ImageId"] == DEFAULT_AMI["us-west-2"]
     text = CLUSTER.read_text()
     assert "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)" in text   # which AMI it is, in the file
-    readme = (ROOT / "README.md").read_text()
+    readme = docs_text()
     assert "aws ec2 describe-images" in readme and ami in readme                  # and how to find it elsewhere
 
 
@@ -248,7 +249,7 @@ def test_workers_get_an_instance_profile_of_their_own():
     assert profiles[head]["Name"] != profiles["train_gpu"]["Name"]                  # the head's also launches nodes
     prepared = {**copy.deepcopy(cfg), "head_node": {}}
     assert _configure_iam_role(prepared)["head_node"] == {}                         # no AWS call, nothing added
-    readme = (ROOT / "README.md").read_text()
+    readme = docs_text()
     assert all(p["Name"] in readme for p in profiles.values()) and "iam:PassRole" in readme
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from procs import docs_text
 from synray.plan import derive_config, load_run_config, plan_run
 from synray.train.engine import images_per_step
 from synray.train.objectives import get_objective
@@ -87,5 +88,5 @@ def test_the_readme_quotes_the_stored_synclr_ablation_table_which_the_program_re
     table = (report / "ablations.md").read_text()
     assert program.table(results, load_run_config("shapes")) == table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    readme = (report.parents[2] / "README.md").read_text()
+    readme = docs_text()
     assert len(rows) >= 10 and all(row in readme for row in rows), "README's SynCLR ablation table is stale"

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from procs import docs_text
+
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+README = docs_text()   # the README and docs/, where the excerpts are
 
 
 def excerpt(after: str) -> list[str]:

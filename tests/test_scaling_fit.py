@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
+from procs import docs_text
 from synray.sweep.fit import WITH_C, WITHOUT_C, ScalingFitError, extrapolation_check, fit_law, fit_scaling
 
 #: (data scales, trials per scale, relative noise, a, k, c); the scales run from 12.5k to 400k as in a sweep over
@@ -149,7 +150,7 @@ def test_the_readme_quotes_the_fit_of_the_scaling_local_trials():
             n.append(float(row["captions"]) * float(row["images_per_caption"]))
             e.append(1 - float(row["knn_accuracy"]))
     simclr, multi = fit_scaling(*groups["SimCLR m=1"]), fit_scaling(*groups["multi-positive m=4"])
-    readme_text = (root / "README.md").read_text()
+    readme_text = docs_text()
     readme = " ".join(readme_text.split())
     assert (f"SimCLR k = {simclr.law.k:.3f} (95% interval {simclr.k_low:.3f}-{simclr.k_high:.3f}), multi-positive "
             f"k = {multi.law.k:.3f} ({multi.k_low:.3f}-{multi.k_high:.3f})") in readme
