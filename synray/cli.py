@@ -237,11 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_config(args: argparse.Namespace) -> None:
+    """The config and its `--set` overrides against the schema alone (unknown keys, types, ranges), before a
+    command imports the registries, torch and Ray to check the rest: a typo is refused in a second."""
+    from synray.config import load_config
+
+    if isinstance(getattr(args, "config", None), str) and hasattr(args, "overrides"):
+        load_config(args.config, args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     job_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
-    return exit_status(lambda: func(args))  # bad input is reported in one line (exit 2), anything else re-raised
+
+    def command() -> int:
+        check_config(args)
+        return func(args)
+
+    return exit_status(command)  # bad input is reported in one line (exit 2), anything else re-raised
 
 
 if __name__ == "__main__":

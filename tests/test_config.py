@@ -163,7 +163,7 @@ def test_store_fingerprint_counts_only_what_the_backend_reads():
     assert store_fingerprint(load_config("shapes", ["images.resolution=64"])) != store_fingerprint(shapes)
 
 
-def test_the_synray_command_answers_help_and_lists_configs_without_loading_torch():
+def test_help_config_list_typos_and_a_missing_sweep_answer_without_loading_torch_or_ray():
     """The CLI's real process: `--help` and `config list` answer without importing torch, Ray or the models (each
     command imports its program when it runs), as the command's docstring promises."""
     code = ("import sys\nfrom synray.cli import main\ntry:\n    rc = main(sys.argv[1:])\n"
@@ -173,6 +173,12 @@ def test_the_synray_command_answers_help_and_lists_configs_without_loading_torch
     for args, needle in ((["--help"], "generate"), (["config", "list"], "shapes\t")):
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and needle in r.stdout and "heavy: []" in r.stderr, (args, r.stderr[-2000:])
+    # bad input that the schema alone refuses, and a sweep folder that is not there: refused in one line as fast
+    for args, needle in ((["run", "local", "--set", "train.stepz=3"], "train.stepz: unknown key"),
+                         (["plan", "shapes", "--set", "data.num_captions=-1"], "data.num_captions: -1 is not allowed"),
+                         (["report", "/no/such/sweep"], "config file not found: /no/such/sweep/config.yaml")):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr and "heavy: []" in r.stderr, (args, r.stderr[-2000:])
 
 
 def test_cli_config_show_prints_a_config_that_validates(capsys):

@@ -17,7 +17,7 @@ from synray.data.storage import Location
 from synray.sweep.allocation import (MIN_CAPTION_SCALES, MIN_PER_CAPTION, AllocationFit, Split, UnitCostRates,
                                      captions_within, fit_allocation, splits_for_budget)
 from synray.sweep.fit import ScalingFitError
-from synray.sweep.pools import PER_CAPTION_KEY, POOLS_DIR, steps_rule
+from synray.sweep.rules import PER_CAPTION_KEY, POOLS_DIR, steps_rule
 from synray.sweep.space import file_slug, method_name
 
 __all__ = ["measured_rates", "unit_rates", "allocation_groups", "plan_group", "describe_allocation", "iso_cost",

@@ -11,12 +11,11 @@ from typing import Any, Callable
 from synray.config import ConfigError, RunConfig
 from synray.generation.pipeline import store_fingerprint
 from synray.plan import derive_config, heldout_config
+from synray.sweep.rules import PER_CAPTION_KEY, POOLS_DIR, steps_rule, trial_steps
 from synray.sweep.space import SCALE_KEY, SearchSpace, trial_overrides
 
 __all__ = ["Pool", "SweepData", "plan_pools", "trial_config", "steps_rule", "PER_CAPTION_KEY", "POOLS_DIR"]
 
-PER_CAPTION_KEY = "images.per_caption"
-POOLS_DIR = "pools"
 HELDOUT_DIR = "heldout"
 
 
@@ -96,21 +95,6 @@ def plan_pools(base: RunConfig, space: SearchSpace, root: str) -> SweepData:
     if base.eval.enabled and not base.eval.dataset:
         heldout = heldout_config(_pool_config(base, base.data.num_captions, per_caption))
     return SweepData(pools, heldout, f"{root}/{HELDOUT_DIR}" if heldout is not None else None)
-
-
-def steps_rule(cfg: RunConfig) -> Callable[[int], int]:
-    """The budget rule: a trial's steps as a function of its captions: train.steps (the same compute at every
-    scale), or tune.epochs passes over its captions."""
-    if cfg.tune.budget == "steps":
-        return lambda captions: cfg.train.steps
-    t = cfg.train
-    rows_per_step = t.captions_per_worker * t.num_workers * t.grad_accum
-    return lambda captions: max(1, math.ceil(cfg.tune.epochs * captions / rows_per_step))
-
-
-def trial_steps(cfg: RunConfig) -> int:
-    """A trial's steps under the budget rule."""
-    return steps_rule(cfg)(cfg.data.num_captions)
 
 
 def trial_config(base: RunConfig, space: SearchSpace, data: SweepData, params: dict[str, Any]) -> RunConfig:

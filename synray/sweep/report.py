@@ -219,10 +219,9 @@ def write_report(root: str | Path | Location, metric: str | None = None) -> Swee
 
 
 def _write_report(where: Location, out: Path, metric: str | None) -> SweepReport:
-    from synray.viz import scaling_plot  # matplotlib only when a report is written
-
     with local_file(where.join(SWEEP_CONFIG)) as path:
         cfg: RunConfig = load_config(path)
+    from synray.viz import scaling_plot  # matplotlib only when a report is written
     metric = metric or cfg.tune.metric
     trials = load_trials(where)
     _check_metric(trials, metric)

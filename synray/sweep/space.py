@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from synray.config import ConfigError, RunConfig, SpaceSpec
-from synray.plan import derive_config
 
 __all__ = ["Dimension", "SearchSpace", "VARIANT_KEY", "FORBIDDEN_PREFIXES", "SCALE_KEY", "check_space",
            "method_name", "file_slug", "trial_overrides"]
@@ -151,6 +150,8 @@ def _check_key(base: RunConfig, key: str, where: str) -> None:
     try:
         _get_path(base.to_dict(), key)
     except (KeyError, TypeError):
+        from synray.plan import derive_config   # checking a space needs the registries; reading a sweep does not
+
         try:  # the config's own message names the unknown key and what the section has
             derive_config(base, {key: None})
         except ConfigError as e:
@@ -159,6 +160,8 @@ def _check_key(base: RunConfig, key: str, where: str) -> None:
 
 
 def _check_values(base: RunConfig, overrides: dict[str, Any], where: str) -> RunConfig:
+    from synray.plan import derive_config   # checking a space needs the registries; reading a sweep does not
+
     try:
         return derive_config(base, overrides)
     except ConfigError as e:

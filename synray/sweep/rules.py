@@ -1,0 +1,28 @@
+"""A sweep's fixed rules, with nothing heavy to import: where its pools live and how many steps a trial trains."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from synray.config import RunConfig
+
+#: the swept key that sets how many images each caption of a pool has
+PER_CAPTION_KEY = "images.per_caption"
+#: the folder of a sweep's directory that holds its data pools
+POOLS_DIR = "pools"
+
+
+def steps_rule(cfg: RunConfig) -> Callable[[int], int]:
+    """The budget rule: a trial's steps as a function of its captions: train.steps (the same compute at every
+    scale), or tune.epochs passes over its captions."""
+    if cfg.tune.budget == "steps":
+        return lambda captions: cfg.train.steps
+    t = cfg.train
+    rows_per_step = t.captions_per_worker * t.num_workers * t.grad_accum
+    return lambda captions: max(1, math.ceil(cfg.tune.epochs * captions / rows_per_step))
+
+
+def trial_steps(cfg: RunConfig) -> int:
+    """A trial's steps under the budget rule."""
+    return steps_rule(cfg)(cfg.data.num_captions)
