@@ -4,9 +4,8 @@ m images of each, so smaller scales are nested in larger ones and nothing is gen
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from synray.config import ConfigError, RunConfig
 from synray.generation.pipeline import store_fingerprint
