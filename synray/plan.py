@@ -39,7 +39,7 @@ from synray.train.spec import TrainPlan
 
 __all__ = ["StageResources", "DataPlan", "HeldoutPlan", "RunPlan", "RewritePlan", "registry_choices",
            "load_run_config", "derive_config", "heldout_config", "check_eval_protocols", "check_subset_fills_a_batch",
-           "plan_generation", "run_plan_stages", "plan_run", "plan_eval", "plan_rewrite"]
+           "plan_generation", "run_plan_stages", "plan_run", "plan_eval", "plan_rewrite", "model_names"]
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,18 @@ def stored_per_caption(shard: str) -> int:
     """The fewest images a row of a stored shard holds."""
     lengths = pc.list_value_length(pq.read_table(shard, columns=["images"]).column("images"))
     return int(pc.min(lengths).as_py() or 0)
+
+
+def model_names(cfg: RunConfig) -> dict[str, str]:
+    """The models a run loads, by config key (those its caption backend, renderer and objective need)."""
+    names = {}
+    if get_caption_backend(cfg.captions.backend).needs_model:
+        names["captions.model"] = cfg.captions.model
+    if get_renderer(cfg.images.backend).needs_model:
+        names["images.model"] = cfg.images.model
+    if get_objective(cfg.train.loss).image_text:
+        names["train.text.model"] = cfg.train.text.model
+    return names
 
 
 def _resolve_text(cfg: RunConfig) -> str:

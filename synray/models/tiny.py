@@ -96,6 +96,13 @@ def _build_cached(kind: str, root: Path, seed: int) -> Path:
     return final
 
 
+def is_hub_name(name: str) -> bool:
+    """A model name that vLLM and diffusers take from the Hugging Face hub: not `tiny:*`, not a folder here, and
+    shaped like `owner/name`."""
+    return (not name.startswith("tiny:") and not Path(name).expanduser().exists()
+            and bool(_HUB_ID.match(name)) and "/" in name)
+
+
 def _looks_like_path(name: str) -> bool:
     if name.startswith(("/", ".", "~")):
         return True

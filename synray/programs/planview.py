@@ -13,7 +13,8 @@ from synray.generation.pipeline import generation_stages
 from synray.images.registry import get_renderer
 from synray.placement import ClusterSpec, Placement, PlacementError, StageResources, load_cluster_file, pack, \
     phase_totals
-from synray.plan import check_eval_protocols, plan_run, run_plan_stages, with_rates
+from synray.models.hub import check_hub_names
+from synray.plan import check_eval_protocols, model_names, plan_run, run_plan_stages, with_rates
 from synray.programs.errors import EXIT_BAD_INPUT, bad_input_message
 from synray.programs.rateview import measured_rates, rate_lines
 from synray.programs.session import (address_source, check_reachable, cluster_spec, local_spec, ray_address,
@@ -158,6 +159,11 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
     view.lines += [f"  {line}" for line in stage_lines(stages)]
     view.lines += rate_lines(cfg, stages)
     view.lines += ["storage:"] + [f"  {line}" for line in storage_lines(cfg)]
+    models = model_names(cfg)
+    hub = check_hub_names(models)
+    view.lines += ["models:"] + [f"  {key}: {name}" for key, name in models.items()] + [
+        f"  note: {note}" for note in hub.notes]
+    view.problems += hub.problems
     try:
         plan_run(cfg)
     except StoreMissingError as e:
