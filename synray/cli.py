@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from importlib.metadata import version
 
 from synray.config import ConfigError, builtin_configs
 from synray.eval.registry import protocol_names, tune_metrics
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train visual representations on synthetic data: LLM captions -> diffusion images -> "
                     "distributed contrastive training, on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"synray {version('synray')}",
+                        help="print synray's version (the installed package's) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     cfg = sub.add_parser("config", help="show or list run configs").add_subparsers(dest="action", required=True)

@@ -170,7 +170,11 @@ def test_help_config_list_typos_and_a_missing_sweep_answer_without_loading_torch
             "except SystemExit as e:\n    rc = e.code\n"
             "print('heavy:', [m for m in ('torch', 'ray', 'vllm', 'diffusers') if m in sys.modules], file=sys.stderr)\n"
             "sys.exit(rc)")
-    for args, needle in ((["--help"], "generate"), (["config", "list"], "shapes\t")):
+    import tomllib
+
+    release = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    for args, needle in ((["--help"], "generate"), (["config", "list"], "shapes\t"),
+                         (["--version"], f"synray {release}\n")):
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and needle in r.stdout and "heavy: []" in r.stderr, (args, r.stderr[-2000:])
     # bad input that the schema alone refuses, and a sweep folder that is not there: refused in one line as fast

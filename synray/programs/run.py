@@ -158,11 +158,15 @@ def train_summary(result: TrainResult) -> dict[str, Any]:
     }
 
 
+def _fig(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def print_summary(rd: RunDir, summary: dict[str, Any]) -> None:
     t = summary.get("train", {})
     print(f"run directory: {rd.where}")
-    print(f"  trained {t.get('steps')} steps: loss {t.get('first_loss')} -> {t.get('final_loss')}, "
-          f"data-wait fraction {t.get('data_wait_fraction')}"
+    print(f"  trained {t.get('steps')} steps: loss {_fig(t.get('first_loss'))} -> {_fig(t.get('final_loss'))}, "
+          f"data-wait fraction {_fig(t.get('data_wait_fraction'), '.2f')}"
           + (f", {t['rows_trained']} rows used {t['uses_per_row']:.2f} times each" if t.get("rows_trained") else ""))
     for stage, s in summary.get("stages", {}).items():
         print(f"  {stage:>9}: {s['rows']} rows, {s['rows_per_s']} rows/s overall, "
