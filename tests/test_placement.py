@@ -218,3 +218,54 @@ def test_with_no_cluster_file_or_address_synray_plan_checks_this_machine_and_say
     assert r.code == 2 and "a GPU holds 1 share of 0.66" in r.out, r.out[-2000:]
     r = synray_main("plan", "local", *sets("ray.num_gpus=2", "images.num_gpus=0.5", "images.pool_size=4"))
     assert r.code == 0 and "checks: ok" in r.out, r.out[-2000:]
+
+
+def gpu_box(tmp_path, gpus: int, cpus: int = 16):
+    """A cluster-launcher file of one fixed node with `gpus` GPUs (a workstation, a 2-GPU box, an 8-GPU node)."""
+    import yaml
+
+    path = tmp_path / f"box-{gpus}gpu.yaml"
+    path.write_text(yaml.safe_dump({
+        "cluster_name": f"box{gpus}", "max_workers": 0,
+        "provider": {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []},
+        "available_node_types": {"box": {"resources": {"CPU": cpus, "GPU": gpus}, "node_config": {},
+                                         "min_workers": 0, "max_workers": 0}},
+        "head_node_type": "box"}))
+    return str(path)
+
+
+def advised(message: str) -> list[str]:
+    """The settings a refusal's advice gives (`key=value` pairs of its GPU split)."""
+    import re
+
+    split = message.split("Generation and training run at the same time in the stream modes: ")[1]
+    return re.findall(r"((?:train|images)\.[a-z_]+=[0-9.]+)", split.split(", or generate first")[0])
+
+
+@pytest.mark.parametrize("gpus, refused", [
+    (1, ["images.num_gpus=1", "train.use_gpu=true"]),
+    (2, ["images.num_gpus=1", "train.use_gpu=true"]),
+    (2, ["images.num_gpus=1", "images.pool_size=3", "train.use_gpu=true"]),
+    (8, ["images.num_gpus=1", "images.pool_size=8", "train.use_gpu=true", "train.num_workers=4"]),
+])
+def test_the_advice_of_a_gpu_refusal_plans_cleanly_on_1_2_and_8_gpu_cluster_files(tmp_path, gpus, refused):
+    """`synray plan --cluster FILE` of a stream that holds more GPUs than the file's node has: the refusal's split
+    (training workers on whole GPUs, renderers sharing the others, or one worker sharing a GPU) is taken as it is
+    written and planned again on the same file: it fits, per device."""
+    from procs import sets, synray_main
+
+    cluster = gpu_box(tmp_path, gpus, cpus=16 * gpus)
+    r = synray_main("plan", "local", "--cluster", cluster, *sets(*refused))
+    assert r.code == 2 and "refused: the training phase holds" in r.out, r.out[-2000:]
+    advice = advised(r.out)
+    assert advice, r.out[-2000:]
+    again = synray_main("plan", "local", "--cluster", cluster, *sets(*refused, *advice))
+    assert again.code == 0 and "checks: ok" in again.out, (advice, again.err[-1000:], again.out[-2000:])
+
+
+@pytest.mark.parametrize("name, gpus", [("one-gpu", 1), ("one-node", 8)])
+def test_the_one_machine_built_ins_plan_cleanly_on_a_cluster_file_of_their_machine(tmp_path, name, gpus):
+    from procs import synray_main
+
+    r = synray_main("plan", name, "--cluster", gpu_box(tmp_path, gpus, cpus=16 if gpus == 1 else 96))
+    assert r.code == 0 and "checks: ok" in r.out, r.out[-2000:]
