@@ -34,10 +34,20 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PAT
 SLOW_FIXTURES = frozenset({"ray_cluster", "vllm_engine"})
 
 
+#: the shared end-to-end runs (runs.py, and the sweep drill and the cluster rehearsal of their modules): the test that
+#: sets one up pays for the whole run, so it gets 30 minutes instead of the suite's 15 (each run's own waits fail
+#: sooner, with the stacks of the processes it waited on)
+SHARED_RUNS = {"stream_drill", "generated_store", "shapes_run", "stored_runs", "sweep_drill", "rehearsal"}
+SHARED_RUN_TIMEOUT_S = 1800
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        used = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & used:
             item.add_marker(pytest.mark.slow)
+        if SHARED_RUNS & used:
+            item.add_marker(pytest.mark.timeout(SHARED_RUN_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session", autouse=True)
