@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from synray.data.ledger import ROW_ID
-from synray.train.replay import ReplayBuffer, replayed
+from synray.train.replay import ReplayBuffer, replay_rng, replayed
 
 
 def stream(arrivals: int, rows: int, log: list[int] | None = None):
@@ -61,3 +61,28 @@ def test_a_buffer_refuses_rows_beyond_its_capacity_and_batches_beyond_its_rows()
     with pytest.raises(ValueError, match="fewer than a batch"):
         buffer.take(5)
     assert buffer.room() == 2 and buffer.filled == 4
+
+
+
+#: (uses, rows, capacity, arrivals): a rank's replay settings and its share of the stream
+GROUP_SETTINGS = [(2, 2, 8, 15), (2, 4, 16, 10), (3, 4, 48, 30), (5, 3, 20, 17), (2, 8, 64, 7), (4, 2, 8, 9),
+                  (2, 2, 4, 30), (3, 2, 6, 25)]
+
+
+def test_every_rank_of_a_group_gets_the_same_number_of_batches_from_its_replay_buffer():
+    """The ranks of a group read equal shares of the stream (Ray Train's equal split, whole batches) and must make
+    the same number of steps: at the stream's end a rank with one batch fewer would save its last checkpoint (a
+    barrier) while another runs a step (an all-reduce), and both would wait for ever. Ranks 0-3 with the group's
+    generator get equal counts in every setting; with a generator of each rank's own (as the worker drew before),
+    the counts differ in some settings, since how long the buffer drains depends on its draws."""
+    def count(rng: np.random.Generator, rank: int, uses: int, rows: int, capacity: int, arrivals: int) -> int:
+        shard = (({k: v + 1000 * rank for k, v in b.items()}, w, n) for b, w, n in stream(arrivals, rows))
+        return sum(1 for _ in replayed(shard, uses, rows, capacity, rng))
+
+    own_split = []
+    for setting in GROUP_SETTINGS:
+        shared = {count(replay_rng(7, 3), rank, *setting) for rank in range(4)}
+        assert len(shared) == 1, (setting, shared)
+        own = {count(np.random.default_rng([7, rank, 3, 1]), rank, *setting) for rank in range(4)}
+        own_split.append(len(own) > 1)
+    assert any(own_split), "no setting shows the divergence the group's generator prevents"

@@ -7,7 +7,11 @@ on the worker's device with `uses` uses each; every batch is `rows` distinct row
 the buffer takes a new arrival whenever it has room for one, so the worker waits for the stream only when the
 buffer cannot make a batch. When the stream ends, the buffer drains until fewer than `rows` rows are left.
 
-Every draw is chosen on the host (numpy) and applied with device index ops, so nothing waits for the device. The
+Every draw is chosen on the host (numpy) and applied with device index ops, so nothing waits for the device. Every
+rank draws with the same generator (`replay_rng`): how many batches a buffer gives depends on its draws (a batch
+needs that many distinct rows with uses left), and the ranks of a group must make the same number of steps, or at
+the stream's end one rank saves its last checkpoint (a barrier) while another runs a step (an all-reduce) and both
+wait for ever. Their rows differ; the pattern of slots drawn is the same. The
 row ids a batch carries are those of the rows used for the first time; a reused row's id reads -1, so the worker's
 record of trained rows (the ledger's "consumed") holds each row once: a restart re-streams the rows never used,
 and the buffered uses of rows already trained are dropped with the buffer.
@@ -22,7 +26,7 @@ import torch
 
 from synray.data.ledger import ROW_ID
 
-__all__ = ["ReplayBuffer", "replayed", "default_capacity"]
+__all__ = ["ReplayBuffer", "replayed", "replay_rng", "default_capacity"]
 
 #: rows the buffer holds by default: this many batches per use, so that a row's uses spread over many steps
 BATCHES_PER_USE = 4
@@ -85,6 +89,11 @@ class ReplayBuffer:
 def _on(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device` without waiting for the copy."""
     return host.to(device, non_blocking=True)
+
+
+def replay_rng(seed: int, step: int) -> np.random.Generator:
+    """The draws of a group's replay buffers from `step` on: the same on every rank (never the rank's own)."""
+    return np.random.default_rng([seed, step, 1])
 
 
 def replayed(batches: Iterator[tuple[dict[str, torch.Tensor], float, int]], uses: int, rows: int, capacity: int,

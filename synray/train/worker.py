@@ -22,7 +22,7 @@ from synray.models.backbone import enable_grad_checkpointing
 from synray.train import engine as ds_engine
 from synray.train.context import RayTrainContext, WorkerContext
 from synray.train.objectives import ModelParts, Objective, get_objective
-from synray.train.replay import default_capacity, replayed
+from synray.train.replay import default_capacity, replay_rng, replayed
 from synray.train.spec import TrainPlan
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
         d = cfg.data
         state.batches = replayed(state.batches, d.replay, t.captions_per_worker,
                                  d.replay_buffer_rows or default_capacity(t.captions_per_worker, d.replay),
-                                 np.random.default_rng([cfg.seed, ctx.rank, step, 1]))
+                                 replay_rng(cfg.seed, step))
     return state
 
 
