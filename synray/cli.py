@@ -125,6 +125,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from synray.data.storage import Location
+    from synray.sweep.rules import SWEEP_CONFIG
+
+    where = Location.of(args.sweep_dir)
+    if where.is_local and not where.join(SWEEP_CONFIG).is_file():   # before scipy and matplotlib are imported
+        raise ConfigError(f"{args.sweep_dir} is not a sweep directory: it has no {SWEEP_CONFIG} (`synray sweep` "
+                          "writes one)")
     from synray.sweep.report import write_report
 
     report = write_report(args.sweep_dir, args.metric)

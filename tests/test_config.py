@@ -180,7 +180,7 @@ def test_help_config_list_typos_and_a_missing_sweep_answer_without_loading_torch
     # bad input that the schema alone refuses, and a sweep folder that is not there: refused in one line as fast
     for args, needle in ((["run", "local", "--set", "train.stepz=3"], "train.stepz: unknown key"),
                          (["plan", "shapes", "--set", "data.num_captions=-1"], "data.num_captions: -1 is not allowed"),
-                         (["report", "/no/such/sweep"], "config file not found: /no/such/sweep/config.yaml")):
+                         (["report", "/no/such/sweep"], "/no/such/sweep is not a sweep directory: it has no config.yaml")):
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and "heavy: []" in r.stderr, (args, r.stderr[-2000:])
 

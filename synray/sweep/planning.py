@@ -13,7 +13,7 @@ from synray.plan import check_eval_protocols, check_subset_fills_a_batch, load_r
 from synray.stages import by_phase
 from synray.sweep.fit import MIN_SCALES
 from synray.sweep.pools import SweepData, plan_pools, trial_config
-from synray.sweep.report import SWEEP_CONFIG
+from synray.sweep.rules import SWEEP_CONFIG
 from synray.sweep.space import SCALE_KEY, SearchSpace, check_space
 
 __all__ = ["SweepPlan", "TrialResources", "plan_sweep", "plan_sweep_command", "sweep_root", "LOSS_METRIC"]

@@ -19,6 +19,7 @@ from synray.data.storage import Location, copy_tree, local_file
 from synray.eval.registry import LOSS_METRIC, headline_metrics, validation_figures
 from synray.sweep.budget import write_allocation
 from synray.sweep.fit import MIN_SCALES, WITH_C, ScalingFitError, fit_scaling
+from synray.sweep.rules import SWEEP_CONFIG
 from synray.sweep.space import SCALE_KEY, file_slug, method_name
 
 __all__ = ["TRIALS_DIR", "TRIAL_FILE", "START_FILE", "SweepReport", "load_trials", "write_report", "group_name"]
@@ -28,7 +29,6 @@ TRIALS_DIR = "trials"
 TRIAL_FILE = "trial.json"
 #: what each trial writes when it starts (its parameters and data scale), so an unfinished one is reported too
 START_FILE = "started.json"
-SWEEP_CONFIG = "config.yaml"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A sweep's fixed rules, with nothing heavy to import: where its pools live and how many steps a trial trains."""
+"""A sweep's fixed rules, with nothing heavy to import: where its config and pools live, how many steps a trial trains."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from synray.config import RunConfig
 PER_CAPTION_KEY = "images.per_caption"
 #: the folder of a sweep's directory that holds its data pools
 POOLS_DIR = "pools"
+#: the sweep's own config in its directory (what `--resume` and `synray report` read)
+SWEEP_CONFIG = "config.yaml"
 
 
 def steps_rule(cfg: RunConfig) -> Callable[[int], int]:
