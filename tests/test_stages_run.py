@@ -56,7 +56,9 @@ def started(job_id: str, address: str) -> tuple[Counter, list[tuple[list[str], d
     for a in list_actors(address=address, filters=[("job_id", "=", job_id)], limit=10_000, detail=True):
         resources = held(a.required_resources or {})
         if resources:
-            actors[(_ops(a.class_name)[-1], json.dumps(resources, sort_keys=True))] += 1
+            # a class defined in a function reads `wrap_function.<locals>.ImplicitFunc` (Tune's trial driver) when
+            # Ray registers it from a pickle (a resumed sweep), else `ImplicitFunc`: the class's own name
+            actors[(_ops(a.class_name)[-1].rsplit(".", 1)[-1], json.dumps(resources, sort_keys=True))] += 1
     tasks = []
     for t in list_tasks(address=address, filters=[("job_id", "=", job_id)], limit=10_000, detail=True):
         resources = held(t.required_resources or {})
