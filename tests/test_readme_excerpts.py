@@ -77,3 +77,32 @@ def test_the_one_gpu_refusal_is_the_message_placement_gives():
     with pytest.raises(PlacementError) as e:
         pack(by_phase(run_plan_stages(cfg, ()))["training"], one_gpu, "training")
     assert " ".join(quoted.split()) == " ".join(str(e.value).split()), textwrap.fill(str(e.value), 104)
+
+
+def test_the_make_run_excerpt_is_what_print_summary_prints_of_its_figures(capsys):
+    """The README's end of `make run` (a real run's figures) is what the run's summary printer writes of them: the
+    figures are read back from the excerpt, printed by the code, and compared line by line."""
+    from types import SimpleNamespace
+
+    from synray.programs.run import print_summary
+
+    quoted = excerpt("It ends with")
+    train = re.match(r"  trained (\d+) steps: loss ([\d.]+) -> ([\d.]+), data-wait fraction ([\d.]+), (\d+) rows "
+                     r"used ([\d.]+) times each", quoted[1])
+    stages = {m[1]: {"rows": int(m[2]), "rows_per_s": float(m[3]), "steady_rows_per_s": float(m[4])}
+              for m in (re.match(r" *(\w+): (\d+) rows, ([\d.]+) rows/s overall, ([\d.]+) rows/s after start-up", line)
+                        for line in quoted[2:5])}
+    knn = re.match(r"  knn_accuracy: trained ([\d.]+) vs init ([\d.]+) \(chance ([\d.]+)\)", quoted[5])
+    top5 = re.match(r"  knn_top5_accuracy: trained ([\d.]+) vs init ([\d.]+)", quoted[6])
+    summary = {"train": {"steps": int(train[1]), "first_loss": float(train[2]), "final_loss": float(train[3]),
+                         "data_wait_fraction": float(train[4]), "rows_trained": int(train[5]),
+                         "uses_per_row": float(train[6])},
+               "stages": stages,
+               "eval": {"trained": {"knn_accuracy": float(knn[1]), "knn_top5_accuracy": float(top5[1]),
+                                    "chance": float(knn[3])},
+                        "init": {"knn_accuracy": float(knn[2]), "knn_top5_accuracy": float(top5[2])}}}
+    where = quoted[0].removeprefix("run directory: ")
+    rd = SimpleNamespace(where=where, summary_path=None,
+                         locate=lambda _: quoted[-1].removeprefix("  summary: "))
+    print_summary(rd, summary)
+    assert capsys.readouterr().out.splitlines() == quoted
