@@ -207,6 +207,8 @@ def plan_command(cfg: RunConfig, cluster_file: str | None = None, address: str |
     address = address or ray_address(cfg.ray)
     if address:
         check_reachable(address, address_from)   # before the models are resolved (built or fetched)
+    if cluster_file:
+        load_cluster_file(cluster_file)          # the same: a missing or broken file is refused at once
     view = plan_view(cfg, cluster_file, address, rates_from, address_from)
     print("\n".join(view.lines))
     for line in view.inputs:
