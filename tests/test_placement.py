@@ -148,7 +148,8 @@ class Holder:
 out = []
 for (gpus, share, n), expected in zip(cases, packed):
     # the node's other GPUs held by a blocker, so that this case sees `gpus` free devices
-    blockers = [ray.remote(num_cpus=0, num_gpus=1)(Holder).remote() for _ in range(int(ray.cluster_resources()["GPU"]) - gpus)]
+    others = int(ray.cluster_resources()["GPU"]) - gpus
+    blockers = [ray.remote(num_cpus=0, num_gpus=1)(Holder).remote() for _ in range(others)]
     ray.get([b.ping.remote() for b in blockers])
     actors = [ray.remote(num_cpus=0, num_gpus=share)(Holder).remote() for _ in range(n)]
     refs = [a.ping.remote() for a in actors]

@@ -144,12 +144,16 @@ def sweep_view(cfg: RunConfig) -> tuple[list[str], list[str], tuple[StageResourc
 
 def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
               rates_from: str | None = None, address_from: str = "--address") -> PlanView:
+    # the cheap checks first, before any model is resolved (built or fetched): the address answers, the file reads
+    if address:
+        check_reachable(address, address_from)
+    cluster = load_cluster_file(cluster_file) if cluster_file else None
     view = PlanView()
     if cfg.tune.space:   # a sweep: its trials, not the base config's run
         lines, view.problems, stages = sweep_view(cfg)
         view.lines += [f"plan: {cfg.name}" + (f" - {cfg.description}" if cfg.description else ""), *lines]
         view.lines += ["storage:"] + [f"  {line}" for line in storage_lines(cfg)]
-        return placement_view(view, cfg, stages, cluster_file, address, address_from)
+        return placement_view(view, cfg, stages, cluster, address)
     protocols = check_eval_protocols(cfg)
     stages = run_plan_stages(cfg, protocols)
     if rates_from:
@@ -177,23 +181,23 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
         if bad_input_message(e) is None:
             raise
         view.problems.append(str(e))
-    return placement_view(view, cfg, stages, cluster_file, address, address_from)
+    return placement_view(view, cfg, stages, cluster, address)
 
 
-def placement_view(view: PlanView, cfg: RunConfig, stages: Sequence[StageResources], cluster_file: str | None,
-                   address: str | None, address_from: str) -> PlanView:
-    """`view` with the nodes each phase needs on the cluster file, the running cluster, or this machine."""
-    if cluster_file:
-        lines, problems = cluster_lines(stages, load_cluster_file(cluster_file), cfg)
+def placement_view(view: PlanView, cfg: RunConfig, stages: Sequence[StageResources], cluster: ClusterSpec | None,
+                   address: str | None) -> PlanView:
+    """`view` with the nodes each phase needs on the cluster file's node types, the running cluster (already known
+    to answer), or this machine."""
+    if cluster is not None:
+        lines, problems = cluster_lines(stages, cluster, cfg)
         view.lines += lines
         view.problems += problems
     if address:
-        check_reachable(address, address_from)
         with session(cfg.ray.model_copy(update={"address": address})):
             lines, problems = cluster_lines(stages, cluster_spec())
         view.lines += lines
         view.problems += problems
-    if not cluster_file and not address:   # the run would start a local Ray here
+    if cluster is None and not address:   # the run would start a local Ray here
         lines, problems = cluster_lines(stages, local_spec(cfg.ray), cfg)
         view.lines += lines
         view.problems += problems
@@ -205,10 +209,6 @@ def plan_command(cfg: RunConfig, cluster_file: str | None = None, address: str |
     """Print the plan; exit 2 when it can never run as configured (bad input, or a phase that cannot be placed)."""
     address_from = "--address" if address else address_source(cfg.ray)
     address = address or ray_address(cfg.ray)
-    if address:
-        check_reachable(address, address_from)   # before the models are resolved (built or fetched)
-    if cluster_file:
-        load_cluster_file(cluster_file)          # the same: a missing or broken file is refused at once
     view = plan_view(cfg, cluster_file, address, rates_from, address_from)
     print("\n".join(view.lines))
     for line in view.inputs:

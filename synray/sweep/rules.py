@@ -1,4 +1,5 @@
-"""A sweep's fixed rules, with nothing heavy to import: where its config and pools live, how many steps a trial trains."""
+"""A sweep's fixed rules, with nothing heavy to import: where its config and pools live, how many steps a trial
+trains."""
 
 from __future__ import annotations
 
