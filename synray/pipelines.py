@@ -20,7 +20,7 @@ from synray.config import RunConfig
 from synray.data.driver import driver_actor
 from synray.data.ledger import ROW_ID, SkipConsumed, StreamLedger
 from synray.data.store import ParquetStore
-from synray.eval.evaluate import extractor_stages
+from synray.eval.feature_pass import extractor_stages
 from synray.generation.pipeline import GenerationPlan, generation_stages, replay_stage, store_fingerprint, store_info
 from synray.stages import EVAL_PHASE, LIGHT_STAGE_CPUS, Stage, StageResources, build, map_stage, stage_resources
 from synray.train.objectives import training_rate
@@ -143,7 +143,7 @@ def heldout_source_stages(cfg: RunConfig, heldout_cfg: RunConfig | None,
 
 def heldout_stages(cfg: RunConfig, heldout_cfg: RunConfig | None, protocols: tuple[str, ...],
                    sample_fraction: float) -> list[Stage]:
-    """The evaluation pass: its source, then the feature actors (synray.eval.evaluate.extractor_stages, which
+    """The evaluation pass: its source, then the feature actors (synray.eval.feature_pass.extractor_stages, which
     `evaluate_models` adds to the source when it runs)."""
     return [*heldout_source_stages(cfg, heldout_cfg),
             *extractor_stages(cfg.eval, cfg.train.backbone.image_size, protocols, sample_fraction=sample_fraction)]

@@ -183,8 +183,8 @@ def _check_totals(stages: Sequence[StageResources], cluster: ClusterSpec, phase:
         have = cluster.max_total(key)
         if need > have + EPS:
             users = [s for s in stages if s.total(key) > 0]
-            parts = "; ".join(f"{s.stage}: {s.actors} x {s.bundle()[key]:g} ({', '.join(s.keys_for(key))})"
-                              for s in users)
+            parts = "; ".join(f"{s.stage}: {s.actors} x {s.bundle()[key]:g}"
+                              + (f" ({', '.join(s.keys_for(key))})" if s.keys_for(key) else "") for s in users)
             raise PlacementError(
                 f"the {phase} phase holds {need:g} {key} at once ({parts}), but {cluster.source} has at most "
                 f"{have:g} {key}. {_advice(key, users, have)}")

@@ -120,8 +120,9 @@ class RewritePlan:
 
 
 # --------------------------------------------------------------------------------- generation
-def plan_generation(cfg: RunConfig, store: ParquetStore | None = None) -> GenerationPlan:
-    """Check the generation stages and resolve their models; with a store, read what it already holds."""
+def plan_generation(cfg: RunConfig, store: ParquetStore | None = None, build_models: bool = True) -> GenerationPlan:
+    """Check the generation stages and resolve their models (`build_models` off: tiny ones are named, not built);
+    with a store, read what it already holds."""
     load_bank(cfg.concepts.bank, cfg.concepts.kinds, cfg.concepts.max_concepts)
     if cfg.captions.style == "file":
         held = len(read_caption_file(cfg.captions.source))
@@ -135,8 +136,8 @@ def plan_generation(cfg: RunConfig, store: ParquetStore | None = None) -> Genera
         raise ConfigError(str(e)) from None
     renderer = get_renderer(cfg.images.backend)
     renderer.check(cfg.images)
-    llm = resolve_model(cfg.captions.model, cfg.model_cache) if backend.needs_model else None
-    t2i = resolve_model(cfg.images.model, cfg.model_cache) if renderer.needs_model else None
+    llm = resolve_model(cfg.captions.model, cfg.model_cache, build=build_models) if backend.needs_model else None
+    t2i = resolve_model(cfg.images.model, cfg.model_cache, build=build_models) if renderer.needs_model else None
     plan = GenerationPlan(cfg, llm, t2i, renderer, wanted=cfg.data.num_captions)
     if store is not None and store.check_writable(store_fingerprint(cfg)):
         plan.skip_ids = store.existing_ids()
@@ -165,8 +166,9 @@ def with_rates(stages: Sequence[StageResources], rates: Mapping[str, float], sou
 
 
 # ---------------------------------------------------------------------------------------- run
-def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -> RunPlan:
-    """Resolve and check a whole run (`data_dir`: train from that store instead of generating).
+def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False, build_models: bool = True) -> RunPlan:
+    """Resolve and check a whole run (`data_dir`: train from that store instead of generating; `build_models` off,
+    as `synray plan` does: tiny models are named, not built).
 
     The cheap checks come first; models are resolved (tiny ones built) only for a run that passed them.
     Unless `fresh`, an unfinished run of the same config (its driver died) is continued; `data_dir` becomes
@@ -185,7 +187,7 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -
         store_dir, columns, per_caption = _plan_store(cfg, objective, data_dir)
     else:
         store_dir, columns, per_caption = _plan_stream(cfg, objective)
-    text_model = _resolve_text(cfg) if objective.image_text else None
+    text_model = _resolve_text(cfg, build_models) if objective.image_text else None
     objective.check(cfg, per_caption, text_model)
     resume_step = check_compatible(cfg.train.resume_from, objective.fingerprint(cfg.train)) \
         if cfg.train.resume_from else None
@@ -202,9 +204,9 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False) -
             raise TrainSetupError(f"train.images_per_row={cfg.train.images_per_row}, but rows hold {per_caption} "
                                   "images")
         per_caption = cfg.train.images_per_row
-    data = DataPlan("stored" if stored else cfg.data.mode, store_dir, None if stored else plan_generation(cfg),
-                    max_row_id, first_images, _subset_passes(cfg) if max_row_id is not None else 1, subset_shards)
-    heldout = _plan_heldout(cfg) if protocols else None
+    generation = None if stored else plan_generation(cfg, None, build_models)
+    data = DataPlan("stored" if stored else cfg.data.mode, store_dir, generation, max_row_id, first_images, _subset_passes(cfg) if max_row_id is not None else 1, subset_shards)
+    heldout = _plan_heldout(cfg, build_models) if protocols else None
     train = TrainPlan(objective.name, per_caption, num_classes, epochs=stored, columns=columns,
                       text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step,
                       tracks_rows=tracks, draw_images=draw)
@@ -282,9 +284,9 @@ def model_names(cfg: RunConfig) -> dict[str, str]:
     return names
 
 
-def _resolve_text(cfg: RunConfig) -> str:
+def _resolve_text(cfg: RunConfig, build: bool = True) -> str:
     try:
-        return resolve_model(cfg.train.text.model, cfg.model_cache)
+        return resolve_model(cfg.train.text.model, cfg.model_cache, build=build)
     except ModelError as e:
         raise TrainSetupError(f"train.text.model={cfg.train.text.model!r}: {e}") from e
 
@@ -324,7 +326,7 @@ def check_eval_protocols(cfg: RunConfig) -> tuple[str, ...]:
     return tuple(todo)
 
 
-def _plan_heldout(cfg: RunConfig) -> HeldoutPlan:
+def _plan_heldout(cfg: RunConfig, build_models: bool = True) -> HeldoutPlan:
     """The rows evaluation scores: eval.dataset, or a held-out set generated with another seed."""
     if cfg.eval.dataset:
         shards = ParquetStore(cfg.eval.dataset).check_readable(("caption", "label", "images"))
@@ -332,7 +334,7 @@ def _plan_heldout(cfg: RunConfig) -> HeldoutPlan:
         return HeldoutPlan(None, cfg.eval.dataset, tuple(c for c in EVAL_COLUMNS if c in names))
     masks = get_renderer(cfg.images.backend).writes_masks
     columns = tuple(c for c in EVAL_COLUMNS if c != "masks" or masks)
-    return HeldoutPlan(plan_generation(heldout_config(cfg)), None, columns)
+    return HeldoutPlan(plan_generation(heldout_config(cfg), None, build_models), None, columns)
 
 
 # ----------------------------------------------------------------------------- eval, rewrite

@@ -16,8 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.data import ActorPoolStrategy, TaskPoolStrategy
-
 __all__ = ["LIGHT_STAGE_CPUS", "TRAINING_PHASE", "EVAL_PHASE", "Rate", "StageResources", "Stage", "map_stage", "build",
            "stage_resources", "by_phase", "remote_args"]
 
@@ -86,6 +84,8 @@ class Stage:
 
 def remote_args(res: StageResources) -> dict[str, Any]:
     """The Ray Data arguments that give a stage's actors or tasks its resources."""
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy   # here: planning reads this module without Ray
+
     return {"compute": (TaskPoolStrategy if res.tasks else ActorPoolStrategy)(size=res.actors), "num_cpus": res.cpus,
             **({"num_gpus": res.gpus} if res.gpus else {}), **({"resources": dict(res.custom)} if res.custom else {})}
 

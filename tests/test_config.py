@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,25 @@ def test_help_config_list_typos_and_a_missing_sweep_answer_without_loading_torch
                          (["report", "/no/such/sweep"], "/no/such/sweep is not a sweep directory: it has no config.yaml")):
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and "heavy: []" in r.stderr, (args, r.stderr[-2000:])
+
+
+def test_config_show_and_the_plans_of_cpu_configs_load_no_torch_or_ray_and_build_no_model(tmp_path):
+    """`synray config show` and `synray plan` of the CPU built-ins (a run, an image-text run, a sweep) answer without
+    importing torch, Ray, transformers or DeepSpeed, and a plan builds none of the tiny models it names (an empty
+    model cache stays empty): they are built by the run that first loads them."""
+    code = ("import sys\nfrom synray.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('heavy:', [m for m in ('torch', 'ray', 'vllm', 'diffusers', 'transformers', 'deepspeed') "
+            "if m in sys.modules], file=sys.stderr)\nsys.exit(rc)")
+    cache = tmp_path / "models"
+    env = {**os.environ, "SYNRAY_CACHE": str(cache)}
+    for args, needle in ((["config", "show", "shapes"], "backbone:"), (["plan", "local"], "checks: ok"),
+                         (["plan", "shapes"], "checks: ok"), (["plan", "scaling-local"], "checks: ok"),
+                         (["plan", "local", "--set", "train.loss=clip"], "checks: ok")):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env,
+                           cwd=tmp_path)
+        assert r.returncode == 0 and needle in r.stdout and "heavy: []" in r.stderr, (args, r.stdout[-1500:],
+                                                                                      r.stderr[-1500:])
+    assert not cache.exists() or not any(cache.iterdir()), sorted(cache.rglob("*"))[:5]
 
 
 def test_cli_config_show_prints_a_config_that_validates(capsys):

@@ -1,6 +1,7 @@
 """Every `synray` command the README and docs/ show is one the CLI takes: it parses with the CLI's own parser, and
-a built-in config with its `--set` overrides validates (placeholders such as `<stamp>` stand for paths a run makes;
-the commands that run end to end are the suite's shared runs and tests of each command)."""
+a built-in config with its `--set` overrides validates (placeholders such as `<stamp>` stand for paths a run makes).
+The light ones (`synray config`, `synray plan`) run here as shown; those that run a job for minutes run, on smaller
+settings, in the suite's shared runs and the tests of each command."""
 
 from __future__ import annotations
 
@@ -55,3 +56,26 @@ def test_each_synray_command_in_the_docs_parses_and_its_config_validates(page, c
     config = getattr(args, "config", None)
     if config in builtin_names():
         load_run_config(config, getattr(args, "overrides", None) or [])
+
+
+LIGHT = [(p, c) for p, c in COMMANDS if c.split()[1] in ("config", "plan") and "--address" not in c]
+
+
+@pytest.mark.parametrize("page, command", LIGHT, ids=[f"{p}:{c[:60]}" for p, c in LIGHT])
+def test_each_config_and_plan_command_in_the_docs_runs_as_shown(page, command, monkeypatch, capsys, tmp_path):
+    """Run from the repository root, as the docs do: it prints what it is for, and a plan refuses nothing but a
+    placement on this machine (a GPU config planned here, without --cluster) or inputs an earlier job makes."""
+    from synray.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("SYNRAY_CACHE", str(tmp_path / "models"))   # a plan builds no model
+    rc = main(shlex.split(command)[1:])
+    out = capsys.readouterr().out
+    if command.split()[1] == "config":
+        assert rc == 0 and out.strip(), command
+        return
+    assert out.startswith("plan: ") and "stages:" in out or "sweep:" in out, out[:500]
+    refused = [line for line in out.splitlines() if line.startswith("refused: ")]
+    assert rc == (2 if refused else 0), (rc, refused)
+    assert all("but this machine (a local Ray" in line for line in refused), refused
+    assert "--cluster" not in command or not refused, refused

@@ -23,7 +23,8 @@ from synray.eval.datasets import (
     parquet_layout,
     scan_image_folder,
 )
-from synray.eval.evaluate import collect_rows, extractor_stages, model_rows, rows_to_arrays
+from synray.eval.evaluate import collect_rows, model_rows, rows_to_arrays
+from synray.eval.feature_pass import extractor_stages
 from synray.eval.registry import outputs_for
 from synray.stages import build
 from synray.eval.features import encode_images

@@ -30,6 +30,16 @@ def test_one_gpu_stream_plan_is_refused_naming_the_settings():
     assert "train.num_workers=1 with images.num_gpus=0.5 and train.gpus_per_worker=0.5" in text  # a share that fits
 
 
+def test_a_refusal_names_each_stage_with_the_settings_that_size_it_and_none_for_a_fixed_stage():
+    stages = [*stream_stages(0, 0), StageResources("store writer", 1, 0.25)]
+    with pytest.raises(PlacementError) as e:
+        pack(stages, ClusterSpec("a small machine", (NodeType("box", {"CPU": 4}, existing=1, max_workers=1),)))
+    text = str(e.value)
+    assert ("holds 5.25 CPU at once (diffusers renderers: 1 x 1 (images.pool_size, images.num_cpus); row "
+            "preprocessing: 2 x 1 (data.preprocess_actors, data.preprocess_cpus); training workers: 1 x 2 "
+            "(train.num_workers, train.cpus_per_worker); store writer: 1 x 0.25)") in text, text
+
+
 def test_gpu_advice_keeps_training_workers_on_whole_gpus():
     """With GPUs to spare, the advice gives the workers whole GPUs and shares the rest among the renderers, at
     shares that Ray places on one device each (3 renderers on 1 GPU: 0.33; 5 on 1: 0.2)."""

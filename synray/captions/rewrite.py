@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
 
 from synray.captions.cleanup import clean_caption
 from synray.captions.llm import build_llm_processor
@@ -54,6 +53,8 @@ def _normalise(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def read_image_text(source: str):
     """A Ray Dataset of image-text pairs from Parquet (`image`, `caption`) or WebDataset tar shards."""
+    import ray.data
+
     tars = _paths(source, ".tar")
     if tars and all(t.endswith(".tar") for t in tars):
         ds = ray.data.read_webdataset(tars, decoder=None)

@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 import numpy as np
-import ray
 
 from synray.config import CaptionsConfig
 
@@ -62,4 +61,6 @@ def vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
 
 def stream_view(ledger: Any) -> Any:
     """The `StreamView` of a training stream's ledger actor (one snapshot per worker-group start)."""
+    import ray
+
     return ray.get(ledger.view.remote())

@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from synray.data.store import ROW_ID, ParquetStore
 
@@ -146,6 +145,8 @@ class SkipConsumed:
     Built anew for every epoch's execution, it reads the ledger then (empty after the first epoch)."""
 
     def __init__(self, ledger: Any) -> None:
+        import ray
+
         self.consumed = pa.array(ray.get(ledger.view.remote()).consumed, type=pa.int64())
 
     def __call__(self, batch: pa.Table) -> pa.Table:

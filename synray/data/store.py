@@ -11,16 +11,18 @@ import tarfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray.data
 
 from synray.data.schema import ROW_SCHEMA, TRAIN_COLUMNS
 from synray.data.stats import StatsClient
 from synray.data.storage import TMP_PREFIX, Location
+
+if TYPE_CHECKING:   # Ray is imported where a Dataset is built: plans read this module without it
+    import ray.data
 
 META_FILE = "_store.json"
 SUMMARY_FILE = "_summary.json"
@@ -149,6 +151,8 @@ class ParquetStore:
                      tasks: int | None = None):
         """The store as a Ray Dataset (only committed shards are read), by read tasks of `num_cpus` each, at most
         `tasks` at once (Ray Data's defaults when None)."""
+        import ray.data
+
         shards = self.check_readable(tuple(columns) if columns else ())
         return ray.data.read_parquet(shards, columns=columns or None, num_cpus=num_cpus, concurrency=tasks)
 
@@ -160,6 +164,8 @@ class ParquetStore:
         execution (a small subset then feeds a whole step budget without restarting its pipeline). Each pass
         offsets `row_id` by the pass number x (max_row_id + 1), so every row a run trains on has its own id for
         the stream ledger. Read by tasks of `num_cpus` each, at most `tasks` at once."""
+        import ray.data
+
         if passes > 1 and max_row_id is None:
             raise ValueError("reading a subset in passes needs its max_row_id (the ids of each pass are offset by it)")
         stride = 0 if max_row_id is None else max_row_id + 1

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
 
 from synray.data.storage import Location, is_uri
 from synray.data.store import META_FILE, ParquetStore
@@ -340,6 +339,8 @@ def source_dataset(source: EvalSource) -> Any:
     Those are ``images`` (a list of encoded images per row) and ``label``, plus ``masks``,
     ``split``, ``class_name`` and ``caption`` when the source has them.
     """
+    import ray.data
+
     if source.shards is not None:
         return ray.data.read_webdataset(source.files, decoder=None).map_batches(
             webdataset_batch, batch_format="numpy",

@@ -15,14 +15,13 @@ import torch
 from synray.config import EvalConfig
 from synray.data.codecs import decode_masks
 from synray.eval.errors import EvalError
-from synray.eval.features import FeatureExtractor
+from synray.eval.feature_pass import extractor_stages
 from synray.eval.protocols import EvalArrays, label_names, run_protocols
 from synray.eval.registry import PROTOCOLS, outputs_for
 from synray.models.image_text import is_image_text_dir, load_image_text
-from synray.stages import EVAL_PHASE, LIGHT_STAGE_CPUS, Stage, StageResources, map_stage
 
 __all__ = ["Scored", "evaluate_models", "resolve_image_text", "caption_key", "caption_groups", "rows_to_arrays",
-           "extractor_stages", "in_order", "collect_rows", "model_rows", "keep_sample_images"]
+           "in_order", "collect_rows", "model_rows"]
 
 
 def resolve_image_text(image_text: Any) -> tuple[Any, Any, int]:
@@ -104,35 +103,6 @@ def in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds
 
 
-def extractor_stages(cfg: EvalConfig, image_size: int, protocols: Sequence[str],
-                     models: Mapping[str, str] | None = None, sample_fraction: float = 0.0) -> list[Stage]:
-    """The feature pass over labelled rows: one pool of `eval.feature_actors` FeatureExtractor actors, each holding
-    every model (``models``: name -> directory, needed only to build it; the outputs of model ``name`` get the
-    columns ``name/output``), and with ``sample_fraction`` the tasks that keep the images of a seeded sample of
-    rows (the rest leave the actors as features only)."""
-    outputs = outputs_for(protocols)
-    actors = StageResources("feature extractors", cfg.feature_actors, 1.0, 1.0 if cfg.use_gpu else 0.0,
-                            cfg.resources, ("eval.feature_actors", "", "eval.use_gpu"), EVAL_PHASE,
-                            udf="FeatureExtractor")
-    keep = StageResources("sample images kept", 1, LIGHT_STAGE_CPUS, phase=EVAL_PHASE, tasks=True,
-                          udf="keep_sample_images")
-
-    def add_actors(ds: ray.data.Dataset) -> ray.data.Dataset:
-        if models is None:
-            raise ValueError("the feature pass is built with the models it encodes")
-        return map_stage(ds, actors, FeatureExtractor, batch_format="numpy", batch_size=cfg.batch_size,
-                         fn_constructor_kwargs={"model_dir": {f"{name}/": d for name, d in models.items()},
-                                                "image_size": image_size, "batch_size": cfg.batch_size,
-                                                "device": "cuda" if cfg.use_gpu else "cpu", "outputs": outputs,
-                                                "drop_images": not sample_fraction})
-
-    stages = [Stage((actors,), add_actors)]
-    if sample_fraction:
-        stages.append(Stage((keep,), lambda ds: map_stage(ds, keep, keep_sample_images, batch_format="numpy",
-                                                          fn_kwargs={"fraction": sample_fraction})))
-    return stages
-
-
 def collect_rows(ds: ray.data.Dataset, where: str) -> list[dict[str, Any]]:
     """Run a feature-extraction dataset in input order; an EvalError inside a task comes back as one."""
     try:
@@ -150,16 +120,6 @@ def collect_rows(ds: ray.data.Dataset, where: str) -> list[dict[str, Any]]:
 def model_rows(rows: Sequence[Mapping[str, Any]], name: str, outputs: Sequence[str]) -> list[dict[str, Any]]:
     """The rows with model ``name``'s outputs under their plain names (what rows_to_arrays reads)."""
     return [{**r, **{o: r[f"{name}/{o}"] for o in outputs}} for r in rows]
-
-
-def keep_sample_images(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
-    """Drop the images of all rows but a seeded sample of about `fraction` (drawn by caption id): the sample
-    grid's rows reach the driver with their images, the rest as features only."""
-    keep = [int(str(cid)[:8], 16) < fraction * 2**32 for cid in batch["caption_id"]]
-    images = np.empty(len(keep), dtype=object)
-    for i, k in enumerate(keep):
-        images[i] = batch["images"][i] if k else np.asarray([], dtype=object)
-    return {**batch, "images": images}
 
 
 # ---------------------------------------------------------------------------------- the path

@@ -14,9 +14,7 @@ from synray.config import RunConfig
 from synray.data.storage import Location
 from synray.eval.datasets import EvalSource, source_dataset
 from synray.eval.errors import EvalError
-from synray.eval.evaluate import evaluate_models
 from synray.eval.registry import PROTOCOLS
-from synray.models.image_text import is_image_text_dir
 
 __all__ = ["EvalPlan", "model_image_size", "check_request", "evaluate_dataset", "format_table", "write_report",
            "default_out_dir"]
@@ -48,6 +46,8 @@ def model_image_size(model_dir: str | Path) -> int:
 def check_request(model_dir: str | Path, protocols: Sequence[str], source: EvalSource) -> None:
     """Refuse, before any Ray work, protocols that the model or the dataset cannot support (what each needs is its
     registry entry)."""
+    from synray.models.image_text import is_image_text_dir
+
     todo = [PROTOCOLS[name] for name in protocols]
     for p in todo:
         if p.image_text and not is_image_text_dir(model_dir):
@@ -75,6 +75,8 @@ class EvalPlan:
 
 def evaluate_dataset(plan: EvalPlan, cfg: RunConfig) -> dict[str, Any]:
     """Extract features once through Ray Data, run the protocols, and return the report (Ray must be connected)."""
+    from synray.eval.evaluate import evaluate_models
+
     todo = list(plan.protocols)
     log.info("evaluating %s on %s (%s, %d files) at %dpx: %s", plan.model_dir, plan.dataset, plan.source.kind,
              len(plan.source.files), plan.image_size, ", ".join(todo))

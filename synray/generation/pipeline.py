@@ -8,10 +8,8 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
-import ray.data
 
 from synray.captions.backends import get_caption_backend
 from synray.captions.stage import CleanCaptions, PlanRows
@@ -21,6 +19,9 @@ from synray.data.store import ShardWriter
 from synray.images.base import Renderer
 from synray.images.registry import get_renderer
 from synray.stages import LIGHT_STAGE_CPUS, TRAINING_PHASE, Stage, StageResources, map_stage
+
+if TYPE_CHECKING:   # Ray is imported where a Dataset is built: plans read this module without it
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def generation_stages(cfg: RunConfig, gen: GenerationPlan | None = None, *, stat
         return gen
 
     def add_rows(_: Any) -> ray.data.Dataset:
+        import ray.data
+
         ds = ray.data.range(plan_rows, override_num_blocks=max(1, plan_rows // PLAN_ROWS_PER_BLOCK))
         return map_stage(ds, rows, PlanRows, fn_constructor_kwargs={
             "cfg": cfg, "skip_ids": built().skip_ids, "stats_actor": stats_actor, "ledger": ledger})
@@ -124,6 +127,8 @@ def replay_stage(ledger: Any, columns: list[str], phase: str = TRAINING_PHASE) -
     res = StageResources("stored rows replayed", 1, 1.0, phase=phase, tasks=True, udf="_replay_stored")
 
     def add(ds: ray.data.Dataset) -> ray.data.Dataset:
+        import ray.data
+
         replay = map_stage(ray.data.range(1, override_num_blocks=1), res, _replay_stored,
                            fn_kwargs={"ledger": ledger, "columns": columns}, batch_format="pyarrow")
         return replay.union(ds)
@@ -132,6 +137,8 @@ def replay_stage(ledger: Any, columns: list[str], phase: str = TRAINING_PHASE) -
 
 
 def _replay_stored(batch: Any, ledger: Any, columns: list[str]) -> Iterator[Any]:
+    import ray
+
     view = ray.get(ledger.view.remote())
     for shard in view.replay_shards:
         table = replay_rows(shard, view.consumed, columns)

@@ -7,16 +7,18 @@ import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from synray.config import ImagesConfig
 from synray.data.codecs import encode_uint8
 from synray.data.schema import image_seed
 from synray.images.base import Rendered, Renderer, RendererError
 from synray.stages import Rate
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ def load_pipeline(model_path: str, cfg: ImagesConfig):
     taken out of the pipeline (which would run it on the CPU through PIL) and kept as `pipe.synray_checker`, a
     `SafetyCheck` run on the images' device, or None (none, or `images.safety_checker` off)."""
     import diffusers
+    import torch
 
     check_t2i_model(model_path)
     dtype = getattr(torch, cfg.dtype)
@@ -101,6 +104,8 @@ class SafetyCheck:
     (`forward_onnx`): no PIL, no host round trip."""
 
     def __init__(self, checker: Any, extractor: Any) -> None:
+        import torch
+
         self.checker = checker
         crop = getattr(extractor, "crop_size", None) or {"height": 224, "width": 224}
         self.size = (int(crop["height"]), int(crop["width"]))
@@ -111,16 +116,20 @@ class SafetyCheck:
 
     def clip_input(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] in [0, 1] -> the checker's normalised input."""
+        import torch
+
         x = images.float()
         if tuple(x.shape[-2:]) != self.size:
             x = torch.nn.functional.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         return ((x.clamp(0, 1) - mean) / std).to(next(self.checker.parameters()).dtype)
 
-    @torch.no_grad()
     def flags(self, images: torch.Tensor) -> torch.Tensor:
         """bool [N]: the images the checker flags (a device tensor)."""
-        _, flagged = self.checker.forward_onnx(self.clip_input(images), images.clone())
+        import torch
+
+        with torch.no_grad():
+            _, flagged = self.checker.forward_onnx(self.clip_input(images), images.clone())
         return flagged
 
 
@@ -128,6 +137,8 @@ def finish_images(images: torch.Tensor, cfg: ImagesConfig, checker: SafetyCheck 
     """A call's images [N, 3, H, W] in [0, 1], on their device: each image's reason to drop it ('nonfinite',
     'nsfw', 'black', or None), then resized to `output_size` (bicubic, antialiased) and quantised there; one copy of
     uint8 [N, S, S, 3] to the host."""
+    import torch
+
     x = images.float()
     nonfinite = ~torch.isfinite(x).flatten(1).all(dim=1)
     x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
@@ -149,6 +160,8 @@ def render_group(pipe, captions: list[str], seeds: list[list[int]], cfg: ImagesC
     All captions must ask for the same number of images. Returns, per caption in order, its images as (uint8
     [S, S, 3] at `output_size`, the reason to drop it or None).
     """
+    import torch
+
     m = len(seeds[0])
     if any(len(row) != m for row in seeds) or len(seeds) != len(captions):
         raise ValueError("render_group needs one seed list of the same length per caption")
@@ -246,6 +259,8 @@ class DiffusionRenderer(Renderer):
 
     def __init__(self, cfg: ImagesConfig, model_path: str | None, run_seed: int,
                  stats_actor: Any | None = None) -> None:
+        import torch
+
         super().__init__(cfg, model_path, run_seed, stats_actor)
         if cfg.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.num_cpus)))

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from synray.config import BackboneConfig
+from synray.models.sizes import SIZES, relative_cost
 
 if TYPE_CHECKING:   # transformers is imported where a model is built or loaded: importing it costs seconds
     from transformers import PretrainedConfig
@@ -16,15 +17,6 @@ if TYPE_CHECKING:   # transformers is imported where a model is built or loaded:
 __all__ = ["SIZES", "backbone_config", "build_backbone", "Encoder", "save_backbone", "load_backbone",
            "enable_grad_checkpointing", "relative_cost"]
 
-# size -> (hidden, layers, heads); MLP width is 4 x hidden. tiny is for CPU tests, mini for CPU runs
-# that must learn something in minutes (the shapes world).
-SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (64, 2, 4),
-    "mini": (128, 4, 4),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-}
 LAYER_NORM_EPS = 1e-6
 
 
@@ -136,14 +128,3 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     for m in found.values():
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return len(found)
-
-
-def relative_cost(cfg: BackboneConfig, image_size: int | None = None) -> float:
-    """A forward-backward pass of one image through the backbone, relative to ViT-B/16 at 224 px: per layer about
-    12 x tokens x hidden^2 (projections and MLP) + 2 x tokens^2 x hidden (attention) multiply-adds."""
-    def cost(hidden: int, layers: int, tokens: int) -> float:
-        return layers * tokens * hidden * (12 * hidden + 2 * tokens)
-
-    hidden, layers, _ = SIZES[cfg.size]
-    tokens = ((image_size or cfg.image_size) // cfg.patch_size) ** 2 + 1
-    return cost(hidden, layers, tokens) / cost(768, 12, (224 // 16) ** 2 + 1)

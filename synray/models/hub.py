@@ -27,13 +27,13 @@ def check_hub_names(models: Mapping[str, str], timeout_s: float = HUB_TIMEOUT_S,
     """Ask the hub (huggingface_hub at `endpoint`, else $HF_ENDPOINT; $HF_TOKEN) about each hub name among `models`
     ({config key: name}): a name it does not have is a problem; a gated one a note (the nodes need a token with
     access); an unreachable hub, or HF_HUB_OFFLINE, a note that the names went unchecked."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
     out = HubCheck()
     names = {key: name for key, name in models.items() if is_hub_name(name)}
     if not names:
         return out
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         out.notes.append(f"hub names not checked (HF_HUB_OFFLINE is set): {', '.join(names.values())}")
         return out

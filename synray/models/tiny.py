@@ -16,7 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from synray.language.corpus import caption_vocabulary_texts
-from synray.models import tiny_llm, tiny_sd
+from synray.models import tiny_specs as specs
 
 TINY_VERSION = 1
 TINY_NAMES = ("tiny:llm", "tiny:sd", "tiny:text")
@@ -41,19 +41,21 @@ def tiny_fingerprint(seed: int = 0) -> str:
     """Hash of what the tiny builds depend on: version, architectures and the built-in corpus."""
     h = hashlib.sha256()
     settings = {
-        "version": TINY_VERSION, "llm": tiny_llm.LLM_ARCH, "vocab": tiny_llm.LLM_VOCAB_SIZE,
-        "train": [tiny_llm.TRAIN_STEPS, tiny_llm.TRAIN_BATCH_SIZE, tiny_llm.TRAIN_LR, tiny_llm.PROMPT_LOSS_WEIGHT],
-        "unet": tiny_sd.UNET_CONFIG, "vae": tiny_sd.VAE_CONFIG, "sched": tiny_sd.SCHEDULER_CONFIG,
-        "sd_text": tiny_sd.SD_TEXT_ARCH, "text": tiny_sd.TEXT_TOWER_ARCH, "gain": tiny_sd.DECODER_OUT_GAIN,
+        "version": TINY_VERSION, "llm": specs.LLM_ARCH, "vocab": specs.LLM_VOCAB_SIZE,
+        "train": [specs.TRAIN_STEPS, specs.TRAIN_BATCH_SIZE, specs.TRAIN_LR, specs.PROMPT_LOSS_WEIGHT],
+        "unet": specs.UNET_CONFIG, "vae": specs.VAE_CONFIG, "sched": specs.SCHEDULER_CONFIG,
+        "sd_text": specs.SD_TEXT_ARCH, "text": specs.TEXT_TOWER_ARCH, "gain": specs.DECODER_OUT_GAIN,
     }
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for text in (*tiny_llm.default_corpus(seed), *caption_vocabulary_texts()):
+    for text in (*specs.default_corpus(seed), *caption_vocabulary_texts()):
         h.update(text.encode())
         h.update(b"\0")
     return h.hexdigest()[:12]
 
 
 def _builders() -> dict[str, Callable[[Path, int], Path]]:
+    from synray.models import tiny_llm, tiny_sd   # here: what a tiny model is needs no torch, building it does
+
     return {"llm": lambda d, s: tiny_llm.build_tiny_llm(d, seed=s), "sd": lambda d, s: tiny_sd.build_tiny_sd(d, seed=s),
             "text": lambda d, s: tiny_sd.build_tiny_text(d, seed=s)}
 
@@ -125,14 +127,16 @@ def check_safetensors(path: Path) -> None:
                          "pickle can run code: save the model with save_pretrained(safe_serialization=True)")
 
 
-def resolve_model(name: str, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> str:
-    """A loadable model reference: a local dir for tiny names and paths, else the name (a hub id)."""
+def resolve_model(name: str, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0,
+                  build: bool = True) -> str:
+    """A loadable model reference: a local dir for tiny names and paths, else the name (a hub id). With `build`
+    off (a plan), a tiny name is checked and returned as it is: it is built where a run first resolves it."""
     if not isinstance(name, str) or not name.strip():
         raise ModelError(f"model name must be a non-empty string, got {name!r}")
     if name.startswith("tiny:"):
         if name not in TINY_NAMES:
             raise ModelError(f"unknown tiny model {name!r}; known: {', '.join(TINY_NAMES)}")
-        return str(_build_cached(name.split(":", 1)[1], default_cache_dir(cache_dir), seed))
+        return str(_build_cached(name.split(":", 1)[1], default_cache_dir(cache_dir), seed)) if build else name
     path = Path(name).expanduser()
     if path.is_dir():
         check_safetensors(path)

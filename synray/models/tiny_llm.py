@@ -12,38 +12,13 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from synray.language.corpus import caption_vocabulary_texts, training_corpus
+from synray.language.corpus import caption_vocabulary_texts
+from synray.models.tiny_specs import (BOS, BUILD_THREADS, EOS, GENERATION_DEFAULTS, LLM_ARCH, LLM_VOCAB_SIZE,
+                                      MAX_TRAIN_TOKENS, PAD, PROMPT_LOSS_WEIGHT, SPECIAL_TOKENS, TRAIN_BATCH_SIZE,
+                                      TRAIN_LR, TRAIN_STEPS, default_corpus)
 
 if TYPE_CHECKING:   # transformers is imported where a model is built: importing it costs seconds
     from transformers import PreTrainedTokenizerFast
-
-BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-SPECIAL_TOKENS = (BOS, EOS, PAD)
-LLM_VOCAB_SIZE = 1000
-CORPUS_DOCS = 3000
-# Loss weight of prompt tokens; the completion (" caption\n" and EOS) has weight 1. The prompt's
-# in-context `input => caption` lines are useful targets too, so they count fully.
-PROMPT_LOSS_WEIGHT = 1.0
-# Pre-training budget: 200 AdamW steps of 16 documents (~115 tokens each) fit in ~30 s on one core.
-TRAIN_STEPS = 200
-TRAIN_BATCH_SIZE = 16
-TRAIN_LR = 6e-3
-MAX_TRAIN_TOKENS = 512
-# One thread: the float reductions (so the saved bytes) match on any machine, and a busy machine
-# does not slow the build down the way oversubscribed OpenMP threads do.
-BUILD_THREADS = 1
-LLM_ARCH: dict[str, Any] = dict(
-    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=4, head_dim=32, max_position_embeddings=1024, rms_norm_eps=1e-5,
-    tie_word_embeddings=False, initializer_range=0.02,
-)
-GENERATION_DEFAULTS: dict[str, Any] = dict(do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=100)
-
-
-def default_corpus(seed: int = 0, num_docs: int = CORPUS_DOCS) -> list[str]:
-    """The built-in training corpus (SynCLR and LaCLIP prompt documents with their completions)."""
-    return list(training_corpus(seed, num_docs))
-
 
 def tokenizer_texts(docs: Sequence[str], builtin: bool) -> list[str]:
     """Texts to train a tokenizer on: the documents, plus every fixed prompt string if builtin."""

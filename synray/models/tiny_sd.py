@@ -8,34 +8,9 @@ from typing import Any
 
 import torch
 
-from synray.models.tiny_llm import BOS, EOS, PAD, default_corpus, deterministic_torch, document_captions, \
-    tokenizer_texts, train_bpe, wrap_tokenizer
-
-CLIP_MAX_LENGTH = 77
-TEXT_VOCAB_SIZE = 1000
-UNET_CONFIG: dict[str, Any] = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32,
-)
-# Four blocks: diffusers' vae_scale_factor = 2 ** (len(block_out_channels) - 1) = 8, as in SD.
-VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-    block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
-)
-# Stable Diffusion 1.5's training noise schedule, sampled with DDIM.
-SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-)
-SD_TEXT_ARCH: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=2)
-TEXT_TOWER_ARCH: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=2, projection_dim=64)
-# Gain on the random VAE decoder's output conv so decoded images span the pixel range.
-DECODER_OUT_GAIN = 1.5
-
+from synray.models.tiny_llm import deterministic_torch, document_captions, tokenizer_texts, train_bpe, wrap_tokenizer
+from synray.models.tiny_specs import (BOS, CLIP_MAX_LENGTH, DECODER_OUT_GAIN, EOS, PAD, SCHEDULER_CONFIG, SD_TEXT_ARCH,
+                                      TEXT_TOWER_ARCH, TEXT_VOCAB_SIZE, UNET_CONFIG, VAE_CONFIG, default_corpus)
 
 def caption_tokenizer(seed: int = 0, corpus: Sequence[str] | None = None) -> Any:
     """A CLIP-style fast tokenizer (BOS ... EOS, padded to 77) trained on the corpus captions."""

@@ -169,7 +169,7 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
         f"  note: {note}" for note in hub.notes]
     view.problems += hub.problems
     try:
-        plan_run(cfg)
+        plan_run(cfg, build_models=False)   # models are built (tiny) or fetched by the run, not its plan
     except StoreMissingError as e:
         view.inputs.append(str(e))
         if cfg.data.mode == "stored":   # its placement is checked with the run's: generated first, then trained on
@@ -198,7 +198,8 @@ def placement_view(view: PlanView, cfg: RunConfig, stages: Sequence[StageResourc
         view.lines += lines
         view.problems += problems
     if cluster is None and not address:   # the run would start a local Ray here
-        lines, problems = cluster_lines(stages, local_spec(cfg.ray), cfg)
+        spec = local_spec(cfg.ray, count_gpus=any(s.gpus for s in stages))
+        lines, problems = cluster_lines(stages, spec, cfg)
         view.lines += lines
         view.problems += problems
     return view

@@ -9,7 +9,6 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-import ray
 
 from synray.config import RayConfig
 from synray.data.driver import driver_actor
@@ -88,6 +87,8 @@ def check_reachable(address: str, source: str, timeout_s: float = CONNECT_TIMEOU
 
 def init(cfg: RayConfig) -> bool:
     """Connect to Ray; returns True when this call started it (and so must shut it down)."""
+    import ray
+
     if ray.is_initialized():
         return False
     address = ray_address(cfg)
@@ -107,6 +108,8 @@ def init(cfg: RayConfig) -> bool:
 @contextlib.contextmanager
 def session(cfg: RayConfig) -> Iterator[None]:
     """`with session(cfg.ray):` connects to Ray and always shuts down what it started."""
+    import ray
+
     started = init(cfg)
     try:
         yield
@@ -122,25 +125,32 @@ def stage_stats() -> Any:
 
 def cluster_resources() -> dict[str, float]:
     """The connected cluster's total resources (CPU, GPU, custom ones)."""
+    import ray
+
     return dict(ray.cluster_resources())
 
 
-def local_spec(cfg: RayConfig) -> ClusterSpec:
+def local_spec(cfg: RayConfig, count_gpus: bool = True) -> ClusterSpec:
     """This machine as the local Ray that synray would start for `cfg` sees it (its CPUs, at least 4 logical ones,
-    and the GPUs Ray detects, or the config's counts): what `synray plan` checks with no cluster file or address."""
-    from ray._private.accelerators import get_accelerator_manager_for_resource   # how ray.init counts GPUs
-
+    and the GPUs Ray detects, or the config's counts): what `synray plan` checks with no cluster file or address.
+    Without `count_gpus` (no stage asks for one) the GPUs are not looked for, and Ray is not imported."""
     cpus = local_init_kwargs(cfg)["num_cpus"]
-    gpus = cfg.num_gpus if cfg.num_gpus is not None else (
-        get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
-    return ClusterSpec(f"this machine (a local Ray with {cpus:g} CPU, {gpus:g} GPU; --cluster FILE or --address "
-                       "checks a cluster)", (NodeType("this machine", {"CPU": cpus, "GPU": gpus}, existing=1,
-                                                     max_workers=1),))
+    if cfg.num_gpus is not None or not count_gpus:
+        gpus = cfg.num_gpus or 0
+    else:
+        from ray._private.accelerators import get_accelerator_manager_for_resource   # how ray.init counts GPUs
+
+        gpus = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    found = f", {gpus:g} GPU" if count_gpus or cfg.num_gpus is not None else ""
+    return ClusterSpec(f"this machine (a local Ray with {cpus:g} CPU{found}; --cluster FILE or --address checks a "
+                       "cluster)", (NodeType("this machine", {"CPU": cpus, "GPU": gpus}, existing=1, max_workers=1),))
 
 
 def cluster_spec() -> ClusterSpec:
     """The connected cluster as node types: each running node, plus the node groups its autoscaler may add (up to
     their maximum counts; Ray publishes them in the GCS). A local Ray has no autoscaler: its nodes are all it has."""
+    import ray
+
     from ray._private.state import state  # Ray Train reads the autoscaler's limits the same way
 
     types = [NodeType(_live_node_name(n),
@@ -166,6 +176,8 @@ def _live_node_name(node: dict[str, Any]) -> str:
 
 def stats_summary(actor: Any) -> dict[str, Any]:
     """Rows, rates and rejections the stages reported to a StageStats actor."""
+    import ray
+
     return ray.get(actor.summary.remote())
 
 
@@ -173,6 +185,8 @@ class ObjectStoreProbe:
     """Bytes held in the object stores of every node (what `ray memory --stats-only` prints), for polling."""
 
     def __init__(self) -> None:
+        import ray
+
         from ray._private.internal_api import get_state_from_address  # no public API reports plasma usage
 
         self._state = get_state_from_address(ray.get_runtime_context().gcs_address)

@@ -27,11 +27,11 @@ from typing import Any, Callable
 import numpy as np
 from scipy import optimize, stats
 
+from synray.sweep.rules import MIN_SCALES
+
 __all__ = ["MIN_SCALES", "CONFIDENCE", "PowerLaw", "LawFit", "Extrapolation", "ScalingFit", "ScalingFitError",
            "WITH_C", "WITHOUT_C", "fit_law", "choose_law", "profile_interval", "extrapolation_check", "fit_scaling"]
 
-#: data scales a fit needs
-MIN_SCALES = 3
 #: fewest points from which the law with c is fitted (one residual degree of freedom)
 OFFSET_MIN_POINTS = 4
 #: errors are clipped to this before taking logs (a probe at 100% accuracy)

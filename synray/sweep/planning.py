@@ -11,9 +11,8 @@ from synray.data.storage import Location, local_file
 from synray.eval.registry import protocol_of
 from synray.plan import check_eval_protocols, check_subset_fills_a_batch, load_run_config, run_plan_stages
 from synray.stages import by_phase
-from synray.sweep.fit import MIN_SCALES
 from synray.sweep.pools import SweepData, plan_pools, trial_config
-from synray.sweep.rules import SWEEP_CONFIG
+from synray.sweep.rules import MIN_SCALES, SWEEP_CONFIG
 from synray.sweep.space import SCALE_KEY, SearchSpace, check_space
 
 __all__ = ["SweepPlan", "TrialResources", "plan_sweep", "plan_sweep_command", "sweep_root", "LOSS_METRIC"]

@@ -1,5 +1,5 @@
 """A sweep's fixed rules, with nothing heavy to import: where its config and pools live, how many steps a trial
-trains."""
+trains, how many data scales a fit needs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ PER_CAPTION_KEY = "images.per_caption"
 POOLS_DIR = "pools"
 #: the sweep's own config in its directory (what `--resume` and `synray report` read)
 SWEEP_CONFIG = "config.yaml"
+#: data scales a power-law fit needs
+MIN_SCALES = 3
 
 
 def steps_rule(cfg: RunConfig) -> Callable[[int], int]:

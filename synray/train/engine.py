@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from synray.config import TrainConfig
+
+if TYPE_CHECKING:   # torch and DeepSpeed are imported where the engine is built: plans read checkpoints without them
+    from torch import nn
 
 CHECKPOINT_TAG = "state"
 META_FILE = "synray_checkpoint.json"
@@ -83,6 +83,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_siz
     """deepspeed.initialize with a torch AdamW (`param_groups`), a warmup+cosine LambdaLR and DeepSpeed's gradient
     clipping at `grad_clip` (0: none)."""
     import deepspeed
+    import torch
 
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, cfg.warmup_steps))

@@ -14,25 +14,25 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from synray.config import RunConfig, TrainConfig
 from synray.data.schema import TRAIN_COLUMNS
-from synray.models.backbone import build_backbone, relative_cost, save_backbone
-from synray.models.heads import SynCLRModel, build_classifier, build_contrastive_model, build_synclr_model
-from synray.models.image_text import (ImageTextModel, TextTowerError, load_text_tower, load_tokenizer,
-                                      save_image_text, text_tower_config)
+from synray.models.sizes import relative_cost
 from synray.models.tiny import localize
-from synray.train import losses
-from synray.train import synclr
-from synray.train.augment import Augment, build_augment
-from synray.train.batches import ImageBatch, ImageTextBatch, decode_rows, flatten_rows, image_text_rows, pick_pairs
-from synray.train.spec import TrainPlan
+from synray.models.tiny_specs import CLIP_MAX_LENGTH
 from synray.stages import Rate
+from synray.train import schedules
+from synray.train.spec import TrainPlan
+
+if TYPE_CHECKING:   # models, losses and batches are imported where they run (on workers): plans read this without torch
+    from torch import Tensor, nn
+
+    from synray.models.heads import SynCLRModel
+    from synray.train.augment import Augment
+    from synray.train.batches import ImageBatch, ImageTextBatch
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +120,21 @@ class Objective:
     def preprocess(self, rows: dict[str, np.ndarray], cfg: RunConfig, plan: TrainPlan,
                    state: Any) -> dict[str, np.ndarray]:
         """Rows -> fixed-shape arrays, one entry per row (so a caption's m images stay together)."""
+        from synray.train.batches import decode_rows
+
         return decode_rows(rows, plan.per_caption, state)
 
     # ---------------------------------------------------------------------- on the device
     def make_batch(self, tensors: dict[str, Tensor], rng: np.random.Generator) -> ImageBatch | ImageTextBatch:
         """A batch of preprocessed rows (tensors, already on the device) -> the objective's batch."""
+        from synray.train.batches import flatten_rows
+
         return flatten_rows(tensors)
 
     def augmentation(self, t: TrainConfig) -> nn.Module:
         """The on-device augmentation the loss gets: `train.augment`, at this objective's default preset."""
+        from synray.train.augment import build_augment
+
         return build_augment(t.augment, t.backbone.image_size, self.default_augment)
 
     def after_engine(self, model: nn.Module) -> None:
@@ -146,6 +152,8 @@ class Objective:
 
     def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:
         """The trained weights in loadable form: the backbone in transformers' format."""
+        from synray.models.backbone import save_backbone
+
         save_backbone(model.encoder, directory)
 
 
@@ -153,6 +161,8 @@ class ContrastiveObjective(Objective):
     """An image-only contrastive objective: the backbone with StableRep's projection head."""
 
     def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        from synray.models.heads import build_contrastive_model
+
         return ModelParts(build_contrastive_model(cfg.train.backbone, cfg.train.head))
 
 
@@ -163,6 +173,8 @@ class StableRep(ContrastiveObjective):
     min_images_per_caption: ClassVar[int] = 2
 
     def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig, step: int) -> Tensor:
+        from synray.train import losses
+
         return losses.multi_positive_contrastive(model(augment(batch.images)), batch.caption_ids, t.temperature,
                                                  same_size=True)
 
@@ -174,6 +186,8 @@ class SimCLR(ContrastiveObjective):
     views: ClassVar[int] = 2
 
     def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig, step: int) -> Tensor:
+        from synray.train import losses
+
         return losses.info_nce(model(augment(batch.images)), model(augment(batch.images)), t.temperature,
                                same_size=True)
 
@@ -185,9 +199,13 @@ class Supervised(Objective):
     needs_labels: ClassVar[bool] = True
 
     def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        from synray.models.heads import build_classifier
+
         return ModelParts(build_classifier(cfg.train.backbone, num_classes))
 
     def loss(self, model: nn.Module, augment: Augment, batch: ImageBatch, t: TrainConfig, step: int) -> Tensor:
+        from synray.train import losses
+
         return losses.supervised_ce(model(augment(batch.images)), batch.labels)
 
 
@@ -220,18 +238,27 @@ class Clip(Objective):
 
     def check(self, cfg: RunConfig, per_caption: int, text_model: str | None) -> None:
         """train.text.model must be a CLIP text model with a projection (its config only is read)."""
-        try:
-            config = text_tower_config(str(text_model or cfg.train.text.model))
-        except TextTowerError as e:
-            raise TrainSetupError(f"train.text.model={cfg.train.text.model!r}: {e}") from e
-        if cfg.train.text.max_length > config.max_position_embeddings:
+        name = str(text_model or cfg.train.text.model)
+        if name == "tiny:text":   # not built yet (a plan): its positions are declared
+            positions = CLIP_MAX_LENGTH
+        else:
+            from synray.models.image_text import TextTowerError, text_tower_config
+
+            try:
+                positions = text_tower_config(name).max_position_embeddings
+            except TextTowerError as e:
+                raise TrainSetupError(f"train.text.model={cfg.train.text.model!r}: {e}") from e
+        if cfg.train.text.max_length > positions:
             raise TrainSetupError(f"train.text.max_length={cfg.train.text.max_length} exceeds the text tower's "
-                                  f"{config.max_position_embeddings} positions")
+                                  f"{positions} positions")
 
     def fingerprint(self, t: TrainConfig) -> dict[str, Any]:
         return {**super().fingerprint(t), "text": t.text.model_dump()}
 
     def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        from synray.models.backbone import build_backbone
+        from synray.models.image_text import ImageTextModel, load_text_tower
+
         t = cfg.train
         path = localize(t.text.model, text_model or t.text.model, cfg.model_cache)
         text, tokenizer = load_text_tower(path)
@@ -239,22 +266,32 @@ class Clip(Objective):
         return ModelParts(model, tokenizer, t.text.max_length)
 
     def preprocess_setup(self, cfg: RunConfig, plan: TrainPlan) -> Any:
+        from synray.models.image_text import load_tokenizer
+
         return load_tokenizer(localize(cfg.train.text.model, plan.text_model or cfg.train.text.model,
                                        cfg.model_cache))
 
     def preprocess(self, rows: dict[str, np.ndarray], cfg: RunConfig, plan: TrainPlan,
                    state: Any) -> dict[str, np.ndarray]:
+        from synray.train.batches import image_text_rows
+
         return image_text_rows(rows, cfg.train.backbone.image_size, state, cfg.train.text.max_length)
 
     def make_batch(self, tensors: dict[str, Tensor], rng: np.random.Generator) -> ImageTextBatch:
+        from synray.train.batches import pick_pairs
+
         return pick_pairs(tensors, rng)
 
     def loss(self, model: nn.Module, augment: Augment, batch: ImageTextBatch, t: TrainConfig, step: int) -> Tensor:
+        from synray.train import losses
+
         image_features, text_features, scale = model(augment(batch.images), batch.input_ids)
         return losses.clip_loss(image_features, text_features, logit_scale=scale, same_size=True)
 
     def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:
         """The backbone (AutoModel loads it), plus text/ and the projection for zero-shot evaluation."""
+        from synray.models.image_text import save_image_text
+
         save_image_text(model, parts.tokenizer, directory, t.text.max_length)
 
 
@@ -293,10 +330,14 @@ class SynCLR(Objective):
         return {**super().fingerprint(t), "synclr": shape}
 
     def build(self, cfg: RunConfig, num_classes: int, text_model: str | None) -> ModelParts:
+        from synray.models.heads import build_synclr_model
+
         t = cfg.train
         return ModelParts(build_synclr_model(t.backbone, t.head, t.synclr))
 
     def augmentation(self, t: TrainConfig) -> nn.Module:
+        from synray.train import synclr
+
         s = t.synclr
         return synclr.MultiCrop(t.backbone.image_size, s.local_crop_size(t.backbone), s.local_crops,
                                 s.global_crop_scale, s.local_crop_scale, t.augment.preset or self.default_augment)
@@ -306,6 +347,10 @@ class SynCLR(Objective):
 
     def loss(self, model: nn.Module, augment: nn.Module, batch: ImageBatch, t: TrainConfig,
              step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        import torch
+
+        from synray.train import synclr
+
         s = t.synclr
         global_view, local_views = augment(batch.images)
         b, patches = global_view.shape[0], (global_view.shape[-1] // t.backbone.patch_size) ** 2
@@ -320,10 +365,14 @@ class SynCLR(Objective):
 
     def export(self, model: nn.Module, directory: Path, parts: ModelParts, t: TrainConfig) -> None:
         """The teacher's backbone (the one SynCLR evaluates), or the student's (train.synclr.export)."""
+        from synray.models.backbone import save_backbone
+
         m = _synclr_model(model)
         save_backbone(m.teacher.encoder if t.synclr.export == "teacher" else m.student.encoder, directory)
 
     def after_update(self, model: nn.Module, step: int, t: TrainConfig) -> None:
+        from synray.train import synclr
+
         m = _synclr_model(model)
         synclr.ema_update(m.teacher, m.student, synclr.ema_momentum(step, t.steps, t.synclr.momentum_at_start(t.steps),
                                                                     t.synclr.ema_momentum_final))
@@ -363,14 +412,14 @@ def synclr_warnings(cfg: RunConfig, per_caption: int) -> list[str]:
     horizon = 1.0 / max(1.0 - momentum, 1e-12)
     if horizon > HORIZON_WARN_SHARE * t.steps:
         tenth = max(1, t.steps // 10)
-        initial = math.prod(synclr.ema_momentum(k, t.steps, momentum, s.ema_momentum_final) for k in range(tenth))
+        initial = math.prod(schedules.ema_momentum(k, t.steps, momentum, s.ema_momentum_final) for k in range(tenth))
         out.append(f"train.synclr.ema_momentum={momentum:g} averages the teacher over about {horizon:.0f} steps, "
                    f"{100 * horizon / t.steps:.0f}% of train.steps={t.steps}: after {tenth} steps {100 * initial:.0f}% "
                    "of the teacher is still its random initialisation; state the horizon as a share of the run "
                    "(train.synclr.ema_horizon, e.g. 0.02) or lower train.synclr.ema_momentum")
     images = t.captions_per_worker * t.num_workers * t.grad_accum * SynCLR().images_per_row(per_caption)
     patches = (t.backbone.image_size // t.backbone.patch_size) ** 2
-    masked = synclr.mim_count(images, patches, s.mask_image_share, s.mask_patch_share)
+    masked = schedules.mim_count(images, patches, s.mask_image_share, s.mask_patch_share)
     if s.prototypes > masked:
         out.append(f"train.synclr.prototypes={s.prototypes} outnumber the {masked} masked tokens of a step ({images} "
                    f"global crops x train.synclr.mask_image_share={s.mask_image_share} x {patches} patches x "

@@ -3,19 +3,18 @@ the training loop (decoding, resizing, tokenising), so the workers only move rea
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import ray.data
-import ray.train
-import torch
-from ray.data import ExecutionOptions
 
 from synray.config import DataConfig, RunConfig
 from synray.data.ledger import ROW_ID
 from synray.stages import LIGHT_STAGE_CPUS, Rate, Stage, StageResources, map_stage
 from synray.train.objectives import get_objective
 from synray.train.spec import TrainPlan
+
+if TYPE_CHECKING:   # Ray and torch are imported where they run: plans read the stage without them
+    from ray.data import ExecutionOptions
 
 __all__ = ["RowPreprocessor", "preprocessing_stage", "ingest_options", "ingest_block_bytes"]
 
@@ -24,6 +23,8 @@ class RowPreprocessor:
     """Ray Data UDF (one per actor): what the objective's `preprocess` makes of a batch of rows."""
 
     def __init__(self, cfg: RunConfig, plan: TrainPlan) -> None:
+        import torch
+
         torch.set_num_threads(1)
         self.cfg, self.plan = cfg, plan
         self.objective = get_objective(plan.objective)
@@ -61,7 +62,7 @@ def preprocessing_stage(cfg: RunConfig, plan: TrainPlan | None = None, track_row
                          ("data.preprocess_actors", "data.preprocess_cpus"), udf="RowPreprocessor",
                          rate=preprocess_rate(cfg), rate_key="rates.preprocess")
 
-    def add(ds: ray.data.Dataset) -> ray.data.Dataset:
+    def add(ds: Any) -> Any:
         if plan is None:
             raise ValueError("row preprocessing is built from the run's TrainPlan")
         columns = list(plan.columns) + ([ROW_ID] if track_rows and ROW_ID not in plan.columns else [])
@@ -74,6 +75,8 @@ def preprocessing_stage(cfg: RunConfig, plan: TrainPlan | None = None, track_row
 def ingest_options(data: DataConfig) -> ExecutionOptions:
     """Ray Data's options for the training dataset: Ray Train's defaults, with the object store bytes its stages
     may hold capped at `data.stream_buffer_mb` (the bound that keeps a long stream's memory flat)."""
+    import ray.train
+
     opts = ray.train.DataConfig.default_ingest_options()
     if data.stream_buffer_mb is not None:
         opts.resource_limits = opts.resource_limits.copy(object_store_memory=data.stream_buffer_mb * 2**20)

@@ -28,25 +28,13 @@ from torch import Tensor, nn
 from synray.models.heads import SynCLROutputs
 from synray.train.augment import Augment
 from synray.train.losses import dist_rank_world, equal_sizes, gather_rows, multi_positive_terms
+from synray.train.schedules import ema_momentum, mim_count, mim_shape, teacher_temperature
 
 __all__ = ["ema_momentum", "teacher_temperature", "ema_update", "sinkhorn_knopp", "mim_count", "mim_masks",
            "masked_positions", "multi_positive_keys_loss", "ibot_loss", "synclr_loss", "MultiCrop"]
 
 
-# ------------------------------------------------------------------------------ schedules
-def ema_momentum(step: int, total_steps: int, base: float = 0.994, final: float = 1.0) -> float:
-    """The teacher's momentum at `step`: `base` at step 0, rising on a half cosine to `final` at `total_steps`."""
-    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    return final - (final - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
-
-
-def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.07) -> float:
-    """The teacher's prototype temperature: linear from `start` to `end` over `warmup_steps`, then `end`."""
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return end
-    return start + (end - start) * step / warmup_steps
-
-
+# ------------------------------------------------------- the teacher (its schedules: synray.train.schedules)
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (buffers are copied)."""
@@ -89,22 +77,11 @@ def sinkhorn_knopp(teacher_logits: Tensor, temperature: float, iterations: int =
     return (log_q.exp() * b).T
 
 
-def _mim_shape(batch: int, patches: int, image_share: float, patch_share: float) -> tuple[int, int]:
-    """(images masked, tokens masked in each of them)."""
-    return round(batch * image_share), round(patches * patch_share)
-
-
-def mim_count(batch: int, patches: int, image_share: float = 0.5, patch_share: float = 0.5) -> int:
-    """How many tokens `mim_masks` masks: round(batch x image_share) images x round(patches x patch_share) tokens."""
-    n_images, n_tokens = _mim_shape(batch, patches, image_share, patch_share)
-    return n_images * n_tokens
-
-
 def mim_masks(batch: int, patches: int, image_share: float = 0.5, patch_share: float = 0.5,
               generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
     """Which patch tokens the student sees as the mask token: bool [batch, patches]. round(batch x image_share)
     images, drawn at random, each get round(patches x patch_share) masked tokens, drawn at random; the others none."""
-    n_images, n_tokens = _mim_shape(batch, patches, image_share, patch_share)
+    n_images, n_tokens = mim_shape(batch, patches, image_share, patch_share)
     image_rank = torch.rand(batch, generator=generator, device=device).argsort()
     chosen = torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, image_rank[:n_images], True)
     token_rank = torch.rand(batch, patches, generator=generator, device=device).argsort(dim=1).argsort(dim=1)
