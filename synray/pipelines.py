@@ -93,10 +93,11 @@ def _store_stages(cfg: RunConfig, data: DataPlan | None, columns: list[str], tra
 
 def _workers(cfg: RunConfig) -> Stage:
     t = cfg.train
-    return Stage((StageResources("training workers", t.num_workers, t.cpus_per_worker,
+    return Stage((StageResources("training workers", t.max_workers, t.cpus_per_worker,
                                  t.gpus_per_worker if t.use_gpu else 0.0, t.resources,
                                  ("train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker"),
-                                 udf="RayTrainWorker", rate=training_rate(cfg), rate_key="rates.train"),), None)
+                                 udf="RayTrainWorker", rate=training_rate(cfg), rate_key="rates.train",
+                                 min_actors=t.min_workers if t.elastic else None),), None)
 
 
 def training_stages(cfg: RunConfig, *, data: DataPlan | None = None, train: TrainPlan | None = None,

@@ -236,15 +236,15 @@ def _plan_stream(cfg: RunConfig, objective: Objective) -> tuple[str | None, tupl
 def check_subset_fills_a_batch(cfg: RunConfig) -> None:
     """A store's first data.first_rows rows must fill one global batch (each epoch drops its partial batch)."""
     t, n = cfg.train, cfg.data.first_rows
-    if n is not None and n < t.captions_per_worker * t.num_workers:
+    if n is not None and n < t.captions_per_worker * t.max_workers:
         raise TrainSetupError(f"data.first_rows={n} cannot fill one global batch of train.captions_per_worker="
-                              f"{t.captions_per_worker} x train.num_workers={t.num_workers} rows")
+                              f"{t.captions_per_worker} x {t.max_workers} workers (train.num_workers) rows")
 
 
 def _subset_passes(cfg: RunConfig) -> int:
     """How many times a subset of data.first_rows rows is read so that one execution covers train.steps."""
     t = cfg.train
-    return max(1, math.ceil(t.steps * t.grad_accum * t.captions_per_worker * t.num_workers / cfg.data.first_rows))
+    return max(1, math.ceil(t.steps * t.step_rows / cfg.data.first_rows))
 
 
 def _subset(cfg: RunConfig, store_dir: str, has_row_ids: bool) -> tuple[int | None, tuple[str, ...]]:
@@ -294,11 +294,11 @@ def _resolve_text(cfg: RunConfig, build: bool = True) -> str:
 def _check_stream_size(cfg: RunConfig) -> None:
     """A stream must fill at least one global batch; fewer captions than the step budget needs is only logged."""
     t = cfg.train
-    rows_per_step = t.grad_accum * t.captions_per_worker * t.num_workers
-    if cfg.data.num_captions < t.captions_per_worker * t.num_workers:
+    rows_per_step = t.step_rows
+    if cfg.data.num_captions < t.captions_per_worker * t.max_workers:
         raise TrainSetupError(f"data.num_captions={cfg.data.num_captions} cannot fill one global batch of "
-                              f"train.captions_per_worker={t.captions_per_worker} x train.num_workers="
-                              f"{t.num_workers} rows")
+                              f"train.captions_per_worker={t.captions_per_worker} x {t.max_workers} workers "
+                              "(train.num_workers) rows")
     uses = cfg.data.num_captions * cfg.data.replay
     if uses < t.steps * rows_per_step:
         log.warning("stream mode: %d captions used up to %d times feed at most %d of the %d steps (each step takes "

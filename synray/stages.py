@@ -13,7 +13,7 @@ synray.train.preprocess, synray.eval.evaluate), made with `map_stage` or a read 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = ["LIGHT_STAGE_CPUS", "TRAINING_PHASE", "EVAL_PHASE", "Rate", "StageResources", "Stage", "map_stage", "build",
@@ -50,6 +50,11 @@ class StageResources:
     udf: str = ""         # what Ray names its actors or tasks after: the function or class the stage maps
     rate: Rate | None = None   # expected rows/s per actor (training workers: row uses/s); None: not declared
     rate_key: str = ""         # the `rates` key that overrides it (rates.images, ...)
+    min_actors: int | None = None   # an elastic group's fewest (`actors`: its most); None: a fixed count
+
+    def smallest(self) -> "StageResources":
+        """The stage at its fewest actors (an elastic group's smallest size; a fixed stage as it is)."""
+        return self if self.min_actors is None else replace(self, actors=self.min_actors, min_actors=None)
 
     def bundle(self) -> dict[str, float]:
         """One actor's resource request, as Ray sees it."""
@@ -64,7 +69,8 @@ class StageResources:
         each += "".join(f" + {v:g} {k}" for k, v in self.custom.items())
         kind = " tasks" if self.tasks else ""
         keys = ", ".join(k for k in self.keys if k)
-        return f"{self.stage}: {self.actors}{kind} x ({each})" + (f"  [{keys}]" if keys else "")
+        count = f"{self.min_actors}-{self.actors}" if self.min_actors is not None else str(self.actors)
+        return f"{self.stage}: {count}{kind} x ({each})" + (f"  [{keys}]" if keys else "")
 
     def keys_for(self, resource: str) -> list[str]:
         """The settings that decide how much of `resource` the stage holds: its actor count and per-actor amount."""

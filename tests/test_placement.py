@@ -280,3 +280,26 @@ def test_the_one_machine_built_ins_plan_cleanly_on_a_cluster_file_of_their_machi
 
     r = synray_main("plan", name, "--cluster", gpu_box(tmp_path, gpus, cpus=16 if gpus == 1 else 96))
     assert r.code == 0 and "checks: ok" in r.out, r.out[-2000:]
+
+
+def test_an_elastic_group_is_placed_at_its_largest_and_smallest_and_refused_only_when_its_smallest_cannot_fit():
+    """Training workers as an elastic range of 1-3 (2 CPU each): a node with room for 3 places both sizes; one with
+    room for 2 places the smallest and notes that the group cannot grow to 3 there; one with room for none refuses."""
+    from synray.programs.planview import cluster_lines
+
+    stages = [StageResources("row preprocessing", 1, 1), StageResources("training workers", 3, 2, min_actors=1,
+                                                                         keys=("train.num_workers",))]
+
+    def on(cpus: int) -> tuple[list[str], list[str]]:
+        return cluster_lines(stages, ClusterSpec("a box", (NodeType("box", {"CPU": cpus}, existing=1,
+                                                                             max_workers=1),)))
+    lines, problems = on(8)
+    assert not problems and any(line.startswith("  training: box x1") for line in lines)
+    assert any(line.startswith("  training, at its smallest (training workers: 1): box x1") for line in lines), lines
+    lines, problems = on(5)
+    assert not problems and not any(line.startswith("  training: ") for line in lines)
+    assert any("the training phase only fits below its largest size here: the training phase holds 7 CPU" in line
+               for line in lines), lines
+    lines, problems = on(2)
+    assert len(problems) == 1 and "holds 7 CPU at once" in problems[0], problems
+    assert StageResources("training workers", 3, 2, min_actors=1).describe() == "training workers: 1-3 x (2 CPU)"

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from synray.config.base import CustomResources, MountedPath, Section, _registered, check_gpu_share
 from synray.config.rates import RatesConfig
 from synray.config.tune import TuneConfig
+from synray.config.workers import WorkerCount, bounds, splitting_rows, step_rows, step_split, unsplit_sizes
 
 __all__ = ["RayConfig", "TemplateWeights", "RELATIONS", "ConceptsConfig", "SamplingConfig", "EngineConfig",
            "CleanupConfig", "RewriteConfig", "CaptionsConfig", "ImagesConfig", "DataConfig", "BackboneConfig",
@@ -365,7 +366,9 @@ class TrainConfig(Section):
                       "refused naming them)")
     temperature: float = Field(0.1, gt=0, le=10, description="contrastive temperature; for loss=clip the "
                                "initial value of the learnable one (CLIP: 0.07)")
-    num_workers: int = Field(2, ge=1)
+    num_workers: WorkerCount = Field(2, description="training workers: a count, or an elastic range [min, max] "
+                                     "(Ray Train starts as many as fit, then grows or shrinks the group; every size "
+                                     "trains the same global batch, synray.config.workers)")
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu; a fraction (0.5) lets "
                                    "one worker share its GPU with diffusion actors (num_workers=1 only: NCCL "
@@ -398,6 +401,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    resize_check_s: float = Field(60.0, gt=0, description="an elastic group (num_workers: [min, max]): how often Ray "
+                                  "Train looks for room to grow it; each resize restarts it from its latest "
+                                  "checkpoint")
     resume_from: MountedPath | None = Field(None, description="a checkpoint directory of an earlier run to start from")
     fail_at_step: int | None = Field(None, ge=1, description="fault drill: the last worker dies at this step "
                                      "unless it was restarted from a checkpoint")
@@ -407,6 +413,41 @@ class TrainConfig(Section):
     def _loss_registered(cls, v: str, info: ValidationInfo) -> str:
         return _registered("train.loss", v, info)
 
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_count(cls, v: WorkerCount) -> WorkerCount:
+        lo, hi = bounds(v)
+        if lo < 1 or hi < lo:
+            raise ValueError(f"{list(v) if isinstance(v, tuple) else v} is not a worker count: a number >= 1, or a "
+                             "range [min, max] with 1 <= min <= max")
+        return lo if lo == hi else (lo, hi)
+
+    @property
+    def min_workers(self) -> int:
+        return bounds(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return bounds(self.num_workers)[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.max_workers
+
+    def at_size(self, world: int) -> "TrainConfig":
+        """This config as a group of `world` workers trains it: the same step's rows, split over them
+        (synray.config.workers)."""
+        split = step_split(self.captions_per_worker, self.max_workers, self.grad_accum, world)
+        if split is None:
+            raise ValueError(f"train.num_workers={self.num_workers}: {world} workers cannot share a step of "
+                             f"{self.step_rows} rows evenly")
+        return self.model_copy(update={"captions_per_worker": split[0], "grad_accum": split[1], "num_workers": world})
+
+    @property
+    def step_rows(self) -> int:
+        """Rows (captions) of one optimizer step, at any group size."""
+        return step_rows(self.captions_per_worker, self.max_workers, self.grad_accum)
+
     _gpu_share = field_validator("gpus_per_worker")(check_gpu_share)
 
     @model_validator(mode="after")
@@ -415,7 +456,7 @@ class TrainConfig(Section):
             raise ValueError(f"precision {self.precision!r} needs use_gpu=true; use fp32 on the CPU")
         if "gpus_per_worker" in self.model_fields_set and self.gpus_per_worker != 1 and not self.use_gpu:
             raise ValueError(f"gpus_per_worker={self.gpus_per_worker:g} needs use_gpu=true")
-        if self.use_gpu and self.gpus_per_worker < 1 and self.num_workers > 1:
+        if self.use_gpu and self.gpus_per_worker < 1 and self.max_workers > 1:
             raise ValueError(f"gpus_per_worker={self.gpus_per_worker:g} with num_workers={self.num_workers}: Ray may "
                              "place two workers on one GPU, and NCCL refuses two ranks on one device. Training "
                              "workers take whole GPUs (gpus_per_worker=1); only a single worker (num_workers=1) "
@@ -424,6 +465,16 @@ class TrainConfig(Section):
             raise ValueError("precision 'bf16' with zero_stage=0 runs DeepSpeed's BF16_Optimizer, which reads an "
                              "overflow flag of every gradient on the host each step; use zero_stage=1 (the same "
                              "weights on every rank, the optimizer state partitioned)")
+        unsplit = unsplit_sizes(self.captions_per_worker, self.num_workers, self.grad_accum)
+        if unsplit:
+            rows = splitting_rows(self.captions_per_worker, self.num_workers, self.grad_accum)
+            hint = (f"captions_per_worker={rows} splits its step over every size of the range" if rows else
+                    "narrow the range")
+            raise ValueError(
+                f"num_workers=[{self.min_workers}, {self.max_workers}]: a step of {self.step_rows} rows "
+                f"(captions_per_worker={self.captions_per_worker} x {self.max_workers} workers x grad_accum="
+                f"{self.grad_accum}) cannot be split evenly over {', '.join(map(str, unsplit))} workers, and every "
+                f"size of the range trains the same step; {hint}")
         if self.fail_at_step is not None and self.fail_at_step <= self.checkpoint_every:
             raise ValueError(f"train.fail_at_step={self.fail_at_step} must be after the first checkpoint "
                              f"(train.checkpoint_every={self.checkpoint_every}): a restart before it has no "

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from synray.captions.backends import get_caption_backend
-from synray.config import RunConfig
+from synray.config import RunConfig, TrainConfig
 from synray.data.store import StoreMissingError
 from synray.generation.pipeline import generation_stages
 from synray.images.registry import get_renderer
@@ -49,11 +49,16 @@ def data_flow(cfg: RunConfig, protocols: Sequence[str]) -> str:
         if d.mode == "stream+store":
             steps.append(f"tee into store {d.store_dir}")
     steps += [f"preprocessing, actors: {d.preprocess_actors}",
-              f"training: {t.loss}, {t.num_workers} workers x {t.captions_per_worker} captions, {t.steps} steps"]
+              f"training: {t.loss}, {worker_text(t)} workers x {t.captions_per_worker} captions, {t.steps} steps"]
     if protocols:
         steps.append(f"evaluation: {', '.join(protocols)} on "
                      + (cfg.eval.dataset or f"{cfg.eval.heldout_captions} held-out captions"))
     return " -> ".join(steps)
+
+
+def worker_text(t: TrainConfig) -> str:
+    """A training group's size: a count, or an elastic range."""
+    return f"{t.min_workers}-{t.max_workers}" if t.elastic else str(t.max_workers)
 
 
 def storage_lines(cfg: RunConfig) -> list[str]:
@@ -87,12 +92,13 @@ def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec,
     lines, problems = [f"nodes on {cluster.source}:"], []
     placements: list[Placement] = []
     for phase, members in by_phase(stages).items():
-        try:
-            placements.append(pack(members, cluster, phase))
-        except PlacementError as e:
-            problems.append(str(e))
-    for p in placements:
-        lines.append(f"  {p.phase}: {p.describe()}")
+        placed, smallest, note = elastic_placements(members, cluster, phase)
+        if placed is None and smallest is None:
+            problems.append(note)
+            continue
+        placements += [p for p in (placed, smallest) if p is not None]
+        lines += [f"  {p.phase}: {p.describe()}" for p in (placed, smallest) if p is not None]
+        lines += [f"  note: {note}"] if note else []
     if placements:
         peak: dict[str, int] = {}
         for p in placements:
@@ -108,6 +114,28 @@ def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec,
             problems += storage_problems(cfg, cluster.shared_paths, cluster.source, nodes)
             lines.append(f"  shared storage: {', '.join(cluster.shared_paths) or 'none'} (mounted on every node)")
     return lines, problems
+
+
+def elastic_placements(members: Sequence[StageResources], cluster: ClusterSpec,
+                       phase: str) -> tuple[Placement | None, Placement | None, str]:
+    """A phase packed at its largest, and, with an elastic stage, at its smallest too (what an elastic group needs to
+    start, or to go on after losing nodes); a refusal when even the smallest cannot be placed, a note when only the
+    largest cannot (the group then never grows to its maximum there)."""
+    elastic = [s for s in members if s.min_actors is not None]
+    try:
+        largest: Placement | None = pack(members, cluster, phase)
+        refused = ""
+    except PlacementError as e:
+        largest, refused = None, str(e)
+    if not elastic:
+        return largest, None, refused
+    sizes = ", ".join(f"{s.stage}: {s.min_actors}" for s in elastic)
+    try:
+        smallest = pack([s.smallest() for s in members], cluster, f"{phase}, at its smallest ({sizes})")
+    except PlacementError:
+        return None, None, refused
+    note = "" if largest else f"the {phase} phase only fits below its largest size here: {refused}"
+    return largest, smallest, note
 
 
 #: the phase of `synray generate` in a plan that trains from a store yet to be made

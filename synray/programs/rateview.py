@@ -43,7 +43,8 @@ def measured_rates(run_dir: str | Path) -> dict[str, float]:
         busy = max(1e-9, 1.0 - float(t.get("data_wait_fraction") or 0.0))
         objective = get_objective(cfg.train.loss)
         images_per_row = objective.images_per_row(cfg.train.images_per_row or cfg.images.per_caption) * objective.views
-        out["train"] = t["images_per_s"] / busy / cfg.train.num_workers / images_per_row
+        workers = t.get("world_size") or cfg.train.max_workers   # the group's size (an elastic one's last)
+        out["train"] = t["images_per_s"] / busy / workers / images_per_row
     return out
 
 
@@ -90,7 +91,7 @@ def _stream_lines(cfg: RunConfig, phase: Sequence[StageResources], rates: Any) -
         keys = " ".join(f"{s.keys[0]}={max(1, round(split.gpus[s.stage] / s.gpus))}" for s in gpu if s.keys)
         out.append(f"  balanced split of these {budget} GPUs: {parts} -> {_n(split.rows_per_s)} rows/s "
                    f"({split.rows_per_s / slowest.rows_per_s:.2g}x now): {keys}")
-    rows_per_step = t.captions_per_worker * t.num_workers * t.grad_accum
+    rows_per_step = t.step_rows
     costs = stream_costs(phase, cfg.data.num_captions, t.steps * rows_per_step, replay)
     if costs is not None:
         verdict = (f"generating first (`synray generate`, then data.mode=stored) costs "

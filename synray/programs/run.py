@@ -154,8 +154,20 @@ def train_summary(result: TrainResult) -> dict[str, Any]:
         "rows_trained": last.get("rows_trained"), "uses_per_row": last.get("uses_per_row"),
         "ended_early": bool(result.final.get("ended_early", False)),
         "worker_failures": result.failures, "elapsed_s": round(result.elapsed_s, 2),
-        "checkpoint": result.checkpoint_dir,
+        "checkpoint": result.checkpoint_dir, "steps_by_world_size": steps_by_world_size(result.metrics),
     }
+
+
+def steps_by_world_size(metrics: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of the run's steps each group size trained: a step counts for the size of the first report at or
+    after it, the last report of a step winning (a group restarted from a checkpoint trains its later steps again)."""
+    reported = {int(m["step"]): int(m["world_size"]) for m in metrics if "world_size" in m}
+    out: dict[str, int] = {}
+    last = 0
+    for step in sorted(reported):
+        out[str(reported[step])] = out.get(str(reported[step]), 0) + step - last
+        last = step
+    return out
 
 
 def _fig(value: float | None, spec: str = ".4f") -> str:

@@ -68,7 +68,7 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     out = trial_dir(plan, trial_id)
     started = {"trial_id": trial_id, "params": params, "overrides": trial_overrides(plan.space, params),
                "captions": cfg.data.first_rows, "images_per_caption": run_plan.train.per_caption,
-               "workers": cfg.train.num_workers, "views_per_step": views_per_step(cfg, run_plan),
+               "workers": cfg.train.max_workers, "views_per_step": views_per_step(cfg, run_plan),
                "ray_job_id": ray.get_runtime_context().get_job_id()}
     _write_json(out, START_FILE, started)
     done = execute(run_plan, out, callbacks=[TrainingReportCallback()])
@@ -87,7 +87,7 @@ def views_per_step(cfg: Any, run_plan: Any) -> int:
     """The images (augmented views) one optimizer step of this trial trains on, over all workers."""
     objective = get_objective(run_plan.train.objective)
     return images_per_step(cfg.train, objective.images_per_row(run_plan.train.per_caption), objective.views,
-                           cfg.train.num_workers)
+                           cfg.train.max_workers)
 
 
 def trial_work(started: dict[str, Any], steps: int) -> dict[str, int]:

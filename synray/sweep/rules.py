@@ -24,7 +24,7 @@ def steps_rule(cfg: RunConfig) -> Callable[[int], int]:
     if cfg.tune.budget == "steps":
         return lambda captions: cfg.train.steps
     t = cfg.train
-    rows_per_step = t.captions_per_worker * t.num_workers * t.grad_accum
+    rows_per_step = t.step_rows
     return lambda captions: max(1, math.ceil(cfg.tune.epochs * captions / rows_per_step))
 
 

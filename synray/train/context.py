@@ -22,6 +22,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from synray.data.ledger import ROW_ID
+
 __all__ = ["WorkerContext", "RayTrainContext", "LocalContext"]
 
 
@@ -30,6 +32,7 @@ class WorkerContext(Protocol):
 
     rank: int
     world_size: int
+    local_rank: int       # among the group's workers on this node
 
     def batches(self, rows: int, epoch: int, shuffle_rows: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """One epoch of this worker's preprocessed rows in tensor batches of `rows` (a partial last one dropped)."""
@@ -57,7 +60,7 @@ class RayTrainContext:
 
     def __init__(self, prefetch_batches: int, pin_memory: bool, ledger: Any | None = None) -> None:
         ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.rank, self.world_size, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
         self._shard = ray.train.get_dataset_shard("train")
         self.prefetch_batches, self.pin_memory = prefetch_batches, pin_memory
         self.ledger = ledger
@@ -104,7 +107,7 @@ class LocalContext:
     """
 
     def __init__(self, rank: int, world_size: int, rows: dict[str, np.ndarray], root: str | Path) -> None:
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.local_rank = rank, world_size, rank   # processes of one machine
         self.rows = rows
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -146,7 +149,10 @@ class LocalContext:
         """Nothing to wait for: `report` returns once every rank has written its part."""
 
     def start_stream(self, consumed: np.ndarray) -> None:
-        """Rows in memory: nothing to skip."""
+        """Rows that carry a plan-row id skip those the restored checkpoint consumed, as a stream or store does."""
+        if ROW_ID in self.rows and consumed.size:
+            keep = ~np.isin(self.rows[ROW_ID], consumed)
+            self.rows = {k: v[keep] for k, v in self.rows.items()}
 
     @staticmethod
     def read_reports(root: str | Path, rank: int = 0) -> list[dict[str, Any]]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +18,8 @@ if TYPE_CHECKING:   # torch and DeepSpeed are imported where the engine is built
 
 CHECKPOINT_TAG = "state"
 META_FILE = "synray_checkpoint.json"
+#: the meta key of the size of the worker group that wrote a checkpoint
+WORLD_KEY = "world_size"
 
 
 class CheckpointError(ValueError):
@@ -32,13 +38,15 @@ def learning_rate(cfg: TrainConfig, images_per_step: int) -> float:
     return cfg.base_lr * images_per_step / 256
 
 
-def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int, grad_clip: float = 0.0) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int, grad_clip: float = 0.0,
+                     load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict (micro batch = images per worker per forward pass; grad_clip 0: no clipping), set
     so that a step waits for the device as little as DeepSpeed allows: no throughput timer (it synchronises at every
     forward and step), no bf16 overflow check (an all-reduce and a host read per step; bf16 needs no loss scale),
     and without clipping no gradient norm in ZeRO 1/2. What remains: with clipping, ZeRO checks the norm's
     validity on the host once per optimizer step (its partitioned optimizer steps one parameter group at a time,
-    so a clip inside the optimizer would not see the global norm); fp16's loss scaling reads an overflow flag."""
+    so a clip inside the optimizer would not see the global norm); fp16's loss scaling reads an overflow flag.
+    `load_universal`: the checkpoint to load is a universal one (`to_universal`: written by a group of another size)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage in (1, 2) and grad_clip == 0:
         zero["compute_grad_norm"] = False
@@ -54,6 +62,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int, grad_c
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "timers": {"throughput": {"enabled": False}},
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 
 
@@ -79,24 +88,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, world_size: int, lr: float,
-                 grad_clip: float = 0.0):
+                 grad_clip: float = 0.0, load_universal: bool = False):
     """deepspeed.initialize with a torch AdamW (`param_groups`), a warmup+cosine LambdaLR and DeepSpeed's gradient
-    clipping at `grad_clip` (0: none)."""
+    clipping at `grad_clip` (0: none); `load_universal`: it will load a universal checkpoint."""
     import deepspeed
     import torch
 
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, cfg.warmup_steps))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                                 config=deepspeed_config(cfg, micro_batch, world_size, grad_clip))
+                                                 config=deepspeed_config(cfg, micro_batch, world_size, grad_clip,
+                                                                         load_universal))
     return engine, opt, sched
 
 
-def save(engine, directory: Path, step: int, fingerprint: dict[str, Any], rank: int) -> None:
-    """Every rank writes its DeepSpeed shards; rank 0 also the step and what the checkpoint was trained as."""
+def save(engine, directory: Path, step: int, fingerprint: dict[str, Any], rank: int, world_size: int) -> None:
+    """Every rank writes its DeepSpeed shards; rank 0 also the step, the group's size, an id, and what the checkpoint
+    was trained as."""
     engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": step})
     if rank == 0:
-        (directory / META_FILE).write_text(json.dumps({"step": step, **fingerprint}, sort_keys=True))
+        meta = {"step": step, WORLD_KEY: world_size, "id": uuid.uuid4().hex, **fingerprint}
+        (directory / META_FILE).write_text(json.dumps(meta, sort_keys=True))
 
 
 def has_state(directory: str | Path) -> bool:
@@ -120,6 +132,27 @@ def check_compatible(directory: str | Path, want: dict[str, Any]) -> int:
         raise CheckpointError(f"checkpoint {directory} was written by another config: it differs in "
                          f"{', '.join('train.' + d for d in diff)} ({ {d: meta.get(d) for d in diff} })")
     return int(meta["step"])
+
+
+def saved_world_size(directory: str | Path) -> int | None:
+    """The size of the group that wrote a checkpoint (None: written before synray recorded it)."""
+    size = read_meta(directory).get(WORLD_KEY)
+    return None if size is None else int(size)
+
+
+def to_universal(directory: Path, out: Path) -> Path:
+    """DeepSpeed's universal form of a checkpoint (`deepspeed.checkpoint.ds_to_universal`: every parameter's fp32
+    weights and optimizer moments whole, by name), which a group of any size loads; under `out`, with the same tag.
+    ZeRO partitions the optimizer state by the group's size, so a checkpoint loads as written only into a group
+    of the size that wrote it."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(directory / CHECKPOINT_TAG), output_folder=str(out / CHECKPOINT_TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)   # one process: no pool forked from a training worker
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):   # its progress bars
+        ds_to_universal.main(args)
+    return out
 
 
 def load(engine, directory: Path) -> int:

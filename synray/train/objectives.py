@@ -417,7 +417,7 @@ def synclr_warnings(cfg: RunConfig, per_caption: int) -> list[str]:
                    f"{100 * horizon / t.steps:.0f}% of train.steps={t.steps}: after {tenth} steps {100 * initial:.0f}% "
                    "of the teacher is still its random initialisation; state the horizon as a share of the run "
                    "(train.synclr.ema_horizon, e.g. 0.02) or lower train.synclr.ema_momentum")
-    images = t.captions_per_worker * t.num_workers * t.grad_accum * SynCLR().images_per_row(per_caption)
+    images = t.step_rows * SynCLR().images_per_row(per_caption)
     patches = (t.backbone.image_size // t.backbone.patch_size) ** 2
     masked = schedules.mim_count(images, patches, s.mask_image_share, s.mask_patch_share)
     if s.prototypes > masked:

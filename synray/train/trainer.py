@@ -113,14 +113,15 @@ def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: An
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_FILE
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {}), **t.resources}
-    block_bytes = ingest_block_bytes(cfg.data, t.num_workers)
+    block_bytes = ingest_block_bytes(cfg.data, t.max_workers)
     if block_bytes is not None:   # on the dataset's own context, which its execution reads
         dataset.context.target_max_block_size = block_bytes
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "plan": plan, "ledger": ledger},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               elastic_resize_monitor_interval_s=t.resize_check_s),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg.data)),
         run_config=ray.train.RunConfig(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -86,19 +87,21 @@ class Meter:
         all ranks used for the first time (one all-reduce)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         if self.loss_sum is None:
-            return {"step": step, "loss": float("nan"), "lr": lr}, self.new_rows
+            return {"step": step, "loss": float("nan"), "lr": lr, "world_size": world}, self.new_rows
         values = torch.cat(
             [self.loss_sum, torch.tensor([float(self.new_rows)], device=self.loss_sum.device)])
         *sums, new_rows = means_over_ranks(values, 2 + len(self.part_names))
         means = [v / max(1, self.micro_steps) for v in sums]
-        return {"step": step, "loss": means[0], **dict(zip(self.part_names, means[1:])), "lr": lr,
+        return {"step": step, "loss": means[0], **dict(zip(self.part_names, means[1:])), "lr": lr, "world_size": world,
                 "images_per_s": self.images * world / elapsed,
                 "data_wait_fraction": self.wait_s / max(self.wait_s + self.busy_s, 1e-9)}, round(new_rows * world)
 
 
 # -------------------------------------------------------------------------------------- setup
 def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
-    """Model, DeepSpeed engine, restored step, augmentation and the data iterator of this worker."""
+    """Model, DeepSpeed engine, restored step, augmentation and the data iterator of this worker. The train config
+    is taken at the group's size: its step's rows split over the workers there are (an elastic group's size varies)."""
+    cfg = cfg.model_copy(update={"train": cfg.train.at_size(ctx.world_size)})
     t = cfg.train
     objective = get_objective(plan.objective)
     device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
@@ -116,11 +119,13 @@ def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
         restarted = checkpoint is not None
         if not restarted:
             export_initial(model, objective, parts, cfg, ctx)
+        source = state_to_load(checkpoint, plan)
+        resized = source is not None and ds_engine.saved_world_size(source) not in (None, ctx.world_size)
         engine, _, scheduler = ds_engine.build_engine(model, t, micro_batch, ctx.world_size,
                                                       ds_engine.learning_rate(t, images_per_step),
-                                                      objective.grad_clip(t))
+                                                      objective.grad_clip(t), load_universal=resized)
         objective.after_engine(engine)
-        step = restore(engine, checkpoint, objective, cfg, plan)
+        step = restore(engine, source, objective, cfg, ctx, resized)
         consumed, epoch = load_consumed(checkpoint), load_epoch(checkpoint)
     ctx.start_stream(consumed)  # the data skips what the restored epoch trained on (before any row is read)
     torch.manual_seed(cfg.seed * 7919 + ctx.rank * 104729 + step)  # augmentation stream per rank and restart
@@ -146,16 +151,41 @@ def start_epoch(state: WorkerState, epoch: int) -> None:
     state.ctx.start_stream(state.consumed)
 
 
-def restore(engine: Any, checkpoint: Path | None, objective: Objective, cfg: RunConfig, plan: TrainPlan) -> int:
-    """The step to start from: this run's latest checkpoint (after a failure), else `train.resume_from`, else 0."""
-    want = objective.fingerprint(cfg.train)
+def state_to_load(checkpoint: Path | None, plan: TrainPlan) -> Path | None:
+    """The training state to start from: this run's latest checkpoint (after a failure or a resize), else
+    `train.resume_from`, else none (a fresh run, or a restart before the first training checkpoint)."""
     if checkpoint is not None and ds_engine.has_state(checkpoint):
-        ds_engine.check_compatible(checkpoint, want)
-        return ds_engine.load(engine, checkpoint)
-    if plan.resume_from:
-        ds_engine.check_compatible(plan.resume_from, want)
-        return ds_engine.load(engine, Path(plan.resume_from))
-    return 0  # a fresh run, or a restart before the first training checkpoint
+        return checkpoint
+    return Path(plan.resume_from) if plan.resume_from else None
+
+
+def restore(engine: Any, source: Path | None, objective: Objective, cfg: RunConfig, ctx: WorkerContext,
+            resized: bool) -> int:
+    """Load `source` (checked to be this model's and loss's) and return its step; 0 with none. A checkpoint that a
+    group of another size wrote (`resized`) loads through DeepSpeed's universal form: ZeRO's optimizer state is
+    partitioned by the group's size. One worker of each node converts it, into a folder named by the checkpoint's
+    id, and the others wait for it."""
+    if source is None:
+        return 0
+    ds_engine.check_compatible(source, objective.fingerprint(cfg.train))
+    if not resized:
+        return ds_engine.load(engine, source)
+    universal = Path(tempfile.gettempdir()) / f"synray-universal-{ds_engine.read_meta(source)['id']}"
+    if ctx.local_rank == 0 and not universal.is_dir():
+        log.info("resized group (%d workers, the checkpoint's %s): converting %s to a universal checkpoint",
+                 ctx.world_size, ds_engine.saved_world_size(source), source)
+        ds_engine.to_universal(source, universal.with_name(universal.name + f".{os.getpid()}")).rename(universal)
+    barrier()
+    step = ds_engine.load(engine, universal)
+    barrier()
+    if ctx.local_rank == 0:
+        shutil.rmtree(universal, ignore_errors=True)
+    return step
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def timed_batches(ctx: WorkerContext, rows: int, epochs: bool, shuffle_rows: int, seed: int,
@@ -297,7 +327,8 @@ def save_checkpoint(state: WorkerState, metrics: dict[str, Any], export: bool = 
         state.consumed = np.union1d(state.consumed, ids[ids >= 0])   # -1: a replayed use of a row
         state.pending_rows.clear()
     with tempfile.TemporaryDirectory(prefix="synray-ckpt-") as tmp:
-        ds_engine.save(state.engine, Path(tmp), state.step, state.objective.fingerprint(state.cfg.train), rank)
+        ds_engine.save(state.engine, Path(tmp), state.step, state.objective.fingerprint(state.cfg.train), rank,
+                       state.ctx.world_size)
         save_consumed(Path(tmp), rank, state.consumed)
         if rank == 0:
             save_epoch(Path(tmp), state.epoch)
