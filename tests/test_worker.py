@@ -130,3 +130,12 @@ def test_replay_keeps_training_while_the_stream_is_slow_and_records_each_row_onc
         assert rows_streamed - len(consumed) < per_step
         assert last["uses_per_row"] == pytest.approx(result["final_step"] * per_step / len(consumed))
     assert thrice["reports"][-1]["uses_per_row"] > 2.5 and once["reports"][-1]["uses_per_row"] == 1.0
+
+
+def test_a_preemption_notice_saves_one_checkpoint_at_the_next_report_and_training_goes_on(results):
+    """The notice comes from the 3rd report on (every rank asks at every report): a checkpoint at step 3 with the
+    notice in its metrics, none again for the same notice, the last at the step budget."""
+    for rank in results["preemption"]:
+        assert rank["final_step"] == 6 and rank["asked"] == 6
+        saved = [(r["step"], r.get("preemption")) for r in rank["reports"] if r["checkpoint"] and r["step"]]
+        assert saved == [(3, {"deadline_ms": 1_000_000, "ranks": [1]}), (6, None)], saved

@@ -43,6 +43,8 @@ CASES: dict[str, list[str]] = {
                       "train.synclr.ema_momentum=0.9", "train.synclr.ema_momentum_final=0.99"],
     # bf16 master weights exported as float32, against DeepSpeed's own consolidation of the checkpoint
     "bf16_export": ["train.loss=stablerep", "train.steps=2", "train.zero_stage=1"],
+    # a node of the group is being preempted from the 3rd report on: one checkpoint, at step 3
+    "preemption": ["train.loss=stablerep", "train.steps=6"],
 }
 #: the GPU built-ins' step (bf16, ZeRO 1, 2 micro-steps a window, each objective's own augmentation and clipping)
 #: watched for host syncs, one case per objective; grad checkpointing on in the image-text case
@@ -184,6 +186,24 @@ def _bf16_export(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, ro
     return out
 
 
+def _preemption(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, root: Path) -> dict[str, Any]:
+    """The worker under a context whose node is being preempted from the 3rd report on (what Ray Train's
+    `get_preemption_info` says once a node is drained with a deadline)."""
+    from synray.train.context import LocalContext
+    from synray.train.worker import setup, train
+
+    class Preempted(LocalContext):
+        asked = 0
+
+        def preemption(self) -> dict[str, Any] | None:
+            self.asked += 1
+            return {"deadline_ms": 1_000_000, "ranks": [1]} if self.asked >= 3 else None
+
+    ctx = Preempted(rank, WORLD, rows, root)
+    return {"final_step": train(setup(cfg, plan, ctx)), "asked": ctx.asked,
+            "checkpoints": [p.name for p in ctx.checkpoints()]}
+
+
 def _as_gpu_precision(cfg: Any) -> Any:
     """The config with bf16 training, which validation allows only with use_gpu (DeepSpeed runs bf16 on the CPU)."""
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "bf16"})})
@@ -225,6 +245,8 @@ def _run_case(name: str, rank: int, root: Path, text_model: str) -> dict[str, An
         out.update(_slow_stream(cfg, plan, rows, rank, root / name))
     elif name == "bf16_export":
         out.update(_bf16_export(cfg, plan, rows, rank, root / name))
+    elif name == "preemption":
+        out.update(_preemption(cfg, plan, rows, rank, root / name))
     elif name == "synclr_resume":
         out.update(_synclr_resume(cfg, plan, rows, rank, root / name))
     elif name == "resume":

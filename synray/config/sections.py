@@ -401,6 +401,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    max_preemptions: int = Field(-1, ge=-1, description="restarts after a node of the group was preempted (drained "
+                                 "with notice; its workers save a checkpoint first), counted apart from "
+                                 "max_failures; -1: no limit")
     resize_check_s: float = Field(60.0, gt=0, description="an elastic group (num_workers: [min, max]): how often Ray "
                                   "Train looks for room to grow it; each resize restarts it from its latest "
                                   "checkpoint")

@@ -50,6 +50,10 @@ class WorkerContext(Protocol):
         """Called by every rank before reading a row: the group starts from a checkpoint that consumed these
         plan rows (a stream then skips them)."""
 
+    def preemption(self) -> dict[str, Any] | None:
+        """Called by every rank at the same steps: a node of the group is being preempted ({"deadline_ms": UNIX ms
+        or None, "ranks": its workers}), or None."""
+
 
 class RayTrainContext:
     """A worker of a Ray Train run: its dataset shard ("train"), `ray.train.report` and Ray's checkpoints.
@@ -86,6 +90,11 @@ class RayTrainContext:
 
     def wait_for_checkpoints(self) -> None:
         ray.train.get_all_reported_checkpoints()
+
+    def preemption(self) -> dict[str, Any] | None:
+        """Ray Train's notice of a drained node (`get_preemption_info`, a barrier of the group's workers)."""
+        info = ray.train.get_preemption_info()
+        return None if info is None else {"deadline_ms": info.deadline_ms, "ranks": info.preempted_ranks}
 
     def start_stream(self, consumed: np.ndarray) -> None:
         """Rank 0 tells the stream's ledger what the restored checkpoint consumed; no rank reads a row before
@@ -147,6 +156,10 @@ class LocalContext:
 
     def wait_for_checkpoints(self) -> None:
         """Nothing to wait for: `report` returns once every rank has written its part."""
+
+    def preemption(self) -> dict[str, Any] | None:
+        """Processes of one machine: no node is ever preempted."""
+        return None
 
     def start_stream(self, consumed: np.ndarray) -> None:
         """Rows that carry a plan-row id skip those the restored checkpoint consumed, as a stream or store does."""

@@ -126,7 +126,8 @@ def fit(cfg: RunConfig, plan: TrainPlan, dataset: Any, out_dir: Path, ledger: An
         dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg.data)),
         run_config=ray.train.RunConfig(
             name="train", storage_path=storage or str(out_dir),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
+                                                   max_preemption_failures=t.max_preemptions),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT,
                                                          checkpoint_score_attribute=CHECKPOINT_SCORE,
                                                          checkpoint_score_order="max"),

@@ -59,6 +59,7 @@ class WorkerState:
     epoch: int = 0                                      # the epoch of a store being read (a stream: 0)
     rows_trained: int = 0                               # rows trained on at least once, over all ranks
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    preempted: dict[str, Any] | None = None             # the preemption notice a checkpoint was saved for
 
 
 @dataclass
@@ -290,13 +291,30 @@ def window_metrics(state: WorkerState, meter: Meter) -> dict[str, Any]:
 
 
 def log_and_checkpoint(state: WorkerState, meter: Meter) -> Meter:
-    """Report the metrics since the last report, with a checkpoint when one is due; a fresh meter follows."""
+    """Report the metrics since the last report, with a checkpoint when one is due or a node of the group is being
+    preempted (saved once a notice, before the node goes); a fresh meter follows."""
     state.last_metrics = window_metrics(state, meter)
-    if checkpoint_due(state):
-        save_checkpoint(state, state.last_metrics, export=state.step == state.cfg.train.steps)
+    notice = preemption_notice(state)
+    if checkpoint_due(state) or notice:
+        metrics = {**state.last_metrics, **({"preemption": notice} if notice else {})}
+        save_checkpoint(state, metrics, export=state.step == state.cfg.train.steps)
     else:
         state.ctx.report(state.last_metrics, None)
     return Meter()
+
+
+def preemption_notice(state: WorkerState) -> dict[str, Any] | None:
+    """A new notice that a node of the group is being preempted (asked at every report, by every rank); None when
+    there is none, or its checkpoint is saved already. The group goes on training: when the node goes, Ray Train
+    restarts it from that checkpoint (counted against train.max_preemptions, not train.max_failures)."""
+    notice = state.ctx.preemption()
+    if notice is None or notice == state.preempted:
+        return None
+    state.preempted = notice
+    if state.ctx.rank == 0:
+        log.warning("a node of the training group is being preempted (ranks %s, deadline %s): checkpoint at step %d",
+                    notice.get("ranks"), notice.get("deadline_ms"), state.step)
+    return notice
 
 
 def finish_early(state: WorkerState, meter: Meter) -> None:
