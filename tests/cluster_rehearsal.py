@@ -1,9 +1,11 @@
 """A cluster rehearsed on this machine (run as a script by the `cluster_rehearsal` fixture, in its own process so
 that its Ray stays apart from the suite's): several Ray nodes started with Ray's `ray.cluster_utils.Cluster`, each
 declaring the custom resource of one of cluster.yaml's node types at a fraction of its size; `synray run shapes`
-in stream+store mode with each stage asking for its node type's resource as the GPU configs do; a diffusion node
-lost while the stream renders, then the training node that holds the workers. Writes what Ray's state API saw
-and what happened to `report.json` in the folder it is given."""
+in stream+store mode with each stage asking for its node type's resource as the GPU configs do, and an elastic
+training group of 1-3 workers, one a training node. A diffusion node is lost while the stream renders; then a
+training node is drained as a spot reclaim is (`ray drain-node`, reason preemption, with a deadline) and removed
+at its deadline; once the group goes on at 2 workers a training node is added, and it grows back to 3. Writes what
+Ray's state API saw and what happened to `report.json` in the folder it is given."""
 
 from __future__ import annotations
 
@@ -20,19 +22,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from procs import cli, free_port, kill_group, metrics_log, ray_stacks, sets, start, wait_until   # noqa: E402
 
-#: the node types of cluster.yaml the rehearsal starts (2 of each worker type, so that one can be lost), scaled
-#: down to CPUs this machine can time-share; each declares its type's custom resource as cluster.yaml does
-NODES = {"head": 4, "diffusion_gpu": 2, "train_gpu": 3}
-COUNTS = {"head": 1, "diffusion_gpu": 2, "train_gpu": 2}
+#: the node types of cluster.yaml the rehearsal starts (2 diffusion nodes, so that one can be lost, and 3 training
+#: nodes), scaled down to CPUs this machine can time-share; each declares its type's custom resource as
+#: cluster.yaml does
+NODES = {"head": 4, "diffusion_gpu": 2, "train_gpu": 2}
+COUNTS = {"head": 1, "diffusion_gpu": 2, "train_gpu": 3}
 #: the run: shapes in stream+store, each stage tagged with its node type's resource as the GPU configs tag theirs
-#: (a token share: the node's CPUs decide how many fit). The stream holds about 100 rows ahead of training, so
-#: the renderer is still at work when its node goes; a checkpoint every 2 steps.
-STEPS, EVERY = 12, 2
-OVERRIDES = ("data.mode=stream+store", "data.num_captions=2000", "data.rows_per_shard=16",
+#: (a token share: the node's CPUs decide how many fit; a training worker takes 0.6 of its node's, so one a node,
+#: as one a GPU). The stream holds about 100 rows ahead of training, so the renderer is still at work when its node
+#: goes; a checkpoint every 2 steps; a step of 12 rows at every size of the group (4 x 3, 3 x 2 x 2, 4 x 1 x 3).
+STEPS, EVERY, STEP_ROWS = 200, 2, 12
+#: seconds between the drain's notice and the training node's end (a spot reclaim gives 120)
+DEADLINE_S = 20
+OVERRIDES = ("data.mode=stream+store", "data.num_captions=3000", "data.rows_per_shard=16",
              f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.log_every=1",
-             "train.captions_per_worker=4", "train.warmup_steps=1", "train.backbone.size=tiny",
+             "train.num_workers=[1, 3]", "train.captions_per_worker=4", "train.resize_check_s=2",
+             "train.warmup_steps=1", "train.backbone.size=tiny",
              "train.max_failures=3", "images.resources={diffusion_node: 0.001}",
-             "train.resources={train_node: 0.001}", "data.preprocess_resources={train_node: 0.001}",
+             "train.resources={train_node: 0.6}", "data.preprocess_resources={train_node: 0.001}",
              "eval.resources={train_node: 0.001}", "eval.protocols=[knn]", "eval.heldout_captions=36")
 
 
@@ -44,19 +51,26 @@ def custom_resources() -> dict[str, str]:
     return {t.name: next(k for k in t.resources if k not in ("CPU", "GPU")) for t in spec.node_types}
 
 
+#: what every node of the rehearsal gets
+COMMON = {"object_store_memory": 200 * 2**20}
+
+
+def add_node(cluster, nodes: dict[str, str], kind: str):
+    node = cluster.add_node(**COMMON, num_cpus=NODES[kind], resources={custom_resources()[kind]: 1})
+    nodes[node.node_id] = kind
+    return node
+
+
 def start_cluster():
     from ray.cluster_utils import Cluster
 
-    resource = custom_resources()
-    common = {"object_store_memory": 200 * 2**20}
     cluster = Cluster(initialize_head=True, head_node_args={
-        **common, "num_cpus": NODES["head"], "resources": {resource["head"]: 1},
+        **COMMON, "num_cpus": NODES["head"], "resources": {custom_resources()["head"]: 1},
         "dashboard_port": free_port(), "include_dashboard": True})
     nodes = {cluster.head_node.node_id: "head"}
     for kind in ("diffusion_gpu", "train_gpu"):
         for _ in range(COUNTS[kind]):
-            node = cluster.add_node(**common, num_cpus=NODES[kind], resources={resource[kind]: 1})
-            nodes[node.node_id] = kind
+            add_node(cluster, nodes, kind)
     cluster.wait_for_nodes()
     return cluster, nodes
 
@@ -77,11 +91,27 @@ def node_of(address: str, title: str) -> str | None:
     return None
 
 
-def last_step(runs: Path) -> int:
+def reports(runs: Path) -> list[dict]:
     found = list(runs.glob("shapes-*/train/metrics.jsonl"))
-    if not found:
-        return 0
-    return max((r["step"] for r in metrics_log(found[0].parent.parent) if "loss" in r), default=0)
+    return [r for r in metrics_log(found[0].parent.parent) if "loss" in r] if found else []
+
+
+def last_step(runs: Path) -> int:
+    return max((r["step"] for r in reports(runs)), default=0)
+
+
+def reported_after(runs: Path, since: float, key: str, value: object = None) -> dict | None:
+    """The first training report since `since` (UNIX time) that has `key` (equal to `value`, if given)."""
+    return next((r for r in reports(runs) if r["time"] > since and key in r and value in (None, r[key])), None)
+
+
+def drain(address: str, node_id: str, runs: Path, drained: dict) -> None:
+    """Ask the GCS to drain a node because it is being preempted, with a deadline, as Ray's autoscaler does for a
+    spot reclaim (`ray drain-node`); the caller removes the node at the deadline."""
+    drained.update(node=node_id, step=last_step(runs), time=time.time(), deadline_s=DEADLINE_S)
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address", address, "--node-id",
+                    node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim rehearsal",
+                    "--deadline-remaining-seconds", str(DEADLINE_S)], check=True, capture_output=True, timeout=60)
 
 
 def lose(cluster, nodes: dict[str, str], node_id: str, runs: Path, lost: list[dict]) -> None:
@@ -107,16 +137,40 @@ def main(out: Path) -> int:
             renderer = wait_until(lambda: node_of(address, "ProceduralRenderer"), proc, "the renderer's node")
             report["seen_before_loss"] = actors(address)
             lose(cluster, nodes, renderer, runs, report["lost"])
-            wait_until(lambda: last_step(runs) >= report["lost"][-1]["step"] + 3, proc, "3 steps after the loss")
+            # the stream renders again (a worker waiting for rows reads no preemption notice: the drain comes after)
+            wait_until(lambda: node_of(address, "ProceduralRenderer") not in (None, renderer), proc,
+                       "the renderer back on the other diffusion node")
+            back = last_step(runs)
+            wait_until(lambda: last_step(runs) >= max(back, report["lost"][-1]["step"]) + 3, proc,
+                       "3 steps after the loss")
             trainer = wait_until(lambda: node_of(address, "RayTrainWorker"), proc, "a training worker's node")
             report["seen_before_second_loss"] = actors(address)
+            report["drained"] = {}
+            drain(address, trainer, runs, report["drained"])
+            notice = lambda: reported_after(runs, report["drained"]["time"], "preemption")   # noqa: E731
+            try:
+                wait_until(notice, proc, "the preemption checkpoint", timeout_s=DEADLINE_S / 2)
+            except AssertionError as e:   # keep the stacks of the wait, before the deadline takes the workers
+                report["stacks_while_waiting"] = str(e)
+                wait_until(notice, proc, "the preemption checkpoint", timeout_s=DEADLINE_S / 2)
+            # the reclaim, just after the notice's deadline, when Ray Train has stopped the group (a preemption)
+            time.sleep(max(0.0, report["drained"]["time"] + DEADLINE_S + 1 - time.time()))
             lose(cluster, nodes, trainer, runs, report["lost"])
+            wait_until(lambda: reported_after(runs, report["lost"][-1]["time"], "world_size", 2), proc,
+                       "the group going on at 2 workers")
+            report["added"] = {"node": add_node(cluster, nodes, "train_gpu").node_id, "step": last_step(runs),
+                               "time": time.time()}
+            wait_until(lambda: reported_after(runs, report["added"]["time"], "world_size", 3), proc,
+                       "the group grown back to 3 workers")
             try:
                 proc.wait(timeout=420)
             except subprocess.TimeoutExpired:
                 report["stacks"] = ray_stacks()
                 raise
             report["seen_at_end"] = actors(address)
+        except Exception as e:   # the whole message (with the Ray processes' stacks) for the test to show
+            report["error"] = str(e)
+            raise
         finally:
             kill_group(proc)
         report["rc"] = proc.returncode
@@ -131,8 +185,11 @@ def main(out: Path) -> int:
 if __name__ == "__main__":
     # a lost node is declared dead after 3 missed health checks 0.5 s apart (Ray's defaults take some 15-30 s), and
     # Ray Train's controller polls its workers every 0.2 s (as the suite's Ray does: a step waits on its report)
+    # Ray Train gives a worker group 20 s to start (60 by default): after the preemption it first tries the size it
+    # saw before the drained node went, which cannot start
     os.environ.update(RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="3",
-                      RAY_health_check_timeout_ms="500", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+                      RAY_health_check_timeout_ms="500", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+                      RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
     # this Ray's sessions (and the address file Ray's Cluster writes) in a folder of their own, with a short path:
     # a Unix socket's path is at most 107 bytes
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="synray-cluster-", dir="/tmp")

@@ -1,7 +1,8 @@
 """A cluster of several Ray nodes on this machine, each declaring one of cluster.yaml's node types
 (tests/cluster_rehearsal.py): `synray run shapes` in stream+store mode places each stage on the node type the plan
-assigns it, and finishes after losing a diffusion node and then the training node that held the workers, with
-every caption stored once and training resumed from its last checkpoint."""
+assigns it, and finishes after losing a diffusion node, then a training node drained as a spot reclaim is: its
+elastic training group checkpoints at the notice, goes on at 2 workers, grows back to 3 when a node is added, and
+every caption is stored once and every step's rows trained once."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_rehearsal import EVERY, OVERRIDES, STEPS
+from cluster_rehearsal import OVERRIDES, STEP_ROWS, STEPS
 from procs import ROOT, metrics_log, stored_rows
 
 CLUSTER = ROOT / "cluster.yaml"
@@ -28,7 +29,8 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert (out / "report.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     log = (out / "run.log").read_text() if (out / "run.log").exists() else ""
-    assert proc.returncode == 0 and report.get("rc") == 0, (proc.stderr[-3000:], log[-5000:], report.get("stacks"))
+    assert proc.returncode == 0 and report.get("rc") == 0, (report.get("error"), proc.stderr[-3000:], log[-5000:],
+                                                             report.get("stacks"))
     (run_dir,) = report["run_dirs"]
     return {**report, "run_dir": Path(run_dir), "out": out}
 
@@ -45,14 +47,15 @@ def rehearsal_stages() -> list:
 def planned_types() -> dict[str, str]:
     """Each stage that asks for a node type's resource (by the class its actors run) and the node type the plan
     packs it on, among cluster.yaml's."""
-    from synray.placement import load_cluster_file, pack
+    from synray.placement import load_cluster_file
+    from synray.programs.planview import elastic_placements
 
     stages = rehearsal_stages()
     cluster = load_cluster_file(CLUSTER)
     planned = {}
-    for phase in {s.phase for s in stages}:
-        placed = pack([s for s in stages if s.phase == phase], cluster, phase)
-        for node_type, names in placed.stages_on.items():
+    for phase in {s.phase for s in stages}:   # the elastic group at its largest where it fits, else its smallest
+        largest, smallest, _ = elastic_placements([s for s in stages if s.phase == phase], cluster, phase)
+        for node_type, names in (largest or smallest).stages_on.items():
             planned.update({s.udf: node_type for s in stages if s.stage in names and s.custom})
     return planned
 
@@ -95,15 +98,16 @@ def test_each_stage_ran_on_the_node_type_the_plan_assigned(rehearsal):
 
 
 def test_the_run_finished_after_losing_a_diffusion_node_then_a_training_node(rehearsal):
-    """Both nodes went with every process on them (a spot reclaim), in the middle of training, and the run still
-    trained its steps, evaluated and wrote its summary; the renderer came back on the other diffusion node (Ray's
-    actor list at the end, where a restarted actor keeps its id and shows its last node: every renderer on a
-    diffusion node, one of them on another than the lost one)."""
+    """Both nodes went with every process on them (a spot reclaim; the training node at its drain's deadline), in
+    the middle of training, and the run still trained its steps, evaluated and wrote its summary; the renderer came
+    back on the other diffusion node (Ray's actor list at the end, where a restarted actor keeps its id and shows
+    its last node: every renderer on a diffusion node, one of them on another than the lost one)."""
     lost = rehearsal["lost"]
     assert [x["type"] for x in lost] == ["diffusion_gpu", "train_gpu"]
-    assert 0 < lost[0]["step"] < lost[1]["step"] < STEPS
+    assert lost[1]["node"] == rehearsal["drained"]["node"]
+    assert 0 < lost[0]["step"] < rehearsal["drained"]["step"] < STEPS
     summary = json.loads((rehearsal["run_dir"] / "summary.json").read_text())
-    assert summary["train"]["steps"] == STEPS and summary["train"]["worker_failures"] >= 1
+    assert summary["train"]["steps"] == STEPS
     assert "knn" in json.dumps(summary["eval"])
     nodes = rehearsal["nodes"]
     renderers = [a["node"] for a in rehearsal["seen_at_end"] if "ProceduralRenderer" in a["repr"]]
@@ -111,19 +115,46 @@ def test_the_run_finished_after_losing_a_diffusion_node_then_a_training_node(reh
     assert set(renderers) - {lost[0]["node"]}, (renderers, lost[0]["node"])
 
 
-def test_training_resumed_from_the_last_checkpoint_before_the_training_node_went(rehearsal):
-    log = metrics_log(rehearsal["run_dir"])
-    (cut,) = [i for i, r in enumerate(log) if r.get("event") == "worker_failure"]
-    before = [r["step"] for r in log[:cut] if "loss" in r]
-    after = [r["step"] for r in log[cut + 1:] if "loss" in r]
-    resumed = after[0] - 1
-    assert resumed % EVERY == 0 and 0 <= before[-1] - resumed < EVERY, (before, after)
-    assert after == list(range(after[0], STEPS + 1)), "steps after the restart not continuous"
+def training_log(rehearsal: dict) -> list[dict]:
+    return [r for r in metrics_log(rehearsal["run_dir"]) if "loss" in r]
 
 
-def test_every_caption_id_is_stored_once_and_every_trained_row_is_stored(rehearsal):
-    """The store across both losses: each caption id once (rows rendered again after a loss are not stored
-    again), and the final checkpoint's record of trained rows is all stored rows."""
+def test_the_drained_nodes_workers_saved_a_checkpoint_at_the_notice_and_the_group_went_on_from_it(rehearsal):
+    """The notice reached the workers at the report after the drain: its checkpoint carries it, and the group that
+    went on after the node was removed started at the step after that checkpoint (nothing trained after it was
+    lost: the group held until it was stopped)."""
+    log = training_log(rehearsal)
+    (notice,) = [i for i, r in enumerate(log) if r.get("preemption")]
+    assert log[notice]["step"] >= rehearsal["drained"]["step"] and log[notice]["world_size"] == 3
+    assert log[notice]["time"] < rehearsal["drained"]["time"] + rehearsal["drained"]["deadline_s"]
+    later = [r for r in log if r["time"] > rehearsal["lost"][1]["time"]]
+    assert later[0]["step"] == log[notice]["step"] + 1 and later[0]["world_size"] == 2, later[:2]
+
+
+def test_the_elastic_group_shrank_to_2_workers_and_grew_back_to_3_with_continuous_steps(rehearsal):
+    """The sizes in the order the log reports them: 3 until the drained node went, 2, then 3 once a training node was
+    added; each group's steps go on from the checkpoint its predecessor left (a restart may retrain the steps after
+    the last checkpoint, never skip one), and the last group trains to the end. The summary counts each size's
+    steps."""
+    log = training_log(rehearsal)
+    sizes = [r["world_size"] for r in log]
+    runs = [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]]
+    assert runs == [3, 2, 3], runs
+    steps = [r["step"] for r in log]
+    for prev, nxt in zip(steps, steps[1:]):
+        assert nxt == prev + 1 or nxt <= prev, (prev, nxt)   # on, or back to a checkpoint after a restart
+    assert steps[-1] == STEPS and set(steps) == set(range(1, STEPS + 1))
+    grown = next(r for r in log if r["time"] > rehearsal["added"]["time"] and r["world_size"] == 3)
+    assert grown["step"] > rehearsal["added"]["step"] - 2
+    summary = json.loads((rehearsal["run_dir"] / "summary.json").read_text())
+    by_size = summary["train"]["steps_by_world_size"]
+    assert set(by_size) == {"2", "3"} and sum(by_size.values()) == STEPS, by_size
+
+
+def test_every_caption_id_is_stored_once_and_every_steps_rows_were_trained_once(rehearsal):
+    """The store across the losses and resizes: each caption id once (rows rendered again after a loss are not
+    stored again); the final checkpoint's record of trained rows is made of stored rows, one per row each step
+    trained (STEPS x 12 distinct rows: no row trained at two steps of the final history)."""
     from synray.data.ledger import load_consumed
 
     rows = stored_rows(rehearsal["store"], ["caption_id", "row_id"])
@@ -131,4 +162,5 @@ def test_every_caption_id_is_stored_once_and_every_trained_row_is_stored(rehears
     assert ids and len(ids) == len(set(ids)), "a caption id stored twice"
     summary = json.loads((rehearsal["run_dir"] / "summary.json").read_text())
     consumed = set(load_consumed(Path(summary["train"]["checkpoint"])).tolist())
-    assert consumed and consumed <= {r["row_id"] for r in rows}
+    assert consumed <= {r["row_id"] for r in rows}
+    assert len(consumed) == STEPS * STEP_ROWS

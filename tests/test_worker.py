@@ -132,10 +132,11 @@ def test_replay_keeps_training_while_the_stream_is_slow_and_records_each_row_onc
     assert thrice["reports"][-1]["uses_per_row"] > 2.5 and once["reports"][-1]["uses_per_row"] == 1.0
 
 
-def test_a_preemption_notice_saves_one_checkpoint_at_the_next_report_and_training_goes_on(results):
-    """The notice comes from the 3rd report on (every rank asks at every report): a checkpoint at step 3 with the
-    notice in its metrics, none again for the same notice, the last at the step budget."""
+def test_a_preemption_notice_saves_a_checkpoint_and_holds_training_until_the_notice_ends(results):
+    """Every rank asks at every report; the notice stands at the 3rd question and the 4th: a checkpoint at step 3
+    with the notice in its metrics, then the group holds (asking once a second) until the notice is gone, and goes
+    on to its last checkpoint at the step budget."""
     for rank in results["preemption"]:
-        assert rank["final_step"] == 6 and rank["asked"] == 6
+        assert rank["final_step"] == 6 and rank["asked"] == 6 + 2   # one question a report, two while holding
         saved = [(r["step"], r.get("preemption")) for r in rank["reports"] if r["checkpoint"] and r["step"]]
         assert saved == [(3, {"deadline_ms": 1_000_000, "ranks": [1]}), (6, None)], saved

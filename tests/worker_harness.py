@@ -43,7 +43,7 @@ CASES: dict[str, list[str]] = {
                       "train.synclr.ema_momentum=0.9", "train.synclr.ema_momentum_final=0.99"],
     # bf16 master weights exported as float32, against DeepSpeed's own consolidation of the checkpoint
     "bf16_export": ["train.loss=stablerep", "train.steps=2", "train.zero_stage=1"],
-    # a node of the group is being preempted from the 3rd report on: one checkpoint, at step 3
+    # a node of the group is being preempted at the 3rd report, until the next question: one checkpoint, at step 3
     "preemption": ["train.loss=stablerep", "train.steps=6"],
 }
 #: the GPU built-ins' step (bf16, ZeRO 1, 2 micro-steps a window, each objective's own augmentation and clipping)
@@ -187,8 +187,8 @@ def _bf16_export(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, ro
 
 
 def _preemption(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, root: Path) -> dict[str, Any]:
-    """The worker under a context whose node is being preempted from the 3rd report on (what Ray Train's
-    `get_preemption_info` says once a node is drained with a deadline)."""
+    """The worker under a context that says a node is being preempted at the 3rd report and once more (what Ray
+    Train's `get_preemption_info` says once a node is drained with a deadline), then no more (a drain withdrawn)."""
     from synray.train.context import LocalContext
     from synray.train.worker import setup, train
 
@@ -197,7 +197,7 @@ def _preemption(cfg: Any, plan: Any, rows: dict[str, np.ndarray], rank: int, roo
 
         def preemption(self) -> dict[str, Any] | None:
             self.asked += 1
-            return {"deadline_ms": 1_000_000, "ranks": [1]} if self.asked >= 3 else None
+            return {"deadline_ms": 1_000_000, "ranks": [1]} if self.asked in (3, 4) else None
 
     ctx = Preempted(rank, WORLD, rows, root)
     return {"final_step": train(setup(cfg, plan, ctx)), "asked": ctx.asked,

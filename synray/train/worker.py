@@ -59,7 +59,6 @@ class WorkerState:
     epoch: int = 0                                      # the epoch of a store being read (a stream: 0)
     rows_trained: int = 0                               # rows trained on at least once, over all ranks
     last_metrics: dict[str, Any] = field(default_factory=dict)
-    preempted: dict[str, Any] | None = None             # the preemption notice a checkpoint was saved for
 
 
 @dataclass
@@ -294,27 +293,33 @@ def log_and_checkpoint(state: WorkerState, meter: Meter) -> Meter:
     """Report the metrics since the last report, with a checkpoint when one is due or a node of the group is being
     preempted (saved once a notice, before the node goes); a fresh meter follows."""
     state.last_metrics = window_metrics(state, meter)
-    notice = preemption_notice(state)
+    notice = state.ctx.preemption()
     if checkpoint_due(state) or notice:
         metrics = {**state.last_metrics, **({"preemption": notice} if notice else {})}
         save_checkpoint(state, metrics, export=state.step == state.cfg.train.steps)
     else:
         state.ctx.report(state.last_metrics, None)
+    if notice:
+        hold_for_preemption(state, notice)
     return Meter()
 
 
-def preemption_notice(state: WorkerState) -> dict[str, Any] | None:
-    """A new notice that a node of the group is being preempted (asked at every report, by every rank); None when
-    there is none, or its checkpoint is saved already. The group goes on training: when the node goes, Ray Train
-    restarts it from that checkpoint (counted against train.max_preemptions, not train.max_failures)."""
-    notice = state.ctx.preemption()
-    if notice is None or notice == state.preempted:
-        return None
-    state.preempted = notice
+#: seconds between a held group's questions whether its node's preemption still stands
+PREEMPTION_POLL_S = 1.0
+
+
+def hold_for_preemption(state: WorkerState, notice: dict[str, Any]) -> None:
+    """A node of the group is being preempted and the checkpoint of this step is saved: the group trains no further
+    row (it would be trained again after the restart) and waits, asking every PREEMPTION_POLL_S, until Ray Train
+    stops it when the node goes (at the notice's deadline at the latest) and restarts it from that checkpoint,
+    counted against train.max_preemptions, not max_failures. A notice that is withdrawn (the drain was cancelled)
+    lets it go on."""
     if state.ctx.rank == 0:
-        log.warning("a node of the training group is being preempted (ranks %s, deadline %s): checkpoint at step %d",
-                    notice.get("ranks"), notice.get("deadline_ms"), state.step)
-    return notice
+        log.warning("a node of the training group is being preempted (ranks %s, deadline %s): checkpoint saved at "
+                    "step %d, holding until the group is restarted", notice.get("ranks"), notice.get("deadline_ms"),
+                    state.step)
+    while state.ctx.preemption() is not None:   # every rank asks as often: the question is a barrier of the group
+        time.sleep(PREEMPTION_POLL_S)
 
 
 def finish_early(state: WorkerState, meter: Meter) -> None:
