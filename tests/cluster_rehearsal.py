@@ -96,6 +96,12 @@ def reports(runs: Path) -> list[dict]:
     return [r for r in metrics_log(found[0].parent.parent) if "loss" in r] if found else []
 
 
+def nodes_of(address: str, title: str) -> set[str]:
+    """The nodes of the live actors whose class or repr name holds `title`."""
+    return {a["node"] for a in actors(address) if a["state"] == "ALIVE" and a["node"]
+            and (title in a["class"] or title in a["repr"])}
+
+
 def last_step(runs: Path) -> int:
     return max((r["step"] for r in reports(runs)), default=0)
 
@@ -143,7 +149,12 @@ def main(out: Path) -> int:
             back = last_step(runs)
             wait_until(lambda: last_step(runs) >= max(back, report["lost"][-1]["step"]) + 3, proc,
                        "3 steps after the loss")
-            trainer = wait_until(lambda: node_of(address, "RayTrainWorker"), proc, "a training worker's node")
+            # a node with a training worker and no preprocessing actor: Ray Data sends no rows to actors on a
+            # draining node, so draining the one that holds the whole (fixed) pool would starve the group, and a
+            # worker waiting for rows reads no notice (docs/cluster.md)
+            trainer = wait_until(lambda: next(iter(sorted(nodes_of(address, "RayTrainWorker")
+                                                          - nodes_of(address, "RowPreprocessor"))), None),
+                                 proc, "a training worker's node without the preprocessing actor")
             report["seen_before_second_loss"] = actors(address)
             report["drained"] = {}
             drain(address, trainer, runs, report["drained"])
