@@ -205,7 +205,8 @@ def plan_run(cfg: RunConfig, data_dir: str | None = None, fresh: bool = False, b
                                   "images")
         per_caption = cfg.train.images_per_row
     generation = None if stored else plan_generation(cfg, None, build_models)
-    data = DataPlan("stored" if stored else cfg.data.mode, store_dir, generation, max_row_id, first_images, _subset_passes(cfg) if max_row_id is not None else 1, subset_shards)
+    data = DataPlan("stored" if stored else cfg.data.mode, store_dir, generation, max_row_id, first_images,
+                    _subset_passes(cfg) if max_row_id is not None else 1, subset_shards)
     heldout = _plan_heldout(cfg, build_models) if protocols else None
     train = TrainPlan(objective.name, per_caption, num_classes, epochs=stored, columns=columns,
                       text_model=text_model, resume_from=cfg.train.resume_from, resume_step=resume_step,

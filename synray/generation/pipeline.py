@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-
 from synray.captions.backends import get_caption_backend
 from synray.captions.stage import CleanCaptions, PlanRows
 from synray.config import RunConfig

@@ -9,7 +9,6 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-
 from synray.config import RayConfig
 from synray.data.driver import driver_actor
 from synray.data.stats import StageStats
@@ -150,7 +149,6 @@ def cluster_spec() -> ClusterSpec:
     """The connected cluster as node types: each running node, plus the node groups its autoscaler may add (up to
     their maximum counts; Ray publishes them in the GCS). A local Ray has no autoscaler: its nodes are all it has."""
     import ray
-
     from ray._private.state import state  # Ray Train reads the autoscaler's limits the same way
 
     types = [NodeType(_live_node_name(n),
@@ -186,7 +184,6 @@ class ObjectStoreProbe:
 
     def __init__(self) -> None:
         import ray
-
         from ray._private.internal_api import get_state_from_address  # no public API reports plasma usage
 
         self._state = get_state_from_address(ray.get_runtime_context().gcs_address)
