@@ -22,7 +22,8 @@ from synray.data.ledger import ROW_ID, SkipConsumed, StreamLedger
 from synray.data.store import ParquetStore
 from synray.eval.feature_pass import extractor_stages
 from synray.generation.pipeline import GenerationPlan, generation_stages, replay_stage, store_fingerprint, store_info
-from synray.stages import EVAL_PHASE, LIGHT_STAGE_CPUS, Stage, StageResources, build, map_stage, stage_resources
+from synray.stages import (EVAL_PHASE, LIGHT_STAGE_CPUS, TRAINING_WORKERS, Stage, StageResources, build, map_stage,
+                           stage_resources)
 from synray.train.objectives import training_rate
 from synray.train.preprocess import preprocessing_stage
 from synray.train.spec import TrainPlan
@@ -93,7 +94,7 @@ def _store_stages(cfg: RunConfig, data: DataPlan | None, columns: list[str], tra
 
 def _workers(cfg: RunConfig) -> Stage:
     t = cfg.train
-    return Stage((StageResources("training workers", t.max_workers, t.cpus_per_worker,
+    return Stage((StageResources(TRAINING_WORKERS, t.max_workers, t.cpus_per_worker,
                                  t.gpus_per_worker if t.use_gpu else 0.0, t.resources,
                                  ("train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker"),
                                  udf="RayTrainWorker", rate=training_rate(cfg), rate_key="rates.train",

@@ -22,6 +22,8 @@ __all__ = ["LIGHT_STAGE_CPUS", "TRAINING_PHASE", "EVAL_PHASE", "Rate", "StageRes
 #: CPUs of the light single-actor stages (planning rows, caption clean-up, shard writing, skipping consumed rows)
 LIGHT_STAGE_CPUS = 0.25
 TRAINING_PHASE = "training"
+#: the stage of the training group's workers (its size may vary: an elastic group)
+TRAINING_WORKERS = "training workers"
 EVAL_PHASE = "evaluation"
 
 

@@ -3,9 +3,10 @@ that its Ray stays apart from the suite's): several Ray nodes started with Ray's
 declaring the custom resource of one of cluster.yaml's node types at a fraction of its size; `synray run shapes`
 in stream+store mode with each stage asking for its node type's resource as the GPU configs do, and an elastic
 training group of 1-3 workers, one a training node. A diffusion node is lost while the stream renders; then a
-training node is drained as a spot reclaim is (`ray drain-node`, reason preemption, with a deadline) and removed
-at its deadline; once the group goes on at 2 workers a training node is added, and it grows back to 3. Writes what
-Ray's state API saw and what happened to `report.json` in the folder it is given."""
+training node gets a spot interruption notice (from a local instance-metadata service; the node's spot watcher drains
+it for preemption with the notice's deadline) and is removed at its deadline; once the group goes on at 2 workers a
+training node is added, and it grows back to 3. Writes what Ray's state API saw and what happened to `report.json`
+in the folder it is given."""
 
 from __future__ import annotations
 
@@ -112,12 +113,25 @@ def reported_after(runs: Path, since: float, key: str, value: object = None) -> 
 
 
 def drain(address: str, node_id: str, runs: Path, drained: dict) -> None:
-    """Ask the GCS to drain a node because it is being preempted, with a deadline, as Ray's autoscaler does for a
-    spot reclaim (`ray drain-node`); the caller removes the node at the deadline."""
-    drained.update(node=node_id, step=last_step(runs), time=time.time(), deadline_s=DEADLINE_S)
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address", address, "--node-id",
-                    node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim rehearsal",
-                    "--deadline-remaining-seconds", str(DEADLINE_S)], check=True, capture_output=True, timeout=60)
+    """A spot reclaim's notice, as EC2 gives it and cluster.yaml's nodes take it: the node's spot watcher
+    (`python -m synray.spotwatch`) polls a local instance-metadata service, which announces the node's termination
+    `DEADLINE_S` ahead; the watcher drains the node for preemption with that deadline and exits. The caller removes the
+    node at the deadline."""
+    from imds import InstanceMetadata
+
+    metadata = InstanceMetadata()
+    try:
+        watcher = subprocess.Popen([sys.executable, "-m", "synray.spotwatch", "--address", address,
+                                    "--node-id", node_id, "--metadata-url", metadata.url, "--poll-s", "0.5"], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: metadata.reads >= 2, watcher, "the spot watcher polling", timeout_s=120)
+        drained.update(node=node_id, step=last_step(runs), time=time.time(), deadline_s=DEADLINE_S)
+        drained["notice"] = metadata.give_notice(time.time() + DEADLINE_S)
+        out, _ = watcher.communicate(timeout=60)
+        drained["watcher"] = out[-2000:]
+        assert watcher.returncode == 0 and "draining Ray node" in out, out
+    finally:
+        metadata.close()
 
 
 def lose(cluster, nodes: dict[str, str], node_id: str, runs: Path, lost: list[dict]) -> None:

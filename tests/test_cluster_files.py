@@ -63,7 +63,7 @@ def test_cluster_yaml_scales_from_zero_opens_only_ssh_and_pins_its_image():
     registry = cfg["docker"]["image"].split("/")[0]
     assert any(f"docker login --username AWS --password-stdin {registry}" in c for c in cfg["initialization_commands"])
     spot = {k for k, v in workers.items() if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType")}
-    assert "train_gpu" not in spot and {"llm_gpu", "diffusion_gpu"} <= spot   # restarts cost little there only
+    assert {"llm_gpu", "diffusion_gpu", "train_gpu"} <= spot   # stores resume by caption id; training is elastic
     declared = {k for v in cfg["available_node_types"].values() for k in v["resources"]} - {"CPU", "GPU"}
     assert declared == STAGE_RESOURCES
 
@@ -140,6 +140,69 @@ def test_synray_plan_refuses_a_bad_plan_and_names_the_setting(capsys, tiny_model
     out = capsys.readouterr().out
     assert "refused:" in out and "16 of the 24 training workers (train.num_workers" in out
     assert "train_gpu (at most 2)" in out
+
+
+# ------------------------------------------------------------------------------------ spot training
+def test_training_nodes_are_spot_in_both_files_with_on_demand_one_line_away():
+    """The training node type is spot on VMs (InstanceMarketOptions) and on EKS (the managed node group's capacity
+    label); without that one line (ON_DEMAND on EKS) the file is still valid for Ray's validator and KubeRay's
+    schema."""
+    import jsonschema
+
+    cfg = yaml.safe_load(CLUSTER.read_text())
+    assert cfg["available_node_types"]["train_gpu"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    on_demand = copy.deepcopy(cfg)
+    del on_demand["available_node_types"]["train_gpu"]["node_config"]["InstanceMarketOptions"]
+    validated(on_demand)
+    job, _ = rayjob_docs()
+    (train,) = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "train-gpu"]
+    assert train["template"]["spec"]["nodeSelector"]["eks.amazonaws.com/capacityType"] == "SPOT"
+    with gzip.open(ROOT / "tests" / "data" / "kuberay-1.6.0-rayjob-schema.json.gz") as f:
+        schema = strict(json.load(f)["schema"])
+    flipped = copy.deepcopy(job)
+    (group,) = [g for g in flipped["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "train-gpu"]
+    group["template"]["spec"]["nodeSelector"]["eks.amazonaws.com/capacityType"] = "ON_DEMAND"
+    jsonschema.validate(flipped, schema)
+
+
+def test_a_spot_reclaim_drains_the_training_node_within_ec2s_notice_on_both_files():
+    """VMs: every worker node starts the spot watcher after `ray start`, detached (it outlives the command), the
+    head does not (on demand). EKS: the training pods' SIGTERM drain (Ray's own, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S)
+    ends before the pod's grace period, and both within EC2's 120 s notice (test_spotwatch.py runs both drains)."""
+    cfg = yaml.safe_load(CLUSTER.read_text())
+    start = cfg["worker_start_ray_commands"]
+    ray_start = next(i for i, c in enumerate(start) if "ray start" in c)
+    (watch,) = [c for c in start if "synray.spotwatch" in c]
+    assert start.index(watch) > ray_start and watch.startswith("setsid nohup ") and watch.rstrip().endswith("&")
+    assert not any("spotwatch" in c for c in cfg["head_start_ray_commands"])
+    job, _ = rayjob_docs()
+    (train,) = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "train-gpu"]
+    pod = train["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    drain_s = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+    assert 60 <= drain_s < pod["terminationGracePeriodSeconds"] <= 120
+
+
+def test_the_gpu_built_ins_train_elastically_and_plan_at_both_sizes(capsys, tiny_models):
+    """The 16-worker built-ins are [8, 16]: both sizes train the configured step exactly, and `synray plan` on each
+    cluster file places the group at 16 (two training nodes) and at 8 (one)."""
+    from synray.plan import load_run_config
+    from synray.programs.planview import plan_command
+
+    for name in ("stablerep-vitb16", "synclr-vitb16", "laclip-vitb16"):
+        t = load_run_config(name).train
+        assert (t.min_workers, t.max_workers) == (8, 16), name
+        for w in (8, 16):
+            s = t.at_size(w)
+            assert s.captions_per_worker * w * s.grad_accum == t.step_rows, (name, w)
+        for cluster_file in (CLUSTER, RAYJOB):
+            assert plan_command(load_run_config(name), cluster_file=str(cluster_file)) == 0
+            out = capsys.readouterr().out
+            assert f"8-16 workers x {t.captions_per_worker} captions ({t.step_rows} rows a step" in out, name
+            at_most = next(line for line in out.splitlines() if line.strip().startswith("training:"))
+            smallest = next(line for line in out.splitlines() if "at its smallest (training workers: 8)" in line)
+            train_type = "train_gpu" if cluster_file == CLUSTER else "train-gpu"
+            assert f"{train_type} x2 (training workers" in at_most and f"{train_type} x1 (training workers" in smallest
 
 
 # ------------------------------------------------------------------------------------ shared storage

@@ -1,8 +1,9 @@
 """A cluster of several Ray nodes on this machine, each declaring one of cluster.yaml's node types
 (tests/cluster_rehearsal.py): `synray run shapes` in stream+store mode places each stage on the node type the plan
-assigns it, and finishes after losing a diffusion node, then a training node drained as a spot reclaim is: its
-elastic training group checkpoints at the notice, goes on at 2 workers, grows back to 3 when a node is added, and
-every caption is stored once and every step's rows trained once."""
+assigns it, and finishes after losing a diffusion node, then a training node given a spot interruption notice,
+which its spot watcher turns into a drain: its elastic training group checkpoints at the notice, goes on at 2
+workers, grows back to 3 when a node is added, and every caption is stored once and every step's rows trained
+once."""
 
 from __future__ import annotations
 
@@ -120,9 +121,11 @@ def training_log(rehearsal: dict) -> list[dict]:
 
 
 def test_the_drained_nodes_workers_saved_a_checkpoint_at_the_notice_and_the_group_went_on_from_it(rehearsal):
-    """The notice reached the workers at the report after the drain: its checkpoint carries it, and the group that
-    went on after the node was removed started at the step after that checkpoint (nothing trained after it was
-    lost: the group held until it was stopped)."""
+    """The instance-metadata notice became a drain through the node's spot watcher; the notice reached the workers at
+    the report after the drain: its checkpoint carries it, and the group that went on after the node was removed
+    started at the step after that checkpoint (nothing trained after it was lost: the group held until it was
+    stopped)."""
+    assert "spot interruption notice: terminate" in rehearsal["drained"]["watcher"]
     log = training_log(rehearsal)
     (notice,) = [i for i, r in enumerate(log) if r.get("preemption")]
     assert log[notice]["step"] >= rehearsal["drained"]["step"] and log[notice]["world_size"] == 3
@@ -149,6 +152,13 @@ def test_the_elastic_group_shrank_to_2_workers_and_grew_back_to_3_with_continuou
     summary = json.loads((rehearsal["run_dir"] / "summary.json").read_text())
     by_size = summary["train"]["steps_by_world_size"]
     assert set(by_size) == {"2", "3"} and sum(by_size.values()) == STEPS, by_size
+    # the group's device-hours: between 2 and 3 workers' worth of the fit (it held 2 while shrunk)
+    from synray.stages import TRAINING_WORKERS
+
+    (workers,) = [s for s in rehearsal_stages() if s.stage == TRAINING_WORKERS]
+    cpus = summary["train"]["device_hours"][TRAINING_WORKERS]["CPU"]
+    fit_h, each = summary["train"]["elapsed_s"] / 3600, workers.cpus
+    assert 2 * each * fit_h < cpus < 3 * each * fit_h, (cpus, fit_h, each)
 
 
 def test_every_caption_id_is_stored_once_and_every_steps_rows_were_trained_once(rehearsal):

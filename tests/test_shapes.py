@@ -47,6 +47,16 @@ def test_the_summary_holds_stage_rates_rejections_and_trainer_figures(shapes_run
     assert t["images_per_s"] == losses[-1]["images_per_s"] and t["worker_failures"] == 1
     steps = [r["step"] for r in losses]   # every train.log_every=2 steps, and at the checkpoints
     assert sorted(set(steps)) == steps and set(steps) == {2, 4, 6}
+    # device-hours held while training: 2 workers for the fit's time, each stream pool for it too
+    from synray.plan import load_run_config
+    from synray.stages import TRAINING_WORKERS
+
+    cfg = load_run_config("shapes-synclr", list(SHAPES_SETS))
+    held, fit_h = t["device_hours"], t["elapsed_s"] / 3600
+    assert held[TRAINING_WORKERS] == {"CPU": pytest.approx(2 * cfg.train.cpus_per_worker * fit_h, rel=0.02)}
+    renderers = next(k for k in held if k.endswith("renderers"))
+    assert held[renderers]["CPU"] == pytest.approx(cfg.images.pool_size * cfg.images.num_cpus * fit_h, rel=0.02)
+    assert held["total"]["CPU"] == pytest.approx(sum(v["CPU"] for k, v in held.items() if k != "total"), abs=1e-3)
 
 
 def test_synclr_logs_its_global_local_and_ibot_terms_which_add_up_to_its_loss(shapes_run):

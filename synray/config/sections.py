@@ -10,7 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from synray.config.base import CustomResources, MountedPath, Section, _registered, check_gpu_share
 from synray.config.rates import RatesConfig
 from synray.config.tune import TuneConfig
-from synray.config.workers import WorkerCount, bounds, splitting_rows, step_rows, step_split, unsplit_sizes
+from synray.config.workers import MAX_SHORTFALL, WorkerCount, bounds, splitting_rows, step_rows, step_split, too_short
 
 __all__ = ["RayConfig", "TemplateWeights", "RELATIONS", "ConceptsConfig", "SamplingConfig", "EngineConfig",
            "CleanupConfig", "RewriteConfig", "CaptionsConfig", "ImagesConfig", "DataConfig", "BackboneConfig",
@@ -438,13 +438,10 @@ class TrainConfig(Section):
         return self.min_workers < self.max_workers
 
     def at_size(self, world: int) -> "TrainConfig":
-        """This config as a group of `world` workers trains it: the same step's rows, split over them
-        (synray.config.workers)."""
-        split = step_split(self.captions_per_worker, self.max_workers, self.grad_accum, world)
-        if split is None:
-            raise ValueError(f"train.num_workers={self.num_workers}: {world} workers cannot share a step of "
-                             f"{self.step_rows} rows evenly")
-        return self.model_copy(update={"captions_per_worker": split[0], "grad_accum": split[1], "num_workers": world})
+        """This config as a group of `world` workers trains it: the step's rows split over them, as near the
+        configured step as the size allows (synray.config.workers)."""
+        micro, accum = step_split(self.captions_per_worker, self.max_workers, self.grad_accum, world)
+        return self.model_copy(update={"captions_per_worker": micro, "grad_accum": accum, "num_workers": world})
 
     @property
     def step_rows(self) -> int:
@@ -468,16 +465,17 @@ class TrainConfig(Section):
             raise ValueError("precision 'bf16' with zero_stage=0 runs DeepSpeed's BF16_Optimizer, which reads an "
                              "overflow flag of every gradient on the host each step; use zero_stage=1 (the same "
                              "weights on every rank, the optimizer state partitioned)")
-        unsplit = unsplit_sizes(self.captions_per_worker, self.num_workers, self.grad_accum)
-        if unsplit:
+        short = too_short(self.captions_per_worker, self.num_workers, self.grad_accum)
+        if short:
             rows = splitting_rows(self.captions_per_worker, self.num_workers, self.grad_accum)
             hint = (f"captions_per_worker={rows} splits its step over every size of the range" if rows else
                     "narrow the range")
+            sizes = ", ".join(f"{w} workers {r}" for w, r in short.items())
             raise ValueError(
                 f"num_workers=[{self.min_workers}, {self.max_workers}]: a step of {self.step_rows} rows "
                 f"(captions_per_worker={self.captions_per_worker} x {self.max_workers} workers x grad_accum="
-                f"{self.grad_accum}) cannot be split evenly over {', '.join(map(str, unsplit))} workers, and every "
-                f"size of the range trains the same step; {hint}")
+                f"{self.grad_accum}) splits evenly over {sizes} rows only, more than {MAX_SHORTFALL:.0%} short of "
+                f"it; {hint}")
         if self.fail_at_step is not None and self.fail_at_step <= self.checkpoint_every:
             raise ValueError(f"train.fail_at_step={self.fail_at_step} must be after the first checkpoint "
                              f"(train.checkpoint_every={self.checkpoint_every}): a restart before it has no "

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from synray.captions.backends import get_caption_backend
 from synray.config import RunConfig, TrainConfig
+from synray.config.workers import short_sizes
 from synray.data.store import StoreMissingError
 from synray.generation.pipeline import generation_stages
 from synray.images.registry import get_renderer
@@ -49,7 +50,8 @@ def data_flow(cfg: RunConfig, protocols: Sequence[str]) -> str:
         if d.mode == "stream+store":
             steps.append(f"tee into store {d.store_dir}")
     steps += [f"preprocessing, actors: {d.preprocess_actors}",
-              f"training: {t.loss}, {worker_text(t)} workers x {t.captions_per_worker} captions, {t.steps} steps"]
+              f"training: {t.loss}, {worker_text(t)} workers x {t.captions_per_worker} captions{elastic_step_text(t)}, "
+              f"{t.steps} steps"]
     if protocols:
         steps.append(f"evaluation: {', '.join(protocols)} on "
                      + (cfg.eval.dataset or f"{cfg.eval.heldout_captions} held-out captions"))
@@ -59,6 +61,15 @@ def data_flow(cfg: RunConfig, protocols: Sequence[str]) -> str:
 def worker_text(t: TrainConfig) -> str:
     """A training group's size: a count, or an elastic range."""
     return f"{t.min_workers}-{t.max_workers}" if t.elastic else str(t.max_workers)
+
+
+def elastic_step_text(t: TrainConfig) -> str:
+    """The rows a step of an elastic group trains at its sizes ('' for a fixed group)."""
+    if not t.elastic:
+        return ""
+    short = short_sizes(t.captions_per_worker, t.num_workers, t.grad_accum)
+    fewer = f"; {min(short)}-{max(short)} workers: {min(short.values())}-{max(short.values())}" if short else ""
+    return f" ({t.step_rows} rows a step{fewer})"
 
 
 def storage_lines(cfg: RunConfig) -> list[str]:

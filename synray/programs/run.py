@@ -19,6 +19,7 @@ from synray.pipelines import SAMPLE_GRID_ROWS, build_heldout, sample_fraction, t
 from synray.plan import RunPlan
 from synray.programs.rundir import RunDir
 from synray.programs.session import cluster_spec, session, stage_stats, stats_summary
+from synray.programs.usage import device_hours
 from synray.train.trainer import TrainResult, fit
 from synray.viz import loss_curve, sample_grid
 
@@ -66,9 +67,11 @@ def execute(plan: RunPlan, out: RunDir, callbacks: Sequence[Any] = ()) -> Execut
     dataset, ledger = training_input(plan.cfg, plan.data, plan.train, stats_actor)
     result = fit(plan.cfg, plan.train, dataset, out.path / "train", ledger, callbacks=list(callbacks),
                  storage=out.train_storage)
+    fit_end = time.time()
     out.sync()   # a remote run: the exports go up now
     stats = stats_summary(stats_actor)
     done = Executed(result, train_summary(result), stats)
+    done.train["device_hours"] = device_hours(plan.stages, result.metrics, fit_end - result.elapsed_s, fit_end)
     check_trained(done.train, stats.get("rejected", {}))
     if plan.heldout is not None and result.backbone_dir:
         shared = {"trained": out.locate(result.backbone_dir), "init": out.locate(result.init_dir)}
@@ -183,6 +186,10 @@ def print_summary(rd: RunDir, summary: dict[str, Any]) -> None:
     for stage, s in summary.get("stages", {}).items():
         print(f"  {stage:>9}: {s['rows']} rows, {s['rows_per_s']} rows/s overall, "
               f"{s['steady_rows_per_s']} rows/s after start-up")
+    held = t.get("device_hours", {}).get("total")
+    if held:
+        print("  device-hours held while training: " + ", ".join(f"{v:g} {k}" for k, v in held.items())
+              + " (by stage: summary.json train.device_hours)")
     ev = summary.get("eval")
     if ev:
         chance_metrics = registry.chance_metrics()

@@ -101,7 +101,8 @@ class Meter:
 def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
     """Model, DeepSpeed engine, restored step, augmentation and the data iterator of this worker. The train config
     is taken at the group's size: its step's rows split over the workers there are (an elastic group's size varies)."""
-    cfg = cfg.model_copy(update={"train": cfg.train.at_size(ctx.world_size)})
+    configured = cfg.train
+    cfg = cfg.model_copy(update={"train": configured.at_size(ctx.world_size)})
     t = cfg.train
     objective = get_objective(plan.objective)
     device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
@@ -112,18 +113,20 @@ def setup(cfg: RunConfig, plan: TrainPlan, ctx: WorkerContext) -> WorkerState:
     if t.grad_checkpointing:
         enable_grad_checkpointing(parts.model)
     model = parts.model.to(device)  # its BatchNorm layers already span ranks (CrossRankBatchNorm1d), on any device
-    images_per_step = ds_engine.images_per_step(t, objective.images_per_row(plan.per_caption), objective.views,
-                                                ctx.world_size)
+    images_per_row = objective.images_per_row(plan.per_caption)
+    images_per_step = ds_engine.images_per_step(t, images_per_row, objective.views, ctx.world_size)
     micro_batch = images_per_step // (ctx.world_size * t.grad_accum)  # images (views) per worker per forward
+    # the lr of the configured step at every size (a size that cannot split it exactly trains a few rows fewer)
+    lr = ds_engine.learning_rate(t, ds_engine.images_per_step(configured, images_per_row, objective.views,
+                                                              configured.max_workers))
     with ctx.latest_checkpoint() as checkpoint:
         restarted = checkpoint is not None
         if not restarted:
             export_initial(model, objective, parts, cfg, ctx)
         source = state_to_load(checkpoint, plan)
         resized = source is not None and ds_engine.saved_world_size(source) not in (None, ctx.world_size)
-        engine, _, scheduler = ds_engine.build_engine(model, t, micro_batch, ctx.world_size,
-                                                      ds_engine.learning_rate(t, images_per_step),
-                                                      objective.grad_clip(t), load_universal=resized)
+        engine, _, scheduler = ds_engine.build_engine(model, t, micro_batch, ctx.world_size, lr, objective.grad_clip(t),
+                                                      load_universal=resized)
         objective.after_engine(engine)
         step = restore(engine, source, objective, cfg, ctx, resized)
         consumed, epoch = load_consumed(checkpoint), load_epoch(checkpoint)
