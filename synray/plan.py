@@ -33,6 +33,7 @@ from synray.models.tiny import ModelError, resolve_model
 from synray.pipelines import DataPlan, HeldoutPlan, run_stages
 from synray.placement import ClusterSpec, Placement, StageResources, pack
 from synray.stages import Rate, by_phase
+from synray.tracking import tracker_names
 from synray.train.engine import check_compatible
 from synray.train.objectives import OBJECTIVES, Objective, TrainSetupError, get_objective, objective_names
 from synray.train.spec import TrainPlan
@@ -52,7 +53,7 @@ def registry_choices() -> dict[str, tuple[str, ...]]:
     """The names the registries offer for the config keys that select an implementation."""
     return {"train.loss": objective_names(), "images.backend": renderer_names(),
             "captions.backend": caption_backend_names(), "eval.protocols": protocol_names(),
-            "tune.metric": tune_metrics()}
+            "tune.metric": tune_metrics(), "tracking.backend": tracker_names()}
 
 
 def load_run_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

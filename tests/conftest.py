@@ -29,12 +29,12 @@ pytest_plugins = ["runs"]
 # hash the build command differently, so each rebuilds what the other built: 40 s of compiling each time.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
-#: fixtures that start or join a Ray cluster or a vLLM engine: a test that uses one (directly or through another
-#: fixture) is `slow`
-SLOW_FIXTURES = frozenset({"ray_cluster", "vllm_engine"})
+#: fixtures that start or join a Ray cluster, a vLLM engine or a tracking server: a test that uses one (directly or
+#: through another fixture) is `slow`
+SLOW_FIXTURES = frozenset({"ray_cluster", "vllm_engine", "mlflow_server"})
 
 
-#: the shared end-to-end runs (runs.py, and the sweep drill and the cluster rehearsal of their modules): the test that
+#: the shared end-to-end runs (runs.py, and the cluster rehearsal of its module): the test that
 #: sets one up pays for the whole run, so it gets 30 minutes instead of the suite's 15 (each run's own waits fail
 #: sooner, with the stacks of the processes it waited on)
 SHARED_RUNS = {"stream_drill", "generated_store", "shapes_run", "stored_runs", "sweep_drill", "rehearsal"}
@@ -114,6 +114,62 @@ def s3_server() -> Iterator[dict[str, str]]:
         else:
             os.environ[k] = v
     server.stop()
+
+
+#: the tracking server's token, in the environment as a cluster's jobs get it: no tracked run may hold it
+TRACKING_TOKEN = f"mlflow_{secrets.token_hex(16)}"
+
+
+@dataclass
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts in a folder of its own."""
+
+    url: str
+    root: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "MlflowServer":
+        from procs import wait_until
+
+        port = self.url.rsplit(":", 1)[1]
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", port,
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts")]
+        self.proc = subprocess.Popen(cmd, stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_until(self.answers, self.proc, "the MLflow server answering", timeout_s=120)
+        return self
+
+    def answers(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One MLflow tracking server for the session; MLFLOW_TRACKING_TOKEN holds a canary while it runs."""
+    from procs import free_port
+
+    server = MlflowServer(f"http://127.0.0.1:{free_port()}", tmp_path_factory.mktemp("mlflow")).start()
+    old = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    os.environ["MLFLOW_TRACKING_TOKEN"] = TRACKING_TOKEN
+    yield server
+    server.stop()
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_TOKEN", None)
+    else:
+        os.environ["MLFLOW_TRACKING_TOKEN"] = old
 
 
 @pytest.fixture(scope="session")

@@ -107,7 +107,8 @@ def test_cli_bench_writes_the_loss_ratios(tmp_path: Path):
     from procs import synray_main
 
     out = tmp_path / "bench.json"
-    r = synray_main("bench", "--quick", "--only", "e", "--out", str(out))
+    r = synray_main("bench", "--quick", "--only", "e", "--out", str(out), "--set", "tracking.backend=tensorboard",
+                    "--set", f"output_root={tmp_path}")
     assert r.code == 0, (r.error, r.err[-3000:])
     saved = json.loads(out.read_text())
     assert sorted(x["key"] for x in saved["ratios"]) == ["e.loss_1024x4", "e.loss_256x4"]
@@ -116,3 +117,12 @@ def test_cli_bench_writes_the_loss_ratios(tmp_path: Path):
         assert abs(d["loss_ours"] - d["loss_plain"]) < 1e-4   # the two losses measured agree
         assert x["value"] == pytest.approx(d["ours_s"] / d["plain_s"], rel=1e-9) and x["goal"] == 1.0
     assert "| e.loss_256x4 |" in r.out and saved["mode"] == "quick" and not saved["skipped"]
+    # the table in the tracker: each ratio a metric (TensorBoard's reader), the table and bench.json kept with it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (tmp_path / "tensorboard" / "bench").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    for x in saved["ratios"]:
+        assert [e.value for e in events.Scalars(f"bench/{x['key']}")] == [pytest.approx(x["value"])]
+    assert (run / "artifacts" / "bench.md").read_text().startswith("`synray bench --quick`")

@@ -13,6 +13,7 @@ from synray.config import EvalConfig, ImagesConfig, TrainConfig
 from synray.captions.backends import CAPTION_BACKENDS
 from synray.eval.registry import PROTOCOLS
 from synray.images.registry import RENDERERS
+from synray.tracking import TRACKERS
 from synray.plan import plan_run
 from synray.train.objectives import OBJECTIVES
 
@@ -113,7 +114,7 @@ OTHER_NAMESPACES = {"style"}
 
 def _name_choices(path: Path) -> list[str]:
     """Comparisons in a module that pick an objective, an image backend or an evaluation protocol by name."""
-    names = set(OBJECTIVES) | set(RENDERERS) | set(PROTOCOLS) | set(CAPTION_BACKENDS)
+    names = set(OBJECTIVES) | set(RENDERERS) | set(PROTOCOLS) | set(CAPTION_BACKENDS) | set(TRACKERS)
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if not isinstance(node, ast.Compare):
@@ -126,8 +127,9 @@ def _name_choices(path: Path) -> list[str]:
     return found
 
 
-def test_no_objective_backend_caption_backend_or_protocol_is_chosen_by_name_outside_the_registries():
+def test_no_objective_backend_caption_backend_protocol_or_tracker_is_chosen_by_name_outside_the_registries():
     registries = {SYNRAY / "train" / "objectives.py", SYNRAY / "images" / "registry.py",
-                  SYNRAY / "eval" / "registry.py", SYNRAY / "captions" / "backends.py"}
+                  SYNRAY / "eval" / "registry.py", SYNRAY / "captions" / "backends.py",
+                  SYNRAY / "tracking" / "__init__.py"}
     found = [hit for path in sorted(SYNRAY.rglob("*.py")) if path not in registries for hit in _name_choices(path)]
     assert found == []

@@ -92,11 +92,12 @@ def test_the_make_run_excerpt_is_what_print_summary_prints_of_its_figures(capsys
     stages = {m[1]: {"rows": int(m[2]), "rows_per_s": float(m[3]), "steady_rows_per_s": float(m[4])}
               for m in (re.match(r" *(\w+): (\d+) rows, ([\d.]+) rows/s overall, ([\d.]+) rows/s after start-up", line)
                         for line in quoted[2:5])}
-    knn = re.match(r"  knn_accuracy: trained ([\d.]+) vs init ([\d.]+) \(chance ([\d.]+)\)", quoted[5])
-    top5 = re.match(r"  knn_top5_accuracy: trained ([\d.]+) vs init ([\d.]+)", quoted[6])
+    held = re.match(r"  device-hours held while training: ([\d.]+) CPU \(by stage", quoted[5])
+    knn = re.match(r"  knn_accuracy: trained ([\d.]+) vs init ([\d.]+) \(chance ([\d.]+)\)", quoted[6])
+    top5 = re.match(r"  knn_top5_accuracy: trained ([\d.]+) vs init ([\d.]+)", quoted[7])
     summary = {"train": {"steps": int(train[1]), "first_loss": float(train[2]), "final_loss": float(train[3]),
                          "data_wait_fraction": float(train[4]), "rows_trained": int(train[5]),
-                         "uses_per_row": float(train[6])},
+                         "uses_per_row": float(train[6]), "device_hours": {"total": {"CPU": float(held[1])}}},
                "stages": stages,
                "eval": {"trained": {"knn_accuracy": float(knn[1]), "knn_top5_accuracy": float(top5[1]),
                                     "chance": float(knn[3])},

@@ -9,70 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
-import pytest
-
-from procs import cli, job, kill_group, ray_env, run, sets, start
+from runs import LRS, _stores
 from synray.sweep.report import TRIAL_FILE, TRIALS_DIR
-
-#: trial 1 barely learns (lr 1e-9) and finishes: nothing ran before it for ASHA to compare it with; trial 2 learns
-#: (ASHA compares it with trial 1, and it is better); trial 3 barely learns and runs after trial 2 in the resumed
-#: sweep, whose ASHA compares it with trial 2's losses at steps 1, 2 and 4
-LRS = [1e-9, 0.003, 1e-8]
-#: trials are ranked by their training loss, without probes (a trial's evaluation is the run's: test_train.py)
-SETS = ["tune.variants={}", "tune.space={train.lr: {grid: [0.000000001, 0.003, 0.00000001]}}",
-        "data.num_captions=32", "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
-        "train.warmup_steps=1", "eval.enabled=false", "tune.metric=loss", "tune.mode=min",
-        "tune.max_concurrent_trials=1", "tune.scheduler=asha", "tune.asha_grace_steps=1",
-        "tune.asha_reduction_factor=2"]
-START_TIMEOUT_S = 600
-
-
-def _stores(out: Path) -> dict[str, int]:
-    """Every shard of the sweep's pools, with its modification time."""
-    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "pools").glob("*/shard-*.parquet")}
-
-
-def _terminated(state: Path) -> set[str]:
-    """The trial ids a saved Tune experiment state (what --resume reads) holds as finished."""
-    try:
-        data = json.loads(state.read_text())
-    except (OSError, ValueError):   # being written
-        return set()
-    trials = [json.loads(t[0]) for t in data.get("trial_data", [])]
-    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
-
-
-def _wait_for_first_trial(proc, out: Path) -> Path:
-    """The first finished trial's record, once Tune's saved experiment state holds that trial as finished (a state
-    saved after the record was written may still hold it running: under load, the resumed sweep then ran it again)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
-        done = sorted((out / TRIALS_DIR).glob(f"*/{TRIAL_FILE}"))
-        states = sorted((out / "tune").glob("experiment_state-*.json"))
-        if done and states and json.loads(done[0].read_text())["trial_id"] in _terminated(states[-1]):
-            return done[0]
-        time.sleep(1.0)
-    raise AssertionError("no trial finished in time")
-
-
-@pytest.fixture(scope="module")
-def sweep_drill(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("sweep")
-    out = root / "sweep"
-    env = ray_env(ray_cluster)
-    proc = start(cli("sweep", "scaling-local", "--out", str(out), *sets(*SETS)), env, root / "first.log")
-    try:
-        first = _wait_for_first_trial(proc, out)
-        record = first.read_text()
-    finally:
-        kill_group(proc)
-    stores = _stores(out)
-    resumed = run(job("sweep.py", "--resume", str(out)), env, timeout_s=900)
-    return {"out": out, "first": first, "record": record, "stores": stores, "resumed": resumed}
 
 
 def _rows(out: Path) -> dict[float, dict]:

@@ -24,6 +24,8 @@ from synray.config import RayConfig, RunConfig
 from synray.images.diffusion import DiffusionRenderer
 from synray.plan import load_run_config, plan_generation
 from synray.programs.session import ray_address, session
+from synray.programs.tracked import tracked_run
+from synray.tracking import check_tracking
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +97,21 @@ def bench(s: BenchSettings) -> BenchReport:
 
 
 def bench_command(s: BenchSettings) -> int:
-    """Print the table and write bench.json; exit 0 (a missed goal is a finding, not a failure)."""
+    """Print the table and write bench.json, and log both to the config's tracker (experiment `bench`); exit 0 (a
+    missed goal is a finding, not a failure)."""
+    cfg = _configs(s)[0]
+    check_tracking(cfg.tracking, cfg.output_root)
     report = bench(s)
     path = report.write(s.out)
     print(report.table())
     print(f"\nwrote {path}")
+    tags = {"synray.bench.mode": report.mode, "synray.bench.config": report.config or "tiny models",
+            "synray.bench.gpu": str(report.machine.get("gpu") or "none")}
+    with tracked_run(cfg, f"bench-{report.date.replace(' ', '-')}", tags, experiment="bench") as tracker:
+        if tracker is not None:
+            tracker.log_metrics({f"bench/{r.key}": r.value for r in report.ratios}, 0)
+            tracker.log_artifact(path)
+            table = Path(path).with_suffix(".md")
+            table.write_text(report.table() + "\n")
+            tracker.log_artifact(table)
     return 0

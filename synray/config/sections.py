@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from synray.config.base import CustomResources, MountedPath, Section, _registered, check_gpu_share
 from synray.config.rates import RatesConfig
+from synray.config.tracking import TrackingConfig
 from synray.config.tune import TuneConfig
 from synray.config.workers import MAX_SHORTFALL, WorkerCount, bounds, splitting_rows, step_rows, step_split, too_short
 
@@ -570,6 +571,7 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     tune: TuneConfig = TuneConfig()
     rates: RatesConfig = RatesConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

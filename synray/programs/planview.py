@@ -21,6 +21,7 @@ from synray.programs.rateview import measured_rates, rate_lines
 from synray.programs.session import (address_source, check_reachable, cluster_spec, local_spec, ray_address,
                                      session)
 from synray.sharedfs import storage_problems
+from synray.tracking import NONE, TrackerError, check_tracking
 from synray.stages import by_phase, stage_resources
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
     view.lines += ["models:"] + [f"  {key}: {name}" for key, name in models.items()] + [
         f"  note: {note}" for note in hub.notes]
     view.problems += hub.problems
+    view.lines += tracking_lines(cfg, view.problems)
     try:
         plan_run(cfg, build_models=False)   # models are built (tiny) or fetched by the run, not its plan
     except StoreMissingError as e:
@@ -221,6 +223,19 @@ def plan_view(cfg: RunConfig, cluster_file: str | None, address: str | None,
             raise
         view.problems.append(str(e))
     return placement_view(view, cfg, stages, cluster, address)
+
+
+def tracking_lines(cfg: RunConfig, problems: list[str]) -> list[str]:
+    """Where the run's tracker logs, once it answered; an unreachable one is a problem (the run would refuse it)."""
+    t = cfg.tracking
+    if t.backend == NONE:
+        return []
+    try:
+        where = check_tracking(t, cfg.output_root)
+    except TrackerError as e:
+        problems.append(str(e))
+        return [f"tracking: {t.backend} (unreachable)"]
+    return [f"tracking: {t.backend} at {where}, experiment {t.experiment or cfg.name} (checked)"]
 
 
 def placement_view(view: PlanView, cfg: RunConfig, stages: Sequence[StageResources], cluster: ClusterSpec | None,

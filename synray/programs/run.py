@@ -6,6 +6,7 @@ import csv
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,18 @@ from typing import Any
 import ray.data
 
 from synray.data.stats import rejections_text
+from synray.data.store import ParquetStore
 from synray.eval import registry
 from synray.eval.evaluate import evaluate_models
+from synray.generation.pipeline import store_fingerprint
 from synray.pipelines import SAMPLE_GRID_ROWS, build_heldout, sample_fraction, training_input
-from synray.plan import RunPlan
+from synray.plan import RunPlan, model_names
 from synray.programs.rundir import RunDir
 from synray.programs.session import cluster_spec, session, stage_stats, stats_summary
+from synray.programs.tracked import TRACKING_FILE, MetricsFollower, log_outcome, tracked_run
 from synray.programs.usage import device_hours
-from synray.train.trainer import TrainResult, fit
+from synray.tracking import Buffered, check_tracking
+from synray.train.trainer import METRICS_FILE, TrainResult, fit
 from synray.viz import loss_curve, sample_grid
 
 log = logging.getLogger(__name__)
@@ -59,14 +64,17 @@ class Executed:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
-def execute(plan: RunPlan, out: RunDir, callbacks: Sequence[Any] = ()) -> Executed:
+def execute(plan: RunPlan, out: RunDir, callbacks: Sequence[Any] = (), tracker: Buffered | None = None) -> Executed:
     """The body of a run and of a sweep trial: the training input, the fit (its Train run under out/train, so a
-    restarted run resumes its checkpoints), the exports synced to where feature actors on other nodes read them,
-    then the probes on the trained network and on the same network at step 0."""
+    restarted run resumes its checkpoints; its reports sent to `tracker` as they come), the exports synced to where
+    feature actors on other nodes read them, then the probes on the trained network and on the same network at
+    step 0."""
     stats_actor = stage_stats()
     dataset, ledger = training_input(plan.cfg, plan.data, plan.train, stats_actor)
-    result = fit(plan.cfg, plan.train, dataset, out.path / "train", ledger, callbacks=list(callbacks),
-                 storage=out.train_storage)
+    following = MetricsFollower(out.path / "train" / METRICS_FILE, tracker) if tracker else nullcontext()
+    with following:
+        result = fit(plan.cfg, plan.train, dataset, out.path / "train", ledger, callbacks=list(callbacks),
+                     storage=out.train_storage)
     fit_end = time.time()
     out.sync()   # a remote run: the exports go up now
     stats = stats_summary(stats_actor)
@@ -94,6 +102,7 @@ def run(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
 
     The plan is first placed on the cluster it joins (PlacementError, before any directory or actor exists, when
     a phase can never fit)."""
+    check_tracking(plan.cfg.tracking, plan.cfg.output_root)   # an unreachable tracker: refused before Ray starts
     with session(plan.cfg.ray):
         for placement in plan.place(cluster_spec()):
             log.info("placement (%s): %s", placement.phase, placement.describe())
@@ -114,22 +123,49 @@ def _run_in_session(plan: RunPlan) -> tuple[RunDir, dict[str, Any]]:
                                "per_caption": plan.train.per_caption,
                                "ray_job_id": ray.get_runtime_context().get_job_id()}   # its actors, tasks and logs
     try:
-        done = execute(plan, rd)
-        summary.update(done.stats)
-        summary["train"] = done.train
-        if done.figures is not None:
-            summary["eval"] = done.figures
-            sample_grid(done.samples, rd.path / "samples.png")
-        if done.result.metrics:
-            write_metrics(rd, done.result.metrics)
-            loss_curve(done.result.metrics, rd.path / "loss_curve.png")
-        summary["backbone_dir"] = rd.locate(done.result.backbone_dir)
-        summary["init_backbone_dir"] = rd.locate(done.result.init_dir)
-        summary["elapsed_s"] = round(time.time() - start, 2)
-        rd.write_summary(summary)
+        with tracked_run(cfg, Path(rd.where).name, run_tags(plan, summary), saved=rd.path / TRACKING_FILE) as tracker:
+            _execute_run(plan, rd, summary, start, tracker)
     finally:
         logging.getLogger("synray").removeHandler(handler)
     return rd, summary
+
+
+def run_tags(plan: RunPlan, summary: Mapping[str, Any]) -> dict[str, str]:
+    """What a tracked run is tagged with: the config, the data's mode and store, the store fingerprint of what it
+    generates, the models it loads, the Ray job (its actors and logs) and the run directory."""
+    cfg = plan.cfg
+    tags = {"synray.config": cfg.name, "synray.mode": plan.data.mode, "synray.run_dir": summary["run_dir"],
+            "synray.ray_job_id": summary["ray_job_id"], "synray.captions_backend": cfg.captions.backend,
+            "synray.images_backend": cfg.images.backend, "synray.loss": cfg.train.loss}
+    if plan.data.store_dir:
+        tags["synray.store"] = plan.data.store_dir
+    if plan.data.mode == "stored" and plan.data.store_dir:
+        meta = ParquetStore(plan.data.store_dir).meta() or {}
+        tags["synray.store_fingerprint"] = str(meta.get("fingerprint", "unknown"))
+        tags["synray.store_config"] = str(meta.get("config_name", "unknown"))
+    else:
+        tags["synray.store_fingerprint"] = store_fingerprint(cfg)
+    tags.update({f"synray.model.{k}": v for k, v in model_names(cfg).items()})
+    return tags
+
+
+def _execute_run(plan: RunPlan, rd: RunDir, summary: dict[str, Any], start: float, tracker: Buffered | None) -> None:
+    done = execute(plan, rd, tracker=tracker)
+    summary.update(done.stats)
+    summary["train"] = done.train
+    if done.figures is not None:
+        summary["eval"] = done.figures
+        sample_grid(done.samples, rd.path / "samples.png")
+    if done.result.metrics:
+        write_metrics(rd, done.result.metrics)
+        loss_curve(done.result.metrics, rd.path / "loss_curve.png")
+    summary["backbone_dir"] = rd.locate(done.result.backbone_dir)
+    summary["init_backbone_dir"] = rd.locate(done.result.init_dir)
+    summary["elapsed_s"] = round(time.time() - start, 2)
+    rd.write_summary(summary)
+    if tracker is not None:
+        log_outcome(tracker, rd.path, summary, done.train["steps"], done.result.backbone_dir,
+                    f"synray-{plan.cfg.name}")
 
 
 class EmptyStreamError(ValueError):

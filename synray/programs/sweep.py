@@ -3,6 +3,7 @@ each trial (a Tune function) fits synray's TorchTrainer on its pool's nested sub
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -26,6 +27,8 @@ from synray.sweep.planning import LOSS_METRIC, SweepPlan
 from synray.sweep.pools import trial_config
 from synray.sweep.report import SWEEP_CONFIG, START_FILE, TRIAL_FILE, TRIALS_DIR, SweepReport, write_report
 from synray.sweep.space import trial_overrides
+from synray.programs.tracked import tracked_run
+from synray.tracking import NONE, Buffered, RunRef, attach, check_tracking, flat_params, get_tracker
 from synray.train.engine import images_per_step
 from synray.train.objectives import get_objective
 
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Ray Tune's experiment folder inside the sweep directory (what --resume restores)
 TUNE_DIR = "tune"
+#: the sweep's run in the experiment tracker (a RunRef), kept for --resume
+TRACKING_FILE = "tracking.json"
 
 
 class TrainingReportCallback(TuneReportCallback):
@@ -59,9 +64,10 @@ def _numbers(d: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
+def run_trial(params: dict[str, Any], plan: SweepPlan, parent: dict[str, Any] | None = None) -> None:
     """One trial (the Tune function): its config, its nested subset, fit with metrics forwarded to Tune, then
-    its probes. The Train run lives at trials/<trial id>/train, so a restarted trial resumes its checkpoints."""
+    its probes. The Train run lives at trials/<trial id>/train, so a restarted trial resumes its checkpoints.
+    With a tracker, the trial is a child run of the sweep's run (`parent`)."""
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(plan.cfg, plan.space, plan.data, params)
     run_plan = plan_run(cfg, fresh=True)
@@ -71,7 +77,13 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
                "workers": cfg.train.max_workers, "views_per_step": views_per_step(cfg, run_plan),
                "ray_job_id": ray.get_runtime_context().get_job_id()}
     _write_json(out, START_FILE, started)
-    done = execute(run_plan, out, callbacks=[TrainingReportCallback()])
+    tags = {"synray.trial_id": trial_id, **{f"synray.param.{k}": str(v) for k, v in params.items()}}
+    with tracked_run(cfg, trial_id, tags, RunRef(**parent) if parent else None) as tracker:
+        _trial_body(run_plan, out, started, tracker)
+
+
+def _trial_body(run_plan: Any, out: RunDir, started: dict[str, Any], tracker: Any) -> None:
+    done = execute(run_plan, out, callbacks=[TrainingReportCallback()], tracker=tracker)
     train = done.train
     record: dict[str, Any] = {**started, "steps": train["steps"], "train": train, "trained": {}, "init": {},
                               "work": trial_work(started, train["steps"])}
@@ -80,6 +92,10 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
         record["trained"], record["init"] = _numbers(done.figures["trained"]), _numbers(done.figures["init"])
         final.update(record["trained"])
     _write_json(out, TRIAL_FILE, record)
+    if tracker is not None:
+        tracker.log_metrics({f"eval/trained/{k}": v for k, v in record["trained"].items()}
+                            | {f"eval/init/{k}": v for k, v in record["init"].items()}, train["steps"])
+        tracker.log_artifact(out.path / TRIAL_FILE)
     tune.report({k: v for k, v in final.items() if v is not None and not (isinstance(v, float) and math.isnan(v))})
 
 
@@ -116,9 +132,11 @@ def _scheduler(plan: SweepPlan) -> Any:
     return None
 
 
-def _tuner(plan: SweepPlan, resume: bool, concurrency: int) -> tune.Tuner:
+def _tuner(plan: SweepPlan, resume: bool, concurrency: int, parent: RunRef | None = None) -> tune.Tuner:
     t = plan.cfg.tune
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), plan.resources.driver)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan,
+                                                         parent=parent.to_dict() if parent else None),
+                                    plan.resources.driver)
     path = plan.root.join(TUNE_DIR).uri
     if resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_errored=True)
@@ -143,6 +161,8 @@ def sweep(plan: SweepPlan, resume: bool = False) -> SweepReport:
         root.join(SWEEP_CONFIG).write_text(plan.cfg.to_yaml())
     for line in plan.describe():
         log.info("plan: %s", line)
+    check_tracking(plan.cfg.tracking, plan.cfg.output_root)   # an unreachable tracker: refused before Ray starts
+    parent = sweep_run(plan)
     with session(plan.cfg.ray):
         cluster = cluster_resources()
         missing = [k for k in plan.resources.driver if k not in cluster]
@@ -152,7 +172,7 @@ def sweep(plan: SweepPlan, resume: bool = False) -> SweepReport:
         prepare_data(plan)
         concurrency = plan.cfg.tune.max_concurrent_trials or plan.resources.concurrency(cluster)
         log.info("running up to %d trial(s) at once", concurrency)
-        results = _tuner(plan, resume, concurrency).fit()
+        results = _tuner(plan, resume, concurrency, parent).fit()
     failed = [r for r in results if r.error is not None]
     for r in failed:
         log.error("trial %s failed: %s", Path(r.path).name, r.error)
@@ -160,7 +180,37 @@ def sweep(plan: SweepPlan, resume: bool = False) -> SweepReport:
     report.failed = len(failed)
     if failed:
         report.messages.append(f"{len(failed)} trial(s) failed; `synray sweep --resume {root}` retries them")
+    if parent is not None:
+        log_report(attach(parent), report.files, failed=bool(failed))
     return report
+
+
+def sweep_run(plan: SweepPlan) -> RunRef | None:
+    """The sweep's run in the tracker, whose children the trials are: started with the sweep, and found again in
+    the sweep directory (`tracking.json`) by `synray sweep --resume`."""
+    t = plan.cfg.tracking
+    if t.backend == NONE:
+        return None
+    saved = plan.root.join(TRACKING_FILE)
+    if saved.is_file():
+        return RunRef(**json.loads(saved.read_text()))
+    ref = get_tracker(t.backend).start(t, plan.cfg.output_root, t.experiment or plan.cfg.name,
+                                       f"sweep-{Path(plan.root.uri).name}", {"synray.config": plan.cfg.name,
+                                                                             "synray.sweep": plan.root.uri})
+    run = attach(ref)
+    run.log_params(flat_params(plan.cfg.to_dict()))
+    run.flush(force=True)
+    saved.write_text(json.dumps(ref.to_dict()))
+    return ref
+
+
+def log_report(run: Buffered, files: list[str], failed: bool) -> None:
+    """The sweep's report (its table, fits and plots: those on a local or mounted path) on the sweep's run, which
+    then ends."""
+    for f in files:
+        if "://" not in f and Path(f).is_file():
+            run.log_artifact(Path(f), "report")
+    run.close("FAILED" if failed else "FINISHED")
 
 
 def sweep_command(plan: SweepPlan, resume: bool = False) -> int:
