@@ -204,10 +204,10 @@ def sweep_run(plan: SweepPlan) -> RunRef | None:
     return ref
 
 
-def log_report(run: Buffered, files: list[str], failed: bool) -> None:
+def log_report(run: Buffered, files: list[Path | str], failed: bool) -> None:
     """The sweep's report (its table, fits and plots: those on a local or mounted path) on the sweep's run, which
     then ends."""
-    for f in files:
+    for f in map(str, files):
         if "://" not in f and Path(f).is_file():
             run.log_artifact(Path(f), "report")
     run.close("FAILED" if failed else "FINISHED")
