@@ -41,7 +41,8 @@ OVERRIDES = ("data.mode=stream+store", "data.num_captions=3000", "data.rows_per_
              "train.warmup_steps=1", "train.backbone.size=tiny",
              "train.max_failures=3", "images.resources={diffusion_node: 0.001}",
              "train.resources={train_node: 0.6}", "data.preprocess_resources={train_node: 0.001}",
-             "eval.resources={train_node: 0.001}", "eval.protocols=[knn]", "eval.heldout_captions=36")
+             "eval.resources={train_node: 0.001}", "eval.protocols=[knn]", "eval.heldout_captions=36",
+             "data.preprocess_actors=2")
 
 
 def custom_resources() -> dict[str, str]:
@@ -134,6 +135,13 @@ def drain(address: str, node_id: str, runs: Path, drained: dict) -> None:
         metadata.close()
 
 
+def _drain_target(address: str) -> str | None:
+    """A node that holds a training worker and a preprocessing actor while another node holds the other actor."""
+    pool = nodes_of(address, "RowPreprocessor")
+    both = sorted(nodes_of(address, "RayTrainWorker") & pool)
+    return both[0] if both and len(pool) > 1 else None
+
+
 def lose(cluster, nodes: dict[str, str], node_id: str, runs: Path, lost: list[dict]) -> None:
     """Kill every process of a node at once (a spot reclaim, a dead host), as Ray's autoscaler would then see it."""
     (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
@@ -163,12 +171,11 @@ def main(out: Path) -> int:
             back = last_step(runs)
             wait_until(lambda: last_step(runs) >= max(back, report["lost"][-1]["step"]) + 3, proc,
                        "3 steps after the loss")
-            # a node with a training worker and no preprocessing actor: Ray Data sends no rows to actors on a
-            # draining node, so draining the one that holds the whole (fixed) pool would starve the group, and a
-            # worker waiting for rows reads no notice (docs/cluster.md)
-            trainer = wait_until(lambda: next(iter(sorted(nodes_of(address, "RayTrainWorker")
-                                                          - nodes_of(address, "RowPreprocessor"))), None),
-                                 proc, "a training worker's node without the preprocessing actor")
+            # a node with a training worker and one of the two preprocessing actors (Ray Data spreads them over the
+            # training nodes): Ray Data sends no rows to actors on a draining node, and the other actor feeds the
+            # group until the deadline (one actor on the drained node would starve it: docs/cluster.md)
+            trainer = wait_until(lambda: _drain_target(address), proc,
+                                 "a training worker's node with one of the preprocessing actors")
             report["seen_before_second_loss"] = actors(address)
             report["drained"] = {}
             drain(address, trainer, runs, report["drained"])

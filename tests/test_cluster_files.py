@@ -527,3 +527,22 @@ def test_every_node_gets_hf_token_from_a_secret_and_no_file_holds_one(tmp_path):
                        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
         assert out.read_text() == want and stat.S_IMODE(out.stat().st_mode) == 0o600
     assert "hf_" not in CLUSTER.read_text() and "hf_" not in RAYJOB.read_text()
+
+
+def test_synray_plan_notes_a_one_actor_preprocessing_pool_feeding_workers_on_several_nodes(capsys, tiny_models):
+    """A drained node that holds the whole pool starves the group (the rehearsal found it): the plan says so when the
+    workers span nodes and the pool has one actor, and not with two (Ray Data spreads them over the nodes)."""
+    from synray.plan import load_run_config
+    from synray.programs.planview import plan_command
+
+    base = ["output_root=/mnt/cluster_storage/runs", "train.num_workers=2", "train.resources={train_node: 0.6}",
+            "data.preprocess_resources={train_node: 0.001}"]
+    for actors, noted in ((1, True), (2, False)):
+        assert plan_command(load_run_config("shapes", [*base, f"data.preprocess_actors={actors}"]),
+                            cluster_file=str(CLUSTER)) == 0
+        out = capsys.readouterr().out
+        assert "train_gpu x2 (row preprocessing, training workers)" in out
+        assert ("note: data.preprocess_actors=1 feeds training workers on 2 nodes" in out) == noted, out[-1500:]
+    assert plan_command(load_run_config("shapes", [*base, "train.num_workers=1", "data.preprocess_actors=1"]),
+                        cluster_file=str(CLUSTER)) == 0
+    assert "note: data.preprocess_actors" not in capsys.readouterr().out     # one node: nothing to note

@@ -55,6 +55,7 @@ while True:
 """
 
 
+@pytest.mark.slow   # a two-node Ray of its own
 def test_a_notice_drains_the_watched_node_for_preemption_with_its_deadline(metadata):
     import json
 
@@ -100,6 +101,7 @@ def test_an_on_demand_instance_or_no_ec2_is_not_watched(life_cycle):
     assert ("an on-demand instance" if life_cycle else "not an EC2 instance") in out.stderr
 
 
+@pytest.mark.slow   # a two-node Ray of its own
 def test_sigterm_to_ray_start_block_drains_for_preemption_for_the_rayjobs_drain_time():
     """The RayJob's training pods rely on Ray's own SIGTERM handler: `ray start --block` (the pod's main process),
     given SIGTERM with the pod's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, drains its node for preemption with a

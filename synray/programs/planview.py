@@ -22,7 +22,8 @@ from synray.programs.session import (address_source, check_reachable, cluster_sp
                                      session)
 from synray.sharedfs import storage_problems
 from synray.tracking import NONE, TrackerError, check_tracking
-from synray.stages import by_phase, stage_resources
+from synray.train.preprocess import PREPROCESS_STAGE
+from synray.stages import TRAINING_WORKERS, by_phase, stage_resources
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec,
         placements += [p for p in (placed, smallest) if p is not None]
         lines += [f"  {p.phase}: {p.describe()}" for p in (placed, smallest) if p is not None]
         lines += [f"  note: {note}"] if note else []
+        lines += [f"  note: {n}" for n in [drain_note(placed, members)] if n]
     if placements:
         peak: dict[str, int] = {}
         for p in placements:
@@ -126,6 +128,20 @@ def cluster_lines(stages: Sequence[StageResources], cluster: ClusterSpec,
             problems += storage_problems(cfg, cluster.shared_paths, cluster.source, nodes)
             lines.append(f"  shared storage: {', '.join(cluster.shared_paths) or 'none'} (mounted on every node)")
     return lines, problems
+
+
+def drain_note(placed: Placement | None, members: Sequence[StageResources]) -> str:
+    """A training group on several nodes fed by a one-actor preprocessing pool: a drained node (a spot reclaim) that
+    holds the actor stops every worker's rows, since Ray Data sends no work to actors on a draining node."""
+    pool = next((s for s in members if s.stage == PREPROCESS_STAGE), None)
+    if placed is None or pool is None or pool.actors > 1:
+        return ""
+    spans = [placed.nodes[name] for name, names in placed.stages_on.items() if TRAINING_WORKERS in names]
+    if sum(spans) < 2:
+        return ""
+    return (f"data.preprocess_actors={pool.actors} feeds training workers on {sum(spans)} nodes: if the node that "
+            "holds it is drained (a spot reclaim), Ray Data sends it no more work and every worker waits for rows "
+            "until the node goes, with no checkpoint at the notice; 2 or more actors are spread over the nodes")
 
 
 def elastic_placements(members: Sequence[StageResources], cluster: ClusterSpec,

@@ -52,13 +52,17 @@ def preprocess_rate(cfg: RunConfig) -> Rate:
                 f"decodes per CPU core a second (measured with PIL), {i.output_size} px, {decoded} a row")
 
 
+#: the stage of the preprocessing pool (Ray Data spreads its actors over the nodes that can hold them)
+PREPROCESS_STAGE = "row preprocessing"
+
+
 def preprocessing_stage(cfg: RunConfig, plan: TrainPlan | None = None, track_rows: bool = False) -> Stage:
     """The rows training reads -> ready arrays, by a fixed pool of `data.preprocess_actors` CPU actors.
     `track_rows`: also pass each row's `row_id`, so checkpoints record what training consumed. `plan` is needed
     only to build the Dataset."""
     d = cfg.data
     keep = StageResources("columns training reads", 1, LIGHT_STAGE_CPUS, tasks=True, udf="Project")
-    res = StageResources("row preprocessing", d.preprocess_actors, d.preprocess_cpus, 0.0, d.preprocess_resources,
+    res = StageResources(PREPROCESS_STAGE, d.preprocess_actors, d.preprocess_cpus, 0.0, d.preprocess_resources,
                          ("data.preprocess_actors", "data.preprocess_cpus"), udf="RowPreprocessor",
                          rate=preprocess_rate(cfg), rate_key="rates.preprocess")
 
