@@ -177,17 +177,24 @@ IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 
 
 
 def _dino_knn_accuracy(ref: np.ndarray, ref_y: np.ndarray, query: np.ndarray, query_y: np.ndarray, k: int,
-                       t: float) -> float:
+                       t: float, tol: float = 1e-6) -> tuple[float, int]:
     """DINO's weighted kNN (Caron et al. 2021, eval_knn.py): cosine similarity to the reference set, the k most
-    similar vote for their class with weight exp(sim / T), the class with the most weight wins."""
+    similar vote for their class with weight exp(sim / T), the class with the most weight wins. Also the number of
+    queries a float32 computation may decide otherwise: a k-th and (k+1)-th neighbour within `tol` of each other
+    (which one votes depends on rounding and tie order), or two classes' votes within `tol` of each other."""
     ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     query = query / np.linalg.norm(query, axis=1, keepdims=True)
     sim = query @ ref.T
-    top = np.argsort(-sim, axis=1)[:, :k]
+    order = np.argsort(-sim, axis=1)
+    top = order[:, :k]
     votes = np.zeros((len(query), int(ref_y.max()) + 1))
     for i, idx in enumerate(top):
         np.add.at(votes[i], ref_y[idx], np.exp(sim[i, idx] / t))
-    return float((votes.argmax(1) == query_y).mean())
+    rows = np.arange(len(query))
+    boundary = sim[rows, order[:, k - 1]] - sim[rows, order[:, k]] < tol
+    best = np.sort(votes, axis=1)
+    close = best[:, -1] - best[:, -2] < tol * best[:, -1]
+    return float((votes.argmax(1) == query_y).mean()), int((boundary | close).sum())
 
 
 def test_the_evaluate_job_scores_a_split_dataset_as_an_independent_knn_does(stored_runs, generated_store, ray_cluster,
@@ -216,9 +223,11 @@ def test_the_evaluate_job_scores_a_split_dataset_as_an_independent_knn_does(stor
         feats = model(pixel_values=torch.from_numpy(pixels).float()).last_hidden_state[:, 0].double().numpy()
     labels, split = np.array([i[1] for i in images]), np.array([i[2] for i in images])
     ref, query = split == "train", split == "test"
-    expected = _dino_knn_accuracy(feats[ref], labels[ref], feats[query], labels[query], k=5, t=0.07)
+    expected, undecided = _dino_knn_accuracy(feats[ref], labels[ref], feats[query], labels[query], k=5, t=0.07)
     assert (got["num_reference"], got["num_query"]) == (int(ref.sum()), int(query.sum()))
-    assert got["knn_accuracy"] == pytest.approx(expected, abs=1e-6)   # the same count of query images
+    # the same count of query images, but for queries whose neighbours or votes tie to float32's precision
+    assert abs(got["knn_accuracy"] - expected) * got["num_query"] <= undecided + 1e-6, (got, expected, undecided)
+    assert undecided <= got["num_query"] // 10, undecided   # the comparison still decides nearly every query
 
 
 # --------------------------------------------------------------------------------------- CLIP
