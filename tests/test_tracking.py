@@ -176,3 +176,29 @@ def test_the_stored_runs_tensorboard_events_hold_every_report_of_both_attempts(s
     tags = events.Tags()
     assert "loss_curve.png" in tags["images"] and "config/text_summary" in tags["tensors"], tags
     assert (run_dir.parent / "tensorboard" / "local" / run_dir.name / "artifacts" / "summary.json").is_file()
+
+
+def test_a_continued_run_logs_to_the_same_tracked_run_unless_its_config_names_another_tracker(tmp_path: Path):
+    """The run directory keeps its tracked run (tracking.json): a resubmitted run goes on in it; a config that now
+    names another backend starts a run there instead."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from synray.plan import load_run_config
+    from synray.programs.tracked import tracked_run
+
+    saved = tmp_path / "tracking.json"
+    board = load_run_config("shapes", ["tracking.backend=tensorboard", f"output_root={tmp_path}"])
+    for name, step in (("first", 1), ("second", 2)):
+        with tracked_run(board, name, {}, saved=saved) as run:
+            run.log_metrics({"train/loss": 1.0 / step}, step)
+    assert json.loads(saved.read_text())["run_id"] == "shapes/first"
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "shapes" / "first"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert not (tmp_path / "tensorboard" / "shapes" / "second").exists()
+    other = load_run_config("shapes", ["tracking.backend=mlflow", f"output_root={tmp_path}"])
+    with tracked_run(other, "third", {}, saved=saved) as run:
+        run.log_metrics({"train/loss": 0.25}, 3)
+    ref = json.loads(saved.read_text())
+    assert ref["backend"] == "mlflow" and ref["where"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert history(client(ref["where"]), ref["run_id"], "train/loss") == [(3, 0.25)]

@@ -40,10 +40,10 @@ def tracked_run(cfg: RunConfig, run_name: str, tags: Mapping[str, str], parent: 
         yield None
         return
     cls = get_tracker(t.backend)
-    if saved is not None and saved.is_file():
-        ref = RunRef(**json.loads(saved.read_text()))
+    ref = RunRef(**json.loads(saved.read_text())) if saved is not None and saved.is_file() else None
+    if ref is not None and ref.backend == t.backend:
         log.info("tracking: continuing %s run %s at %s", ref.backend, ref.run_id, ref.where)
-    else:
+    else:   # a new run (or a continued run whose config now names another tracker)
         ref = cls.start(t, cfg.output_root, t.experiment or experiment or cfg.name, run_name, dict(tags), parent)
         log.info("tracking: %s run %s at %s", t.backend, ref.run_id, ref.where)
         if saved is not None:
