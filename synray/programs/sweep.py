@@ -3,7 +3,6 @@ each trial (a Tune function) fits synray's TorchTrainer on its pool's nested sub
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -27,8 +26,8 @@ from synray.sweep.planning import LOSS_METRIC, SweepPlan
 from synray.sweep.pools import trial_config
 from synray.sweep.report import SWEEP_CONFIG, START_FILE, TRIAL_FILE, TRIALS_DIR, SweepReport, write_report
 from synray.sweep.space import trial_overrides
-from synray.programs.tracked import tracked_run
-from synray.tracking import NONE, Buffered, RunRef, attach, check_tracking, flat_params, get_tracker
+from synray.programs.tracked import TRACKING_FILE, open_run, outcome_metrics, tracked_run
+from synray.tracking import Buffered, RunRef, check_tracking
 from synray.train.engine import images_per_step
 from synray.train.objectives import get_objective
 
@@ -38,8 +37,6 @@ log = logging.getLogger(__name__)
 
 #: Ray Tune's experiment folder inside the sweep directory (what --resume restores)
 TUNE_DIR = "tune"
-#: the sweep's run in the experiment tracker (a RunRef), kept for --resume
-TRACKING_FILE = "tracking.json"
 
 
 class TrainingReportCallback(TuneReportCallback):
@@ -93,8 +90,8 @@ def _trial_body(run_plan: Any, out: RunDir, started: dict[str, Any], tracker: An
         final.update(record["trained"])
     _write_json(out, TRIAL_FILE, record)
     if tracker is not None:
-        tracker.log_metrics({f"eval/trained/{k}": v for k, v in record["trained"].items()}
-                            | {f"eval/init/{k}": v for k, v in record["init"].items()}, train["steps"])
+        tracker.log_metrics(outcome_metrics({"eval": {"trained": record["trained"], "init": record["init"]}}),
+                            train["steps"])
         tracker.log_artifact(out.path / TRIAL_FILE)
     tune.report({k: v for k, v in final.items() if v is not None and not (isinstance(v, float) and math.isnan(v))})
 
@@ -162,7 +159,11 @@ def sweep(plan: SweepPlan, resume: bool = False) -> SweepReport:
     for line in plan.describe():
         log.info("plan: %s", line)
     check_tracking(plan.cfg.tracking, plan.cfg.output_root)   # an unreachable tracker: refused before Ray starts
-    parent = sweep_run(plan)
+    # the sweep's run, whose children the trials are; `--resume` finds it again in the sweep directory
+    run = open_run(plan.cfg, f"sweep-{Path(plan.root.uri).name}", {"synray.config": plan.cfg.name,
+                                                                  "synray.sweep": plan.root.uri},
+                   saved=plan.root.join(TRACKING_FILE))
+    parent = run.tracker.ref if run is not None else None
     with session(plan.cfg.ray):
         cluster = cluster_resources()
         missing = [k for k in plan.resources.driver if k not in cluster]
@@ -180,28 +181,9 @@ def sweep(plan: SweepPlan, resume: bool = False) -> SweepReport:
     report.failed = len(failed)
     if failed:
         report.messages.append(f"{len(failed)} trial(s) failed; `synray sweep --resume {root}` retries them")
-    if parent is not None:
-        log_report(attach(parent), report.files, failed=bool(failed))
+    if run is not None:
+        log_report(run, report.files, failed=bool(failed))
     return report
-
-
-def sweep_run(plan: SweepPlan) -> RunRef | None:
-    """The sweep's run in the tracker, whose children the trials are: started with the sweep, and found again in
-    the sweep directory (`tracking.json`) by `synray sweep --resume`."""
-    t = plan.cfg.tracking
-    if t.backend == NONE:
-        return None
-    saved = plan.root.join(TRACKING_FILE)
-    if saved.is_file():
-        return RunRef(**json.loads(saved.read_text()))
-    ref = get_tracker(t.backend).start(t, plan.cfg.output_root, t.experiment or plan.cfg.name,
-                                       f"sweep-{Path(plan.root.uri).name}", {"synray.config": plan.cfg.name,
-                                                                             "synray.sweep": plan.root.uri})
-    run = attach(ref)
-    run.log_params(flat_params(plan.cfg.to_dict()))
-    run.flush(force=True)
-    saved.write_text(json.dumps(ref.to_dict()))
-    return ref
 
 
 def log_report(run: Buffered, files: list[Path | str], failed: bool) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 from synray.config import RunConfig
 from synray.tracking import NONE, Buffered, RunRef, flat_params, get_tracker, numeric
 
-__all__ = ["MetricsFollower", "TRACKING_FILE", "TRAIN_PREFIX", "log_outcome", "tracked_run"]
+__all__ = ["MetricsFollower", "TRACKING_FILE", "TRAIN_PREFIX", "log_outcome", "open_run", "outcome_metrics",
+           "tracked_run"]
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +25,20 @@ TRAIN_PREFIX = "train/"
 NOT_METRICS = ("step", "time", "checkpoint_score")
 
 
-#: a run directory's run in the tracker (a RunRef): a continued run logs to the same tracked run
+#: a run directory's (or a sweep directory's) run in the tracker (a RunRef): a continued run logs to the same one
 TRACKING_FILE = "tracking.json"
 
 
-@contextmanager
-def tracked_run(cfg: RunConfig, run_name: str, tags: Mapping[str, str], parent: RunRef | None = None,
-                saved: Path | None = None, experiment: str | None = None) -> Iterator[Buffered | None]:
-    """The config's tracker's run for the body (None with tracking.backend=none): its parameters are the resolved
-    config, flattened; it ends FINISHED, or FAILED when the body raises. `saved`: where the run's reference is kept,
-    so that a continued run (the same run directory, resubmitted) goes on logging to the same tracked run.
-    `experiment`: the experiment when tracking.experiment is unset (default: the config's name)."""
+def open_run(cfg: RunConfig, run_name: str, tags: Mapping[str, str], parent: RunRef | None = None,
+             saved: Any = None, experiment: str | None = None) -> Buffered | None:
+    """The config's tracker's run (None with tracking.backend=none), with the resolved config, flattened, as its
+    parameters; the caller closes it. `saved` (a path or a Location): where the run's reference is kept, so that a
+    continued run (the same run directory or sweep, resubmitted) goes on logging to the same tracked run when its
+    config names the same tracker. `experiment`: the experiment when tracking.experiment is unset (default: the
+    config's name)."""
     t = cfg.tracking
     if t.backend == NONE:
-        yield None
-        return
+        return None
     cls = get_tracker(t.backend)
     ref = RunRef(**json.loads(saved.read_text())) if saved is not None and saved.is_file() else None
     if ref is not None and ref.backend == t.backend:
@@ -50,6 +50,17 @@ def tracked_run(cfg: RunConfig, run_name: str, tags: Mapping[str, str], parent: 
             saved.write_text(json.dumps(ref.to_dict()))
     run = Buffered(cls(ref))
     run.log_params(flat_params(cfg.to_dict()))
+    return run
+
+
+@contextmanager
+def tracked_run(cfg: RunConfig, run_name: str, tags: Mapping[str, str], parent: RunRef | None = None,
+                saved: Any = None, experiment: str | None = None) -> Iterator[Buffered | None]:
+    """`open_run` for the body: the run ends FINISHED, or FAILED when the body raises."""
+    run = open_run(cfg, run_name, tags, parent, saved, experiment)
+    if run is None:
+        yield None
+        return
     status = "FAILED"
     try:
         yield run
@@ -101,21 +112,25 @@ class MetricsFollower:
         self.run.flush()
 
 
+def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in numeric(values).items()}
+
+
 def outcome_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """A run's end figures as metrics: the evaluation of the trained and the initial network, the generation
     stages' counters and rejections, the training totals and the device-hours each stage held."""
     out: dict[str, float] = {}
     for side, figures in (summary.get("eval") or {}).items():
         if isinstance(figures, Mapping):
-            out.update({f"eval/{side}/{k}": v for k, v in numeric(figures).items()})
+            out.update(_prefixed(f"eval/{side}/", figures))
     for stage, counters in (summary.get("stages") or {}).items():
-        out.update({f"stages/{stage}/{k}": v for k, v in numeric(counters).items()})
+        out.update(_prefixed(f"stages/{stage}/", counters))
     for stage, reasons in (summary.get("rejected") or {}).items():
-        out.update({f"rejected/{stage}/{k}": v for k, v in numeric(reasons).items()})
+        out.update(_prefixed(f"rejected/{stage}/", reasons))
     train = summary.get("train") or {}
-    out.update({f"{TRAIN_PREFIX}summary/{k}": v for k, v in numeric(train).items()})
+    out.update(_prefixed(f"{TRAIN_PREFIX}summary/", train))
     for stage, used in (train.get("device_hours") or {}).items():
-        out.update({f"device_hours/{stage}/{k}": v for k, v in numeric(used).items()})
+        out.update(_prefixed(f"device_hours/{stage}/", used))
     return out
 
 

@@ -6,7 +6,7 @@ from synray.tracking.base import Buffered, RunRef, Tracker, TrackerError, flat_p
 from synray.tracking.mlflow_backend import MlflowTracker
 from synray.tracking.tensorboard_backend import TensorBoardTracker
 
-__all__ = ["TRACKERS", "NONE", "Buffered", "RunRef", "Tracker", "TrackerError", "attach", "check_tracking",
+__all__ = ["TRACKERS", "NONE", "Buffered", "RunRef", "Tracker", "TrackerError", "check_tracking",
            "flat_params", "get_tracker", "numeric", "tracker_names"]
 
 #: tracking.backend: no tracker, only the run directory
@@ -32,9 +32,3 @@ def check_tracking(cfg, output_root: str) -> str | None:
     if cfg.backend == NONE:
         return None
     return get_tracker(cfg.backend).check(cfg, output_root)
-
-
-def attach(ref: RunRef | dict) -> Buffered:
-    """A tracked run from another process (Ray Train's controller, a Tune trial), behind the never-raising buffer."""
-    ref = RunRef(**ref) if isinstance(ref, dict) else ref
-    return Buffered(get_tracker(ref.backend)(ref))
