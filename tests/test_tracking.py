@@ -1,6 +1,7 @@
 """Experiment tracking against real backends: an `mlflow server` started on 127.0.0.1 (conftest's `mlflow_server`)
 that the suite's shapes run and sweep drill log to, read back through MLflow's client; TensorBoard event files of the
-stored runs read back with the tensorboard package's reader; an unreachable server refused before anything starts,
+stored runs read back with the tensorboard package's reader; offline W&B runs read back from their `.wandb` files
+with W&B's own record format (tests/wandb_records.py); an unreachable server refused before anything starts,
 and one that goes away mid-run caught up once it is back."""
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def artifacts(c, run_id: str, path: str | None = None) -> set[str]:
 
 # ----------------------------------------------------------------------------------- the config
 @pytest.mark.parametrize("override, needle", [
-    ("tracking.backend=wandb", "tracking.backend: \"wandb\" is not allowed: must be one of 'none', 'mlflow' or"),
+    ("tracking.backend=neptune",
+     "tracking.backend: \"neptune\" is not allowed: must be one of 'none', 'mlflow', 'tensorboard' or 'wandb'"),
     ("tracking.uri=http://me:secret@host:5000", "holds credentials; give the tracking server's token"),
     ("tracking.uri=http://host:5000", "tracking.uri=http://host:5000 with tracking.backend=none"),
 ])
@@ -202,3 +204,91 @@ def test_a_continued_run_logs_to_the_same_tracked_run_unless_its_config_names_an
     ref = json.loads(saved.read_text())
     assert ref["backend"] == "mlflow" and ref["where"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert history(client(ref["where"]), ref["run_id"], "train/loss") == [(3, 0.25)]
+
+
+# ----------------------------------------------------------------------------------- W&B
+def test_a_wandb_offline_run_holds_its_config_every_step_its_files_and_the_backbone_as_a_model(tmp_path: Path,
+                                                                                                monkeypatch):
+    """An offline W&B run (the default without tracking.uri) read back from its `.wandb` file: the config as its
+    config, each log step a history row plotted against `step`, the run's files, the backbone as a `model`
+    artifact; a continued run (tracking.json) logs to the same run id from a second folder, whose steps go on; a
+    failed body ends the run with exit code 1; a sweep trial is grouped under its sweep's run; W&B's key is in no
+    file."""
+    from wandb_records import offline_runs, read_run
+
+    from synray.plan import load_run_config
+    from synray.programs.tracked import log_outcome, tracked_run
+
+    monkeypatch.setenv("WANDB_API_KEY", "canary-key-0123456789abcdef0123456789abcdef")
+    cfg = load_run_config("shapes", ["tracking.backend=wandb", f"output_root={tmp_path}",
+                                     "tracking.tags={team: vision}"])
+    run_dir, saved = tmp_path / "shapes-1", tmp_path / "tracking.json"
+    (run_dir / "backbone").mkdir(parents=True)
+    (run_dir / "backbone" / "model.safetensors").write_bytes(b"weights")
+    summary = {"eval": {"trained": {"knn_top1": 0.5, "note": "text"}}, "train": {"steps": 3}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    with tracked_run(cfg, run_dir.name, {"synray.config": "shapes"}, saved=saved) as run:
+        for step in (1, 2, 3):
+            run.log_metrics({"train/loss": 1.0 / step}, step)
+        log_outcome(run, run_dir, summary, 3, str(run_dir / "backbone"), "synray-shapes")
+    ref = json.loads(saved.read_text())
+    assert ref["backend"] == "wandb" and ref["where"] == str(tmp_path) and ref["experiment"] == "shapes"
+    (first,) = offline_runs(tmp_path, ref["run_id"])
+    got = read_run(first)
+    assert (got.run.run_id, got.run.project, got.run.display_name) == (ref["run_id"], "shapes", "shapes-1")
+    assert got.config["train.steps"] == str(cfg.train.steps) and got.config["tag.team"] == "vision"
+    assert got.config["tag.synray.config"] == "shapes"
+    rows = [(r["step"], r["train/loss"]) for r in got.history if "train/loss" in r]
+    assert rows == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert [r["step"] for r in got.history if "eval/trained/knn_top1" in r] == [3]
+    assert got.summary["eval/trained/knn_top1"] == 0.5 and got.summary["train/summary/steps"] == 3
+    assert {"summary.json", "backbone/model.safetensors"} <= set(got.files) and got.exit_code == 0
+    (model,) = got.artifacts
+    assert (model.name, model.type, [c.path for c in model.manifest.contents]) == \
+        ("synray-shapes", "model", ["model.safetensors"])
+    # continued: the same run id; failed: exit code 1
+    with pytest.raises(RuntimeError, match="the body failed"):
+        with tracked_run(cfg, "ignored", {}, saved=saved) as run:
+            run.log_metrics({"train/loss": 0.2}, 4)
+            raise RuntimeError("the body failed")
+    assert json.loads(saved.read_text())["run_id"] == ref["run_id"]
+    first, second = offline_runs(tmp_path, ref["run_id"])
+    again = read_run(second)
+    assert again.run.run_id == ref["run_id"] and [r["step"] for r in again.history] == [4] and again.exit_code == 1
+    # a sweep's trial: a run of its own in the sweep's group
+    from synray.tracking import RunRef
+
+    sweep = tmp_path / "sweep.json"
+    with tracked_run(cfg, "sweep-a", {}, saved=sweep) as parent:
+        parent.log_metrics({"sweep/best": 0.1}, 0)
+    with tracked_run(cfg, "trial-0", {}, RunRef(**json.loads(sweep.read_text()))) as trial:
+        trial.log_metrics({"train/loss": 0.3}, 1)
+    sweep_id = json.loads(sweep.read_text())["run_id"]
+    (trial_dir,) = {p.parent for p in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")} - \
+        {*offline_runs(tmp_path, ref["run_id"]), *offline_runs(tmp_path, sweep_id)}
+    child, parent_run = read_run(trial_dir), read_run(offline_runs(tmp_path, sweep_id)[0])
+    assert (child.run.run_group, child.run.job_type, child.run.display_name) == (sweep_id, "trial", "trial-0")
+    assert (parent_run.run.run_group, parent_run.run.job_type) == (sweep_id, "run")
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and b"canary-key" in p.read_bytes()]
+    assert leaked == []
+
+
+def test_wandb_online_needs_its_key_in_the_environment_and_a_server_that_answers(tmp_path: Path, monkeypatch):
+    from synray.plan import load_run_config
+    from synray.tracking import TrackerError, check_tracking
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = load_run_config("shapes", ["tracking.backend=wandb", f"tracking.uri={dead}"])
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(TrackerError, match=f"tracking.uri={dead}: set WANDB_API_KEY in the job's environment"):
+        check_tracking(cfg.tracking, str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    with pytest.raises(TrackerError, match=f"tracking.uri={dead}: the W&B server did not answer"):
+        check_tracking(cfg.tracking, str(tmp_path))
+    bucket = load_run_config("shapes", ["tracking.backend=wandb", "tracking.uri=s3://bucket/wandb"])
+    with pytest.raises(TrackerError, match="W&B takes a server's address"):
+        check_tracking(bucket.tracking, str(tmp_path))
+    offline = load_run_config("shapes", ["tracking.backend=wandb"])
+    with pytest.raises(TrackerError, match="offline W&B runs need a local folder"):
+        check_tracking(offline.tracking, "s3://bucket/runs")
+    assert check_tracking(offline.tracking, str(tmp_path / "runs")) == str(tmp_path / "runs")

@@ -1,4 +1,4 @@
-"""The `tracking` section: which experiment tracker a run, a sweep and a benchmark log to (MLflow, TensorBoard)."""
+"""The `tracking` section: which experiment tracker a run, a sweep and a benchmark log to (MLflow, TensorBoard, W&B)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ from synray.config.base import Section, _registered
 __all__ = ["TrackingConfig"]
 
 #: environment variables a tracker reads its credentials from (never a config key: configs, logs and runs hold none)
-SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME")
+SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME", "WANDB_API_KEY")
 
 
 class TrackingConfig(Section):
     """An experiment tracker. `backend: none` (the default) logs nowhere but the run directory."""
 
-    backend: str = Field("none", description="none, mlflow or tensorboard (synray.tracking's registry)")
+    backend: str = Field("none", description="none, mlflow, tensorboard or wandb (synray.tracking's registry)")
     uri: str | None = Field(None, description="mlflow: the tracking server (http://host:5000) or store "
-                            "(sqlite:///path/mlflow.db); tensorboard: the folder event files go to. Default: a local "
-                            "store beside the run directories (output_root/mlflow.db, output_root/tensorboard)")
+                            "(sqlite:///path/mlflow.db); tensorboard: the folder event files go to; wandb: the W&B "
+                            "server (https://api.wandb.ai), or a folder for offline runs. Default: a local store "
+                            "beside the run directories (output_root/mlflow.db, output_root/tensorboard, "
+                            "output_root/wandb: W&B offline, for `wandb sync`)")
     experiment: str | None = Field(None, description="the experiment's name (default: the config's name)")
     tags: dict[str, str] = Field(default_factory=dict, description="tags set on every run, e.g. {team: vision}")
     retry_s: float = Field(30.0, gt=0, description="a tracker that stops answering mid-run is asked again after "
@@ -52,6 +54,6 @@ class TrackingConfig(Section):
     @model_validator(mode="after")
     def _uri_fits_backend(self) -> "TrackingConfig":
         if self.backend == "none" and self.uri:
-            raise ValueError(f"tracking.uri={self.uri} with tracking.backend=none; name the backend (mlflow or "
-                             "tensorboard)")
+            raise ValueError(f"tracking.uri={self.uri} with tracking.backend=none; name the backend (mlflow, "
+                             "tensorboard or wandb)")
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 from synray.tracking.base import Buffered, RunRef, Tracker, TrackerError, flat_params, numeric
 from synray.tracking.mlflow_backend import MlflowTracker
 from synray.tracking.tensorboard_backend import TensorBoardTracker
+from synray.tracking.wandb_backend import WandbTracker
 
 __all__ = ["TRACKERS", "NONE", "Buffered", "RunRef", "Tracker", "TrackerError", "check_tracking",
            "flat_params", "get_tracker", "numeric", "tracker_names"]
@@ -12,7 +13,7 @@ __all__ = ["TRACKERS", "NONE", "Buffered", "RunRef", "Tracker", "TrackerError", 
 #: tracking.backend: no tracker, only the run directory
 NONE = "none"
 #: tracking.backend -> tracker class; a new backend is one entry here (a Tracker subclass)
-TRACKERS: dict[str, type[Tracker]] = {cls.name: cls for cls in (MlflowTracker, TensorBoardTracker)}
+TRACKERS: dict[str, type[Tracker]] = {cls.name: cls for cls in (MlflowTracker, TensorBoardTracker, WandbTracker)}
 
 
 def tracker_names() -> tuple[str, ...]:

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +32,8 @@ class RunRef:
     experiment: str
     timeout_s: float = 10.0
     retry_s: float = 30.0
+    #: what the backend needs to open the run in another process (W&B: its name, group, job type and tags)
+    opening: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
