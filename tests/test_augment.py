@@ -161,10 +161,19 @@ def test_colour_steps_match_torchvision_formulas() -> None:
             assert np.allclose(out[i, :, r, c].tolist(), want, atol=1e-4), (i, r, c)
 
 
+#: kornia (0.9.2) checks its antialiasing blur's sigma on a copy it makes on the host (`torch.tensor(...,
+#: device="cpu")`, then `bool(...)` in `_check_async`): on a GPU that reads no device value, but the CPU account
+#: cannot tell the host's "cpu" from the stand-in device's (DeepSpeed's CPU accelerator names its device "cpu" too)
+KORNIA_HOST_SIGMA_CHECK = {("blocking copy", "tensor", "_gaussian_blur2d"), ("read", "__bool__", "_check_async")}
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_make_no_host_sync(preset: str) -> None:
-    """Every random draw and op stays on the images' device: nothing reads a device value on the host."""
+    """Every random draw and op stays on the images' device: nothing reads a device value on the host, but for
+    kornia's check of its resize's blur, which it makes on the host (`none`'s antialiased resize)."""
     aug = build_augment(AugmentConfig(preset=preset), image_size=32)
     with watch_host_syncs() as syncs:
         aug(_images())
-    assert [str(s) for s in syncs.found] == []
+    found = {(s.kind, s.call, s.where.rsplit("(", 1)[-1].rstrip(")")) for s in syncs.found}
+    allowed = KORNIA_HOST_SIGMA_CHECK if preset == "none" else set()
+    assert found <= allowed, [str(s) for s in syncs.found]

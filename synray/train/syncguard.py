@@ -65,13 +65,6 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in torch.utils._pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
-def _names_host(device: Any) -> bool:
-    """Whether a call names the host itself (the string ``"cpu"``), as code written for a GPU does to keep a tensor
-    there. A ``torch.device`` is taken from a tensor (``x.device``) in such code, so on the CPU it stands for the
-    device."""
-    return isinstance(device, str) and torch.device(device).type == "cpu"
-
-
 def _target_device(name: str, args: tuple, kwargs: dict) -> Any:
     """The device a call names explicitly (``device=``, or ``.to``'s first argument when it is a device)."""
     if kwargs.get("device") is not None:
@@ -90,7 +83,7 @@ class HostSyncs(TorchFunctionMode):
     the device in a GPU run: all of them, except those made inside it from host data (a creation call without a
     device, ``.cpu()``, a result computed from host tensors only) and the ones named in `host` (the optimizer's
     step counters, which torch keeps on the host). Reads, data-dependent shapes and copies count only for tensors
-    on the device in that account. A call that names the host (``device="cpu"``, ``.to("cpu")``) makes a host tensor.
+    on the device in that account.
     """
 
     def __init__(self, host: Any = ()) -> None:
@@ -124,12 +117,9 @@ class HostSyncs(TorchFunctionMode):
             return "data-dependent shape"
         if device is None:
             return None
-        blocking = not kwargs.get("non_blocking") and not (len(args) > 3 and args[3] is True)
-        if _names_host(device):
-            # made on the host, or copied there from the device: the copy waits for it
-            return "read" if name == "to" and self.on_device(first) and blocking else None
         if name in ("as_tensor", "tensor") and not isinstance(first, torch.Tensor):
             return "blocking copy"  # host data to the device, waiting for the copy
+        blocking = not kwargs.get("non_blocking") and not (len(args) > 3 and args[3] is True)
         if name in ("to", "as_tensor") and isinstance(first, torch.Tensor) and not self.on_device(first) and blocking:
             return "blocking copy"
         return None
@@ -143,8 +133,8 @@ class HostSyncs(TorchFunctionMode):
             self.found.append(HostSync(kind, name, _caller()))
         out = func(*args, **kwargs)
         inputs = _tensors((args, kwargs))
-        made_on_host = _names_host(device) or device is None and (
-            name in CREATION or name in ("cpu", "numpy") or (inputs and not any(map(self.on_device, inputs))))
+        made_on_host = device is None and (name in CREATION or name in ("cpu", "numpy")
+                                           or (inputs and not any(map(self.on_device, inputs))))
         if made_on_host:
             for t in _tensors(out):
                 self._add_host(t)
