@@ -53,12 +53,12 @@ def test_cluster_yaml_scales_from_zero_opens_only_ssh_and_pins_its_image():
     assert cfg["provider"]["security_group"]["IpPermissions"] == []   # Ray adds SSH + intra-cluster only
     head_start = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
-    # every node runs the project's image (the Dockerfile: the pinned Ray image plus synray's GPU extras), and no
-    # node installs packages at start-up
+    # every node runs the project's image (the Dockerfile: the pinned Ray image plus synray's GPU and W&B extras),
+    # and no node installs packages at start-up
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert cfg["docker"]["image"].endswith(f".amazonaws.com/synray:{version}")
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile and "[gpu]" in dockerfile
+    assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile and "[gpu,wandb]" in dockerfile
     assert not any("pip install" in c for c in cfg.get("setup_commands") or [])
     registry = cfg["docker"]["image"].split("/")[0]
     assert any(f"docker login --username AWS --password-stdin {registry}" in c for c in cfg["initialization_commands"])
