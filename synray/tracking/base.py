@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from synray.config.tracking import SECRET_ENV, TrackingConfig
 
-__all__ = ["TrackerError", "RunRef", "Tracker", "Buffered", "flat_params", "numeric"]
+__all__ = ["TrackerError", "RunRef", "Tracker", "Buffered", "flat_params", "numeric", "writable_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,18 @@ def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite numbers of a metrics row (booleans and text left out)."""
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def writable_folder(where: str, what: str) -> None:
+    """Make the local folder a tracker writes to and write a file there once; a TrackerError naming it, and `what`
+    it is, when that fails."""
+    try:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        probe = Path(where) / ".synray-write-check"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrackerError(f"tracking.uri={where}: {what} cannot be written ({e})") from None
 
 
 class Tracker:

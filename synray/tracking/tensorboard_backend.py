@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from synray.config.tracking import TrackingConfig
-from synray.tracking.base import RunRef, Tracker, TrackerError
+from synray.tracking.base import RunRef, Tracker, TrackerError, writable_folder
 
 __all__ = ["TensorBoardTracker"]
 
@@ -39,13 +39,7 @@ class TensorBoardTracker(Tracker):
         where = cls.where(cfg, output_root)
         if "://" in where:
             return where     # a bucket: the writer reaches it when the run starts
-        try:
-            Path(where).mkdir(parents=True, exist_ok=True)
-            probe = Path(where) / ".synray-write-check"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise TrackerError(f"tracking.uri={where}: TensorBoard's folder cannot be written ({e})") from None
+        writable_folder(where, "TensorBoard's folder")
         return where
 
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from synray.config.tracking import TrackingConfig
-from synray.tracking.base import RunRef, Tracker, TrackerError
+from synray.tracking.base import RunRef, Tracker, TrackerError, writable_folder
 
 __all__ = ["WandbTracker"]
 
@@ -59,10 +59,7 @@ class WandbTracker(Tracker):
         if importlib.util.find_spec("wandb") is None:
             raise TrackerError("tracking.backend=wandb needs the wandb package (pip install 'synray[wandb]')")
         if not _online(where):
-            try:
-                Path(where).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise TrackerError(f"tracking.uri={where}: W&B's offline folder cannot be made ({e})") from None
+            writable_folder(where, "W&B's offline folder")
             return where
         if not os.environ.get(API_KEY):
             raise TrackerError(f"tracking.uri={where}: set {API_KEY} in the job's environment (W&B's key is never "
@@ -140,11 +137,12 @@ class WandbTracker(Tracker):
             self.run.save(str(f), base_path=self.run.dir, policy="now")
 
     def register_model(self, name: str, folder: str) -> None:
-        """The run's files under `folder` as a new version of the model artifact `name`."""
+        """The run's files under `folder` as a new version of the model artifact `name` (W&B reads them where they are,
+        the copies `log_artifact` made, which nothing changes: no third copy in its staging area)."""
         import wandb
 
         artifact = wandb.Artifact(name, type="model")
-        artifact.add_dir(str(Path(self.run.dir) / folder))
+        artifact.add_dir(str(Path(self.run.dir) / folder), policy="immutable")
         self.run.log_artifact(artifact)
 
     def end(self, status: str = "FINISHED") -> None:
